@@ -1,0 +1,552 @@
+"""Labeled scenario generator: a small shop emulated with the real OpenTelemetry SDK.
+
+Six services (frontend, cart, catalog, checkout, payment, email) each have
+their own TracerProvider and LoggerProvider with their own ``service.name``;
+spans are real SDK spans (real kinds, CLIENT→SERVER pairs across services,
+database CLIENT spans, Kafka PRODUCER/CONSUMER, calls to uninstrumented
+external APIs) and logs go through the SDK's logging bridge, so they carry
+the trace and span ids of the active span. Event time is simulated: every
+span gets explicit start and end times, nothing sleeps, an hour of traffic
+takes seconds.
+
+Export is emulated like a BatchSpanProcessor with a 1 s schedule: a span is
+exported at the first batch boundary of its service after it ends. The SDK's
+ReadableSpans are encoded with the SDK's own OTLP encoder
+(opentelemetry-exporter-otlp-proto-common) and written as OTLP/JSON lines the
+way the Collector's file exporter writes them (hex ids, integer enums), or as
+length-prefixed protobuf.
+
+Faults, each written to ``labels.jsonl`` as the finding it must produce:
+
+========================  ===========================  =========================================
+fault                     label kind                   what is done
+========================  ===========================  =========================================
+never_ended_root          missing_root                 the frontend handler span never ends
+never_ended_span          missing_parent               an inner INTERNAL span never ends
+background_work           context_outlived_parent      a child keeps running after its parent
+late_export               late_span                    a leaf is exported minutes after the rest
+exporter_drop             unpaired_client_span         a callee service's spans are dropped
+invalid_end               unfinished_span              a leaf ends at 0 or before it started
+========================  ===========================  =========================================
+
+Normal traffic that must not be flagged: Kafka consumers finishing after the
+request, per-service clock skew of a few ms, cache hits that skip the
+database, retries after connection errors and after 503s, calls to an
+external payment API and an SMTP server that have no server spans.
+
+Run ``python -m benchmarks.scenario --out DIR --traces 10000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import logging
+import math
+import random
+import struct
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from google.protobuf.json_format import MessageToDict
+from opentelemetry import trace as trace_api
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+from opentelemetry.sdk._logs.export import LogRecordExporter, LogRecordExportResult, SimpleLogRecordProcessor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+SERVICES = ("frontend", "cart", "catalog", "checkout", "payment", "email")
+FAULTS = {
+    "never_ended_root": "missing_root",
+    "never_ended_span": "missing_parent",
+    "background_work": "context_outlived_parent",
+    "late_export": "late_span",
+    "exporter_drop": "unpaired_client_span",
+    "invalid_end": "unfinished_span",
+}
+MS = 1_000_000
+SECOND = 1_000_000_000
+BATCH_PERIOD = SECOND
+MAX_SPANS_PER_REQUEST = 512
+LATE_EXPORT_DELAY = (90 * SECOND, 180 * SECOND)
+# Anything exported this long before the newest trace's start can be written.
+FLUSH_HORIZON = 10 * 60 * SECOND
+
+
+@dataclass
+class ScenarioConfig:
+    traces: int = 10_000
+    seed: int = 7
+    duration_s: float = 3600.0
+    start_unix_s: int = 1_767_225_600  # 2026-01-01T00:00:00Z
+    fault_rate: float = 0.06
+    warmup_traces: int = 300
+    max_skew_ms: float = 4.0
+
+
+@dataclass
+class Label:
+    kind: str
+    fault: str
+    trace_id: str
+    span_id: str | None
+
+
+class _SeededIds(IdGenerator):
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def generate_span_id(self) -> int:
+        return self._rng.getrandbits(64) or 1
+
+    def generate_trace_id(self) -> int:
+        return self._rng.getrandbits(128) or 1
+
+
+@dataclass(order=True)
+class _Pending:
+    export_at: int
+    seq: int
+    service: str = field(compare=False)
+    item: object = field(compare=False)
+
+
+class _Outbox:
+    """Holds exported spans/logs until their emulated batch export time."""
+
+    def __init__(self) -> None:
+        self.heap: list[_Pending] = []
+        self.seq = 0
+        self.delay: dict[int, int] = {}  # span id → extra export delay (late export)
+        self.dropped: set[tuple[int, str]] = set()  # (trace id, service) whose spans the exporter drops
+        self.dropped_count = 0
+
+    def put(self, export_at: int, service: str, item: object) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, _Pending(export_at, self.seq, service, item))
+
+    def take_until(self, horizon: int) -> Iterator[_Pending]:
+        while self.heap and self.heap[0].export_at < horizon:
+            yield heapq.heappop(self.heap)
+
+
+def _batch_boundary(t: int, phase: int) -> int:
+    return ((t - phase) // BATCH_PERIOD + 1) * BATCH_PERIOD + phase
+
+
+class _SpanOutbox(SpanExporter):
+    def __init__(self, outbox: _Outbox, service: str, phase: int) -> None:
+        self._outbox, self._service, self._phase = outbox, service, phase
+
+    def export(self, spans) -> SpanExportResult:
+        for span in spans:
+            ctx = span.context
+            if (ctx.trace_id, self._service) in self._outbox.dropped:
+                self._outbox.dropped_count += 1
+                continue
+            ended = span.end_time if span.end_time and span.end_time >= span.start_time else span.start_time
+            export_at = _batch_boundary(ended, self._phase) + self._outbox.delay.pop(ctx.span_id, 0)
+            self._outbox.put(export_at, self._service, span)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+class _LogOutbox(LogRecordExporter):
+    def __init__(self, outbox: _Outbox, service: str, phase: int) -> None:
+        self._outbox, self._service, self._phase = outbox, service, phase
+
+    def export(self, batch) -> LogRecordExportResult:
+        for record in batch:
+            self._outbox.put(_batch_boundary(record.log_record.timestamp, self._phase), self._service, record)
+        return LogRecordExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        pass
+
+
+class _Service:
+    """One emulated service: its tracer, its logger and its clock skew."""
+
+    def __init__(self, name: str, rng: random.Random, spans: _Outbox, logs: _Outbox, max_skew_ms: float) -> None:
+        resource = Resource.create({"service.name": name, "service.version": "1.4.2",
+                                    "service.instance.id": f"{name}-0"})
+        phase = rng.randrange(BATCH_PERIOD)
+        self.name = name
+        self.skew = int(rng.uniform(-max_skew_ms, max_skew_ms) * MS)
+        self.provider = TracerProvider(resource=resource, id_generator=_SeededIds(rng))
+        self.provider.add_span_processor(SimpleSpanProcessor(_SpanOutbox(spans, name, phase)))
+        self.tracer = self.provider.get_tracer("shop." + name)
+        self.log_provider = LoggerProvider(resource=resource)
+        self.log_provider.add_log_record_processor(SimpleLogRecordProcessor(_LogOutbox(logs, name, phase)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            handler = LoggingHandler(logger_provider=self.log_provider)
+        self.logger = logging.Logger("shop." + name)
+        self.logger.propagate = False
+        self.logger.addHandler(handler)
+
+    def start(self, name, kind, parent, t, attributes=None, links=None):
+        context = trace_api.set_span_in_context(parent) if parent is not None else Context()
+        return self.tracer.start_span(name, context=context, kind=kind, attributes=attributes,
+                                      links=links, start_time=t + self.skew)
+
+    def end(self, span, t) -> None:
+        span.end(end_time=t + self.skew)
+
+    def log(self, span, t, level: int, message: str) -> None:
+        """A log record at simulated time ``t`` inside ``span``, through the logging bridge."""
+        record = self.logger.makeRecord(self.logger.name, level, f"shop/{self.name}.py", 0, message, None, None)
+        record.created = (t + self.skew) / SECOND
+        with trace_api.use_span(span, end_on_exit=False):
+            self.logger.handle(record)
+
+
+class Shop:
+    """The emulated application; one method per operation, times in ns."""
+
+    def __init__(self, config: ScenarioConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.spans = _Outbox()
+        self.logs = _Outbox()
+        self.svc = {name: _Service(name, self.rng, self.spans, self.logs, config.max_skew_ms) for name in SERVICES}
+        self.labels: list[Label] = []
+        self.fault: str | None = None
+        self.counts: dict[str, int] = {}
+
+    # -- building blocks -------------------------------------------------
+    def dur(self, median_ms: float, sigma: float = 0.35) -> int:
+        return int(median_ms * MS * math.exp(self.rng.gauss(0.0, sigma)))
+
+    def net(self) -> int:
+        return int(self.rng.uniform(0.3, 1.5) * MS)
+
+    def label(self, span, fault: str) -> None:
+        ctx = span.get_span_context()
+        self.labels.append(Label(FAULTS[fault], fault, f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"))
+
+    def count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    def leaf(self, service: str, parent, name: str, kind, t: int, median_ms: float, attributes=None,
+             *, can_fail_end: bool = False) -> int:
+        """A span without children; the late-export and invalid-end faults land on leaves."""
+        svc = self.svc[service]
+        span = svc.start(name, kind, parent, t, attributes)
+        end = t + self.dur(median_ms)
+        if can_fail_end and self.fault == "invalid_end":
+            self.fault = None
+            self.label(span, "invalid_end")
+            # end 0 or an end before the start: both are exported as-is by the SDK
+            svc.end(span, -svc.skew if self.rng.random() < 0.5 else t - self.dur(2.0))
+            return end
+        if can_fail_end and self.fault == "late_export":
+            self.fault = None
+            self.label(span, "late_export")
+            self.spans.delay[span.get_span_context().span_id] = self.rng.randrange(*LATE_EXPORT_DELAY)
+        svc.end(span, end)
+        return end
+
+    def db(self, service: str, parent, statement: str, system: str, t: int, median_ms: float) -> int:
+        attributes = {"db.system": system, "db.operation.name": statement.split()[0], "server.address": f"{system}.internal"}
+        return self.leaf(service, parent, statement, SpanKind.CLIENT, t, median_ms, attributes, can_fail_end=True)
+
+    def call(self, caller: str, callee: str, parent, name: str, t: int,
+             handler: Callable[[object, int], int], attributes: dict, *, status: int = 200) -> int:
+        """A CLIENT span in ``caller`` and the SERVER span of ``callee`` under it."""
+        client = self.svc[caller].start(name, SpanKind.CLIENT, parent, t, {**attributes, "peer.service": callee})
+        t_server = t + self.net()
+        server_svc = self.svc[callee]
+        server = server_svc.start(name, SpanKind.SERVER, client, t_server, attributes)
+        if self.fault == "exporter_drop" and callee in ("catalog", "payment", "cart"):
+            self.fault = None
+            self.label(client, "exporter_drop")
+            self.spans.dropped.add((client.get_span_context().trace_id, callee))
+        server_svc.log(server, t_server + MS // 10, logging.INFO, f"handling {name}")
+        t_end = handler(server, t_server + self.dur(0.2))
+        if status >= 500:
+            server.set_status(Status(StatusCode.ERROR))
+            server_svc.log(server, t_end, logging.ERROR, f"{name} failed: upstream unavailable ({status})")
+            client.set_status(Status(StatusCode.ERROR))
+        if "http.request.method" in attributes:
+            client.set_attribute("http.response.status_code", status)
+            server.set_attribute("http.response.status_code", status)
+        server_svc.end(server, t_end)
+        t_back = t_end + self.net()
+        self.svc[caller].end(client, t_back)
+        return t_back
+
+    def internal(self, service: str, parent, name: str, t: int, body: Callable[[object, int], int]) -> int:
+        """An INTERNAL span around ``body``; the never-ended-span fault lands here."""
+        svc = self.svc[service]
+        span = svc.start(name, SpanKind.INTERNAL, parent, t)
+        t_end = body(span, t + self.dur(0.1)) + self.dur(0.1)
+        if self.fault == "never_ended_span":
+            self.fault = None
+            self.label(span, "never_ended_span")
+            return t_end  # never ended: never exported; its children are orphans
+        svc.end(span, t_end)
+        return t_end
+
+    def background(self, service: str, parent, parent_end: int, name: str, t: int) -> None:
+        """Work started by a handler that keeps its context after the handler returned."""
+        svc = self.svc[service]
+        span = svc.start(name, SpanKind.INTERNAL, parent, t)
+        self.label(span, "background_work")
+        svc.end(span, parent_end + int(self.rng.uniform(0.2, 5.0) * SECOND))
+
+    # -- services ----------------------------------------------------------
+    def cart_get(self, server, t: int) -> int:
+        return self.db("cart", server, "GET cart:*", "redis", t, 0.6) + self.dur(0.2)
+
+    def catalog_get(self, server, t: int) -> int:
+        def lookup(span, t: int) -> int:
+            t = self.db("catalog", span, "GET product:*", "redis", t, 0.5)
+            if self.rng.random() < 0.35:  # cache miss: optional branch
+                t = self.db("catalog", span, "SELECT products", "postgresql", t, 4.0)
+                t = self.db("catalog", span, "SET product:*", "redis", t, 0.4)
+            return t
+
+        return self.internal("catalog", server, "lookup product", t, lookup)
+
+    def payment_charge(self, server, t: int) -> int:
+        external = {"http.request.method": "POST", "server.address": "api.payments.example", "http.response.status_code": 200}
+        t = self.leaf("payment", server, "POST /v1/charges", SpanKind.CLIENT, t, 40.0, external)
+        self.svc["payment"].log(server, t, logging.INFO, "charge authorized")
+        return t + self.dur(0.3)
+
+    def checkout_post(self, server, t: int) -> int:
+        checkout = self.svc["checkout"]
+
+        def process(span, t: int) -> int:
+            t = self.leaf("checkout", span, "validate order", SpanKind.INTERNAL, t, 0.8, can_fail_end=True)
+            t = self.charge_with_retries(span, t)
+            t = self.db("checkout", span, "INSERT orders", "postgresql", t, 3.0)
+            producer = checkout.start("orders publish", SpanKind.PRODUCER, span, t,
+                                      {"messaging.system": "kafka", "messaging.destination.name": "orders"})
+            t_sent = t + self.dur(1.5)
+            checkout.end(producer, t_sent)
+            self.email_consume(producer, t_sent + int(self.rng.uniform(5, 500) * MS))
+            return t_sent
+
+        t_end = self.internal("checkout", server, "process order", t, process)
+        checkout.log(server, t_end, logging.INFO, "order placed")
+        t_done = t_end + self.dur(0.2)
+        if self.fault == "background_work":
+            self.fault = None
+            self.background("checkout", server, t_done, "write audit record", t_end - MS)
+        return t_done
+
+    def charge_with_retries(self, parent, t: int) -> int:
+        attributes = {"http.request.method": "POST", "server.address": "payment"}
+        roll = self.rng.random()
+        if self.fault != "exporter_drop" and roll < 0.05:  # connection refused: no server, error, no status code
+            failed = self.svc["checkout"].start("POST /charge", SpanKind.CLIENT, parent, t,
+                                                {**attributes, "peer.service": "payment"})
+            failed.set_status(Status(StatusCode.ERROR, "connection refused"))
+            t += self.dur(1.0)
+            self.svc["checkout"].end(failed, t)
+            self.svc["checkout"].log(parent, t, logging.WARNING, "payment unreachable, retrying")
+            self.count("decoy_retry_connect_error")
+        elif self.fault != "exporter_drop" and roll < 0.08:  # 503 from a payment instance, then a retry
+            t = self.call("checkout", "payment", parent, "POST /charge", t,
+                          lambda server, ts: ts + self.dur(2.0), attributes, status=503)
+            self.count("decoy_retry_503")
+        return self.call("checkout", "payment", parent, "POST /charge", t, self.payment_charge, attributes)
+
+    def email_consume(self, producer, t: int) -> None:
+        email = self.svc["email"]
+        consumer = email.start("orders process", SpanKind.CONSUMER, producer, t,
+                               {"messaging.system": "kafka", "messaging.destination.name": "orders"})
+        smtp = {"server.address": "smtp.example", "rpc.system": "smtp"}
+        t_end = self.leaf("email", consumer, "SMTP send", SpanKind.CLIENT, t + self.dur(0.5), 30.0, smtp)
+        email.log(consumer, t_end, logging.INFO, "confirmation mail sent")
+        email.end(consumer, t_end + self.dur(0.3))
+        self.count("decoy_consumer_after_root")
+
+    # -- root operations -----------------------------------------------------
+    def request(self, t0: int) -> None:
+        frontend = self.svc["frontend"]
+        roll = self.rng.random()
+        if roll < 0.5:
+            route, method = "/product/{id}", "GET"
+        elif roll < 0.8:
+            route, method = "/cart", "GET"
+        else:
+            route, method = "/checkout", "POST"
+        root = frontend.start(f"{method} {route}", SpanKind.SERVER, None, t0,
+                              {"http.route": route, "http.request.method": method})
+        frontend.log(root, t0 + MS // 5, logging.INFO, f"{method} {route}")
+        t = t0 + self.dur(0.3)
+        if route == "/product/{id}":
+            t = self.call("frontend", "catalog", root, "catalog.Catalog/GetProduct", t, self.catalog_get,
+                          {"rpc.system": "grpc", "rpc.method": "GetProduct", "server.address": "catalog"})
+        elif route == "/cart":
+            t = self.call("frontend", "cart", root, "GET /cart", t, self.cart_get,
+                          {"http.request.method": "GET", "server.address": "cart"})
+        else:
+            t = self.call("frontend", "cart", root, "GET /cart", t, self.cart_get,
+                          {"http.request.method": "GET", "server.address": "cart"})
+            t = self.call("frontend", "checkout", root, "POST /checkout", t, self.checkout_post,
+                          {"http.request.method": "POST", "server.address": "checkout"})
+        t = self.leaf("frontend", root, "render page", SpanKind.INTERNAL, t, 1.0, can_fail_end=True)
+        t_done = t + self.dur(0.2)
+        if self.fault == "background_work":
+            self.fault = None
+            self.background("frontend", root, t_done, "warm recommendations", t - MS)
+        if self.fault == "never_ended_root":
+            self.fault = None
+            self.label(root, "never_ended_root")
+            return
+        frontend.end(root, t_done)
+
+    def pick_fault(self, index: int) -> str | None:
+        if index < self.config.warmup_traces or self.rng.random() >= self.config.fault_rate:
+            return None
+        return self.rng.choice(list(FAULTS))
+
+
+@dataclass
+class Generated:
+    traces: int
+    spans: int
+    logs: int
+    labels: list[Label]
+    counts: dict[str, int]
+    seconds: float
+
+
+def generate(config: ScenarioConfig, write_traces: Callable[[str, list], None],
+             write_logs: Callable[[str, list], None]) -> Generated:
+    """Runs the shop and hands batches to the writers in export order.
+
+    A writer receives (service, items) per emulated export request.
+    """
+    started = time.perf_counter()
+    shop = Shop(config)
+    rng = shop.rng
+    t = config.start_unix_s * SECOND
+    rate = config.traces / config.duration_s
+    spans = logs = 0
+    wanted_faults = 0
+
+    def drain(horizon: int) -> None:
+        nonlocal spans, logs
+        spans += _write_batches(shop.spans.take_until(horizon), write_traces)
+        logs += _write_batches(shop.logs.take_until(horizon), write_logs)
+
+    for index in range(config.traces):
+        t += int(rng.expovariate(rate) * SECOND)
+        shop.fault = shop.pick_fault(index)
+        wanted_faults += shop.fault is not None
+        shop.request(t)
+        if shop.fault is not None:  # this request had no place for it (e.g. drop on a product page)
+            shop.count(f"fault_not_placed_{shop.fault}")
+            shop.fault = None
+        if index % 200 == 0:
+            drain(t - FLUSH_HORIZON)
+    drain(1 << 63)
+    for service in shop.svc.values():
+        service.provider.shutdown()
+        service.log_provider.shutdown()
+    shop.counts["exporter_dropped_spans"] = shop.spans.dropped_count
+    return Generated(config.traces, spans, logs, shop.labels, shop.counts, time.perf_counter() - started)
+
+
+def _write_batches(pending: Iterator[_Pending], write: Callable[[str, list], None]) -> int:
+    written = 0
+    group: list = []
+    key = None
+    for item in pending:
+        item_key = (item.export_at, item.service)
+        if group and (item_key != key or len(group) >= MAX_SPANS_PER_REQUEST):
+            write(key[1], group)
+            written += len(group)
+            group = []
+        key = item_key
+        group.append(item.item)
+    if group:
+        write(key[1], group)
+        written += len(group)
+    return written
+
+
+# -- encodings -----------------------------------------------------------------
+def _hex_ids(node, keys=("traceId", "spanId", "parentSpanId")) -> None:
+    import base64
+
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in keys and isinstance(value, str):
+                node[key] = base64.b64decode(value).hex()
+            else:
+                _hex_ids(value, keys)
+    elif isinstance(node, list):
+        for value in node:
+            _hex_ids(value, keys)
+
+
+def otlp_json(message) -> str:
+    """One OTLP/JSON line as the Collector's file exporter writes it."""
+    document = MessageToDict(message, use_integers_for_enums=True)
+    _hex_ids(document)
+    return json.dumps(document, separators=(",", ":"))
+
+
+def length_prefixed(message) -> bytes:
+    body = message.SerializeToString()
+    return struct.pack(">I", len(body)) + body
+
+
+def write_scenario(out_dir: Path, config: ScenarioConfig, *, proto: bool = False) -> Generated:
+    """Writes traces, logs (OTLP/JSON lines, or length-prefixed protobuf) and labels."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "pb" if proto else "jsonl"
+    with open(out_dir / f"traces.{suffix}", "wb") as traces, open(out_dir / f"logs.{suffix}", "wb") as logs:
+        if proto:
+            result = generate(config, lambda _, spans: traces.write(length_prefixed(encode_spans(spans))),
+                              lambda _, records: logs.write(length_prefixed(encode_logs(records))))
+        else:
+            result = generate(config, lambda _, spans: traces.write(otlp_json(encode_spans(spans)).encode() + b"\n"),
+                              lambda _, records: logs.write(otlp_json(encode_logs(records)).encode() + b"\n"))
+    with open(out_dir / "labels.jsonl", "w") as labels:
+        for label in result.labels:
+            labels.write(json.dumps(label.__dict__) + "\n")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--traces", type=int, default=ScenarioConfig.traces)
+    parser.add_argument("--seed", type=int, default=ScenarioConfig.seed)
+    parser.add_argument("--duration", type=float, default=ScenarioConfig.duration_s, help="seconds of event time")
+    parser.add_argument("--fault-rate", type=float, default=ScenarioConfig.fault_rate)
+    parser.add_argument("--proto", action="store_true", help="length-prefixed protobuf instead of JSON lines")
+    args = parser.parse_args()
+    config = ScenarioConfig(traces=args.traces, seed=args.seed, duration_s=args.duration, fault_rate=args.fault_rate)
+    result = write_scenario(args.out, config, proto=args.proto)
+    by_kind: dict[str, int] = {}
+    for label in result.labels:
+        by_kind[label.kind] = by_kind.get(label.kind, 0) + 1
+    print(json.dumps({"out": str(args.out), "traces": result.traces, "spans": result.spans, "logs": result.logs,
+                      "labels": by_kind, "counts": result.counts, "seconds": round(result.seconds, 2)}))
+
+
+if __name__ == "__main__":
+    main()

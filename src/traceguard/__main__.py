@@ -1,0 +1,3 @@
+from traceguard.cli import main
+
+raise SystemExit(main())

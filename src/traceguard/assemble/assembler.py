@@ -1,0 +1,189 @@
+"""TraceAssembler: groups span rows by trace id and decides each trace once.
+
+Policy (DESIGN.md, "Time"): a trace is decided when its root has arrived and
+no span has come for ``decision_wait``, or when it is older than
+``max_trace_age``. Decided ids are remembered (bounded, with TTL) so a span
+that comes afterwards is reported as late instead of starting a new trace.
+At the in-flight bounds the oldest traces are decided early ("evicted").
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from typing import Callable, Iterable
+
+from traceguard.assemble.clock import Clock
+from traceguard.config import AssemblerConfig
+from traceguard.metrics import Metrics
+from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, DecisionReason, Span, SpanRow, Trace
+
+
+class _Pending:
+    __slots__ = ("rows", "first_seen", "last_seen", "has_root")
+
+    def __init__(self, stamp: int) -> None:
+        self.rows: list[SpanRow] = []
+        self.first_seen = stamp
+        self.last_seen = stamp
+        self.has_root = False
+
+
+class TraceAssembler:
+    """Buffers spans of in-flight traces and hands each decided ``Trace`` on.
+
+    Args:
+        config: bounds and the decision policy.
+        clock: event-time watermark (replay) or wall clock (live).
+        on_trace: receives every decided trace, exactly once.
+        on_late: receives a span of an already decided trace and when it was decided.
+    """
+
+    def __init__(
+        self,
+        config: AssemblerConfig,
+        clock: Clock,
+        on_trace: Callable[[Trace], None],
+        on_late: Callable[[SpanRow, int], None],
+        metrics: Metrics,
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._on_trace = on_trace
+        self._on_late = on_late
+        self._metrics = metrics
+        self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
+        # (due, seq, trace_id); stale entries are skipped or re-pushed on pop.
+        self._due: list[tuple[int, int, bytes]] = []
+        self._seq = 0
+        self._decided: OrderedDict[bytes, int] = OrderedDict()
+        self.spans_in_flight = 0
+        metrics.gauge("traceguard_spans_in_flight", lambda: self.spans_in_flight)
+        metrics.gauge("traceguard_traces_in_flight", lambda: len(self._pending))
+
+    @property
+    def traces_in_flight(self) -> int:
+        return len(self._pending)
+
+    def room(self) -> int:
+        """Spans that can still be taken before the bound; live sources push back at 0."""
+        return self._config.max_spans_in_flight - self.spans_in_flight
+
+    def add(self, rows: Iterable[SpanRow]) -> None:
+        pending = self._pending
+        observe = self._clock.observe
+        max_age = self._config.max_trace_age
+        added = 0
+        for row in rows:
+            trace_id = row.trace_id
+            trace = pending.get(trace_id)
+            stamp = observe(row.end)
+            if trace is None:
+                decided_at = self._decided.get(trace_id)
+                if decided_at is not None:
+                    self._metrics.inc("traceguard_late_spans_total")
+                    self._on_late(row, decided_at)
+                    continue
+                trace = pending[trace_id] = _Pending(stamp)
+                self._push(stamp + max_age, trace_id)
+            else:
+                row.trace_id = trace.rows[0].trace_id  # share one id object per trace
+                if stamp > trace.last_seen:
+                    trace.last_seen = stamp
+            trace.rows.append(row)
+            added += 1
+            if not trace.has_root and row.core.startswith(NO_PARENT, 8):
+                trace.has_root = True
+                self._push(self._due_time(trace), trace_id)
+        self.spans_in_flight += added
+        self._metrics.inc("traceguard_spans_accepted_total", added)
+        self._enforce_bounds()
+
+    def advance(self) -> None:
+        """Decides every trace that is due at the clock's ``now()``."""
+        now = self._clock.now()
+        heap = self._due
+        while heap and heap[0][0] <= now:
+            _, _, trace_id = heapq.heappop(heap)
+            trace = self._pending.get(trace_id)
+            if trace is None:
+                continue
+            due = self._due_time(trace)
+            if due > now:
+                self._push(due, trace_id)
+                continue
+            quiet = trace.has_root and trace.last_seen + self._config.decision_wait <= now
+            self._decide(trace_id, "quiet" if quiet else "max_age", now)
+        self._expire_decided(now)
+
+    def flush(self) -> None:
+        """Decides everything in flight (end of input, shutdown)."""
+        now = self._clock.now()
+        while self._pending:
+            self._decide(next(iter(self._pending)), "flush", now)
+        self._due.clear()
+
+    def _due_time(self, trace: _Pending) -> int:
+        by_age = trace.first_seen + self._config.max_trace_age
+        if trace.has_root:
+            return min(trace.last_seen + self._config.decision_wait, by_age)
+        return by_age
+
+    def _push(self, due: int, trace_id: bytes) -> None:
+        self._seq += 1
+        heapq.heappush(self._due, (due, self._seq, trace_id))
+
+    def _enforce_bounds(self) -> None:
+        config = self._config
+        if self.spans_in_flight <= config.max_spans_in_flight and len(self._pending) <= config.max_traces_in_flight:
+            return
+        now = self._clock.now()
+        while self._pending and (
+            self.spans_in_flight > config.max_spans_in_flight or len(self._pending) > config.max_traces_in_flight
+        ):
+            self._metrics.inc("traceguard_traces_evicted_total")
+            self._decide(next(iter(self._pending)), "evicted", now)
+
+    def _decide(self, trace_id: bytes, reason: DecisionReason, now: int) -> None:
+        pending = self._pending.pop(trace_id)
+        self.spans_in_flight -= len(pending.rows)
+        if self._config.decided_memory:
+            self._decided[trace_id] = now
+            if len(self._decided) > self._config.decided_memory:
+                self._decided.popitem(last=False)
+        self._metrics.inc("traceguard_traces_decided_total", reason=reason)
+        self._on_trace(_expand(trace_id, pending, reason, now, self._metrics))
+
+    def _expire_decided(self, now: int) -> None:
+        horizon = now - self._config.decided_ttl
+        decided = self._decided
+        while decided:
+            trace_id, decided_at = next(iter(decided.items()))
+            if decided_at >= horizon:
+                break
+            decided.popitem(last=False)
+
+
+def _expand(trace_id: bytes, pending: _Pending, reason: DecisionReason, now: int, metrics: Metrics) -> Trace:
+    unpack = SPAN_CORE.unpack
+    spans: list[Span] = []
+    by_id: dict[bytes, Span] = {}
+    children: dict[bytes, list[Span]] = {}
+    root = None
+    for row in pending.rows:
+        span_id, parent, start, kind, status, flags = unpack(row.core)
+        if span_id in by_id:
+            metrics.inc("traceguard_duplicate_spans_total")
+            continue
+        span = Span(
+            span_id, None if parent == NO_PARENT else parent, start, row.end, kind, status,
+            bool(flags & FLAG_HAS_LINKS), row.service, row.name, row.attrs,
+        )
+        spans.append(span)
+        by_id[span_id] = span
+        if span.parent_span_id is None:
+            if root is None or start < root.start:
+                root = span
+        else:
+            children.setdefault(parent, []).append(span)
+    return Trace(trace_id, spans, by_id, children, root, reason, now, pending.first_seen)

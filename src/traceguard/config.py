@@ -1,0 +1,135 @@
+"""Every setting, default and bound of traceguard, declared and validated here.
+
+No other module holds a default: stages receive their section of
+``PipelineConfig``. Durations accept ``"250ms"``, ``"30s"``, ``"5m"``,
+``"1h"`` or a number of seconds, and are held as integer nanoseconds.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+_UNITS_NS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h)?\s*$")
+
+
+def parse_duration(value: Any) -> int:
+    """Duration text or seconds → integer nanoseconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration, e.g. '30s', '250ms', '5m'")
+    if isinstance(value, (int, float)):
+        return int(value * 1_000_000_000)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration, e.g. '30s', '250ms', '5m'")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS_NS[unit or "s"])
+
+
+DurationNs = Annotated[int, BeforeValidator(parse_duration), Field(ge=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DecodeConfig(_Section):
+    max_attribute_length: int = Field(256, ge=8, description="Kept attribute values are cut to this many characters.")
+    max_name_length: int = Field(256, ge=8, description="Span names and service names are cut to this length.")
+    max_log_body_length: int = Field(2048, ge=16, description="Log bodies are cut to this length.")
+
+
+class AssemblerConfig(_Section):
+    decision_wait: DurationNs = Field(parse_duration("30s"), description="Quiet time after the last span of a rooted trace before it is decided.")
+    max_trace_age: DurationNs = Field(parse_duration("5m"), description="A trace older than this is decided whatever its state.")
+    allowed_lateness: DurationNs = Field(parse_duration("5s"), description="Event-time out-of-orderness tolerated by the replay watermark.")
+    max_spans_in_flight: int = Field(1_000_000, ge=1)
+    max_traces_in_flight: int = Field(100_000, ge=1)
+    decided_memory: int = Field(200_000, ge=0, description="How many decided trace ids are remembered for late-span detection.")
+    decided_ttl: DurationNs = Field(parse_duration("1h"))
+
+    @model_validator(mode="after")
+    def _age_covers_wait(self) -> "AssemblerConfig":
+        if self.max_trace_age < self.decision_wait:
+            raise ValueError("max_trace_age must be at least decision_wait")
+        return self
+
+
+class StructuralConfig(_Section):
+    clock_skew_tolerance: DurationNs = Field(
+        parse_duration("20ms"),
+        description="How far a child in another service may end after its parent before it counts as outliving it.",
+    )
+    min_overrun: DurationNs = Field(parse_duration("1ms"), description="The same, for a child in the parent's own service.")
+    unpaired_min_samples: int = Field(
+        20, ge=1, description="Calls of a client stage seen before its missing server span is reported."
+    )
+    unpaired_min_ratio: float = Field(
+        0.9, gt=0, le=1, description="Share of a client stage's calls that must have had a server span."
+    )
+    unpaired_window: int = Field(10_000, ge=10, description="Pairing counts are halved past this many calls, so they follow change.")
+
+
+class LogConfig(_Section):
+    max_records: int = Field(200_000, ge=0, description="Log records held in the index, all traces together.")
+    max_per_trace: int = Field(200, ge=1)
+    ttl: DurationNs = Field(parse_duration("15m"))
+    max_linked: int = Field(20, ge=0, description="Log records attached to one finding.")
+
+
+class PipelineConfig(_Section):
+    decode: DecodeConfig = DecodeConfig()
+    assembler: AssemblerConfig = AssemblerConfig()
+    structural: StructuralConfig = StructuralConfig()
+    logs: LogConfig = LogConfig()
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the key."""
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Builds the config from an optional JSON/TOML file plus dotted overrides.
+
+    Args:
+        path: a ``.toml`` or ``.json`` file whose tables are the sections.
+        overrides: ``{"assembler.decision_wait": "10s"}``; ``None`` values are skipped.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_file(path)
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    import json
+    import tomllib
+
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        return tomllib.loads(text.decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config {path} does not parse: {exc}") from None

@@ -1,0 +1,241 @@
+"""OTLP/JSON → rows, by a direct walk of the structure parsed with orjson.
+
+Accepts what the OpenTelemetry Collector's file exporter writes (lowerCamelCase
+keys, hex ids, int64 as strings, enums as integers) and what generic protobuf
+JSON tools emit (base64 ids, enum names). ``google.protobuf.json_format`` is
+about 20x slower on the same input, which is why this walk exists.
+"""
+
+from __future__ import annotations
+
+import binascii
+from typing import Any
+
+import orjson
+
+from traceguard.config import DecodeConfig
+from traceguard.decode.common import (
+    ATTRIBUTE_KINDS,
+    KEPT_ATTRIBUTES,
+    AttributeInterner,
+    Decoded,
+    DecodeError,
+    clip,
+    clip_value,
+    intern_name,
+)
+from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, LogRow, SpanRow
+
+_KIND_NAMES = {
+    "SPAN_KIND_UNSPECIFIED": 0, "SPAN_KIND_INTERNAL": 1, "SPAN_KIND_SERVER": 2,
+    "SPAN_KIND_CLIENT": 3, "SPAN_KIND_PRODUCER": 4, "SPAN_KIND_CONSUMER": 5,
+}
+_STATUS_NAMES = {"STATUS_CODE_UNSET": 0, "STATUS_CODE_OK": 1, "STATUS_CODE_ERROR": 2}
+_VALUE_KEYS = ("stringValue", "intValue", "boolValue", "doubleValue")
+_ZERO_TRACE = bytes(16)
+
+
+class _BadField(ValueError):
+    pass
+
+
+def _decode_id(text: Any, size: int, what: str) -> bytes:
+    """Hex per the OTLP/JSON spec, or base64 as protobuf JSON tools write it."""
+    if not text:
+        return b""
+    if not isinstance(text, str):
+        raise _BadField(f"{what} must be a string")
+    try:
+        if len(text) == 2 * size:
+            return bytes.fromhex(text)
+        raw = binascii.a2b_base64(text, strict_mode=True)
+    except (ValueError, binascii.Error):
+        raise _BadField(f"{what} {text[:40]!r} is neither hex nor base64") from None
+    if len(raw) != size:
+        raise _BadField(f"{what} must be {size} bytes, got {len(raw)}")
+    return raw
+
+
+def _enum(value: Any, names: dict[str, int], what: str) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+        return value
+    if isinstance(value, str) and value in names:
+        return names[value]
+    raise _BadField(f"{what} {value!r} is not valid")
+
+
+def _nanos(value: Any, what: str) -> int:
+    if value is None:
+        return 0
+    try:
+        nanos = int(value)
+    except (TypeError, ValueError):
+        raise _BadField(f"{what} {value!r} is not an integer") from None
+    if not 0 <= nanos < 1 << 64:
+        raise _BadField(f"{what} {value!r} is out of range")
+    return nanos
+
+
+def _any_value(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return None
+    for key in _VALUE_KEYS:
+        if key in value:
+            found = value[key]
+            return int(found) if key == "intValue" else found
+    return None
+
+
+def _resource_service(resource: Any, limit: int) -> str:
+    if isinstance(resource, dict):
+        for kv in resource.get("attributes") or ():
+            if kv.get("key") == "service.name":
+                name = _any_value(kv.get("value"))
+                if isinstance(name, str) and name:
+                    return intern_name(name, limit)
+    return "unknown_service"
+
+
+def _list(node: Any, key: str) -> list:
+    value = node.get(key) if isinstance(node, dict) else None
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise DecodeError(f"{key} must be a list")
+    return value
+
+
+def decode_traces_json(
+    document: dict, config: DecodeConfig, interner: AttributeInterner | None = None
+) -> Decoded[SpanRow]:
+    """Decodes one parsed TracesData / ExportTraceServiceRequest object.
+
+    Raises:
+        DecodeError: the object is not shaped like OTLP traces at all.
+    """
+    try:
+        return _walk_traces(document, config, interner or AttributeInterner())
+    except (AttributeError, TypeError) as exc:
+        raise DecodeError(f"malformed OTLP traces JSON: {exc}") from None
+
+
+def _walk_traces(document: dict, config: DecodeConfig, intern_attrs: AttributeInterner) -> Decoded[SpanRow]:
+    out: Decoded[SpanRow] = Decoded()
+    append = out.rows.append
+    pack = SPAN_CORE.pack
+    name_limit = config.max_name_length
+    value_limit = config.max_attribute_length
+    for resource_spans in _list(document, "resourceSpans"):
+        service = _resource_service(resource_spans.get("resource"), name_limit)
+        for scope_spans in _list(resource_spans, "scopeSpans"):
+            for span in _list(scope_spans, "spans"):
+                try:
+                    trace_id = _decode_id(span.get("traceId"), 16, "traceId")
+                    span_id = _decode_id(span.get("spanId"), 8, "spanId")
+                    if not trace_id or trace_id == _ZERO_TRACE:
+                        raise _BadField("traceId must be 16 non-zero bytes")
+                    if not span_id or span_id == NO_PARENT:
+                        raise _BadField("spanId must be 8 non-zero bytes")
+                    parent = _decode_id(span.get("parentSpanId"), 8, "parentSpanId")
+                    kind = _enum(span.get("kind"), _KIND_NAMES, "kind")
+                    status = span.get("status")
+                    code = _enum(status.get("code") if status else None, _STATUS_NAMES, "status.code")
+                    start = _nanos(span.get("startTimeUnixNano"), "startTimeUnixNano")
+                    end = _nanos(span.get("endTimeUnixNano"), "endTimeUnixNano")
+                    name = span.get("name") or ""
+                    if not isinstance(name, str):
+                        raise _BadField("name must be a string")
+                except _BadField as exc:
+                    out.reject(f"span {span.get('spanId', '?') if isinstance(span, dict) else '?'}: {exc}")
+                    continue
+                except AttributeError:
+                    out.reject("span is not an object")
+                    continue
+                attrs = None
+                if kind in ATTRIBUTE_KINDS:
+                    attrs = intern_attrs([
+                        (kv["key"], clip_value(_any_value(kv.get("value")), value_limit))
+                        for kv in span.get("attributes") or ()
+                        if isinstance(kv, dict) and kv.get("key") in KEPT_ATTRIBUTES
+                    ])
+                append(SpanRow(
+                    trace_id,
+                    pack(span_id, parent or NO_PARENT, start, kind, code,
+                         FLAG_HAS_LINKS if span.get("links") else 0),
+                    end,
+                    service,
+                    intern_name(name, name_limit),
+                    attrs,
+                ))
+    return out
+
+
+def decode_logs_json(document: dict, config: DecodeConfig) -> Decoded[LogRow]:
+    """Decodes one parsed LogsData / ExportLogsServiceRequest object.
+
+    Records without a trace id are skipped (valid, but nothing to link to).
+
+    Raises:
+        DecodeError: the object is not shaped like OTLP logs at all.
+    """
+    try:
+        return _walk_logs(document, config)
+    except (AttributeError, TypeError) as exc:
+        raise DecodeError(f"malformed OTLP logs JSON: {exc}") from None
+
+
+def _walk_logs(document: dict, config: DecodeConfig) -> Decoded[LogRow]:
+    out: Decoded[LogRow] = Decoded()
+    body_limit = config.max_log_body_length
+    for resource_logs in _list(document, "resourceLogs"):
+        service = _resource_service(resource_logs.get("resource"), config.max_name_length)
+        for scope_logs in _list(resource_logs, "scopeLogs"):
+            for record in _list(scope_logs, "logRecords"):
+                try:
+                    trace_id = _decode_id(record.get("traceId"), 16, "traceId")
+                    if not trace_id:
+                        continue
+                    span_id = _decode_id(record.get("spanId"), 8, "spanId")
+                    time = _nanos(record.get("timeUnixNano"), "timeUnixNano") or _nanos(
+                        record.get("observedTimeUnixNano"), "observedTimeUnixNano"
+                    )
+                    severity = _nanos(record.get("severityNumber"), "severityNumber")
+                except _BadField as exc:
+                    out.reject(f"log record: {exc}")
+                    continue
+                except AttributeError:
+                    out.reject("log record is not an object")
+                    continue
+                body = _any_value(record.get("body"))
+                out.rows.append(LogRow(
+                    trace_id,
+                    span_id or None,
+                    time,
+                    severity,
+                    str(record.get("severityText") or ""),
+                    clip(body if isinstance(body, str) else orjson.dumps(body).decode(), body_limit),
+                    service,
+                ))
+    return out
+
+
+def decode_json_line(line: bytes) -> tuple[str, dict]:
+    """Parses one JSON line and says whether it holds traces or logs.
+
+    Raises:
+        DecodeError: not JSON, or neither ``resourceSpans`` nor ``resourceLogs``.
+    """
+    try:
+        document = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"invalid JSON: {exc}") from None
+    if isinstance(document, dict):
+        if "resourceSpans" in document:
+            return "traces", document
+        if "resourceLogs" in document:
+            return "logs", document
+        if not document:
+            return "traces", document
+    raise DecodeError("not an OTLP JSON object: expected resourceSpans or resourceLogs")

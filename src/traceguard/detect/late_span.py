@@ -1,0 +1,37 @@
+"""``late_span``: a span arrived for a trace that had already been decided.
+
+Its trace's findings were computed without it, so it is reported on its own;
+it is not a new trace.
+"""
+
+from __future__ import annotations
+
+from traceguard.detect.base import finding, ms
+from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, Anomaly, AnomalyKind, Span, SpanRow
+
+
+class LateSpan:
+    kind = AnomalyKind.LATE_SPAN
+
+    def detect_late(self, row: SpanRow, decided_at: int, detected_at: int) -> Anomaly:
+        span_id, parent, start, kind, status, flags = SPAN_CORE.unpack(row.core)
+        span = Span(span_id, None if parent == NO_PARENT else parent, start, row.end, kind, status,
+                    bool(flags & FLAG_HAS_LINKS), row.service, row.name, row.attrs)
+        event_time = span.end if span.finished else span.start
+        return finding(
+            self.kind, row.trace_id, span,
+            detected_at=detected_at,
+            event_time=event_time,
+            severity="info",
+            score=1.0,
+            summary=(
+                f"{span.service} '{span.name}' arrived after its trace was decided "
+                f"(it ended {ms(decided_at - event_time)} ms before the decision); "
+                "the trace's findings did not include it."
+            ),
+            evidence={
+                "trace_decided_at": decided_at,
+                "span_event_time": event_time,
+                "parent_span_id": parent.hex() if parent != NO_PARENT else None,
+            },
+        )

@@ -1,0 +1,91 @@
+"""LogIndex: log records by trace id, bounded in count and age.
+
+Logs arrive on their own path and usually before their trace is decided; the
+index keeps them until then. Bounds: ``max_records`` in all (the traces whose
+logs came first are evicted first), ``max_per_trace``, and ``ttl`` against the
+pipeline clock. Everything dropped at a bound is counted.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Iterable
+
+from traceguard.config import LogConfig
+from traceguard.metrics import Metrics
+from traceguard.records import Anomaly, LinkedLog, LogRow
+
+SEVERITY_ERROR = 17  # OTLP SeverityNumber ERROR
+
+
+class LogIndex:
+    def __init__(self, config: LogConfig, now: Callable[[], int], metrics: Metrics) -> None:
+        self._config = config
+        self._now = now
+        self._metrics = metrics
+        # trace id → (first arrival stamp, records)
+        self._by_trace: OrderedDict[bytes, tuple[int, list[LogRow]]] = OrderedDict()
+        self.records = 0
+        metrics.gauge("traceguard_log_records_indexed", lambda: self.records)
+
+    def add(self, rows: Iterable[LogRow]) -> None:
+        config = self._config
+        now = self._now()
+        for row in rows:
+            entry = self._by_trace.get(row.trace_id)
+            if entry is None:
+                entry = self._by_trace[row.trace_id] = (now, [])
+            records = entry[1]
+            if len(records) >= config.max_per_trace:
+                self._metrics.inc("traceguard_logs_dropped_total", reason="per_trace_bound")
+                continue
+            records.append(row)
+            self.records += 1
+            self._metrics.inc("traceguard_logs_indexed_total")
+        self._evict(now)
+
+    def get(self, trace_id: bytes) -> list[LogRow]:
+        entry = self._by_trace.get(trace_id)
+        return entry[1] if entry else []
+
+    def _evict(self, now: int) -> None:
+        horizon = now - self._config.ttl
+        by_trace = self._by_trace
+        while by_trace:
+            trace_id, (stamp, records) = next(iter(by_trace.items()))
+            if stamp >= horizon and self.records <= self._config.max_records:
+                break
+            by_trace.popitem(last=False)
+            self.records -= len(records)
+            reason = "ttl" if stamp < horizon else "bound"
+            self._metrics.inc("traceguard_logs_evicted_total", len(records), reason=reason)
+
+
+def link_logs(anomaly: Anomaly, logs: list[LogRow], limit: int) -> None:
+    """Attaches up to ``limit`` records to ``anomaly``: the anomalous span's own
+    errors first, then its other records, then the trace's errors, then the
+    rest; each group in time order."""
+    if not logs or limit <= 0:
+        return
+    own = bytes.fromhex(anomaly.span_id) if anomaly.span_id else None
+
+    def rank(log: LogRow) -> tuple[int, int]:
+        is_error = log.severity_number >= SEVERITY_ERROR
+        if log.span_id == own and own is not None:
+            group = 0 if is_error else 1
+        else:
+            group = 2 if is_error else 3
+        return group, log.time
+
+    chosen = sorted(logs, key=rank)[:limit]
+    anomaly.logs = [
+        LinkedLog(
+            time_unix_nano=log.time,
+            span_id=log.span_id.hex() if log.span_id else None,
+            service=log.service,
+            severity_number=log.severity_number,
+            severity_text=log.severity_text,
+            body=log.body,
+        )
+        for log in chosen
+    ]

@@ -1,0 +1,1 @@
+"""Learned estimators (latency baselines, structure, isolation forest): arrays in, scores out."""

@@ -1,0 +1,203 @@
+"""The data contract between stages: span rows, traces, log rows, anomalies.
+
+Nothing here decides anything. Span rows are what a decoder emits and the
+assembler buffers, so they are kept compact (see ``SpanRow``); ``Span`` and
+``Trace`` are the expanded, read-only view that detectors see once a trace is
+decided; ``Anomaly`` is the public output contract (DESIGN.md, "Findings").
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# OTLP enum values (opentelemetry/proto/trace/v1/trace.proto).
+KIND_UNSPECIFIED, KIND_INTERNAL, KIND_SERVER, KIND_CLIENT, KIND_PRODUCER, KIND_CONSUMER = range(6)
+KIND_NAMES = ("unspecified", "internal", "server", "client", "producer", "consumer")
+STATUS_UNSET, STATUS_OK, STATUS_ERROR = range(3)
+
+# Bits of ``SpanRow`` flags.
+FLAG_HAS_LINKS = 1
+
+# Layout of ``SpanRow.core``: span id, parent span id (zeros for a root),
+# start time, kind, status code, flags.
+SPAN_CORE = struct.Struct("<8s8sQBBB")
+NO_PARENT = bytes(8)
+
+
+class SpanRow:
+    """One span as buffered while its trace is in flight.
+
+    Memory per buffered span is the bound that matters most, so the fixed-size
+    fields are packed into one ``bytes`` (``SPAN_CORE``); ``end`` stays a plain
+    int because the assembler reads it for every span (event time). ``service``
+    and ``name`` are interned strings and ``attrs`` an interned tuple of
+    ``(key, value)`` pairs, so rows of one stage share them.
+    """
+
+    __slots__ = ("trace_id", "core", "end", "service", "name", "attrs")
+
+    def __init__(
+        self,
+        trace_id: bytes,
+        core: bytes,
+        end: int,
+        service: str,
+        name: str,
+        attrs: tuple[tuple[str, Any], ...] | None,
+    ) -> None:
+        self.trace_id = trace_id
+        self.core = core
+        self.end = end
+        self.service = service
+        self.name = name
+        self.attrs = attrs
+
+
+class Span:
+    """Expanded span of a decided trace, the view detectors work on."""
+
+    __slots__ = (
+        "span_id", "parent_span_id", "start", "end", "kind", "status",
+        "has_links", "service", "name", "attrs",
+    )
+
+    def __init__(
+        self,
+        span_id: bytes,
+        parent_span_id: bytes | None,
+        start: int,
+        end: int,
+        kind: int,
+        status: int,
+        has_links: bool,
+        service: str,
+        name: str,
+        attrs: tuple[tuple[str, Any], ...] | None,
+    ) -> None:
+        self.span_id = span_id
+        self.parent_span_id = parent_span_id
+        self.start = start
+        self.end = end
+        self.kind = kind
+        self.status = status
+        self.has_links = has_links
+        self.service = service
+        self.name = name
+        self.attrs = attrs
+
+    @property
+    def finished(self) -> bool:
+        """An end time that is set and not before the start."""
+        return self.end > 0 and self.end >= self.start
+
+    def attr(self, key: str) -> Any:
+        for k, v in self.attrs or ():
+            if k == key:
+                return v
+        return None
+
+
+DecisionReason = Literal["quiet", "max_age", "evicted", "flush"]
+
+
+class Trace:
+    """A decided trace: its spans in arrival order plus the indexes every
+    structural detector needs, built once instead of once per detector."""
+
+    __slots__ = ("trace_id", "spans", "by_id", "children", "root", "reason", "decided_at", "first_seen")
+
+    def __init__(
+        self,
+        trace_id: bytes,
+        spans: list[Span],
+        by_id: dict[bytes, Span],
+        children: dict[bytes, list[Span]],
+        root: Span | None,
+        reason: DecisionReason,
+        decided_at: int,
+        first_seen: int,
+    ) -> None:
+        self.trace_id = trace_id
+        self.spans = spans
+        self.by_id = by_id
+        self.children = children
+        self.root = root
+        self.reason = reason
+        self.decided_at = decided_at
+        self.first_seen = first_seen
+
+
+class LogRow:
+    """One log record, as held by the log index until its trace is decided."""
+
+    __slots__ = ("trace_id", "span_id", "time", "severity_number", "severity_text", "body", "service")
+
+    def __init__(
+        self,
+        trace_id: bytes,
+        span_id: bytes | None,
+        time: int,
+        severity_number: int,
+        severity_text: str,
+        body: str,
+        service: str,
+    ) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.time = time
+        self.severity_number = severity_number
+        self.severity_text = severity_text
+        self.body = body
+        self.service = service
+
+
+class AnomalyKind(StrEnum):
+    MISSING_PARENT = "missing_parent"
+    MISSING_ROOT = "missing_root"
+    UNFINISHED_SPAN = "unfinished_span"
+    CONTEXT_OUTLIVED_PARENT = "context_outlived_parent"
+    LATE_SPAN = "late_span"
+    UNPAIRED_CLIENT_SPAN = "unpaired_client_span"
+    MISSING_EXPECTED_SPAN = "missing_expected_span"
+    LATENCY_REGRESSION = "latency_regression"
+    SLOW_STAGE = "slow_stage"
+    TRACE_OUTLIER = "trace_outlier"
+
+
+Severity = Literal["info", "warning", "critical"]
+
+
+class LinkedLog(BaseModel):
+    """A log record linked to a finding through its trace id."""
+
+    model_config = ConfigDict(frozen=True)
+
+    time_unix_nano: int
+    span_id: str | None
+    service: str
+    severity_number: int
+    severity_text: str
+    body: str
+
+
+class Anomaly(BaseModel):
+    """One finding; also the JSONL line format (field order is the contract)."""
+
+    id: str
+    kind: AnomalyKind
+    trace_id: str | None = Field(pattern=r"^[0-9a-f]{32}$")
+    span_id: str | None = Field(pattern=r"^[0-9a-f]{16}$")
+    service: str | None
+    operation: str | None
+    event_time: int
+    detected_at: int
+    severity: Severity
+    score: float
+    summary: str
+    evidence: dict[str, Any]
+    exemplars: list[str] = Field(default_factory=list)
+    logs: list[LinkedLog] = Field(default_factory=list)

@@ -1,0 +1,17 @@
+"""MemorySink: keeps findings in a list; the test double for every sink."""
+
+from __future__ import annotations
+
+from traceguard.records import Anomaly
+
+
+class MemorySink:
+    def __init__(self) -> None:
+        self.anomalies: list[Anomaly] = []
+        self.closed = False
+
+    def emit(self, anomaly: Anomaly) -> None:
+        self.anomalies.append(anomaly)
+
+    def close(self) -> None:
+        self.closed = True

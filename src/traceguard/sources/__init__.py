@@ -1,0 +1,1 @@
+"""Sources: where encoded spans and logs come from (files now; OTLP and Kafka next)."""
