@@ -91,6 +91,9 @@ class ScenarioConfig:
     start_unix_s: int = 1_767_225_600  # 2026-01-01T00:00:00Z
     fault_rate: float = 0.06
     warmup_traces: int = 300
+    # No faults in the last minutes: a late export there would arrive after the
+    # last traffic, when event time no longer moves, so it is not late in replay.
+    cooldown_s: float = 300.0
     max_skew_ms: float = 4.0
 
 
@@ -415,8 +418,10 @@ class Shop:
             return
         frontend.end(root, t_done)
 
-    def pick_fault(self, index: int) -> str | None:
-        if index < self.config.warmup_traces or self.rng.random() >= self.config.fault_rate:
+    def pick_fault(self, index: int, t: int) -> str | None:
+        config = self.config
+        cooldown_from = (config.start_unix_s + config.duration_s - config.cooldown_s) * SECOND
+        if index < config.warmup_traces or t >= cooldown_from or self.rng.random() >= config.fault_rate:
             return None
         return self.rng.choice(list(FAULTS))
 
@@ -452,7 +457,7 @@ def generate(config: ScenarioConfig, write_traces: Callable[[str, list], None],
 
     for index in range(config.traces):
         t += int(rng.expovariate(rate) * SECOND)
-        shop.fault = shop.pick_fault(index)
+        shop.fault = shop.pick_fault(index, t)
         wanted_faults += shop.fault is not None
         shop.request(t)
         if shop.fault is not None:  # this request had no place for it (e.g. drop on a product page)

@@ -12,6 +12,7 @@ import binascii
 from typing import Any
 
 import orjson
+from opentelemetry.proto.logs.v1.logs_pb2 import SeverityNumber
 
 from traceguard.config import DecodeConfig
 from traceguard.decode.common import (
@@ -31,6 +32,7 @@ _KIND_NAMES = {
     "SPAN_KIND_CLIENT": 3, "SPAN_KIND_PRODUCER": 4, "SPAN_KIND_CONSUMER": 5,
 }
 _STATUS_NAMES = {"STATUS_CODE_UNSET": 0, "STATUS_CODE_OK": 1, "STATUS_CODE_ERROR": 2}
+_SEVERITY_NAMES = dict(SeverityNumber.items())
 _VALUE_KEYS = ("stringValue", "intValue", "boolValue", "doubleValue")
 _ZERO_TRACE = bytes(16)
 
@@ -201,7 +203,7 @@ def _walk_logs(document: dict, config: DecodeConfig) -> Decoded[LogRow]:
                     time = _nanos(record.get("timeUnixNano"), "timeUnixNano") or _nanos(
                         record.get("observedTimeUnixNano"), "observedTimeUnixNano"
                     )
-                    severity = _nanos(record.get("severityNumber"), "severityNumber")
+                    severity = _enum(record.get("severityNumber"), _SEVERITY_NAMES, "severityNumber")
                 except _BadField as exc:
                     out.reject(f"log record: {exc}")
                     continue

@@ -1,0 +1,140 @@
+from builders import MS, T0, row, tid
+from traceguard.assemble import EventTimeClock, TraceAssembler
+from traceguard.config import AssemblerConfig
+from traceguard.metrics import Metrics
+
+S = 1000 * MS
+
+
+class Harness:
+    def __init__(self, **config):
+        config.setdefault("allowed_lateness", 0)
+        self.config = AssemblerConfig(decision_wait=30, max_trace_age=300, **config)
+        self.clock = EventTimeClock(self.config.allowed_lateness)
+        self.metrics = Metrics()
+        self.decided = []
+        self.late = []
+        self.assembler = TraceAssembler(self.config, self.clock, self.decided.append,
+                                        lambda r, at: self.late.append((r, at)), self.metrics)
+
+    def add(self, *rows):
+        self.assembler.add(rows)
+        self.assembler.advance()
+
+    def tick(self, at_ms: float):
+        """Moves event time with a span of an unrelated trace."""
+        self.add(row(10_000 + int(at_ms), 1, start_ms=at_ms, end_ms=at_ms))
+
+    def ids(self):
+        return [(t.trace_id, t.reason) for t in self.decided if t.trace_id != tid(0)]
+
+
+def test_rooted_trace_is_decided_after_the_quiet_period_not_before():
+    h = Harness()
+    h.add(row(1, 1, end_ms=100), row(1, 2, 1, end_ms=90))
+    h.tick(100 + 29_999)
+    assert all(t.trace_id != tid(1) for t in h.decided)
+    h.tick(100 + 30_000)
+    (trace,) = [t for t in h.decided if t.trace_id == tid(1)]
+    assert trace.reason == "quiet" and trace.root.span_id == (1).to_bytes(8, "big")
+    assert len(trace.spans) == 2 and trace.children[(1).to_bytes(8, "big")][0].span_id == (2).to_bytes(8, "big")
+
+
+def test_a_new_span_restarts_the_quiet_period():
+    h = Harness()
+    h.add(row(1, 1, end_ms=100))
+    h.tick(20_000)
+    h.add(row(1, 2, 1, end_ms=25_000))
+    h.tick(50_000)
+    assert not any(t.trace_id == tid(1) for t in h.decided)
+    h.tick(55_000)
+    assert any(t.trace_id == tid(1) for t in h.decided)
+
+
+def test_rootless_trace_waits_for_max_age():
+    h = Harness()
+    h.add(row(1, 2, 1, end_ms=100))
+    h.tick(200_000)
+    assert not any(t.trace_id == tid(1) for t in h.decided)
+    h.tick(100 + 300_000)
+    (trace,) = [t for t in h.decided if t.trace_id == tid(1)]
+    assert trace.reason == "max_age" and trace.root is None
+
+
+def test_allowed_lateness_holds_decisions_back():
+    h = Harness(allowed_lateness=5)
+    h.add(row(1, 1, end_ms=100))
+    h.tick(100 + 34_000)
+    assert not any(t.trace_id == tid(1) for t in h.decided)
+    h.tick(100 + 35_000)
+    assert any(t.trace_id == tid(1) for t in h.decided)
+
+
+def test_span_after_the_decision_is_late_not_a_new_trace():
+    h = Harness()
+    h.add(row(1, 1, end_ms=100))
+    h.tick(40_000)
+    h.add(row(1, 2, 1, end_ms=90))
+    assert [r.core[:8] for r, _ in h.late] == [(2).to_bytes(8, "big")]
+    h.assembler.flush()
+    assert sum(t.trace_id == tid(1) for t in h.decided) == 1
+    assert h.metrics.get("traceguard_late_spans_total") == 1
+
+
+def test_decided_ids_are_forgotten_after_their_ttl():
+    h = Harness(decided_ttl=60)
+    h.add(row(1, 1, end_ms=100))
+    h.tick(40_000)
+    h.tick(200_000)
+    h.add(row(1, 2, 1, end_ms=90))
+    assert not h.late and h.assembler.traces_in_flight >= 1
+
+
+def test_decided_memory_is_bounded():
+    h = Harness(decided_memory=2)
+    for n in (1, 2, 3):
+        h.add(row(n, 1, end_ms=n))
+    h.assembler.flush()
+    h.add(row(1, 9, 1, end_ms=5))
+    assert not h.late  # trace 1 was pushed out of the decided memory
+
+
+def test_at_the_trace_bound_the_oldest_is_decided_early_and_counted():
+    h = Harness(max_traces_in_flight=2)
+    h.add(row(1, 1), row(2, 1), row(3, 1))
+    assert [(t.trace_id, t.reason) for t in h.decided] == [(tid(1), "evicted")]
+    assert h.metrics.get("traceguard_traces_evicted_total") == 1
+    assert h.assembler.traces_in_flight == 2
+
+
+def test_at_the_span_bound_the_oldest_traces_go_first():
+    h = Harness(max_spans_in_flight=3)
+    h.add(row(1, 1), row(1, 2, 1), row(2, 1), row(2, 2, 1))
+    assert [t.trace_id for t in h.decided] == [tid(1)]
+    assert h.assembler.spans_in_flight == 2 and h.assembler.room() == 1
+
+
+def test_flush_decides_everything_in_arrival_order():
+    h = Harness()
+    h.add(row(2, 1), row(1, 1), row(2, 2, 1))
+    h.assembler.flush()
+    assert [(t.trace_id, t.reason) for t in h.decided] == [(tid(2), "flush"), (tid(1), "flush")]
+    assert h.assembler.spans_in_flight == 0
+
+
+def test_duplicate_spans_are_counted_once():
+    h = Harness()
+    h.add(row(1, 1), row(1, 1), row(1, 2, 1))
+    h.assembler.flush()
+    assert len(h.decided[0].spans) == 2
+    assert h.metrics.get("traceguard_duplicate_spans_total") == 1
+
+
+def test_spans_without_an_end_arrive_at_the_watermark():
+    h = Harness()
+    h.tick(50_000)
+    h.add(row(1, 1, start_ms=49_000, end_ms=None))
+    h.tick(50_000 + 29_000)
+    assert not any(t.trace_id == tid(1) for t in h.decided)
+    h.tick(50_000 + 30_000)
+    assert any(t.trace_id == tid(1) for t in h.decided)

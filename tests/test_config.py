@@ -1,0 +1,39 @@
+import pytest
+
+from traceguard.config import ConfigError, load_config, parse_duration
+
+
+@pytest.mark.parametrize("text, nanos", [("30s", 30 * 10**9), ("250ms", 250 * 10**6), ("5m", 300 * 10**9),
+                                          ("1.5h", 5400 * 10**9), (2, 2 * 10**9), ("7", 7 * 10**9)])
+def test_durations(text, nanos):
+    assert parse_duration(text) == nanos
+
+
+def test_overrides_and_file(tmp_path):
+    path = tmp_path / "tg.toml"
+    path.write_text('[assembler]\ndecision_wait = "10s"\n[logs]\nmax_linked = 3\n')
+    config = load_config(path, {"assembler.max_trace_age": "2m", "assembler.allowed_lateness": None})
+    assert config.assembler.decision_wait == 10 * 10**9
+    assert config.assembler.max_trace_age == 120 * 10**9
+    assert config.logs.max_linked == 3
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"assembler.decision_wait": "soon"}, "assembler.decision_wait"),
+    ({"assembler.max_spans_in_flight": 0}, "assembler.max_spans_in_flight"),
+    ({"assembler.decison_wait": "1s"}, "assembler.decison_wait"),
+    ({"assembler.decision_wait": "10m", "assembler.max_trace_age": "1m"}, "max_trace_age must be at least"),
+    ({"structural.unpaired_min_ratio": 1.5}, "structural.unpaired_min_ratio"),
+])
+def test_invalid_settings_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_unreadable_config_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[assembler\n")
+    with pytest.raises(ConfigError, match="does not parse"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")

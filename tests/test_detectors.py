@@ -1,0 +1,200 @@
+"""Every structural detector: one contract over all of them, then each one's own cases."""
+
+import pytest
+
+from builders import row, sid, tid
+from traceguard.assemble import EventTimeClock, TraceAssembler
+from traceguard.config import AssemblerConfig, StructuralConfig
+from traceguard.detect import LateSpan, structural_detectors
+from traceguard.detect.context_outlived_parent import ContextOutlivedParent
+from traceguard.detect.missing_parent import MissingParent
+from traceguard.detect.missing_root import MissingRoot
+from traceguard.detect.unfinished_span import UnfinishedSpan
+from traceguard.detect.unpaired_client_span import UnpairedClientSpan
+from traceguard.metrics import Metrics
+from traceguard.records import (
+    KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER, KIND_SERVER, STATUS_ERROR, AnomalyKind,
+)
+
+CONFIG = StructuralConfig(unpaired_min_samples=3)
+
+
+def decide(*rows):
+    """The decided Trace the assembler builds from these rows."""
+    out = []
+    assembler = TraceAssembler(AssemblerConfig(), EventTimeClock(0), out.append, lambda *a: None, Metrics())
+    assembler.add(rows)
+    assembler.flush()
+    (trace,) = out
+    return trace
+
+
+def clean_trace(n: int = 1):
+    """A healthy request with every decoy: a cross-service call with clock skew
+    (server ends 8 ms after the client), a database call, an external API call,
+    a failed connect retried, a Kafka consumer that ends after the root, and a
+    span with a link that ends late."""
+    return decide(
+        row(n, 1, start_ms=0, end_ms=100, kind=KIND_SERVER, service="frontend", name="GET /"),
+        row(n, 2, 1, start_ms=5, end_ms=50, kind=KIND_CLIENT, service="frontend", name="GET /cart"),
+        row(n, 3, 2, start_ms=4, end_ms=58, kind=KIND_SERVER, service="cart", name="GET /cart"),
+        row(n, 4, 3, start_ms=10, end_ms=20, kind=KIND_CLIENT, service="cart", name="GET k",
+            attrs=(("db.system", "redis"),)),
+        row(n, 5, 1, start_ms=51, end_ms=60, kind=KIND_CLIENT, service="frontend", name="POST /pay",
+            attrs=(("server.address", "api.example"),)),
+        row(n, 6, 1, start_ms=60, end_ms=61, kind=KIND_CLIENT, service="frontend", name="GET /cart",
+            status=STATUS_ERROR),
+        row(n, 7, 1, start_ms=62, end_ms=70, kind=KIND_PRODUCER, service="frontend", name="publish"),
+        row(n, 8, 7, start_ms=300, end_ms=900, kind=KIND_CONSUMER, service="email", name="process"),
+        row(n, 9, 8, start_ms=310, end_ms=890, kind=KIND_CLIENT, service="email", name="SMTP send"),
+        row(n, 10, 1, start_ms=90, end_ms=5000, service="frontend", name="follow-up", links=True),
+    )
+
+
+# Each detector with a trace that has exactly its fault.
+def _fault_traces():
+    return {
+        AnomalyKind.MISSING_ROOT: decide(row(1, 2, 1, end_ms=10), row(1, 3, 1, end_ms=10), row(1, 4, 2, end_ms=5)),
+        AnomalyKind.MISSING_PARENT: decide(row(1, 1, end_ms=100), row(1, 3, 2, end_ms=10)),
+        AnomalyKind.UNFINISHED_SPAN: decide(row(1, 1, end_ms=100), row(1, 2, 1, end_ms=None)),
+        AnomalyKind.CONTEXT_OUTLIVED_PARENT: decide(row(1, 1, end_ms=100), row(1, 2, 1, end_ms=400)),
+        AnomalyKind.UNPAIRED_CLIENT_SPAN: decide(
+            row(1, 1, end_ms=100, kind=KIND_SERVER, service="frontend", name="GET /"),
+            row(1, 2, 1, start_ms=5, end_ms=50, kind=KIND_CLIENT, service="frontend", name="GET /cart")),
+    }
+
+
+def _warm(detector):
+    """Unpaired-client needs history that this call normally pairs."""
+    for n in range(100, 105):
+        detector.detect(clean_trace(n))
+    return detector
+
+
+@pytest.mark.parametrize("detector", structural_detectors(CONFIG), ids=lambda d: d.kind.value)
+def test_contract_clean_traces_raise_nothing(detector):
+    _warm(detector)
+    assert detector.detect(clean_trace()) == []
+
+
+@pytest.mark.parametrize("detector", structural_detectors(CONFIG), ids=lambda d: d.kind.value)
+def test_contract_finds_its_own_fault_with_the_exact_span(detector):
+    _warm(detector)
+    trace = _fault_traces()[detector.kind]
+    found = detector.detect(trace)
+    assert [a.kind for a in found] == [detector.kind]
+    (anomaly,) = found
+    assert anomaly.trace_id == trace.trace_id.hex()
+    assert bytes.fromhex(anomaly.span_id) in trace.by_id
+    assert anomaly.summary and anomaly.evidence
+
+
+@pytest.mark.parametrize("detector", structural_detectors(CONFIG), ids=lambda d: d.kind.value)
+def test_contract_is_deterministic(detector):
+    first = _warm(type(detector)(CONFIG) if detector.kind == AnomalyKind.UNPAIRED_CLIENT_SPAN else detector)
+    second = _warm(type(detector)(CONFIG) if detector.kind == AnomalyKind.UNPAIRED_CLIENT_SPAN else detector)
+    trace = _fault_traces()[detector.kind]
+    assert [a.model_dump() for a in first.detect(trace)] == [a.model_dump() for a in second.detect(trace)]
+
+
+def test_missing_root_names_the_outermost_orphan_and_absorbs_its_siblings():
+    trace = decide(row(1, 3, 1, start_ms=5, end_ms=10), row(1, 2, 1, start_ms=1, end_ms=10), row(1, 4, 9, start_ms=2))
+    (root,) = MissingRoot().detect(trace)
+    assert root.span_id == sid(2).hex()
+    assert root.evidence["missing_root_span_id"] == sid(1).hex()
+    assert set(root.evidence["children_of_missing_root"]) == {sid(2).hex(), sid(3).hex()}
+    # span 4's parent 9 is a second, separate loss
+    (parent,) = MissingParent().detect(trace)
+    assert parent.evidence["missing_parent_span_id"] == sid(9).hex()
+
+
+def test_one_missing_parent_finding_per_lost_span():
+    trace = decide(row(1, 1), row(1, 3, 2, start_ms=2), row(1, 4, 2, start_ms=1), row(1, 5, 7))
+    found = MissingParent().detect(trace)
+    assert [(a.evidence["missing_parent_span_id"], a.evidence["orphan_count"], a.span_id) for a in found] == [
+        (sid(2).hex(), 2, sid(4).hex()), (sid(7).hex(), 1, sid(5).hex())]
+
+
+def test_unfinished_span_end_before_start():
+    trace = decide(row(1, 1, start_ms=10, end_ms=4))
+    (anomaly,) = UnfinishedSpan().detect(trace)
+    assert "before it starts" in anomaly.evidence["problem"]
+
+
+@pytest.mark.parametrize("child, parent_service, expected", [
+    (dict(end_ms=101.5, service="a"), "a", True),       # same service: 1.5 ms > min_overrun
+    (dict(end_ms=100.5, service="a"), "a", False),      # within min_overrun
+    (dict(end_ms=115, service="b"), "a", False),        # other service: within the skew tolerance
+    (dict(end_ms=125, service="b"), "a", True),         # beyond it
+    (dict(end_ms=900, service="a", kind=KIND_CONSUMER), "a", False),
+    (dict(end_ms=900, service="a", kind=KIND_PRODUCER), "a", False),
+    (dict(end_ms=900, service="a", links=True), "a", False),
+    (dict(end_ms=None, service="a"), "a", False),       # unfinished is its own finding
+])
+def test_context_outlived_parent_tolerances_and_exemptions(child, parent_service, expected):
+    trace = decide(row(1, 1, end_ms=100, service=parent_service), row(1, 2, 1, start_ms=1, **child))
+    found = ContextOutlivedParent(StructuralConfig()).detect(trace)
+    assert bool(found) is expected
+    if expected:
+        assert found[0].span_id == sid(2).hex() and found[0].evidence["overrun_ms"] > 0
+
+
+def _client_call(n, paired=True, **client):
+    rows = [row(n, 1, end_ms=100, kind=KIND_SERVER, service="fe", name="GET /"),
+            row(n, 2, 1, start_ms=5, end_ms=50, kind=KIND_CLIENT, service="fe", name="GET /cart", **client)]
+    if paired:
+        rows.append(row(n, 3, 2, start_ms=6, end_ms=49, kind=KIND_SERVER, service="cart", name="GET /cart"))
+    return decide(*rows)
+
+
+def test_unpaired_needs_history_of_pairing():
+    detector = UnpairedClientSpan(StructuralConfig(unpaired_min_samples=3))
+    assert detector.detect(_client_call(1, paired=False)) == []   # no history yet
+    for n in range(2, 5):
+        detector.detect(_client_call(n))
+    assert detector.detect(_client_call(9, paired=False)) == []   # 3 of 4 paired: 75% < 90%
+    for n in range(10, 50):
+        detector.detect(_client_call(n))
+    assert len(detector.detect(_client_call(99, paired=False))) == 1
+
+
+@pytest.mark.parametrize("client", [
+    dict(status=STATUS_ERROR),                                        # never reached the server
+    dict(attrs=(("db.system", "postgresql"),)),
+    dict(attrs=(("messaging.system", "kafka"),)),
+])
+def test_unpaired_exemptions(client):
+    detector = UnpairedClientSpan(StructuralConfig(unpaired_min_samples=3))
+    for n in range(2, 10):
+        detector.detect(_client_call(n))
+    assert detector.detect(_client_call(99, paired=False, **client)) == []
+
+
+def test_unpaired_error_with_a_response_status_is_still_expected_to_pair():
+    detector = UnpairedClientSpan(StructuralConfig(unpaired_min_samples=3))
+    for n in range(2, 10):
+        detector.detect(_client_call(n))
+    found = detector.detect(_client_call(99, paired=False, status=STATUS_ERROR,
+                                         attrs=(("http.response.status_code", 503),)))
+    assert len(found) == 1
+
+
+def test_unpaired_state_is_bounded_by_its_window():
+    detector = UnpairedClientSpan(StructuralConfig(unpaired_min_samples=3, unpaired_window=10))
+    for n in range(200):
+        detector.detect(_client_call(n))
+    seen, paired = detector.pairing_[("fe", "GET /cart")]
+    assert seen <= 10 and paired == seen
+
+
+def test_late_span_finding():
+    anomaly = LateSpan().detect_late(row(1, 2, 1, end_ms=50), decided_at=10**19, detected_at=10**19 + 5)
+    assert (anomaly.kind, anomaly.trace_id, anomaly.span_id) == (AnomalyKind.LATE_SPAN, tid(1).hex(), sid(2).hex())
+    assert anomaly.detected_at == 10**19 + 5 and anomaly.evidence["parent_span_id"] == sid(1).hex()
+
+
+def test_ids_differ_by_kind_trace_and_span_and_repeat_exactly():
+    a = ContextOutlivedParent(CONFIG).detect(decide(row(1, 1, end_ms=100), row(1, 2, 1, end_ms=400)))[0]
+    b = ContextOutlivedParent(CONFIG).detect(decide(row(2, 1, end_ms=100), row(2, 2, 1, end_ms=400)))[0]
+    c = ContextOutlivedParent(CONFIG).detect(decide(row(1, 1, end_ms=100), row(1, 2, 1, end_ms=400)))[0]
+    assert a.id != b.id and a.id == c.id and len(a.id) == 32
