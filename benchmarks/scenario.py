@@ -66,6 +66,10 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 SERVICES = ("frontend", "cart", "catalog", "checkout", "payment", "email")
+QUERIES = {
+    "SELECT products": "SELECT id, name, price, stock FROM products WHERE id = $1",
+    "INSERT orders": "INSERT INTO orders (id, customer_id, total, created_at) VALUES ($1, $2, $3, now())",
+}
 FAULTS = {
     "never_ended_root": "missing_root",
     "never_ended_span": "missing_parent",
@@ -266,16 +270,23 @@ class Shop:
         return end
 
     def db(self, service: str, parent, statement: str, system: str, t: int, median_ms: float) -> int:
-        attributes = {"db.system": system, "db.operation.name": statement.split()[0], "server.address": f"{system}.internal"}
+        attributes = {"db.system": system, "db.namespace": "shop", "db.operation.name": statement.split()[0],
+                      "db.query.text": QUERIES.get(statement, statement), "server.address": f"{system}.internal",
+                      "server.port": 5432 if system == "postgresql" else 6379,
+                      "network.peer.address": f"10.0.3.{self.rng.randrange(2, 250)}"}
         return self.leaf(service, parent, statement, SpanKind.CLIENT, t, median_ms, attributes, can_fail_end=True)
 
     def call(self, caller: str, callee: str, parent, name: str, t: int,
              handler: Callable[[object, int], int], attributes: dict, *, status: int = 200) -> int:
         """A CLIENT span in ``caller`` and the SERVER span of ``callee`` under it."""
-        client = self.svc[caller].start(name, SpanKind.CLIENT, parent, t, {**attributes, "peer.service": callee})
+        transport = {"server.port": 8080, "network.protocol.version": "2" if "rpc.system" in attributes else "1.1",
+                     "network.peer.address": f"10.0.2.{self.rng.randrange(2, 250)}"}
+        client = self.svc[caller].start(name, SpanKind.CLIENT, parent, t,
+                                        {**attributes, **transport, "peer.service": callee})
         t_server = t + self.net()
         server_svc = self.svc[callee]
-        server = server_svc.start(name, SpanKind.SERVER, client, t_server, attributes)
+        server = server_svc.start(name, SpanKind.SERVER, client, t_server,
+                                  {**attributes, **transport, "client.address": f"10.0.1.{self.rng.randrange(2, 250)}"})
         if self.fault == "exporter_drop" and callee in ("catalog", "payment", "cart"):
             self.fault = None
             self.label(client, "exporter_drop")
@@ -392,8 +403,13 @@ class Shop:
             route, method = "/cart", "GET"
         else:
             route, method = "/checkout", "POST"
-        root = frontend.start(f"{method} {route}", SpanKind.SERVER, None, t0,
-                              {"http.route": route, "http.request.method": method})
+        root = frontend.start(f"{method} {route}", SpanKind.SERVER, None, t0, {
+            "http.route": route, "http.request.method": method,
+            "url.path": route.replace("{id}", str(self.rng.randrange(1, 10_000))), "url.scheme": "https",
+            "server.address": "shop.example", "server.port": 443, "network.protocol.version": "1.1",
+            "client.address": f"198.51.100.{self.rng.randrange(1, 255)}",
+            "user_agent.original": "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+        })
         frontend.log(root, t0 + MS // 5, logging.INFO, f"{method} {route}")
         t = t0 + self.dur(0.3)
         if route == "/product/{id}":
@@ -416,6 +432,7 @@ class Shop:
             self.fault = None
             self.label(root, "never_ended_root")
             return
+        root.set_attribute("http.response.status_code", 200)
         frontend.end(root, t_done)
 
     def pick_fault(self, index: int, t: int) -> str | None:

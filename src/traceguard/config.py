@@ -41,6 +41,7 @@ class DecodeConfig(_Section):
     max_attribute_length: int = Field(256, ge=8, description="Kept attribute values are cut to this many characters.")
     max_name_length: int = Field(256, ge=8, description="Span names and service names are cut to this length.")
     max_log_body_length: int = Field(2048, ge=16, description="Log bodies are cut to this length.")
+    max_stages: int = Field(50_000, ge=1, description="Stages whose kept attributes are remembered.")
 
 
 class AssemblerConfig(_Section):
@@ -72,6 +73,7 @@ class StructuralConfig(_Section):
         0.9, gt=0, le=1, description="Share of a client stage's calls that must have had a server span."
     )
     unpaired_window: int = Field(10_000, ge=10, description="Pairing counts are halved past this many calls, so they follow change.")
+    unpaired_max_stages: int = Field(50_000, ge=1, description="Client stages whose pairing history is kept.")
 
 
 class LogConfig(_Section):

@@ -62,7 +62,7 @@ class Span:
 
     __slots__ = (
         "span_id", "parent_span_id", "start", "end", "kind", "status",
-        "has_links", "service", "name", "attrs",
+        "has_links", "service", "name", "attrs", "finished",
     )
 
     def __init__(
@@ -88,11 +88,8 @@ class Span:
         self.service = service
         self.name = name
         self.attrs = attrs
-
-    @property
-    def finished(self) -> bool:
-        """An end time that is set and not before the start."""
-        return self.end > 0 and self.end >= self.start
+        #: an end time that is set and not before the start
+        self.finished = end > 0 and end >= start
 
     def attr(self, key: str) -> Any:
         for k, v in self.attrs or ():
@@ -106,9 +103,10 @@ DecisionReason = Literal["quiet", "max_age", "evicted", "flush"]
 
 class Trace:
     """A decided trace: its spans in arrival order plus the indexes every
-    structural detector needs, built once instead of once per detector."""
+    structural detector needs, built once instead of once per detector.
+    ``orphans`` are the spans whose parent is not in the trace."""
 
-    __slots__ = ("trace_id", "spans", "by_id", "children", "root", "reason", "decided_at", "first_seen")
+    __slots__ = ("trace_id", "spans", "by_id", "children", "orphans", "root", "reason", "decided_at", "first_seen")
 
     def __init__(
         self,
@@ -116,6 +114,7 @@ class Trace:
         spans: list[Span],
         by_id: dict[bytes, Span],
         children: dict[bytes, list[Span]],
+        orphans: list[Span],
         root: Span | None,
         reason: DecisionReason,
         decided_at: int,
@@ -125,6 +124,7 @@ class Trace:
         self.spans = spans
         self.by_id = by_id
         self.children = children
+        self.orphans = orphans
         self.root = root
         self.reason = reason
         self.decided_at = decided_at

@@ -186,4 +186,5 @@ def _expand(trace_id: bytes, pending: _Pending, reason: DecisionReason, now: int
                 root = span
         else:
             children.setdefault(parent, []).append(span)
-    return Trace(trace_id, spans, by_id, children, root, reason, now, pending.first_seen)
+    orphans = [span for parent, group in children.items() if parent not in by_id for span in group]
+    return Trace(trace_id, spans, by_id, children, orphans, root, reason, now, pending.first_seen)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
-from traceguard.records import KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER
+from traceguard.records import KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER, STATUS_ERROR
 
 Row = TypeVar("Row")
 
@@ -22,6 +22,8 @@ KEPT_ATTRIBUTES = frozenset({
     "server.address", "peer.service",
 })
 ATTRIBUTE_KINDS = frozenset({KIND_CLIENT, KIND_PRODUCER, KIND_CONSUMER})
+# Kept, but only on the span that carries them (see StageAttributes).
+PER_CALL_ATTRIBUTES = frozenset({"http.response.status_code", "http.status_code"})
 
 
 class DecodeError(ValueError):
@@ -42,29 +44,40 @@ class Decoded(Generic[Row]):
             self.errors.append(message)
 
 
-class AttributeInterner:
-    """Shares one tuple among all spans with the same kept attributes.
+class StageAttributes:
+    """Kept attributes of spans, read once per stage.
 
-    Bounded: past ``limit`` distinct tuples it stops sharing (high-cardinality
-    values such as ids in ``server.address``) rather than growing.
+    What the kept attributes say (the callee is a database, a broker, this
+    peer) is a fact about the stage (service, kind, span name), not about one
+    call, so they are read from the stage's first span and shared by its later
+    spans: reading attributes costs about as much as the rest of a span. A
+    span with an error status is read in full, because its response status
+    code tells whether the call reached a server. Bounded: past ``limit``
+    stages, spans are read one by one instead of remembered.
     """
 
-    __slots__ = ("_seen", "_limit")
+    __slots__ = ("_stages", "_limit")
 
     def __init__(self, limit: int = 50_000) -> None:
-        self._seen: dict[tuple, tuple] = {}
+        self._stages: dict[tuple, tuple | None] = {}
         self._limit = limit
 
-    def __call__(self, pairs: list[tuple[str, Any]]) -> tuple[tuple[str, Any], ...] | None:
-        if not pairs:
-            return None
-        key = tuple(sorted(pairs))
-        shared = self._seen.get(key)
-        if shared is not None:
-            return shared
-        if len(self._seen) < self._limit:
-            self._seen[key] = key
-        return key
+    def get(self, service: str, kind: int, name: str, status: int,
+            read: Callable[[], list[tuple[str, Any]]]) -> tuple[tuple[str, Any], ...] | None:
+        if status == STATUS_ERROR:
+            return _freeze(read())
+        key = (service, kind, name)
+        try:
+            return self._stages[key]
+        except KeyError:
+            attrs = _freeze([(k, v) for k, v in read() if k not in PER_CALL_ATTRIBUTES])
+            if len(self._stages) < self._limit:
+                self._stages[key] = attrs
+            return attrs
+
+
+def _freeze(pairs: list[tuple[str, Any]]) -> tuple[tuple[str, Any], ...] | None:
+    return tuple(sorted(pairs)) if pairs else None
 
 
 def clip(text: str, limit: int) -> str:
@@ -76,6 +89,6 @@ def intern_name(text: str, limit: int) -> str:
 
 
 def clip_value(value: Any, limit: int) -> Any:
-    if isinstance(value, str):
-        return sys.intern(clip(value, limit))
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit]
     return value

@@ -18,7 +18,7 @@ from traceguard.config import DecodeConfig
 from traceguard.decode.common import (
     ATTRIBUTE_KINDS,
     KEPT_ATTRIBUTES,
-    AttributeInterner,
+    StageAttributes,
     Decoded,
     DecodeError,
     clip,
@@ -110,7 +110,7 @@ def _list(node: Any, key: str) -> list:
 
 
 def decode_traces_json(
-    document: dict, config: DecodeConfig, interner: AttributeInterner | None = None
+    document: dict, config: DecodeConfig, stages: StageAttributes | None = None
 ) -> Decoded[SpanRow]:
     """Decodes one parsed TracesData / ExportTraceServiceRequest object.
 
@@ -118,12 +118,59 @@ def decode_traces_json(
         DecodeError: the object is not shaped like OTLP traces at all.
     """
     try:
-        return _walk_traces(document, config, interner or AttributeInterner())
+        return _walk_traces(document, config, stages or StageAttributes())
     except (AttributeError, TypeError) as exc:
         raise DecodeError(f"malformed OTLP traces JSON: {exc}") from None
 
 
-def _walk_traces(document: dict, config: DecodeConfig, intern_attrs: AttributeInterner) -> Decoded[SpanRow]:
+_U64 = 1 << 64
+
+
+def _span_fields(span: dict) -> tuple[bytes, bytes, bytes, int, int, int, int, str]:
+    """Validated (trace id, span id, parent, kind, status code, start, end, name).
+
+    The fast path reads what the Collector writes (hex ids, integer enums);
+    anything else goes through the general converters, which also word the
+    rejections.
+    """
+    get = span.get
+    trace_text, span_text, parent_text = get("traceId"), get("spanId"), get("parentSpanId")
+    try:
+        trace_id = bytes.fromhex(trace_text)
+        span_id = bytes.fromhex(span_text)
+        parent = bytes.fromhex(parent_text) if parent_text else b""
+        if len(trace_id) != 16 or len(span_id) != 8 or (parent and len(parent) != 8):
+            raise ValueError
+    except (TypeError, ValueError):
+        trace_id = _decode_id(trace_text, 16, "traceId")
+        span_id = _decode_id(span_text, 8, "spanId")
+        parent = _decode_id(parent_text, 8, "parentSpanId")
+    if not trace_id or trace_id == _ZERO_TRACE:
+        raise _BadField("traceId must be 16 non-zero bytes")
+    if not span_id or span_id == NO_PARENT:
+        raise _BadField("spanId must be 8 non-zero bytes")
+    kind = get("kind", 0)
+    if kind.__class__ is not int or not 0 <= kind <= 5:
+        kind = _enum(kind, _KIND_NAMES, "kind")
+    status = get("status")
+    code = status.get("code", 0) if status else 0
+    if code.__class__ is not int or not 0 <= code <= 2:
+        code = _enum(code, _STATUS_NAMES, "status.code")
+    try:
+        start = int(get("startTimeUnixNano") or 0)
+        end = int(get("endTimeUnixNano") or 0)
+        if not (0 <= start < _U64 and 0 <= end < _U64):
+            raise ValueError
+    except (TypeError, ValueError):
+        start = _nanos(get("startTimeUnixNano"), "startTimeUnixNano")
+        end = _nanos(get("endTimeUnixNano"), "endTimeUnixNano")
+    name = get("name") or ""
+    if name.__class__ is not str:
+        raise _BadField("name must be a string")
+    return trace_id, span_id, parent, kind, code, start, end, name
+
+
+def _walk_traces(document: dict, config: DecodeConfig, stages: StageAttributes) -> Decoded[SpanRow]:
     out: Decoded[SpanRow] = Decoded()
     append = out.rows.append
     pack = SPAN_CORE.pack
@@ -134,30 +181,17 @@ def _walk_traces(document: dict, config: DecodeConfig, intern_attrs: AttributeIn
         for scope_spans in _list(resource_spans, "scopeSpans"):
             for span in _list(scope_spans, "spans"):
                 try:
-                    trace_id = _decode_id(span.get("traceId"), 16, "traceId")
-                    span_id = _decode_id(span.get("spanId"), 8, "spanId")
-                    if not trace_id or trace_id == _ZERO_TRACE:
-                        raise _BadField("traceId must be 16 non-zero bytes")
-                    if not span_id or span_id == NO_PARENT:
-                        raise _BadField("spanId must be 8 non-zero bytes")
-                    parent = _decode_id(span.get("parentSpanId"), 8, "parentSpanId")
-                    kind = _enum(span.get("kind"), _KIND_NAMES, "kind")
-                    status = span.get("status")
-                    code = _enum(status.get("code") if status else None, _STATUS_NAMES, "status.code")
-                    start = _nanos(span.get("startTimeUnixNano"), "startTimeUnixNano")
-                    end = _nanos(span.get("endTimeUnixNano"), "endTimeUnixNano")
-                    name = span.get("name") or ""
-                    if not isinstance(name, str):
-                        raise _BadField("name must be a string")
+                    trace_id, span_id, parent, kind, code, start, end, name = _span_fields(span)
                 except _BadField as exc:
-                    out.reject(f"span {span.get('spanId', '?') if isinstance(span, dict) else '?'}: {exc}")
+                    out.reject(f"span {span.get('spanId', '?')}: {exc}")
                     continue
                 except AttributeError:
                     out.reject("span is not an object")
                     continue
+                name = intern_name(name, name_limit)
                 attrs = None
                 if kind in ATTRIBUTE_KINDS:
-                    attrs = intern_attrs([
+                    attrs = stages.get(service, kind, name, code, lambda: [
                         (kv["key"], clip_value(_any_value(kv.get("value")), value_limit))
                         for kv in span.get("attributes") or ()
                         if isinstance(kv, dict) and kv.get("key") in KEPT_ATTRIBUTES
@@ -168,7 +202,7 @@ def _walk_traces(document: dict, config: DecodeConfig, intern_attrs: AttributeIn
                          FLAG_HAS_LINKS if span.get("links") else 0),
                     end,
                     service,
-                    intern_name(name, name_limit),
+                    name,
                     attrs,
                 ))
     return out

@@ -8,6 +8,8 @@ source: each span costs one pass over a handful of scalar fields.
 
 from __future__ import annotations
 
+import sys
+
 from google.protobuf.message import DecodeError as ProtoDecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -16,7 +18,7 @@ from traceguard.config import DecodeConfig
 from traceguard.decode.common import (
     ATTRIBUTE_KINDS,
     KEPT_ATTRIBUTES,
-    AttributeInterner,
+    StageAttributes,
     Decoded,
     DecodeError,
     clip,
@@ -42,7 +44,7 @@ def _any_value(value):
 
 
 def decode_traces_proto(
-    data: bytes, config: DecodeConfig, interner: AttributeInterner | None = None
+    data: bytes, config: DecodeConfig, stages: StageAttributes | None = None
 ) -> Decoded[SpanRow]:
     """Decodes a serialized ExportTraceServiceRequest / TracesData.
 
@@ -53,17 +55,18 @@ def decode_traces_proto(
         request = ExportTraceServiceRequest.FromString(data)
     except (ProtoDecodeError, RuntimeError) as exc:
         raise DecodeError(f"not an OTLP traces protobuf message: {exc}") from None
-    return decode_traces_message(request, config, interner)
+    return decode_traces_message(request, config, stages)
 
 
 def decode_traces_message(
-    request, config: DecodeConfig, interner: AttributeInterner | None = None
+    request, config: DecodeConfig, stages: StageAttributes | None = None
 ) -> Decoded[SpanRow]:
     out: Decoded[SpanRow] = Decoded()
     rows = out.rows
     append = rows.append
     pack = SPAN_CORE.pack
-    intern_attrs = interner or AttributeInterner()
+    stage_attributes = (stages or StageAttributes()).get
+    intern = sys.intern
     name_limit = config.max_name_length
     value_limit = config.max_attribute_length
     for resource_spans in request.resource_spans:
@@ -88,19 +91,21 @@ def decode_traces_message(
                 code = span.status.code
                 if not 0 <= code <= 2:
                     code = 0
+                name = span.name
+                name = intern(name if len(name) <= name_limit else name[:name_limit])
                 attrs = None
                 if kind in ATTRIBUTE_KINDS:
-                    attrs = intern_attrs(
-                        [(kv.key, clip_value(_any_value(kv.value), value_limit))
-                         for kv in span.attributes if kv.key in KEPT_ATTRIBUTES]
-                    )
+                    attrs = stage_attributes(service, kind, name, code, lambda: [
+                        (kv.key, clip_value(_any_value(kv.value), value_limit))
+                        for kv in span.attributes if kv.key in KEPT_ATTRIBUTES
+                    ])
                 append(SpanRow(
                     trace_id,
                     pack(span_id, parent or NO_PARENT, span.start_time_unix_nano, kind,
                          code, FLAG_HAS_LINKS if span.links else 0),
                     span.end_time_unix_nano,
                     service,
-                    intern_name(span.name, name_limit),
+                    name,
                     attrs,
                 ))
     return out

@@ -57,12 +57,6 @@ def finding(
     )
 
 
-def orphans(trace: Trace) -> list[Span]:
-    """Spans whose parent is not in the trace, in arrival order."""
-    by_id = trace.by_id
-    return [s for s in trace.spans if s.parent_span_id is not None and s.parent_span_id not in by_id]
-
-
 def top_orphan(trace: Trace) -> Span | None:
     """For a rootless trace, the orphan that most likely hung off the missing root.
 
@@ -72,7 +66,7 @@ def top_orphan(trace: Trace) -> Span | None:
     """
     if trace.root is not None:
         return None
-    candidates = orphans(trace) or trace.spans
+    candidates = trace.orphans or trace.spans
     return min(candidates, key=lambda s: (s.start, s.span_id)) if candidates else None
 
 

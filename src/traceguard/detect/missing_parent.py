@@ -7,7 +7,7 @@ root's children belong to ``missing_root`` instead.
 
 from __future__ import annotations
 
-from traceguard.detect.base import finding, orphans, top_orphan
+from traceguard.detect.base import finding, top_orphan
 from traceguard.records import Anomaly, AnomalyKind, Span, Trace
 
 
@@ -16,7 +16,7 @@ class MissingParent:
 
     def detect(self, trace: Trace) -> list[Anomaly]:
         groups: dict[bytes, list[Span]] = {}
-        for span in orphans(trace):
+        for span in trace.orphans:
             groups.setdefault(span.parent_span_id, []).append(span)
         top = top_orphan(trace)
         if top is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from traceguard.detect.base import finding, ms, orphans, top_orphan
+from traceguard.detect.base import finding, ms, top_orphan
 from traceguard.records import Anomaly, AnomalyKind, Trace
 
 
@@ -13,7 +13,7 @@ class MissingRoot:
         top = top_orphan(trace)
         if top is None:
             return []
-        waiting = [s.span_id.hex() for s in orphans(trace) if s.parent_span_id == top.parent_span_id]
+        waiting = [s.span_id.hex() for s in trace.orphans if s.parent_span_id == top.parent_span_id]
         missing = top.parent_span_id.hex() if top.parent_span_id else None
         return [finding(
             self.kind, trace.trace_id, top,

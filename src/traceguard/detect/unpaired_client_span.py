@@ -14,12 +14,24 @@ from traceguard.config import StructuralConfig
 from traceguard.detect.base import finding
 from traceguard.records import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, Anomaly, AnomalyKind, Span, Trace
 
-_UNINSTRUMENTED_PEER = ("db.system", "db.system.name", "messaging.system")
-_RESPONSE_STATUS = ("http.response.status_code", "http.status_code")
+_UNINSTRUMENTED_PEER = frozenset({"db.system", "db.system.name", "messaging.system"})
+_RESPONSE_STATUS = frozenset({"http.response.status_code", "http.status_code"})
 
 
-def _never_reached_server(span: Span) -> bool:
-    return span.status == STATUS_ERROR and all(span.attr(key) is None for key in _RESPONSE_STATUS)
+class _Stage:
+    """Pairing history of one client stage (service, operation)."""
+
+    __slots__ = ("seen", "paired", "uninstrumented_peer")
+
+    def __init__(self, span: Span) -> None:
+        self.seen = 0
+        self.paired = 0
+        # Kept attributes are a stage fact (decode.common.StageAttributes).
+        self.uninstrumented_peer = any(key in _UNINSTRUMENTED_PEER for key, _ in span.attrs or ())
+
+
+def _failed_without_response(span: Span) -> bool:
+    return span.status == STATUS_ERROR and not any(key in _RESPONSE_STATUS for key, _ in span.attrs or ())
 
 
 class UnpairedClientSpan:
@@ -27,28 +39,32 @@ class UnpairedClientSpan:
 
     def __init__(self, config: StructuralConfig) -> None:
         self._config = config
-        # (service, operation) → [calls seen, calls with a server span]
-        self.pairing_: dict[tuple[str, str], list[int]] = {}
+        self.stages_: dict[tuple[str, str], _Stage] = {}
 
     def detect(self, trace: Trace) -> list[Anomaly]:
         findings = []
+        config = self._config
         for span in trace.spans:
             if span.kind != KIND_CLIENT:
                 continue
-            if any(span.attr(key) is not None for key in _UNINSTRUMENTED_PEER) or _never_reached_server(span):
+            key = (span.service, span.name)
+            stage = self.stages_.get(key)
+            if stage is None:
+                stage = _Stage(span)
+                if len(self.stages_) < config.unpaired_max_stages:
+                    self.stages_[key] = stage
+            if stage.uninstrumented_peer or _failed_without_response(span):
                 continue
             paired = any(child.kind == KIND_SERVER for child in trace.children.get(span.span_id, ()))
-            counts = self.pairing_.setdefault((span.service, span.name), [0, 0])
-            seen, with_server = counts
-            if not paired and seen >= self._config.unpaired_min_samples:
-                ratio = with_server / seen
-                if ratio >= self._config.unpaired_min_ratio:
-                    findings.append(self._finding(trace, span, seen, ratio))
-            counts[0] += 1
-            counts[1] += paired
-            if counts[0] > self._config.unpaired_window:
-                counts[0] //= 2
-                counts[1] //= 2
+            if not paired and stage.seen >= config.unpaired_min_samples:
+                ratio = stage.paired / stage.seen
+                if ratio >= config.unpaired_min_ratio:
+                    findings.append(self._finding(trace, span, stage.seen, ratio))
+            stage.seen += 1
+            stage.paired += paired
+            if stage.seen > config.unpaired_window:
+                stage.seen //= 2
+                stage.paired //= 2
         return findings
 
     def _finding(self, trace: Trace, span: Span, seen: int, ratio: float) -> Anomaly:

@@ -25,7 +25,7 @@ from traceguard.decode import (
     decode_traces_json,
     decode_traces_proto,
 )
-from traceguard.decode.common import AttributeInterner
+from traceguard.decode.common import StageAttributes
 
 Signal = Literal["traces", "logs"]
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -40,7 +40,12 @@ class Batch:
     rejected: int = 0
     errors: list[str] = field(default_factory=list)
     corrupt: bool = False
-    event_time: int = 0
+
+    def event_time(self) -> int:
+        """The earliest event in the batch: the key that merges files in event time."""
+        if self.signal == "traces":
+            return min((row.end for row in self.rows if row.end), default=0)
+        return min((row.time for row in self.rows if row.time), default=0)
 
 
 def open_input(path: Path) -> BinaryIO:
@@ -50,19 +55,19 @@ def open_input(path: Path) -> BinaryIO:
     return raw
 
 
-def read_file(path: Path, signal: Signal, config: DecodeConfig, interner: AttributeInterner) -> Iterator[Batch]:
+def read_file(path: Path, signal: Signal, config: DecodeConfig, stages: StageAttributes) -> Iterator[Batch]:
     """Batches of one file. ``signal`` is what a protobuf file holds (JSON lines say it themselves)."""
     with open_input(path) as stream:
         head = stream.peek(64)[:64].lstrip() if hasattr(stream, "peek") else b""
         if not head:
             return
         if head[:1] == b"{":
-            yield from _json_lines(path, stream, config, interner)
+            yield from _json_lines(path, stream, config, stages)
         else:
-            yield from _length_prefixed(path, stream, signal, config, interner)
+            yield from _length_prefixed(path, stream, signal, config, stages)
 
 
-def _json_lines(path: Path, stream: BinaryIO, config: DecodeConfig, interner: AttributeInterner) -> Iterator[Batch]:
+def _json_lines(path: Path, stream: BinaryIO, config: DecodeConfig, stages: StageAttributes) -> Iterator[Batch]:
     for number, line in enumerate(stream, 1):
         if not line.strip():
             continue
@@ -70,7 +75,7 @@ def _json_lines(path: Path, stream: BinaryIO, config: DecodeConfig, interner: At
         try:
             signal, document = decode_json_line(line)
             if signal == "traces":
-                decoded = decode_traces_json(document, config, interner)
+                decoded = decode_traces_json(document, config, stages)
             else:
                 decoded = decode_logs_json(document, config)
         except DecodeError as exc:
@@ -80,7 +85,7 @@ def _json_lines(path: Path, stream: BinaryIO, config: DecodeConfig, interner: At
 
 
 def _length_prefixed(
-    path: Path, stream: BinaryIO, signal: Signal, config: DecodeConfig, interner: AttributeInterner
+    path: Path, stream: BinaryIO, signal: Signal, config: DecodeConfig, stages: StageAttributes
 ) -> Iterator[Batch]:
     number = 0
     while True:
@@ -96,7 +101,7 @@ def _length_prefixed(
             return
         try:
             if signal == "traces":
-                decoded = decode_traces_proto(body, config, interner)
+                decoded = decode_traces_proto(body, config, stages)
             else:
                 decoded = decode_logs_proto(body, config)
         except DecodeError as exc:
@@ -106,20 +111,16 @@ def _length_prefixed(
 
 
 def _batch(signal: Signal, where: str, decoded) -> Batch:
-    if signal == "traces":
-        times = [row.end for row in decoded.rows if row.end]
-    else:
-        times = [row.time for row in decoded.rows if row.time]
-    return Batch(signal, where, decoded.rows, decoded.rejected, decoded.errors, event_time=min(times, default=0))
+    return Batch(signal, where, decoded.rows, decoded.rejected, decoded.errors)
 
 
 def replay_batches(
     trace_paths: list[Path], log_paths: list[Path], config: DecodeConfig
 ) -> Iterator[Batch]:
     """All files' batches, merged by batch event time so logs keep pace with spans."""
-    interner = AttributeInterner()
-    streams = [read_file(p, "traces", config, interner) for p in trace_paths]
-    streams += [read_file(p, "logs", config, interner) for p in log_paths]
+    stages = StageAttributes(config.max_stages)
+    streams = [read_file(p, "traces", config, stages) for p in trace_paths]
+    streams += [read_file(p, "logs", config, stages) for p in log_paths]
     if len(streams) == 1:
         return streams[0]
-    return heapq.merge(*streams, key=lambda batch: batch.event_time)
+    return heapq.merge(*streams, key=Batch.event_time)

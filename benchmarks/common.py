@@ -1,0 +1,41 @@
+"""Shared by the benchmarks: scenario traffic packed into 512-span requests, medians."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+from benchmarks.scenario import ScenarioConfig, generate
+
+REQUEST_SPANS = 512
+
+
+def scenario_requests(traces: int, seed: int = 7, request_spans: int = REQUEST_SPANS):
+    """The generator's spans in export order, re-packed into requests of ``request_spans``
+    spans (as a busy SDK or Collector batches them)."""
+    pending: list = []
+    requests = []
+
+    def collect(_service, spans):
+        pending.extend(spans)
+        while len(pending) >= request_spans:
+            requests.append(encode_spans(pending[:request_spans]))
+            del pending[:request_spans]
+
+    generate(ScenarioConfig(traces=traces, seed=seed, duration_s=traces / 3), collect, lambda *_: None)
+    if pending:
+        requests.append(encode_spans(pending))
+    return requests
+
+
+def median_rate(work: Callable[[], int], repeats: int) -> tuple[float, list[float]]:
+    """Items per second of ``work`` (which returns how many items it did), median of repeats."""
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        items = work()
+        rates.append(items / (time.perf_counter() - started))
+    return statistics.median(rates), rates

@@ -1,0 +1,95 @@
+"""Replay throughput against the raw protobuf parse ceiling of the same bytes.
+
+Writes the scenario's traffic as 512-span requests in both replay formats
+(length-prefixed OTLP protobuf and OTLP/JSON lines), then measures, in the
+same process and interleaved so machine noise hits all alike:
+
+* ceiling: ``ExportTraceServiceRequest.FromString`` over every message (no field read);
+* decode only: the protobuf decoder to span rows, no pipeline (where the time goes);
+* replay of the protobuf file and of the JSON file with every detector on,
+  through ``run_replay`` (file read, decode, assembly, detection, JSONL out).
+
+Prints JSON with spans/s medians and the ratios replay/ceiling.
+Run ``python -m benchmarks.replay_throughput [--traces N] [--repeats R]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from benchmarks.common import median_rate, scenario_requests
+from benchmarks.scenario import length_prefixed, otlp_json
+from traceguard.config import PipelineConfig
+from traceguard.decode import decode_traces_proto
+from traceguard.decode.common import StageAttributes
+from traceguard.replay import run_replay
+from traceguard.sinks import JsonlSink
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--traces", type=int, default=8000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    requests = scenario_requests(args.traces)
+    spans = sum(len(ss.spans) for r in requests for rs in r.resource_spans for ss in rs.scope_spans)
+    bodies = [r.SerializeToString() for r in requests]
+    config = PipelineConfig()
+    with tempfile.TemporaryDirectory() as tmp:
+        proto_file, json_file = Path(tmp) / "traces.pb", Path(tmp) / "traces.jsonl"
+        proto_file.write_bytes(b"".join(length_prefixed(r) for r in requests))
+        json_file.write_text("".join(otlp_json(r) + "\n" for r in requests))
+
+        def parse_only() -> int:
+            for body in bodies:
+                ExportTraceServiceRequest.FromString(body)
+            return spans
+
+        def decode_only() -> int:
+            stages = StageAttributes()
+            for body in bodies:
+                decode_traces_proto(body, config.decode, stages)
+            return spans
+
+        def replay(path: Path):
+            def run() -> int:
+                with open(os.devnull, "w") as devnull:
+                    result = run_replay([path], [], config, [JsonlSink(devnull)], warn=lambda _: None)
+                return result.metrics.get("traceguard_spans_accepted_total") + result.metrics.get(
+                    "traceguard_late_spans_total")
+            return run
+
+        rates: dict[str, list[float]] = {"ceiling_parse": [], "decode_proto": [], "replay_proto": [], "replay_json": []}
+        for _ in range(args.repeats):  # interleaved: each round measures all of them
+            rates["ceiling_parse"] += median_rate(parse_only, 3)[1]
+            rates["decode_proto"] += median_rate(decode_only, 1)[1]
+            rates["replay_proto"] += median_rate(replay(proto_file), 1)[1]
+            rates["replay_json"] += median_rate(replay(json_file), 1)[1]
+        sizes = {"proto_bytes": proto_file.stat().st_size, "json_bytes": json_file.stat().st_size}
+
+    import statistics
+
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    print(json.dumps({
+        "benchmark": "replay_throughput",
+        "python": platform.python_version(),
+        "traces": args.traces, "spans": spans, "requests": len(requests), **sizes,
+        "spans_per_s_median": {k: round(v) for k, v in medians.items()},
+        "ratio_decode_proto": round(medians["decode_proto"] / medians["ceiling_parse"], 4),
+        "ratio_proto": round(medians["replay_proto"] / medians["ceiling_parse"], 4),
+        "ratio_json": round(medians["replay_json"] / medians["ceiling_parse"], 4),
+        "targets": {"ratio_proto": 0.15, "ratio_json": 0.05},
+        "runs": {k: [round(x) for x in v] for k, v in rates.items()},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
