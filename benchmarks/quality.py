@@ -78,6 +78,7 @@ def main() -> None:
     print(json.dumps({
         "traces": args.traces, "seed": args.seed,
         "spans": generated.spans if generated else None,
+        "decoys_and_drops": generated.counts if generated else None,
         "per_kind": table, **{k: v for k, v in extra.items() if k != "metrics"},
     }, indent=2))
 
