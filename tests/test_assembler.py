@@ -15,7 +15,7 @@ class Harness:
         self.decided = []
         self.late = []
         self.assembler = TraceAssembler(self.config, self.clock, self.decided.append,
-                                        lambda r, at: self.late.append((r, at)), self.metrics)
+                                        lambda trace_id, span, at: self.late.append((span, at)), self.metrics)
 
     def add(self, *rows):
         self.assembler.add(rows)
@@ -75,7 +75,7 @@ def test_span_after_the_decision_is_late_not_a_new_trace():
     h.add(row(1, 1, end_ms=100))
     h.tick(40_000)
     h.add(row(1, 2, 1, end_ms=90))
-    assert [r.core[:8] for r, _ in h.late] == [(2).to_bytes(8, "big")]
+    assert [s.span_id for s, _ in h.late] == [(2).to_bytes(8, "big")]
     h.assembler.flush()
     assert sum(t.trace_id == tid(1) for t in h.decided) == 1
     assert h.metrics.get("traceguard_late_spans_total") == 1

@@ -4,6 +4,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
 from builders import logs_request, sid, tid, traces_request
 from traceguard.config import DecodeConfig
 from traceguard.decode import DecodeError, decode_logs_proto, decode_traces_proto
+from traceguard.decode.common import StageAttributes
 from traceguard.records import FLAG_HAS_LINKS, KIND_CLIENT, KIND_SERVER, NO_PARENT, SPAN_CORE, STATUS_ERROR
 
 CONFIG = DecodeConfig()
@@ -96,3 +97,28 @@ def test_logs_decode_and_skip_records_without_trace():
 def test_garbage_logs_body_is_a_decode_error():
     with pytest.raises(DecodeError):
         decode_logs_proto(b"\xff\xff\xff", CONFIG)
+
+
+def test_kept_attributes_are_read_once_per_stage_but_per_call_on_errors():
+    stages = StageAttributes()
+    first = traces_request(dict(trace_id=tid(1), span_id=sid(2), kind=KIND_CLIENT, name="GET",
+                                attributes={"server.address": "a", "http.response.status_code": 200}))
+    later = traces_request(
+        dict(trace_id=tid(1), span_id=sid(3), kind=KIND_CLIENT, name="GET", attributes={"server.address": "b"}),
+        dict(trace_id=tid(1), span_id=sid(4), kind=KIND_CLIENT, name="GET", status=STATUS_ERROR,
+             attributes={"server.address": "c", "http.response.status_code": 503}),
+    )
+    (a,) = decode_traces_proto(first.SerializeToString(), CONFIG, stages).rows
+    b, c = decode_traces_proto(later.SerializeToString(), CONFIG, stages).rows
+    assert a.attrs == (("server.address", "a"),)  # a response status is a fact of one call, not the stage
+    assert b.attrs is a.attrs
+    assert c.attrs == (("http.response.status_code", 503), ("server.address", "c"))
+
+
+def test_stage_memory_is_bounded():
+    stages = StageAttributes(limit=2)
+    spans = [dict(trace_id=tid(1), span_id=sid(n + 1), kind=KIND_CLIENT, name=f"op{n}",
+                  attributes={"server.address": f"h{n}"}) for n in range(5)]
+    rows = decode_traces_proto(traces_request(*spans).SerializeToString(), CONFIG, stages).rows
+    assert [dict(r.attrs)["server.address"] for r in rows] == [f"h{n}" for n in range(5)]
+    assert len(stages._stages) == 2

@@ -4,6 +4,7 @@ import pytest
 
 from builders import row, sid, tid
 from traceguard.assemble import EventTimeClock, TraceAssembler
+from traceguard.assemble.assembler import to_span
 from traceguard.config import AssemblerConfig, StructuralConfig
 from traceguard.detect import LateSpan, structural_detectors
 from traceguard.detect.context_outlived_parent import ContextOutlivedParent
@@ -190,7 +191,7 @@ def test_unpaired_state_is_bounded_by_its_window():
 
 
 def test_late_span_finding():
-    anomaly = LateSpan().detect_late(row(1, 2, 1, end_ms=50), decided_at=10**19, detected_at=10**19 + 5)
+    anomaly = LateSpan().detect_late(tid(1), to_span(row(1, 2, 1, end_ms=50)), decided_at=10**19, detected_at=10**19 + 5)
     assert (anomaly.kind, anomaly.trace_id, anomaly.span_id) == (AnomalyKind.LATE_SPAN, tid(1).hex(), sid(2).hex())
     assert anomaly.detected_at == 10**19 + 5 and anomaly.evidence["parent_span_id"] == sid(1).hex()
 

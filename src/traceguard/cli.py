@@ -86,6 +86,9 @@ def _print_summary(snapshot: dict) -> None:
     for name in ("traceguard_replay_corrupt_total", "traceguard_spans_rejected_total",
                  "traceguard_logs_rejected_total", "traceguard_traces_evicted_total",
                  "traceguard_logs_evicted_total", "traceguard_logs_dropped_total"):
-        if snapshot.get(name):
-            lines.append(f"  {name}: {snapshot[name]}")
+        value = snapshot.get(name)
+        if isinstance(value, dict):
+            lines += [f"  {name}{{{labels}}}: {count}" for labels, count in value.items()]
+        elif value:
+            lines.append(f"  {name}: {value}")
     print("\n".join(lines), file=sys.stderr)

@@ -14,7 +14,7 @@ from traceguard.config import PipelineConfig
 from traceguard.detect import LateSpan, TraceDetector, structural_detectors
 from traceguard.link import LogIndex, link_logs
 from traceguard.metrics import Metrics
-from traceguard.records import Anomaly, LogRow, SpanRow, Trace
+from traceguard.records import Anomaly, LogRow, Span, SpanRow, Trace
 from traceguard.sinks import Sink
 
 
@@ -66,9 +66,9 @@ class Pipeline:
             for anomaly in found:
                 self._emit(anomaly, logs)
 
-    def _on_late(self, row: SpanRow, decided_at: int) -> None:
-        anomaly = self._late.detect_late(row, decided_at, self._clock.now())
-        self._emit(anomaly, self.logs.get(row.trace_id))
+    def _on_late(self, trace_id: bytes, span: Span, decided_at: int) -> None:
+        anomaly = self._late.detect_late(trace_id, span, decided_at, self._clock.now())
+        self._emit(anomaly, self.logs.get(trace_id))
 
     def _emit(self, anomaly: Anomaly, logs: list[LogRow]) -> None:
         link_logs(anomaly, logs, self.config.logs.max_linked)

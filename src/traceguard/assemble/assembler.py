@@ -36,7 +36,7 @@ class TraceAssembler:
         config: bounds and the decision policy.
         clock: event-time watermark (replay) or wall clock (live).
         on_trace: receives every decided trace, exactly once.
-        on_late: receives a span of an already decided trace and when it was decided.
+        on_late: receives (trace id, span, decided at) for a span of an already decided trace.
     """
 
     def __init__(
@@ -44,7 +44,7 @@ class TraceAssembler:
         config: AssemblerConfig,
         clock: Clock,
         on_trace: Callable[[Trace], None],
-        on_late: Callable[[SpanRow, int], None],
+        on_late: Callable[[bytes, Span, int], None],
         metrics: Metrics,
     ) -> None:
         self._config = config
@@ -82,7 +82,7 @@ class TraceAssembler:
                 decided_at = self._decided.get(trace_id)
                 if decided_at is not None:
                     self._metrics.inc("traceguard_late_spans_total")
-                    self._on_late(row, decided_at)
+                    self._on_late(trace_id, to_span(row), decided_at)
                     continue
                 trace = pending[trace_id] = _Pending(stamp)
                 self._push(stamp + max_age, trace_id)
@@ -164,25 +164,29 @@ class TraceAssembler:
             decided.popitem(last=False)
 
 
+def to_span(row: SpanRow, unpack=SPAN_CORE.unpack) -> Span:
+    """The expanded view of a buffered row."""
+    span_id, parent, start, kind, status, flags = unpack(row.core)
+    return Span(span_id, None if parent == NO_PARENT else parent, start, row.end, kind, status,
+                bool(flags & FLAG_HAS_LINKS), row.service, row.name, row.attrs)
+
+
 def _expand(trace_id: bytes, pending: _Pending, reason: DecisionReason, now: int, metrics: Metrics) -> Trace:
-    unpack = SPAN_CORE.unpack
     spans: list[Span] = []
     by_id: dict[bytes, Span] = {}
     children: dict[bytes, list[Span]] = {}
     root = None
     for row in pending.rows:
-        span_id, parent, start, kind, status, flags = unpack(row.core)
+        span = to_span(row)
+        span_id = span.span_id
         if span_id in by_id:
             metrics.inc("traceguard_duplicate_spans_total")
             continue
-        span = Span(
-            span_id, None if parent == NO_PARENT else parent, start, row.end, kind, status,
-            bool(flags & FLAG_HAS_LINKS), row.service, row.name, row.attrs,
-        )
         spans.append(span)
         by_id[span_id] = span
-        if span.parent_span_id is None:
-            if root is None or start < root.start:
+        parent = span.parent_span_id
+        if parent is None:
+            if root is None or span.start < root.start:
                 root = span
         else:
             children.setdefault(parent, []).append(span)

@@ -7,19 +7,16 @@ it is not a new trace.
 from __future__ import annotations
 
 from traceguard.detect.base import finding, ms
-from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, Anomaly, AnomalyKind, Span, SpanRow
+from traceguard.records import Anomaly, AnomalyKind, Span
 
 
 class LateSpan:
     kind = AnomalyKind.LATE_SPAN
 
-    def detect_late(self, row: SpanRow, decided_at: int, detected_at: int) -> Anomaly:
-        span_id, parent, start, kind, status, flags = SPAN_CORE.unpack(row.core)
-        span = Span(span_id, None if parent == NO_PARENT else parent, start, row.end, kind, status,
-                    bool(flags & FLAG_HAS_LINKS), row.service, row.name, row.attrs)
+    def detect_late(self, trace_id: bytes, span: Span, decided_at: int, detected_at: int) -> Anomaly:
         event_time = span.end if span.finished else span.start
         return finding(
-            self.kind, row.trace_id, span,
+            self.kind, trace_id, span,
             detected_at=detected_at,
             event_time=event_time,
             severity="info",
@@ -32,6 +29,6 @@ class LateSpan:
             evidence={
                 "trace_decided_at": decided_at,
                 "span_event_time": event_time,
-                "parent_span_id": parent.hex() if parent != NO_PARENT else None,
+                "parent_span_id": span.parent_span_id.hex() if span.parent_span_id else None,
             },
         )
