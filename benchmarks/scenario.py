@@ -71,6 +71,7 @@ QUERIES = {
     "INSERT orders": "INSERT INTO orders (id, customer_id, total, created_at) VALUES ($1, $2, $3, now())",
 }
 FAULTS = {
+    "skipped_call": "missing_expected_span",
     "never_ended_root": "missing_root",
     "never_ended_span": "missing_parent",
     "background_work": "context_outlived_parent",
@@ -78,6 +79,9 @@ FAULTS = {
     "exporter_drop": "unpaired_client_span",
     "invalid_end": "unfinished_span",
 }
+# Faults that also leave out a stage every normal trace of the request has.
+ALSO_MISSING_EXPECTED = frozenset({"never_ended_span", "exporter_drop", "late_export"})
+OUTLIERS = ("n_plus_one", "slowdown_20x")
 MS = 1_000_000
 SECOND = 1_000_000_000
 BATCH_PERIOD = SECOND
@@ -94,19 +98,58 @@ class ScenarioConfig:
     duration_s: float = 3600.0
     start_unix_s: int = 1_767_225_600  # 2026-01-01T00:00:00Z
     fault_rate: float = 0.06
-    warmup_traces: int = 300
+    warmup_traces: int = 600
+    # Share of requests (after the warm-up, never with a structural fault) that
+    # are an N+1 query pattern or 20x slower throughout: trace_outlier labels.
+    outlier_rate: float = 0.0
+    latency_faults: tuple["LatencyFault", ...] = ()
     # No faults in the last minutes: a late export there would arrive after the
     # last traffic, when event time no longer moves, so it is not late in replay.
     cooldown_s: float = 300.0
     max_skew_ms: float = 4.0
 
 
+@dataclass(frozen=True)
+class LatencyFault:
+    """From ``start_s`` to ``end_s`` (seconds into the scenario) a leaf stage is
+    ``factor`` times slower, or, with ``ramp``, creeps from 1x up to ``factor``."""
+
+    service: str
+    operation: str
+    start_s: float
+    end_s: float
+    factor: float
+    ramp: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{'leak' if self.ramp else 'slowdown'}_{self.factor}x"
+
+
 @dataclass
 class Label:
     kind: str
     fault: str
-    trace_id: str
+    trace_id: str | None
     span_id: str | None
+    service: str | None = None
+    operation: str | None = None
+    onset: int | None = None
+    end: int | None = None
+
+
+def latency_scenario(traces_per_s: float = 2.0, hours: float = 4.0, seed: int = 7) -> ScenarioConfig:
+    """Two stationary hours, then a 3x DB slowdown, a 1.5x one and a slow leak,
+    with N+1 and 20x-slow requests sprinkled throughout."""
+    hour = 3600.0
+    return ScenarioConfig(
+        traces=int(traces_per_s * hours * hour), seed=seed, duration_s=hours * hour, outlier_rate=0.01,
+        latency_faults=(
+            LatencyFault("catalog", "SELECT products", 2.0 * hour, 2.5 * hour, 3.0),
+            LatencyFault("checkout", "INSERT orders", 2.75 * hour, 3.25 * hour, 1.5),
+            LatencyFault("cart", "GET cart:*", 3.33 * hour, hours * hour - 300, 3.0, ramp=True),
+        ),
+    )
 
 
 class _SeededIds(IdGenerator):
@@ -234,18 +277,34 @@ class Shop:
         self.svc = {name: _Service(name, self.rng, self.spans, self.logs, config.max_skew_ms) for name in SERVICES}
         self.labels: list[Label] = []
         self.fault: str | None = None
+        self.outlier: str | None = None
+        self.trace_factor = 1.0
         self.counts: dict[str, int] = {}
 
     # -- building blocks -------------------------------------------------
     def dur(self, median_ms: float, sigma: float = 0.35) -> int:
-        return int(median_ms * MS * math.exp(self.rng.gauss(0.0, sigma)))
+        return int(median_ms * MS * self.trace_factor * math.exp(self.rng.gauss(0.0, sigma)))
 
     def net(self) -> int:
-        return int(self.rng.uniform(0.3, 1.5) * MS)
+        return int(self.rng.uniform(0.3, 1.5) * MS * self.trace_factor)
+
+    def slowdown(self, service: str, operation: str, t: int) -> float:
+        """The latency faults' factor for this stage at time t."""
+        offset = t / SECOND - self.config.start_unix_s
+        factor = 1.0
+        for fault in self.config.latency_faults:
+            if fault.service == service and fault.operation == operation and fault.start_s <= offset < fault.end_s:
+                progress = (offset - fault.start_s) / (fault.end_s - fault.start_s) if fault.ramp else 1.0
+                factor *= 1.0 + (fault.factor - 1.0) * progress
+        return factor
 
     def label(self, span, fault: str) -> None:
         ctx = span.get_span_context()
-        self.labels.append(Label(FAULTS[fault], fault, f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"))
+        trace_id = f"{ctx.trace_id:032x}"
+        kind = FAULTS.get(fault, "trace_outlier")
+        self.labels.append(Label(kind, fault, trace_id, f"{ctx.span_id:016x}"))
+        if fault in ALSO_MISSING_EXPECTED:
+            self.labels.append(Label("missing_expected_span", fault, trace_id, None))
 
     def count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -255,7 +314,7 @@ class Shop:
         """A span without children; the late-export and invalid-end faults land on leaves."""
         svc = self.svc[service]
         span = svc.start(name, kind, parent, t, attributes)
-        end = t + self.dur(median_ms)
+        end = t + int(self.dur(median_ms) * self.slowdown(service, name, t))
         if can_fail_end and self.fault == "invalid_end":
             self.fault = None
             self.label(span, "invalid_end")
@@ -270,6 +329,11 @@ class Shop:
         return end
 
     def db(self, service: str, parent, statement: str, system: str, t: int, median_ms: float) -> int:
+        if self.fault == "skipped_call":  # a code path that forgot its call: no span at all
+            self.fault = None
+            self.label(parent, "skipped_call")
+            self.labels[-1].span_id = None
+            return t
         attributes = {"db.system": system, "db.namespace": "shop", "db.operation.name": statement.split()[0],
                       "db.query.text": QUERIES.get(statement, statement), "server.address": f"{system}.internal",
                       "server.port": 5432 if system == "postgresql" else 6379,
@@ -331,7 +395,10 @@ class Shop:
     def catalog_get(self, server, t: int) -> int:
         def lookup(span, t: int) -> int:
             t = self.db("catalog", span, "GET product:*", "redis", t, 0.5)
-            if self.rng.random() < 0.35:  # cache miss: optional branch
+            if self.outlier == "n_plus_one":  # one query per item instead of one for all
+                for _ in range(self.rng.randrange(15, 40)):
+                    t = self.db("catalog", span, "SELECT products", "postgresql", t, 4.0)
+            elif self.rng.random() < 0.35:  # cache miss: optional branch
                 t = self.db("catalog", span, "SELECT products", "postgresql", t, 4.0)
                 t = self.db("catalog", span, "SET product:*", "redis", t, 0.4)
             return t
@@ -397,6 +464,8 @@ class Shop:
     def request(self, t0: int) -> None:
         frontend = self.svc["frontend"]
         roll = self.rng.random()
+        if self.outlier == "n_plus_one":
+            roll = 0.0  # the N+1 pattern lives on the product page
         if roll < 0.5:
             route, method = "/product/{id}", "GET"
         elif roll < 0.8:
@@ -411,6 +480,8 @@ class Shop:
             "user_agent.original": "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
         })
         frontend.log(root, t0 + MS // 5, logging.INFO, f"{method} {route}")
+        if self.outlier is not None:
+            self.label(root, self.outlier)
         t = t0 + self.dur(0.3)
         if route == "/product/{id}":
             t = self.call("frontend", "catalog", root, "catalog.Catalog/GetProduct", t, self.catalog_get,
@@ -435,12 +506,19 @@ class Shop:
         root.set_attribute("http.response.status_code", 200)
         frontend.end(root, t_done)
 
-    def pick_fault(self, index: int, t: int) -> str | None:
+    def _quiet(self, index: int, t: int) -> bool:
         config = self.config
-        cooldown_from = (config.start_unix_s + config.duration_s - config.cooldown_s) * SECOND
-        if index < config.warmup_traces or t >= cooldown_from or self.rng.random() >= config.fault_rate:
+        return index < config.warmup_traces or t >= (config.start_unix_s + config.duration_s - config.cooldown_s) * SECOND
+
+    def pick_fault(self, index: int, t: int) -> str | None:
+        if self._quiet(index, t) or self.rng.random() >= self.config.fault_rate:
             return None
         return self.rng.choice(list(FAULTS))
+
+    def pick_outlier(self, index: int, t: int) -> str | None:
+        if not self.config.outlier_rate or self._quiet(index, t) or self.rng.random() >= self.config.outlier_rate:
+            return None
+        return self.rng.choice(OUTLIERS)
 
 
 @dataclass
@@ -476,6 +554,8 @@ def generate(config: ScenarioConfig, write_traces: Callable[[str, list], None],
         t += int(rng.expovariate(rate) * SECOND)
         shop.fault = shop.pick_fault(index, t)
         wanted_faults += shop.fault is not None
+        shop.outlier = shop.pick_outlier(index, t) if shop.fault is None else None
+        shop.trace_factor = 20.0 if shop.outlier == "slowdown_20x" else 1.0
         shop.request(t)
         if shop.fault is not None:  # this request had no place for it (e.g. drop on a product page)
             shop.count(f"fault_not_placed_{shop.fault}")
@@ -487,6 +567,10 @@ def generate(config: ScenarioConfig, write_traces: Callable[[str, list], None],
         service.provider.shutdown()
         service.log_provider.shutdown()
     shop.counts["exporter_dropped_spans"] = shop.spans.dropped_count
+    for fault in config.latency_faults:
+        shop.labels.append(Label("latency_regression", fault.name, None, None, fault.service, fault.operation,
+                                 int((config.start_unix_s + fault.start_s) * SECOND),
+                                 int((config.start_unix_s + fault.end_s) * SECOND)))
     return Generated(config.traces, spans, logs, shop.labels, shop.counts, time.perf_counter() - started)
 
 
@@ -548,7 +632,7 @@ def write_scenario(out_dir: Path, config: ScenarioConfig, *, proto: bool = False
                               lambda _, records: logs.write(otlp_json(encode_logs(records)).encode() + b"\n"))
     with open(out_dir / "labels.jsonl", "w") as labels:
         for label in result.labels:
-            labels.write(json.dumps(label.__dict__) + "\n")
+            labels.write(json.dumps({k: v for k, v in label.__dict__.items() if v is not None or k in ("trace_id", "span_id")}) + "\n")
     return result
 
 
@@ -560,8 +644,14 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=ScenarioConfig.duration_s, help="seconds of event time")
     parser.add_argument("--fault-rate", type=float, default=ScenarioConfig.fault_rate)
     parser.add_argument("--proto", action="store_true", help="length-prefixed protobuf instead of JSON lines")
+    parser.add_argument("--latency", action="store_true",
+                        help="the latency scenario: 4 h at 2 requests/s with latency faults and outliers "
+                             "(--traces, --duration are ignored)")
     args = parser.parse_args()
-    config = ScenarioConfig(traces=args.traces, seed=args.seed, duration_s=args.duration, fault_rate=args.fault_rate)
+    if args.latency:
+        config = latency_scenario(seed=args.seed)
+    else:
+        config = ScenarioConfig(traces=args.traces, seed=args.seed, duration_s=args.duration, fault_rate=args.fault_rate)
     result = write_scenario(args.out, config, proto=args.proto)
     by_kind: dict[str, int] = {}
     for label in result.labels:

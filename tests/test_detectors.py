@@ -6,7 +6,7 @@ from builders import row, sid, tid
 from traceguard.assemble import EventTimeClock, TraceAssembler
 from traceguard.assemble.assembler import to_span
 from traceguard.config import AssemblerConfig, StructuralConfig
-from traceguard.detect import LateSpan, structural_detectors
+from traceguard.detect import LateSpan, completeness_detectors
 from traceguard.detect.context_outlived_parent import ContextOutlivedParent
 from traceguard.detect.missing_parent import MissingParent
 from traceguard.detect.missing_root import MissingRoot
@@ -72,13 +72,13 @@ def _warm(detector):
     return detector
 
 
-@pytest.mark.parametrize("detector", structural_detectors(CONFIG), ids=lambda d: d.kind.value)
+@pytest.mark.parametrize("detector", completeness_detectors(CONFIG), ids=lambda d: d.kind.value)
 def test_contract_clean_traces_raise_nothing(detector):
     _warm(detector)
     assert detector.detect(clean_trace()) == []
 
 
-@pytest.mark.parametrize("detector", structural_detectors(CONFIG), ids=lambda d: d.kind.value)
+@pytest.mark.parametrize("detector", completeness_detectors(CONFIG), ids=lambda d: d.kind.value)
 def test_contract_finds_its_own_fault_with_the_exact_span(detector):
     _warm(detector)
     trace = _fault_traces()[detector.kind]
@@ -90,7 +90,7 @@ def test_contract_finds_its_own_fault_with_the_exact_span(detector):
     assert anomaly.summary and anomaly.evidence
 
 
-@pytest.mark.parametrize("detector", structural_detectors(CONFIG), ids=lambda d: d.kind.value)
+@pytest.mark.parametrize("detector", completeness_detectors(CONFIG), ids=lambda d: d.kind.value)
 def test_contract_is_deterministic(detector):
     first = _warm(type(detector)(CONFIG) if detector.kind == AnomalyKind.UNPAIRED_CLIENT_SPAN else detector)
     second = _warm(type(detector)(CONFIG) if detector.kind == AnomalyKind.UNPAIRED_CLIENT_SPAN else detector)

@@ -76,6 +76,48 @@ class StructuralConfig(_Section):
     unpaired_max_stages: int = Field(50_000, ge=1, description="Client stages whose pairing history is kept.")
 
 
+class LatencyConfig(_Section):
+    window: DurationNs = Field(parse_duration("60s"), description="Event-time window whose stage latencies are compared with the baseline.")
+    min_window_samples: int = Field(8, ge=1, description="Samples a window needs to be judged.")
+    max_window_samples: int = Field(4096, ge=16, description="Samples kept per stage and window (a reservoir beyond).")
+    warmup_samples: int = Field(200, ge=10, description="Baseline samples before a stage is judged at all.")
+    regression_min_ratio: float = Field(1.2, gt=1, description="Smallest median shift (current/baseline) that counts.")
+    regression_z: float = Field(4.0, gt=0, description="How many standard errors the window median must move.")
+    persist_windows: int = Field(3, ge=1, description="Consecutive shifted windows before a regression opens (and calm ones before it closes).")
+    baseline_half_life: DurationNs = Field(parse_duration("24h"), description="Weight of old baseline samples halves over this much event time.")
+    slow_stage_z: float = Field(8.0, gt=0, description="Robust z (log space) of one span's self time beyond which it is a slow_stage.")
+    slow_stage_min_excess: DurationNs = Field(parse_duration("5ms"), description="A slow_stage must also exceed the baseline p99 by this much.")
+    slow_stage_max_per_trace: int = Field(3, ge=1)
+    max_stages: int = Field(20_000, ge=1, description="Stages with a baseline; further stages are not tracked and are counted.")
+
+
+class StructureConfig(_Section):
+    min_traces: int = Field(100, ge=1, description="Normal traces of a root operation before absences are judged.")
+    min_presence: float = Field(0.98, gt=0, le=1, description="Share of normal traces a stage must appear in to be expected.")
+    max_root_operations: int = Field(10_000, ge=1)
+    max_stages_per_root: int = Field(1_000, ge=1)
+
+
+class ForestConfig(_Section):
+    warmup_traces: int = Field(500, ge=50, description="Normal traces of a root operation before its forest is fitted.")
+    reservoir: int = Field(2_000, ge=50, description="Recent normal traces a forest is (re)fitted on.")
+    refit_every: int = Field(5_000, ge=100, description="Traces between refits.")
+    batch: int = Field(256, ge=1, description="Traces scored together (vectorised).")
+    n_estimators: int = Field(100, ge=10)
+    top_stages: int = Field(6, ge=0, description="Stages whose self time is a feature, chosen by share of self time at fit.")
+    score_margin: float = Field(0.02, ge=0, description="How far below the lowest training score a trace must score.")
+    min_feature_z: float = Field(4.0, ge=0, description="An outlier must also deviate this much (robust z) in at least one feature.")
+    max_root_operations: int = Field(1_000, ge=1, description="Root operations with their own forest; the rest share one.")
+    seed: int = 0
+
+
+class LearnedConfig(_Section):
+    enabled: bool = True
+    latency: LatencyConfig = LatencyConfig()
+    structure: StructureConfig = StructureConfig()
+    forest: ForestConfig = ForestConfig()
+
+
 class LogConfig(_Section):
     max_records: int = Field(200_000, ge=0, description="Log records held in the index, all traces together.")
     max_per_trace: int = Field(200, ge=1)
@@ -87,6 +129,7 @@ class PipelineConfig(_Section):
     decode: DecodeConfig = DecodeConfig()
     assembler: AssemblerConfig = AssemblerConfig()
     structural: StructuralConfig = StructuralConfig()
+    learned: LearnedConfig = LearnedConfig()
     logs: LogConfig = LogConfig()
 
 

@@ -104,9 +104,11 @@ DecisionReason = Literal["quiet", "max_age", "evicted", "flush"]
 class Trace:
     """A decided trace: its spans in arrival order plus the indexes every
     structural detector needs, built once instead of once per detector.
-    ``orphans`` are the spans whose parent is not in the trace."""
+    ``orphans`` are the spans whose parent is not in the trace; ``derived``
+    caches values computed from the trace once for several detectors."""
 
-    __slots__ = ("trace_id", "spans", "by_id", "children", "orphans", "root", "reason", "decided_at", "first_seen")
+    __slots__ = ("trace_id", "spans", "by_id", "children", "orphans", "root", "reason", "decided_at", "first_seen",
+                 "derived")
 
     def __init__(
         self,
@@ -129,6 +131,7 @@ class Trace:
         self.reason = reason
         self.decided_at = decided_at
         self.first_seen = first_seen
+        self.derived: dict[str, Any] = {}
 
 
 class LogRow:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from traceguard.config import StructuralConfig
-from traceguard.detect.base import TraceDetector
+from traceguard.config import LearnedConfig, StructuralConfig
+from traceguard.detect.base import LearnedDetector, TraceDetector
 from traceguard.detect.context_outlived_parent import ContextOutlivedParent
 from traceguard.detect.late_span import LateSpan
+from traceguard.detect.latency_regression import LatencyRegression
 from traceguard.detect.missing_parent import MissingParent
+from traceguard.detect.missing_expected_span import MissingExpectedSpan
 from traceguard.detect.missing_root import MissingRoot
+from traceguard.detect.slow_stage import SlowStage
+from traceguard.detect.trace_outlier import TraceOutlier
 from traceguard.detect.unfinished_span import UnfinishedSpan
 from traceguard.detect.unpaired_client_span import UnpairedClientSpan
+from traceguard.models import Models
 
 
-def structural_detectors(config: StructuralConfig) -> list[TraceDetector]:
+def completeness_detectors(config: StructuralConfig) -> list[TraceDetector]:
     """The structural checks, in the order their findings are emitted per trace.
 
     Order matters only for output order (it is part of byte-identical replay):
@@ -27,4 +32,16 @@ def structural_detectors(config: StructuralConfig) -> list[TraceDetector]:
     ]
 
 
-__all__ = ["LateSpan", "TraceDetector", "structural_detectors"]
+def learned_detectors(models: Models, config: LearnedConfig) -> tuple[list[LearnedDetector], list[LearnedDetector]]:
+    """(completeness, timing) learned checks. A trace reaches the timing
+    checks only if no completeness check, structural or learned, flagged it:
+    the timings and shape of an incomplete trace only echo what is missing.
+    SlowStage scores a trace before LatencyRegression adds its spans to the
+    current window."""
+    return (
+        [MissingExpectedSpan(models.structure)],
+        [SlowStage(models.latency, config.latency), LatencyRegression(models.latency), TraceOutlier(models.forest)],
+    )
+
+
+__all__ = ["LateSpan", "LearnedDetector", "TraceDetector", "completeness_detectors", "learned_detectors"]

@@ -21,6 +21,21 @@ class TraceDetector(Protocol):
         """Findings of this detector's kind in one decided trace."""
 
 
+class LearnedDetector(TraceDetector, Protocol):
+    """A detector with learned state. Besides ``detect`` it may find things
+    later (a window closing, a batch scored) and it learns only from traces
+    that no detector flagged."""
+
+    def learn(self, trace: Trace) -> None:
+        """``trace`` raised no finding at all: it may shape the model."""
+
+    def advance(self, now: int) -> list[Anomaly]:
+        """Findings that became due at ``now`` (pipeline clock)."""
+
+    def flush(self, now: int) -> list[Anomaly]:
+        """End of input: everything still pending."""
+
+
 def anomaly_id(kind: AnomalyKind, *parts: str) -> str:
     digest = hashlib.sha256("|".join((kind.value, *parts)).encode()).hexdigest()
     return digest[:32]
@@ -54,6 +69,38 @@ def finding(
         score=round(score, 4),
         summary=summary,
         evidence=evidence,
+    )
+
+
+def stage_finding(
+    kind: AnomalyKind,
+    stage: tuple[str, str, int],
+    key: str,
+    *,
+    detected_at: int,
+    event_time: int,
+    severity: Severity,
+    score: float,
+    summary: str,
+    evidence: dict[str, Any],
+    exemplars: list[str],
+) -> Anomaly:
+    """A stage-level finding (no trace); ``key`` tells one episode of the stage from another."""
+    service, operation, span_kind = stage
+    return Anomaly(
+        id=anomaly_id(kind, service, operation, str(span_kind), key),
+        kind=kind,
+        trace_id=None,
+        span_id=None,
+        service=service,
+        operation=operation,
+        event_time=event_time,
+        detected_at=detected_at,
+        severity=severity,
+        score=round(score, 4),
+        summary=summary,
+        evidence=evidence,
+        exemplars=exemplars,
     )
 
 

@@ -1,0 +1,80 @@
+"""``latency_regression``: a stage's self time shifted against its baseline and stayed shifted.
+
+Stage-level: no trace id, exemplar traces instead (their logs are linked).
+When latency returns, the same finding (same id) is emitted again with
+``evidence.state = "resolved"``; sinks that upsert by id close it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+from traceguard.detect.base import stage_finding
+from traceguard.models.features import self_times, stage_of
+from traceguard.models.latency import LatencyModel, Regression
+from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, Trace
+
+
+class LatencyRegression:
+    kind = AnomalyKind.LATENCY_REGRESSION
+
+    def __init__(self, model: LatencyModel) -> None:
+        self.model = model
+
+    def detect(self, trace: Trace) -> list[Anomaly]:
+        events: list[Regression] = []
+        observe = self.model.observe
+        trace_hex = trace.trace_id.hex()
+        now = trace.decided_at
+        for span, self_ns in zip(trace.spans, self_times(trace)):
+            if self_ns is not None:
+                observe(stage_of(span), self_ns, span.end - span.start, span.end, trace_hex, now, events)
+        return [self._anomaly(event, now) for event in events]
+
+    def learn(self, trace: Trace) -> None:
+        """Baselines learn from calm windows, not from single traces (see LatencyModel)."""
+
+    def advance(self, now: int) -> list[Anomaly]:
+        events: list[Regression] = []
+        self.model.advance(now, events)
+        return [self._anomaly(event, now) for event in events]
+
+    def flush(self, now: int) -> list[Anomaly]:
+        events: list[Regression] = []
+        self.model.flush(events)
+        return [self._anomaly(event, now) for event in events]
+
+    def _anomaly(self, regression: Regression, now: int) -> Anomaly:
+        service, operation, span_kind = regression.stage
+        resolved = regression.resolved_at is not None
+        onset = dt.datetime.fromtimestamp(regression.onset / 1e9, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+        base, current = regression.baseline, regression.current
+        summary = (
+            f"{service} '{operation}' self time {'was' if resolved else 'is'} {regression.magnitude}x its baseline "
+            f"since {onset} (p50 {base['p50_ms']} → {current['p50_ms']} ms, p99 {base['p99_ms']} → {current['p99_ms']} ms)"
+            + ("; it is back to normal." if resolved else ".")
+        )
+        return stage_finding(
+            self.kind, regression.stage, str(regression.onset),
+            detected_at=now,
+            event_time=regression.onset,
+            severity="critical" if regression.magnitude >= 2 else "warning",
+            score=min(1.0, math.log(regression.magnitude) / math.log(4)),
+            summary=summary,
+            evidence={
+                "state": "resolved" if resolved else "open",
+                "metric": "self_time",
+                "stage_kind": KIND_NAMES[span_kind],
+                "onset_unix_nano": regression.onset,
+                "opened_at_unix_nano": regression.opened_at,
+                "resolved_at_unix_nano": regression.resolved_at,
+                "magnitude": regression.magnitude,
+                "windows": regression.windows,
+                "baseline": base,
+                "current": current,
+                "baseline_total": regression.baseline_total,
+                "current_total": regression.current_total,
+            },
+            exemplars=regression.exemplars,
+        )

@@ -1,0 +1,70 @@
+"""``slow_stage``: one span's self time far outside its stage's baseline.
+
+Robust in log space: beyond median + ``slow_stage_z`` robust sigmas and
+beyond the baseline p99 by ``slow_stage_min_excess``. A stage with an open
+regression is left to the regression. At most ``slow_stage_max_per_trace``
+per trace, the furthest out first.
+"""
+
+from __future__ import annotations
+
+import math
+
+from traceguard.config import LatencyConfig
+from traceguard.detect.base import finding, ms
+from traceguard.models.features import self_times, stage_of
+from traceguard.models.latency import LatencyModel
+from traceguard.records import Anomaly, AnomalyKind, Trace
+
+
+class SlowStage:
+    kind = AnomalyKind.SLOW_STAGE
+
+    def __init__(self, model: LatencyModel, config: LatencyConfig) -> None:
+        self.model = model
+        self._max = config.slow_stage_max_per_trace
+
+    def detect(self, trace: Trace) -> list[Anomaly]:
+        stages = self.model.stages_
+        slow = []
+        for span, self_ns in zip(trace.spans, self_times(trace)):
+            if self_ns is None:
+                continue
+            stage = stages.get(stage_of(span))
+            if stage is None or stage.slow_threshold is None or self_ns <= stage.slow_threshold:
+                continue
+            slow.append((self_ns / stage.slow_threshold, span, self_ns, stage))
+        slow.sort(key=lambda item: (-item[0], item[1].span_id))
+        findings = []
+        for ratio, span, self_ns, stage in slow[: self._max]:
+            p50, p99 = (float(v) for v in stage.self_hist.quantiles((0.5, 0.99)))
+            findings.append(finding(
+                self.kind, trace.trace_id, span,
+                detected_at=trace.decided_at,
+                event_time=span.end,
+                severity="warning",
+                score=min(1.0, ratio / 10),
+                summary=(
+                    f"{span.service} '{span.name}' spent {ms(self_ns)} ms in itself, "
+                    f"{ratio:.1f}x beyond the slow threshold of its baseline (p50 {ms(int(math.exp(p50)))} ms, "
+                    f"p99 {ms(int(math.exp(p99)))} ms)."
+                ),
+                evidence={
+                    "self_time_ms": ms(self_ns),
+                    "duration_ms": ms(span.end - span.start),
+                    "threshold_ms": ms(stage.slow_threshold),
+                    "baseline_p50_ms": ms(int(math.exp(p50))),
+                    "baseline_p99_ms": ms(int(math.exp(p99))),
+                    "baseline_samples": round(stage.self_hist.total),
+                },
+            ))
+        return findings
+
+    def learn(self, trace: Trace) -> None:
+        """The shared LatencyModel learns through LatencyRegression."""
+
+    def advance(self, now: int) -> list[Anomaly]:
+        return []
+
+    def flush(self, now: int) -> list[Anomaly]:
+        return []

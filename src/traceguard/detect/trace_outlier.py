@@ -1,0 +1,107 @@
+"""``trace_outlier``: the isolation forest finds the trace's shape and timings unlike the rest.
+
+A root operation is judged by its own forest once that is warm, never
+before; only root operations beyond ``max_root_operations`` fall back to the
+shared forest. Traces are scored in vectorised batches of ``forest.batch`` (scikit-learn
+costs milliseconds per call, microseconds per row), so these findings come a
+batch later than the trace's decision. A trace is an outlier when its score is
+below the forest's threshold and at least one feature deviates by
+``min_feature_z``; the finding lists the features that deviate most.
+Only traces that no detector flagged, the forest included, join its buffer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from traceguard.detect.base import finding
+from traceguard.models.forest import ForestModel, RootForest
+from traceguard.models.structure import StructureModel
+from traceguard.records import Anomaly, AnomalyKind, Span, Trace
+
+RootOperation = tuple[str, str]
+
+
+class _Pending:
+    __slots__ = ("trace_id", "root", "key", "row", "shared_row", "normal")
+
+    def __init__(self, trace_id: bytes, root: Span, key: RootOperation, row, shared_row) -> None:
+        self.trace_id = trace_id
+        self.root = root
+        self.key = key
+        self.row = row
+        self.shared_row = shared_row
+        self.normal = False
+
+
+class TraceOutlier:
+    kind = AnomalyKind.TRACE_OUTLIER
+
+    def __init__(self, model: ForestModel) -> None:
+        self.model = model
+        self.config = model.config
+        self._pending: list[_Pending] = []
+        self._by_trace: dict[bytes, _Pending] = {}
+
+    def detect(self, trace: Trace) -> list[Anomaly]:
+        root = trace.root
+        if root is None or not root.finished:
+            return []  # structural findings speak for such traces
+        key = StructureModel.root_operation(trace)
+        forest = self.model.forest_for(key)
+        pending = _Pending(trace.trace_id, root, key, forest.row(trace) if forest else None, self.model.shared_.row(trace))
+        self._pending.append(pending)
+        self._by_trace[trace.trace_id] = pending
+        return []
+
+    def learn(self, trace: Trace) -> None:
+        pending = self._by_trace.get(trace.trace_id)
+        if pending is not None:
+            pending.normal = True
+
+    def advance(self, now: int) -> list[Anomaly]:
+        return self._score(now) if len(self._pending) >= self.config.batch else []
+
+    def flush(self, now: int) -> list[Anomaly]:
+        return self._score(now)
+
+    def _score(self, now: int) -> list[Anomaly]:
+        pending, self._pending, self._by_trace = self._pending, [], {}
+        flagged: dict[int, Anomaly] = {}
+        groups: dict[int, tuple[RootForest, list[int], bool]] = {}
+        for position, item in enumerate(pending):
+            own = item.row is not None  # past max_root_operations a root operation has no forest of its own
+            chosen = self.model.forests_[item.key] if own else self.model.shared_
+            if chosen.fitted:
+                groups.setdefault(id(chosen), (chosen, [], own))[1].append(position)
+        for forest, positions, own in groups.values():
+            rows = np.stack([pending[p].row if own else pending[p].shared_row for p in positions])
+            scores, z = forest.score(rows)
+            for p, score, row_z, row in zip(positions, scores, z, rows):
+                if score < forest.threshold_ and np.abs(row_z).max() >= self.config.min_feature_z:
+                    flagged[p] = self._anomaly(pending[p], forest, float(score), row_z, row, now, own)
+        for position, item in enumerate(pending):
+            if item.normal and position not in flagged:
+                if item.row is not None:
+                    self.model.forests_[item.key].add(item.row)
+                self.model.shared_.add(item.shared_row)
+        return [flagged[p] for p in sorted(flagged)]
+
+    def _anomaly(self, item: _Pending, forest: RootForest, score: float, row_z, row, now: int, own: bool) -> Anomaly:
+        reasons = forest.explain(row_z, row)
+        root = item.root
+        described = ", ".join(f"{r['feature']} {r['value']} (normal {r['median']})" for r in reasons)
+        return finding(
+            self.kind, item.trace_id, root,
+            detected_at=now,
+            event_time=root.start,
+            severity="warning",
+            score=min(1.0, max(0.0, forest.threshold_ - score) * 10 + 0.5),
+            summary=f"{root.service} '{root.name}' is unlike its normal traces: {described}.",
+            evidence={
+                "forest": "root_operation" if own else "shared",
+                "anomaly_score": round(score, 4),
+                "threshold": round(forest.threshold_, 4),
+                "features": reasons,
+            },
+        )

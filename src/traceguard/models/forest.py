@@ -1,0 +1,150 @@
+"""Isolation forests over fixed-width trace feature vectors.
+
+One forest per root operation, plus a shared one (generic features only) for
+root operations that are rare or not yet warm. Features: log total duration,
+span count, depth, largest fan-out, errors, distinct services, the most
+repeated call under one parent (an N+1 query stands out here), and the self
+time of the stages that carry the most self time at fit time.
+
+Each forest keeps a ring buffer of recent normal traces and is fitted on it
+after ``warmup_traces`` and again every ``refit_every``. A fitted forest is a
+function of that buffer and the seed, which is why a model file stores the
+buffer, not the trees: loading refits, and nothing is unpickled.
+
+Scores follow scikit-learn's ``score_samples`` (lower = more anomalous); the
+threshold is the lowest training score minus ``score_margin``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.ensemble import IsolationForest
+
+from traceguard.config import ForestConfig
+from traceguard.models.features import Stage, self_times, shape, stage_of
+from traceguard.records import KIND_NAMES, Trace
+
+GENERIC_FEATURES = ("log_duration_ms", "span_count", "depth", "max_fan_out", "errors", "services", "max_repeated_calls")
+STAGE_COLUMNS = 32  # stages of one root operation whose self time is recorded
+
+
+def stage_label(stage: Stage) -> str:
+    service, operation, kind = stage
+    return f"self_time_ms[{service} '{operation}' {KIND_NAMES[kind]}]"
+
+
+class RootForest:
+    """The forest of one root operation (``with_stages``) or the shared one."""
+
+    def __init__(self, config: ForestConfig, with_stages: bool) -> None:
+        self.config = config
+        self.with_stages = with_stages
+        self.stage_index_: dict[Stage, int] = {}
+        width = len(GENERIC_FEATURES) + (STAGE_COLUMNS if with_stages else 0)
+        self.reservoir_ = np.zeros((config.reservoir, width))
+        self.filled_ = 0
+        self.next_ = 0
+        self.since_fit_ = 0
+        self.estimator_: IsolationForest | None = None
+        self.columns_: np.ndarray | None = None
+        self.feature_names_: list[str] = []
+        self.threshold_ = -math.inf
+        self.median_: np.ndarray | None = None
+        self.scale_: np.ndarray | None = None
+
+    @property
+    def fitted(self) -> bool:
+        return self.estimator_ is not None
+
+    def row(self, trace: Trace) -> np.ndarray:
+        root = trace.root
+        features = shape(trace)
+        row = np.zeros(self.reservoir_.shape[1])
+        row[0] = math.log(max(root.end - root.start, 1) / 1e6)
+        for column, name in enumerate(GENERIC_FEATURES[1:], 1):
+            row[column] = features[name]
+        if self.with_stages:
+            base = len(GENERIC_FEATURES)
+            for span, self_ns in zip(trace.spans, self_times(trace)):
+                if self_ns is None:
+                    continue
+                stage = stage_of(span)
+                column = self.stage_index_.get(stage)
+                if column is None:
+                    if len(self.stage_index_) >= STAGE_COLUMNS:
+                        continue
+                    column = self.stage_index_[stage] = len(self.stage_index_)
+                row[base + column] += self_ns
+            row[base:] = np.log1p(row[base:] / 1e3)  # log of µs
+        return row
+
+    def add(self, row: np.ndarray) -> None:
+        """A normal trace joins the buffer; fits when warm, refits periodically."""
+        self.reservoir_[self.next_] = row
+        self.next_ = (self.next_ + 1) % len(self.reservoir_)
+        self.filled_ = min(self.filled_ + 1, len(self.reservoir_))
+        self.since_fit_ += 1
+        warm = self.filled_ >= min(self.config.warmup_traces, len(self.reservoir_))
+        if warm and (self.estimator_ is None or self.since_fit_ >= self.config.refit_every):
+            self.fit()
+
+    def fit(self) -> None:
+        config = self.config
+        data = self.reservoir_[: self.filled_]
+        columns = list(range(len(GENERIC_FEATURES)))
+        names = list(GENERIC_FEATURES)
+        if self.with_stages and config.top_stages:
+            base = len(GENERIC_FEATURES)
+            by_index = {column: stage for stage, column in self.stage_index_.items()}
+            weight = data[:, base: base + len(by_index)].mean(axis=0)
+            for column in np.argsort(-weight, kind="stable")[: config.top_stages]:
+                columns.append(base + int(column))
+                names.append(stage_label(by_index[int(column)]))
+        self.columns_ = np.asarray(columns)
+        self.feature_names_ = names
+        features = data[:, self.columns_]
+        self.estimator_ = IsolationForest(
+            n_estimators=config.n_estimators, max_samples=min(256, len(features)), random_state=config.seed,
+        ).fit(features)
+        self.threshold_ = float(self.estimator_.score_samples(features).min()) - config.score_margin
+        self.median_ = np.median(features, axis=0)
+        mad = np.median(np.abs(features - self.median_), axis=0) * 1.4826
+        self.scale_ = np.maximum(mad, 0.25 + 0.05 * np.abs(self.median_))
+        self.since_fit_ = 0
+
+    def score(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, robust z per feature) for rows of this forest's layout."""
+        features = rows[:, self.columns_]
+        return self.estimator_.score_samples(features), (features - self.median_) / self.scale_
+
+    def explain(self, row_z: np.ndarray, row: np.ndarray, top: int = 3) -> list[dict]:
+        """The features that deviate most from the training median."""
+        features = row[self.columns_]
+        out = []
+        for column in np.argsort(-np.abs(row_z), kind="stable")[:top]:
+            name = self.feature_names_[column]
+            value, median = float(features[column]), float(self.median_[column])
+            if name == "log_duration_ms":
+                name, value, median = "duration_ms", math.exp(value), math.exp(median)
+            elif name.startswith("self_time_ms"):
+                value, median = math.expm1(value) / 1e3, math.expm1(median) / 1e3
+            out.append({"feature": name, "value": round(value, 3), "median": round(median, 3),
+                        "robust_z": round(float(row_z[column]), 2)})
+        return out
+
+
+class ForestModel:
+    """All forests: one per root operation (up to ``max_root_operations``) and the shared one."""
+
+    def __init__(self, config: ForestConfig) -> None:
+        self.config = config
+        self.forests_: dict[tuple[str, str], RootForest] = {}
+        self.shared_ = RootForest(config, with_stages=False)
+
+    def forest_for(self, key: tuple[str, str]) -> RootForest | None:
+        forest = self.forests_.get(key)
+        if forest is None and len(self.forests_) < self.config.max_root_operations:
+            forest = self.forests_[key] = RootForest(self.config, with_stages=True)
+        return forest

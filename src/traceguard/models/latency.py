@@ -1,0 +1,212 @@
+"""Per-stage latency baselines and the windowed shift test behind regressions.
+
+A stage is (service, operation, span kind). Each keeps two ``LogHistogram``
+baselines, of self time and of total duration, and the raw samples of the
+current event-time window (bounded). When a window closes its median self time
+is compared with the baseline median in log space: a shift is at least
+``regression_min_ratio`` and ``regression_z`` standard errors. A regression
+opens after ``persist_windows`` shifted windows in a row and closes after as
+many calm ones. Only calm windows of a stage with no open regression are
+merged into the baseline, so the baseline never learns what it flags.
+
+Windows are keyed by the trace's decision time (the pipeline clock), which
+only moves forward; the onset is reported in span event time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from traceguard.config import LatencyConfig
+from traceguard.models.features import Stage
+from traceguard.models.histogram import LogHistogram
+
+# Normal-consistent scale from the interquartile range; median standard error factor.
+_IQR_TO_SIGMA = 1.349
+_MEDIAN_SE = 1.2533
+_MIN_SCALE = 0.05
+QUANTILES = (0.5, 0.95, 0.99)
+
+
+@dataclass
+class Regression:
+    """An open (or just closed) regression of one stage."""
+
+    stage: Stage
+    onset: int                      # earliest span end time in the first shifted window
+    opened_at: int                  # window end at which it opened
+    baseline: dict[str, float]      # self-time quantiles, ms
+    baseline_total: dict[str, float]
+    current: dict[str, float] = field(default_factory=dict)
+    current_total: dict[str, float] = field(default_factory=dict)
+    magnitude: float = 1.0
+    windows: int = 0
+    exemplars: list[str] = field(default_factory=list)
+    resolved_at: int | None = None
+
+
+class _Window:
+    __slots__ = ("index", "self_ns", "total_ns", "trace_ids", "min_event")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.self_ns: list[int] = []
+        self.total_ns: list[int] = []
+        self.trace_ids: list[str] = []
+        self.min_event = 0
+
+
+class StageLatency:
+    __slots__ = ("self_hist", "total_hist", "window", "shifted", "calm", "regression", "slow_threshold")
+
+    def __init__(self) -> None:
+        self.self_hist = LogHistogram()
+        self.total_hist = LogHistogram()
+        self.window: _Window | None = None
+        self.shifted: list[_Window] = []   # the current run of shifted windows
+        self.calm = 0                      # calm windows in a row while a regression is open
+        self.regression: Regression | None = None
+        self.slow_threshold: int | None = None  # self time (ns) beyond which a span is a slow_stage
+
+
+def _ms_quantiles(logs: np.ndarray) -> dict[str, float]:
+    values = np.exp(np.quantile(logs, QUANTILES)) / 1e6
+    return {f"p{int(q * 100)}_ms": round(float(v), 3) for q, v in zip(QUANTILES, values)}
+
+
+def _hist_ms_quantiles(hist: LogHistogram) -> dict[str, float]:
+    values = np.exp(hist.quantiles(QUANTILES)) / 1e6
+    return {f"p{int(q * 100)}_ms": round(float(v), 3) for q, v in zip(QUANTILES, values)}
+
+
+class LatencyModel:
+    """All stage baselines; ``observe`` feeds samples, closing windows yields regression events."""
+
+    def __init__(self, config: LatencyConfig) -> None:
+        self.config = config
+        self.stages_: dict[Stage, StageLatency] = {}
+        self.untracked_samples_ = 0
+        self._decay = 0.5 ** (config.window / config.baseline_half_life) if config.baseline_half_life else 1.0
+        self._min_shift = math.log(config.regression_min_ratio)
+        self._swept = 0
+
+    def stage(self, key: Stage) -> StageLatency | None:
+        return self.stages_.get(key)
+
+    def observe(self, key: Stage, self_ns: int, total_ns: int, event_time: int, trace_id: str,
+                now: int, events: list[Regression]) -> None:
+        """One span's sample; closing the stage's previous window may append events."""
+        stage = self.stages_.get(key)
+        if stage is None:
+            if len(self.stages_) >= self.config.max_stages:
+                self.untracked_samples_ += 1
+                return
+            stage = self.stages_[key] = StageLatency()
+        index = now // self.config.window
+        window = stage.window
+        if window is None or window.index != index:
+            if window is not None:
+                self._close(key, stage, events)
+            window = stage.window = _Window(index)
+            window.min_event = event_time
+        if len(window.self_ns) < self.config.max_window_samples:
+            window.self_ns.append(max(self_ns, 1))
+            window.total_ns.append(max(total_ns, 1))
+            window.trace_ids.append(trace_id)
+            if event_time < window.min_event:
+                window.min_event = event_time
+
+    def advance(self, now: int, events: list[Regression]) -> None:
+        """Closes every window that ended before ``now``'s window (once per window period)."""
+        index = now // self.config.window
+        if index <= self._swept:
+            return
+        self._swept = index
+        for key, stage in self.stages_.items():
+            if stage.window is not None and stage.window.index < index:
+                self._close(key, stage, events)
+
+    def flush(self, events: list[Regression]) -> None:
+        for key, stage in self.stages_.items():
+            if stage.window is not None:
+                self._close(key, stage, events)
+
+    def _close(self, key: Stage, stage: StageLatency, events: list[Regression]) -> None:
+        window, stage.window = stage.window, None
+        config = self.config
+        logs = np.log(np.asarray(window.self_ns, dtype=float))
+        if stage.self_hist.total < config.warmup_samples:
+            self._merge(stage, window, logs)
+            return
+        if len(logs) < config.min_window_samples:
+            if stage.regression is None and not stage.shifted:
+                self._merge(stage, window, logs)
+            return
+        q25, median, q75 = stage.self_hist.quantiles((0.25, 0.5, 0.75))
+        scale = max((q75 - q25) / _IQR_TO_SIGMA, _MIN_SCALE)
+        shift = float(np.median(logs)) - median
+        shifted = shift >= self._min_shift and shift / (_MEDIAN_SE * scale / math.sqrt(len(logs))) >= config.regression_z
+        regression = stage.regression
+        if regression is not None:
+            if shifted or shift >= self._min_shift:
+                stage.calm = 0
+                self._describe(regression, [window], shift)
+                return
+            stage.calm += 1
+            if stage.calm >= config.persist_windows:
+                regression.resolved_at = (window.index + 1) * config.window
+                stage.regression = None
+                stage.calm = 0
+                self._set_slow_threshold(stage)
+                events.append(regression)
+            return
+        if not shifted:
+            stage.shifted = []
+            self._merge(stage, window, logs)
+            return
+        stage.shifted.append(window)
+        if len(stage.shifted) < config.persist_windows:
+            return
+        regression = Regression(
+            stage=key,
+            onset=stage.shifted[0].min_event,
+            opened_at=(window.index + 1) * config.window,
+            baseline=_hist_ms_quantiles(stage.self_hist),
+            baseline_total=_hist_ms_quantiles(stage.total_hist),
+        )
+        self._describe(regression, stage.shifted, shift)
+        stage.regression = regression
+        stage.shifted = []
+        stage.slow_threshold = None  # the regression speaks for this stage's slow spans
+        events.append(regression)
+
+    def _describe(self, regression: Regression, windows: list[_Window], shift: float) -> None:
+        self_ns = np.asarray([v for w in windows for v in w.self_ns], dtype=float)
+        total_ns = np.asarray([v for w in windows for v in w.total_ns], dtype=float)
+        traces = [t for w in windows for t in w.trace_ids]
+        regression.current = _ms_quantiles(np.log(self_ns))
+        regression.current_total = _ms_quantiles(np.log(total_ns))
+        regression.magnitude = round(math.exp(shift), 3)
+        regression.windows += len(windows)
+        slowest = np.argsort(-self_ns, kind="stable")[:3]
+        regression.exemplars = list(dict.fromkeys(traces[i] for i in slowest))
+
+    def _merge(self, stage: StageLatency, window: _Window, logs: np.ndarray) -> None:
+        stage.self_hist.decay(self._decay)
+        stage.total_hist.decay(self._decay)
+        stage.self_hist.add_logs(logs)
+        stage.total_hist.add_logs(np.log(np.asarray(window.total_ns, dtype=float)))
+        self._set_slow_threshold(stage)
+
+    def _set_slow_threshold(self, stage: StageLatency) -> None:
+        config = self.config
+        if stage.self_hist.total < config.warmup_samples or stage.regression is not None:
+            stage.slow_threshold = None
+            return
+        q25, median, q75, q99 = stage.self_hist.quantiles((0.25, 0.5, 0.75, 0.99))
+        scale = max((q75 - q25) / _IQR_TO_SIGMA, _MIN_SCALE)
+        stage.slow_threshold = int(max(math.exp(median + config.slow_stage_z * scale),
+                                       math.exp(q99) + config.slow_stage_min_excess))
