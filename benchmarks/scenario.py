@@ -302,7 +302,7 @@ class Shop:
         ctx = span.get_span_context()
         trace_id = f"{ctx.trace_id:032x}"
         kind = FAULTS.get(fault, "trace_outlier")
-        self.labels.append(Label(kind, fault, trace_id, f"{ctx.span_id:016x}"))
+        self.labels.append(Label(kind, fault, trace_id, f"{ctx.span_id:016x}" if kind != "trace_outlier" else None))
         if fault in ALSO_MISSING_EXPECTED:
             self.labels.append(Label("missing_expected_span", fault, trace_id, None))
 
@@ -516,6 +516,9 @@ class Shop:
         return self.rng.choice(list(FAULTS))
 
     def pick_outlier(self, index: int, t: int) -> str | None:
+        # Forests warm up on 500 normal traces of each request type: the first 2,500 requests.
+        if index < 5 * self.config.warmup_traces:
+            return None
         if not self.config.outlier_rate or self._quiet(index, t) or self.rng.random() >= self.config.outlier_rate:
             return None
         return self.rng.choice(OUTLIERS)

@@ -1,13 +1,16 @@
-"""Command line: ``traceguard replay`` (and the modes to come)."""
+"""Command line: ``traceguard replay`` and ``traceguard train`` (serve and consume to come)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from traceguard import __version__
 from traceguard.config import ConfigError, load_config
+from traceguard.models import store
+from traceguard.models.store import ModelFileError
 from traceguard.replay import ReplayAborted, run_replay
 from traceguard.sinks import JsonlSink
 
@@ -18,17 +21,22 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     replay = commands.add_parser("replay", help="detect anomalies in exported trace files (event time)")
-    replay.add_argument("traces", nargs="+", type=Path, metavar="TRACE_FILE",
-                        help="OTLP/JSON lines or length-prefixed OTLP protobuf, optionally gzip-compressed")
-    replay.add_argument("--logs", nargs="+", type=Path, default=[], metavar="LOG_FILE",
-                        help="OTLP log files to link to the findings")
-    replay.add_argument("--out", type=Path, help="write findings as JSONL here instead of stdout")
-    replay.add_argument("--strict", action="store_true", help="a corrupt line or rejected span is fatal")
-    replay.add_argument("--config", type=Path, help="TOML or JSON file with the pipeline settings")
-    replay.add_argument("--decision-wait", help="quiet time before a rooted trace is decided (default 30s)")
-    replay.add_argument("--max-trace-age", help="age at which any trace is decided (default 5m)")
-    replay.add_argument("--allowed-lateness", help="event-time out-of-orderness tolerated (default 5s)")
-    replay.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    train = commands.add_parser("train", help="learn baselines, structure and forests from known-good trace files")
+    for command in (replay, train):
+        command.add_argument("traces", nargs="+", type=Path, metavar="TRACE_FILE",
+                             help="OTLP/JSON lines or length-prefixed OTLP protobuf, optionally gzip-compressed")
+        command.add_argument("--logs", nargs="+", type=Path, default=[], metavar="LOG_FILE",
+                             help="OTLP log files to link to the findings")
+        command.add_argument("--out", type=Path, help="write findings as JSONL here instead of stdout")
+        command.add_argument("--strict", action="store_true", help="a corrupt line or rejected span is fatal")
+        command.add_argument("--config", type=Path, help="TOML or JSON file with the pipeline settings")
+        command.add_argument("--decision-wait", help="quiet time before a rooted trace is decided (default 30s)")
+        command.add_argument("--max-trace-age", help="age at which any trace is decided (default 5m)")
+        command.add_argument("--allowed-lateness", help="event-time out-of-orderness tolerated (default 5s)")
+        command.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    replay.add_argument("--model-dir", type=Path, help="start the learned detectors from this model directory")
+    train.add_argument("--model-dir", type=Path, required=True,
+                       help="model directory to write (and to start from, if it holds models)")
     return parser
 
 
@@ -43,12 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"traceguard: {exc}", file=sys.stderr)
         return 2
-    return _replay(args, config)
+    models = None
+    if args.model_dir is not None and (args.command == "replay" or (args.model_dir / "manifest.json").exists()):
+        try:
+            models = store.load(args.model_dir, config.learned)
+        except ModelFileError as exc:
+            print(f"traceguard: {exc}", file=sys.stderr)
+            return 2
+    return _replay(args, config, models)
 
 
-def _replay(args, config) -> int:
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-    sink = JsonlSink(out, owns_stream=bool(args.out))
+def _replay(args, config, models) -> int:
+    training = args.command == "train"
+    if args.out:
+        out = open(args.out, "w", encoding="utf-8")
+    else:
+        out = open(os.devnull, "w") if training else sys.stdout
+    sink = JsonlSink(out, owns_stream=bool(args.out) or training)
     progress = None
     if sys.stderr.isatty() and not args.no_progress:
         from tqdm import tqdm
@@ -57,14 +76,17 @@ def _replay(args, config) -> int:
     try:
         result = run_replay(args.traces, args.logs, config, [sink], strict=args.strict,
                             on_batch=progress.update if progress else None,
-                            warn=progress.write if progress else _warn)
+                            warn=progress.write if progress else _warn, models=models)
     except (FileNotFoundError, ReplayAborted) as exc:
         print(f"traceguard: {exc}", file=sys.stderr)
         return 2
     finally:
         if progress is not None:
             progress.close()
-    _print_summary(result.metrics.snapshot())
+    _print_summary(result.metrics.snapshot(), args.command)
+    if training:
+        store.save(result.models, args.model_dir)
+        print(f"traceguard train: models written to {args.model_dir}", file=sys.stderr)
     return 0
 
 
@@ -72,7 +94,7 @@ def _warn(message: str) -> None:
     print(f"traceguard: {message}", file=sys.stderr)
 
 
-def _print_summary(snapshot: dict) -> None:
+def _print_summary(snapshot: dict, command: str) -> None:
     by_kind: dict[str, int] = {}
     anomalies = snapshot.get("traceguard_anomalies_total", {})
     for labels, count in (anomalies.items() if isinstance(anomalies, dict) else ()):
@@ -80,7 +102,7 @@ def _print_summary(snapshot: dict) -> None:
         by_kind[kind] = by_kind.get(kind, 0) + count
     decided = snapshot.get("traceguard_traces_decided_total", {})
     traces = sum(decided.values()) if isinstance(decided, dict) else decided
-    lines = [f"traceguard replay: {snapshot.get('traceguard_spans_accepted_total', 0)} spans, "
+    lines = [f"traceguard {command}: {snapshot.get('traceguard_spans_accepted_total', 0)} spans, "
              f"{traces} traces, {sum(by_kind.values())} anomalies"]
     lines += [f"  {kind:<26} {count:>8}" for kind, count in sorted(by_kind.items())]
     for name in ("traceguard_replay_corrupt_total", "traceguard_spans_rejected_total",

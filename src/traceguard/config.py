@@ -105,8 +105,12 @@ class ForestConfig(_Section):
     batch: int = Field(256, ge=1, description="Traces scored together (vectorised).")
     n_estimators: int = Field(100, ge=10)
     top_stages: int = Field(6, ge=0, description="Stages whose self time is a feature, chosen by share of self time at fit.")
-    score_margin: float = Field(0.02, ge=0, description="How far below the lowest training score a trace must score.")
-    min_feature_z: float = Field(4.0, ge=0, description="An outlier must also deviate this much (robust z) in at least one feature.")
+    score_quantile: float = Field(0.02, ge=0, lt=1, description="A trace must score below this quantile of the training scores.")
+    min_feature_z: float = Field(6.0, ge=0, description="An outlier must also deviate this much (robust z) in at least one feature.")
+    extreme_feature_z: float = Field(
+        12.0, ge=0,
+        description="A deviation this large (robust z) is an outlier whatever the forest says: trees cannot split beyond the training range.",
+    )
     max_root_operations: int = Field(1_000, ge=1, description="Root operations with their own forest; the rest share one.")
     seed: int = 0
 

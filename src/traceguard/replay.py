@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 from traceguard.assemble import EventTimeClock
 from traceguard.config import PipelineConfig
 from traceguard.metrics import Metrics
+from traceguard.models import Models
 from traceguard.pipeline import Pipeline
 from traceguard.sinks import Sink
 from traceguard.sources.replay import replay_batches
@@ -26,6 +27,7 @@ class ReplayAborted(Exception):
 @dataclass
 class ReplayResult:
     metrics: Metrics
+    models: Models
     corrupt: int
     rejected: int
 
@@ -39,8 +41,10 @@ def run_replay(
     strict: bool = False,
     warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
     on_batch: Callable[[int], None] | None = None,
+    models: Models | None = None,
 ) -> ReplayResult:
-    """Replays the files through one pipeline and closes it.
+    """Replays the files through one pipeline and closes it; ``models`` starts
+    the learned detectors from saved state.
 
     Raises:
         FileNotFoundError: a named file does not exist.
@@ -50,7 +54,7 @@ def run_replay(
         if not Path(path).is_file():
             raise FileNotFoundError(f"no such file: {path}")
     clock = EventTimeClock(config.assembler.allowed_lateness)
-    pipeline = Pipeline(config, clock, sinks)
+    pipeline = Pipeline(config, clock, sinks, models=models)
     metrics = pipeline.metrics
     corrupt = rejected = 0
     try:
@@ -76,4 +80,4 @@ def run_replay(
                 on_batch(len(batch.rows))
     finally:
         pipeline.close()
-    return ReplayResult(metrics, corrupt, rejected)
+    return ReplayResult(metrics, pipeline.models, corrupt, rejected)

@@ -6,7 +6,11 @@ shared forest. Traces are scored in vectorised batches of ``forest.batch`` (scik
 costs milliseconds per call, microseconds per row), so these findings come a
 batch later than the trace's decision. A trace is an outlier when its score is
 below the forest's threshold and at least one feature deviates by
-``min_feature_z``; the finding lists the features that deviate most.
+``min_feature_z``, or when a feature deviates by ``extreme_feature_z``: an
+isolation tree splits only within the range it was trained on, so a value far
+beyond it (30 identical queries where one is normal) isolates no sooner than
+the edge of the normal range does. The finding lists the features that
+deviate most.
 Only traces that no detector flagged, the forest included, join its buffer.
 """
 
@@ -68,6 +72,7 @@ class TraceOutlier:
     def _score(self, now: int) -> list[Anomaly]:
         pending, self._pending, self._by_trace = self._pending, [], {}
         flagged: dict[int, Anomaly] = {}
+        deviant: set[int] = set()
         groups: dict[int, tuple[RootForest, list[int], bool]] = {}
         for position, item in enumerate(pending):
             own = item.row is not None  # past max_root_operations a root operation has no forest of its own
@@ -78,10 +83,15 @@ class TraceOutlier:
             rows = np.stack([pending[p].row if own else pending[p].shared_row for p in positions])
             scores, z = forest.score(rows)
             for p, score, row_z, row in zip(positions, scores, z, rows):
-                if score < forest.threshold_ and np.abs(row_z).max() >= self.config.min_feature_z:
+                deviation = np.abs(row_z).max()
+                if deviation < self.config.min_feature_z:
+                    continue
+                deviant.add(p)
+                if score < forest.threshold_ or deviation >= self.config.extreme_feature_z:
                     flagged[p] = self._anomaly(pending[p], forest, float(score), row_z, row, now, own)
         for position, item in enumerate(pending):
-            if item.normal and position not in flagged:
+            # Learn only from the normal: not flagged, and not far out in any feature either.
+            if item.normal and position not in deviant:
                 if item.row is not None:
                     self.model.forests_[item.key].add(item.row)
                 self.model.shared_.add(item.shared_row)

@@ -12,7 +12,9 @@ function of that buffer and the seed, which is why a model file stores the
 buffer, not the trees: loading refits, and nothing is unpickled.
 
 Scores follow scikit-learn's ``score_samples`` (lower = more anomalous); the
-threshold is the lowest training score minus ``score_margin``.
+threshold is the ``score_quantile`` of the training scores. The forest ranks,
+and a feature deviation of ``min_feature_z`` robust sigmas keeps the rare but
+normal (a retry, a cache miss) from being reported: both must agree.
 """
 
 from __future__ import annotations
@@ -108,10 +110,14 @@ class RootForest:
         self.estimator_ = IsolationForest(
             n_estimators=config.n_estimators, max_samples=min(256, len(features)), random_state=config.seed,
         ).fit(features)
-        self.threshold_ = float(self.estimator_.score_samples(features).min()) - config.score_margin
+        self.threshold_ = float(np.quantile(self.estimator_.score_samples(features), config.score_quantile))
         self.median_ = np.median(features, axis=0)
         mad = np.median(np.abs(features - self.median_), axis=0) * 1.4826
-        self.scale_ = np.maximum(mad, 0.25 + 0.05 * np.abs(self.median_))
+        # Counts move in whole steps: one more error or retry is one unit, not
+        # "infinitely many MADs" when most traces have none. Log features: 0.25.
+        floor = np.where(np.arange(len(columns)) >= 1, 1.0, 0.25)
+        floor[len(GENERIC_FEATURES):] = 0.25
+        self.scale_ = np.maximum(mad, floor)
         self.since_fit_ = 0
 
     def score(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

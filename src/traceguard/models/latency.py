@@ -160,7 +160,7 @@ class LatencyModel:
                 regression.resolved_at = (window.index + 1) * config.window
                 stage.regression = None
                 stage.calm = 0
-                self._set_slow_threshold(stage)
+                self.set_slow_threshold(stage)
                 events.append(regression)
             return
         if not shifted:
@@ -199,9 +199,9 @@ class LatencyModel:
         stage.total_hist.decay(self._decay)
         stage.self_hist.add_logs(logs)
         stage.total_hist.add_logs(np.log(np.asarray(window.total_ns, dtype=float)))
-        self._set_slow_threshold(stage)
+        self.set_slow_threshold(stage)
 
-    def _set_slow_threshold(self, stage: StageLatency) -> None:
+    def set_slow_threshold(self, stage: StageLatency) -> None:
         config = self.config
         if stage.self_hist.total < config.warmup_samples or stage.regression is not None:
             stage.slow_threshold = None

@@ -1,0 +1,163 @@
+"""Model directories: the learned state saved without pickle.
+
+A directory holds ``manifest.json`` (format name, version, the SHA-256 of
+every file) plus ``latency.npz``, ``structure.json`` and ``forest.npz``.
+Arrays are read with ``allow_pickle=False``; forests are stored as the
+normal traces they were fitted on and refitted on load, which gives the same
+trees (fixed seed) and leaves nothing executable in the file. A file whose
+version differs, or whose checksum does not match, is refused with a message
+that says which and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from traceguard import __version__
+from traceguard.config import LearnedConfig
+from traceguard.models import Models
+from traceguard.models.forest import RootForest
+from traceguard.models.histogram import BINS, LogHistogram
+from traceguard.models.latency import StageLatency
+from traceguard.models.structure import RootStructure
+
+FORMAT = "traceguard-models"
+VERSION = 1
+FILES = ("latency.npz", "structure.json", "forest.npz")
+
+
+class ModelFileError(ValueError):
+    """A model directory that cannot be used; the message says why."""
+
+
+def save(models: Models, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    _save_latency(models, directory / "latency.npz")
+    _save_structure(models, directory / "structure.json")
+    _save_forest(models, directory / "forest.npz")
+    manifest = {"format": FORMAT, "version": VERSION, "traceguard": __version__,
+                "files": {name: _sha256(directory / name) for name in FILES}}
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def load(directory: Path, config: LearnedConfig) -> Models:
+    """Raises:
+        ModelFileError: missing, of another format or version, or not what the manifest says.
+    """
+    manifest_path = directory / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise ModelFileError(f"{directory} is not a model directory: no manifest.json") from None
+    except ValueError as exc:
+        raise ModelFileError(f"{manifest_path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModelFileError(f"{manifest_path} is not a traceguard model manifest")
+    if manifest.get("version") != VERSION:
+        raise ModelFileError(
+            f"{directory} holds model format version {manifest.get('version')}, this traceguard reads "
+            f"version {VERSION}: retrain with 'traceguard train'"
+        )
+    for name in FILES:
+        path = directory / name
+        if not path.is_file():
+            raise ModelFileError(f"{path} is missing")
+        if _sha256(path) != manifest.get("files", {}).get(name):
+            raise ModelFileError(f"{path} does not match its checksum in manifest.json: the file was changed or is corrupt")
+    models = Models.new(config)
+    try:
+        _load_latency(models, directory / "latency.npz")
+        _load_structure(models, directory / "structure.json")
+        _load_forest(models, directory / "forest.npz")
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ModelFileError(f"{directory}: malformed model data: {exc}") from None
+    return models
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def _save_latency(models: Models, path: Path) -> None:
+    stages = models.latency.stages_
+    keys = list(stages)
+    np.savez_compressed(
+        path,
+        keys=np.array(json.dumps(keys)),
+        self_counts=np.array([stages[k].self_hist.counts_ for k in keys]).reshape(len(keys), BINS),
+        total_counts=np.array([stages[k].total_hist.counts_ for k in keys]).reshape(len(keys), BINS),
+    )
+
+
+def _load_latency(models: Models, path: Path) -> None:
+    data = _npz(path)
+    keys = json.loads(str(data["keys"]))
+    model = models.latency
+    for key, self_counts, total_counts in zip(keys, data["self_counts"], data["total_counts"], strict=True):
+        stage = model.stages_[(str(key[0]), str(key[1]), int(key[2]))] = StageLatency()
+        stage.self_hist = LogHistogram(self_counts)
+        stage.total_hist = LogHistogram(total_counts)
+        model.set_slow_threshold(stage)
+
+
+def _save_structure(models: Models, path: Path) -> None:
+    roots = [
+        {"service": service, "operation": operation, "traces": root.traces,
+         "stages": [[*stage, count] for stage, count in root.stages.items()]}
+        for (service, operation), root in models.structure.roots_.items()
+    ]
+    path.write_text(json.dumps({"roots": roots}))
+
+
+def _load_structure(models: Models, path: Path) -> None:
+    for item in json.loads(path.read_text())["roots"]:
+        root = models.structure.roots_[(str(item["service"]), str(item["operation"]))] = RootStructure()
+        root.traces = int(item["traces"])
+        root.stages = {(str(s), str(o), int(k)): int(c) for s, o, k, c in item["stages"]}
+
+
+def _rows(forest: RootForest) -> np.ndarray:
+    """The buffer oldest first."""
+    if forest.filled_ < len(forest.reservoir_):
+        return forest.reservoir_[: forest.filled_]
+    return np.roll(forest.reservoir_, -forest.next_, axis=0)
+
+
+def _save_forest(models: Models, path: Path) -> None:
+    forests = list(models.forest.forests_.items())
+    meta = [{"root": list(key), "stages": [[*stage, column] for stage, column in forest.stage_index_.items()]}
+            for key, forest in forests]
+    arrays = {f"rows_{i}": _rows(forest) for i, (_, forest) in enumerate(forests)}
+    np.savez_compressed(path, meta=np.array(json.dumps(meta)), shared=_rows(models.forest.shared_), **arrays)
+
+
+def _load_forest(models: Models, path: Path) -> None:
+    data = _npz(path)
+    model = models.forest
+    for i, item in enumerate(json.loads(str(data["meta"]))):
+        forest = model.forest_for((str(item["root"][0]), str(item["root"][1])))
+        if forest is None:
+            break
+        forest.stage_index_ = {(str(s), str(o), int(k)): int(c) for s, o, k, c in item["stages"]}
+        _refill(forest, data[f"rows_{i}"])
+    _refill(model.shared_, data["shared"])
+
+
+def _refill(forest: RootForest, rows: np.ndarray) -> None:
+    if rows.ndim != 2 or rows.shape[1] != forest.reservoir_.shape[1]:
+        raise ValueError(f"forest rows of shape {rows.shape}, expected (n, {forest.reservoir_.shape[1]})")
+    rows = rows[-len(forest.reservoir_):]
+    forest.reservoir_[: len(rows)] = rows
+    forest.filled_ = len(rows)
+    forest.next_ = len(rows) % len(forest.reservoir_)
+    if forest.filled_ >= min(forest.config.warmup_traces, len(forest.reservoir_)):
+        forest.fit()
