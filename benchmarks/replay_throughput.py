@@ -6,7 +6,8 @@ same process and interleaved so machine noise hits all alike:
 
 * ceiling: ``ExportTraceServiceRequest.FromString`` over every message (no field read);
 * decode only: the protobuf decoder to span rows, no pipeline (where the time goes);
-* replay of the protobuf file and of the JSON file with every detector on,
+* replay of the protobuf file with the structural detectors only, and of the
+  protobuf and JSON files with every detector on (learned ones included),
   through ``run_replay`` (file read, decode, assembly, detection, JSONL out).
 
 Prints JSON with spans/s medians and the ratios replay/ceiling.
@@ -59,18 +60,22 @@ def main() -> None:
                 decode_traces_proto(body, config.decode, stages)
             return spans
 
-        def replay(path: Path):
+        structural_only = config.model_copy(update={"learned": config.learned.model_copy(update={"enabled": False})})
+
+        def replay(path: Path, settings: PipelineConfig = config):
             def run() -> int:
                 with open(os.devnull, "w") as devnull:
-                    result = run_replay([path], [], config, [JsonlSink(devnull)], warn=lambda _: None)
+                    result = run_replay([path], [], settings, [JsonlSink(devnull)], warn=lambda _: None)
                 return result.metrics.get("traceguard_spans_accepted_total") + result.metrics.get(
                     "traceguard_late_spans_total")
             return run
 
-        rates: dict[str, list[float]] = {"ceiling_parse": [], "decode_proto": [], "replay_proto": [], "replay_json": []}
+        rates: dict[str, list[float]] = {"ceiling_parse": [], "decode_proto": [], "replay_proto_structural": [],
+                                         "replay_proto": [], "replay_json": []}
         for _ in range(args.repeats):  # interleaved: each round measures all of them
             rates["ceiling_parse"] += median_rate(parse_only, 3)[1]
             rates["decode_proto"] += median_rate(decode_only, 1)[1]
+            rates["replay_proto_structural"] += median_rate(replay(proto_file, structural_only), 1)[1]
             rates["replay_proto"] += median_rate(replay(proto_file), 1)[1]
             rates["replay_json"] += median_rate(replay(json_file), 1)[1]
         sizes = {"proto_bytes": proto_file.stat().st_size, "json_bytes": json_file.stat().st_size}
@@ -84,6 +89,7 @@ def main() -> None:
         "traces": args.traces, "spans": spans, "requests": len(requests), **sizes,
         "spans_per_s_median": {k: round(v) for k, v in medians.items()},
         "ratio_decode_proto": round(medians["decode_proto"] / medians["ceiling_parse"], 4),
+        "ratio_proto_structural_only": round(medians["replay_proto_structural"] / medians["ceiling_parse"], 4),
         "ratio_proto": round(medians["replay_proto"] / medians["ceiling_parse"], 4),
         "ratio_json": round(medians["replay_json"] / medians["ceiling_parse"], 4),
         "targets": {"ratio_proto": 0.15, "ratio_json": 0.05},

@@ -100,3 +100,21 @@ def test_empty_file_is_fine_and_missing_file_is_an_error(tmp_path):
 def test_invalid_flag_value_names_the_setting(scenario):
     result = replay(scenario / "traces.jsonl", "--decision-wait", "later", check=False)
     assert result.returncode == 2 and "assembler.decision_wait" in result.stderr
+
+
+def _traceguard(*args):
+    return subprocess.run([sys.executable, "-m", "traceguard", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_train_writes_a_model_dir_that_replay_starts_from(scenario, tmp_path):
+    models = tmp_path / "models"
+    trained = _traceguard("train", scenario / "traces.jsonl", "--model-dir", models)
+    assert trained.returncode == 0, trained.stderr
+    assert trained.stdout == ""  # training writes models, not findings
+    assert sorted(p.name for p in models.iterdir()) == ["forest.npz", "latency.npz", "manifest.json", "structure.json"]
+    warm = replay(scenario / "traces.jsonl", "--model-dir", models)
+    assert warm.stdout  # same structural findings; the learned ones start warm
+    (models / "latency.npz").write_bytes(b"not numpy")
+    refused = replay(scenario / "traces.jsonl", "--model-dir", models, check=False)
+    assert refused.returncode == 2 and "does not match its checksum" in refused.stderr

@@ -55,6 +55,7 @@ class RootForest:
         self.threshold_ = -math.inf
         self.median_: np.ndarray | None = None
         self.scale_: np.ndarray | None = None
+        self._generic = len(GENERIC_FEATURES)
 
     @property
     def fitted(self) -> bool:
@@ -111,19 +112,31 @@ class RootForest:
             n_estimators=config.n_estimators, max_samples=min(256, len(features)), random_state=config.seed,
         ).fit(features)
         self.threshold_ = float(np.quantile(self.estimator_.score_samples(features), config.score_quantile))
+        # Robust centre and scale per feature. A stage's self time is judged
+        # among the traces that have the stage: whether it is there at all is
+        # structure (missing_expected_span), and an optional branch would
+        # otherwise look like a huge deviation every time it is taken.
+        generic = len(GENERIC_FEATURES)
         self.median_ = np.median(features, axis=0)
         mad = np.median(np.abs(features - self.median_), axis=0) * 1.4826
+        for column in range(generic, features.shape[1]):
+            present = features[:, column][features[:, column] > 0]
+            if len(present):
+                self.median_[column] = np.median(present)
+                mad[column] = np.median(np.abs(present - self.median_[column])) * 1.4826
         # Counts move in whole steps: one more error or retry is one unit, not
         # "infinitely many MADs" when most traces have none. Log features: 0.25.
-        floor = np.where(np.arange(len(columns)) >= 1, 1.0, 0.25)
-        floor[len(GENERIC_FEATURES):] = 0.25
+        floor = np.full(features.shape[1], 0.25)
+        floor[1:generic] = 1.0
         self.scale_ = np.maximum(mad, floor)
         self.since_fit_ = 0
 
     def score(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(scores, robust z per feature) for rows of this forest's layout."""
         features = rows[:, self.columns_]
-        return self.estimator_.score_samples(features), (features - self.median_) / self.scale_
+        z = (features - self.median_) / self.scale_
+        z[:, self._generic:] = np.where(features[:, self._generic:] > 0, z[:, self._generic:], 0.0)
+        return self.estimator_.score_samples(features), z
 
     def explain(self, row_z: np.ndarray, row: np.ndarray, top: int = 3) -> list[dict]:
         """The features that deviate most from the training median."""

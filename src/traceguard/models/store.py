@@ -134,6 +134,11 @@ def _rows(forest: RootForest) -> np.ndarray:
 
 def _save_forest(models: Models, path: Path) -> None:
     forests = list(models.forest.forests_.items())
+    # A forest is stored as its buffer and refitted on load; refit now so that
+    # the loaded forest is the one in memory, not one from an older buffer.
+    for forest in (*models.forest.forests_.values(), models.forest.shared_):
+        if forest.fitted and forest.since_fit_:
+            forest.fit()
     meta = [{"root": list(key), "stages": [[*stage, column] for stage, column in forest.stage_index_.items()]}
             for key, forest in forests]
     arrays = {f"rows_{i}": _rows(forest) for i, (_, forest) in enumerate(forests)}

@@ -1,0 +1,193 @@
+"""The learned detectors on synthetic event-time streams (fixed seeds, no sleeping)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from builders import T0, row
+from traceguard.assemble import EventTimeClock
+from traceguard.config import PipelineConfig
+from traceguard.models import store
+from traceguard.models.store import ModelFileError
+from traceguard.pipeline import Pipeline
+from traceguard.records import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER
+from traceguard.sinks import MemorySink
+
+MINUTE_MS = 60_000
+DB = ("db.system", "postgresql"),
+DB_STAGE = ("api", "SELECT item", KIND_CLIENT)
+
+
+def request(n: int, t_ms: float, rng, *, db_factor=1.0, speed=1.0, repeats=1, cache=None, render=True):
+    """One request: api SERVER → lookup (INTERNAL) → [cache GET] + SELECT item × repeats, then render."""
+    def d(median_ms):
+        return median_ms * speed * float(np.exp(rng.normal(0, 0.3)))
+
+    rows = []
+    cursor = t_ms + d(0.2)
+    lookup_start = cursor
+    if cache if cache is not None else rng.random() < 0.35:
+        end = cursor + d(0.4)
+        rows.append(row(n, 10, 2, start_ms=cursor, end_ms=end, kind=KIND_CLIENT, service="api", name="GET cache",
+                        attrs=(("db.system", "redis"),)))
+        cursor = end
+    for k in range(repeats):
+        end = cursor + d(4.0) * db_factor
+        rows.append(row(n, 20 + k, 2, start_ms=cursor, end_ms=end, kind=KIND_CLIENT, service="api",
+                        name="SELECT item", attrs=DB))
+        cursor = end
+    cursor += d(0.1)
+    rows.append(row(n, 2, 1, start_ms=lookup_start, end_ms=cursor, kind=KIND_INTERNAL, service="api", name="lookup"))
+    if render:
+        end = cursor + d(1.0)
+        rows.append(row(n, 3, 1, start_ms=cursor, end_ms=end, kind=KIND_INTERNAL, service="api", name="render"))
+        cursor = end
+    rows.append(row(n, 1, start_ms=t_ms, end_ms=cursor + d(0.2), kind=KIND_SERVER, service="api", name="GET /item"))
+    return rows
+
+
+def stream(minutes: float, *, rate_per_s=1.0, seed=1, start_ms=0.0, pipeline=None, first_n=0, **kinds):
+    """Feeds ``minutes`` of requests; ``kinds`` maps request keyword arguments to a function of the minute.
+    With ``pipeline`` given, findings go to that pipeline's sinks, not to the returned one."""
+    rng = np.random.default_rng(seed)
+    sink = MemorySink()
+    pipeline = pipeline or Pipeline(PipelineConfig(), EventTimeClock(5 * 10**9), [sink])
+    count = int(minutes * 60 * rate_per_s)
+    for i in range(count):
+        t_ms = start_ms + i * 1000 / rate_per_s
+        arguments = {key: value(t_ms / MINUTE_MS) for key, value in kinds.items()}
+        pipeline.accept_spans(request(first_n + i, t_ms, rng, **arguments))
+        pipeline.advance()
+    return pipeline, sink
+
+
+def of_kind(sink, kind):
+    return [a for a in sink.anomalies if a.kind.value == kind]
+
+
+def test_two_stationary_hours_raise_no_learned_finding():
+    pipeline, sink = stream(120)
+    pipeline.close()
+    assert of_kind(sink, "latency_regression") == []
+    assert of_kind(sink, "missing_expected_span") == []
+    assert len(of_kind(sink, "trace_outlier")) <= 2  # 7,200 traces: a couple of tails at most
+    stage = pipeline.models.latency.stages_[DB_STAGE]
+    assert stage.self_hist.total > 7000 * 0.9
+
+
+@pytest.mark.parametrize("factor, within_minutes", [(3.0, 5), (1.5, 15)])
+def test_a_shift_is_found_in_time_and_closed_when_it_ends(factor, within_minutes):
+    onset_min, end_min = 60, 90
+    pipeline, sink = stream(120, db_factor=lambda m: factor if onset_min <= m < end_min else 1.0)
+    pipeline.close()
+    found = of_kind(sink, "latency_regression")
+    opened = [a for a in found if a.evidence["state"] == "open"]
+    assert len(opened) == 1, [a.summary for a in found]
+    (regression,) = opened
+    onset_ns = T0 + onset_min * MINUTE_MS * 10**6
+    assert (regression.service, regression.operation) == ("api", "SELECT item")
+    assert regression.detected_at - onset_ns <= within_minutes * 60 * 10**9
+    assert abs(regression.evidence["onset_unix_nano"] - onset_ns) <= 2 * 60 * 10**9
+    assert factor * 0.8 <= regression.evidence["magnitude"] <= factor * 1.2
+    assert regression.exemplars and regression.trace_id is None
+    assert regression.evidence["baseline"]["p50_ms"] < regression.evidence["current"]["p50_ms"]
+    (resolved,) = [a for a in found if a.evidence["state"] == "resolved"]
+    assert resolved.id == regression.id
+    assert resolved.evidence["resolved_at_unix_nano"] >= T0 + end_min * MINUTE_MS * 10**6
+    # the parent stages only look slow: their self time did not move
+    assert {a.operation for a in found} == {"SELECT item"}
+
+
+def test_the_baseline_does_not_absorb_an_open_regression():
+    pipeline, sink = stream(60)
+    before = float(np.exp(pipeline.models.latency.stages_[DB_STAGE].self_hist.quantiles([0.5])[0]))
+    stream(90, pipeline=pipeline, start_ms=60 * MINUTE_MS, first_n=10**6, db_factor=lambda m: 3.0)
+    after = float(np.exp(pipeline.models.latency.stages_[DB_STAGE].self_hist.quantiles([0.5])[0]))
+    assert after == pytest.approx(before, rel=0.1)
+    assert pipeline.models.latency.stages_[DB_STAGE].regression is not None
+    opened = of_kind(sink, "latency_regression")
+    assert [a.evidence["state"] for a in opened] == ["open"]
+
+
+def test_slow_stage_points_at_the_guilty_span_not_its_parents():
+    pipeline, sink = stream(30)
+    rng = np.random.default_rng(5)
+    pipeline.accept_spans(request(10**7, 30 * MINUTE_MS, rng, db_factor=60.0, cache=False))
+    pipeline.close()
+    slow = of_kind(sink, "slow_stage")
+    assert [(a.operation, a.trace_id[-6:]) for a in slow] == [("SELECT item", f"{10**7:032x}"[-6:])]
+    assert slow[0].evidence["self_time_ms"] > slow[0].evidence["threshold_ms"]
+
+
+def test_optional_branches_are_not_expected_but_constant_stages_are():
+    pipeline, sink = stream(10)  # GET cache in ~35 % of requests: optional
+    assert of_kind(sink, "missing_expected_span") == []
+    rng = np.random.default_rng(9)
+    pipeline.accept_spans(request(10**7, 10 * MINUTE_MS, rng, cache=False, render=False))
+    pipeline.close()
+    (missing,) = of_kind(sink, "missing_expected_span")
+    assert [s["operation"] for s in missing.evidence["missing_stages"]] == ["render"]
+    assert missing.span_id == (1).to_bytes(8, "big").hex()
+
+
+def test_no_learned_finding_during_warm_up():
+    config = PipelineConfig()
+    sink = MemorySink()
+    pipeline = Pipeline(config, EventTimeClock(5 * 10**9), [sink])
+    pipeline, sink = stream(1, pipeline=pipeline, render=lambda m: False)  # 60 traces, all without render
+    rng = np.random.default_rng(3)
+    pipeline.accept_spans(request(10**7, MINUTE_MS, rng, repeats=40, db_factor=50))
+    pipeline.close()
+    assert {a.kind.value for a in sink.anomalies} == set()
+
+
+def test_n_plus_one_and_whole_trace_slowdowns_are_outliers_with_their_reasons():
+    pipeline, sink = stream(20)  # 1,200 normal traces: the forest is fitted
+    rng = np.random.default_rng(4)
+    pipeline.accept_spans(request(10**7, 20 * MINUTE_MS, rng, repeats=30, cache=False))
+    pipeline.accept_spans(request(10**7 + 1, 20 * MINUTE_MS + 500, rng, speed=20.0))
+    pipeline.close()
+    outliers = {a.trace_id: a for a in of_kind(sink, "trace_outlier")}
+    n_plus_one = outliers[f"{10**7:032x}"]
+    assert "max_repeated_calls" in [f["feature"] for f in n_plus_one.evidence["features"]]
+    slow = outliers[f"{10**7 + 1:032x}"]
+    assert slow.evidence["features"][0]["feature"] in ("duration_ms",) or "self_time_ms" in slow.evidence["features"][0]["feature"]
+    assert len(outliers) <= 3
+
+
+def _trained(tmp_path):
+    pipeline, _ = stream(20)
+    pipeline.close()
+    store.save(pipeline.models, tmp_path)
+    return pipeline.models
+
+
+def test_model_files_round_trip(tmp_path):
+    models = _trained(tmp_path)
+    loaded = store.load(tmp_path, PipelineConfig().learned)
+    assert set(loaded.latency.stages_) == set(models.latency.stages_)
+    np.testing.assert_array_equal(loaded.latency.stages_[DB_STAGE].self_hist.counts_,
+                                  models.latency.stages_[DB_STAGE].self_hist.counts_)
+    assert loaded.latency.stages_[DB_STAGE].slow_threshold == models.latency.stages_[DB_STAGE].slow_threshold
+    root = ("api", "GET /item")
+    assert loaded.structure.roots_[root].stages == models.structure.roots_[root].stages
+    before, after = models.forest.forests_[root], loaded.forest.forests_[root]
+    rows = before.reservoir_[:50]
+    np.testing.assert_allclose(after.score(rows)[0], before.score(rows)[0])
+    assert after.threshold_ == pytest.approx(before.threshold_)
+
+
+def test_tampered_old_and_missing_model_files_are_refused(tmp_path):
+    _trained(tmp_path)
+    with open(tmp_path / "structure.json", "a") as handle:
+        handle.write(" ")
+    with pytest.raises(ModelFileError, match="structure.json does not match its checksum"):
+        store.load(tmp_path, PipelineConfig().learned)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["version"] = 0
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFileError, match="version 0, this traceguard reads version 1"):
+        store.load(tmp_path, PipelineConfig().learned)
+    with pytest.raises(ModelFileError, match="no manifest.json"):
+        store.load(tmp_path / "nowhere", PipelineConfig().learned)
