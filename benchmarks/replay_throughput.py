@@ -8,7 +8,10 @@ same process and interleaved so machine noise hits all alike:
 * decode only: the protobuf decoder to span rows, no pipeline (where the time goes);
 * replay of the protobuf file with the structural detectors only, and of the
   protobuf and JSON files with every detector on (learned ones included),
-  through ``run_replay`` (file read, decode, assembly, detection, JSONL out).
+  through ``run_replay`` (file read, decode, assembly, detection, JSONL out);
+  "warm" starts from models trained on the same file (the cold runs pay for
+  fitting the forests during warm-up; the warm one refits only at load,
+  which is not timed).
 
 Prints JSON with spans/s medians and the ratios replay/ceiling.
 Run ``python -m benchmarks.replay_throughput [--traces N] [--repeats R]``.
@@ -21,6 +24,7 @@ import json
 import os
 import platform
 import tempfile
+import time
 from pathlib import Path
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -30,6 +34,7 @@ from benchmarks.scenario import length_prefixed, otlp_json
 from traceguard.config import PipelineConfig
 from traceguard.decode import decode_traces_proto
 from traceguard.decode.common import StageAttributes
+from traceguard.models import store
 from traceguard.replay import run_replay
 from traceguard.sinks import JsonlSink
 
@@ -62,22 +67,30 @@ def main() -> None:
 
         structural_only = config.model_copy(update={"learned": config.learned.model_copy(update={"enabled": False})})
 
-        def replay(path: Path, settings: PipelineConfig = config):
-            def run() -> int:
-                with open(os.devnull, "w") as devnull:
-                    result = run_replay([path], [], settings, [JsonlSink(devnull)], warn=lambda _: None)
-                return result.metrics.get("traceguard_spans_accepted_total") + result.metrics.get(
-                    "traceguard_late_spans_total")
-            return run
+        model_dir = Path(tmp) / "models"
+        with open(os.devnull, "w") as devnull:
+            store.save(run_replay([proto_file], [], config, [JsonlSink(devnull)]).models, model_dir)
 
-        rates: dict[str, list[float]] = {"ceiling_parse": [], "decode_proto": [], "replay_proto_structural": [],
-                                         "replay_proto": [], "replay_json": []}
+        def replay_rate(path: Path, settings: PipelineConfig = config, warm: bool = False) -> float:
+            """Spans/s of one replay; with ``warm`` it starts from trained models (loading not timed)."""
+            models = store.load(model_dir, settings.learned) if warm else None
+            started = time.perf_counter()
+            with open(os.devnull, "w") as devnull:
+                result = run_replay([path], [], settings, [JsonlSink(devnull)], warn=lambda _: None, models=models)
+            spans_done = result.metrics.get("traceguard_spans_accepted_total") + result.metrics.get(
+                "traceguard_late_spans_total")
+            return spans_done / (time.perf_counter() - started)
+
+        rates: dict[str, list[float]] = {name: [] for name in (
+            "ceiling_parse", "decode_proto", "replay_proto_structural", "replay_proto", "replay_proto_warm",
+            "replay_json")}
         for _ in range(args.repeats):  # interleaved: each round measures all of them
             rates["ceiling_parse"] += median_rate(parse_only, 3)[1]
             rates["decode_proto"] += median_rate(decode_only, 1)[1]
-            rates["replay_proto_structural"] += median_rate(replay(proto_file, structural_only), 1)[1]
-            rates["replay_proto"] += median_rate(replay(proto_file), 1)[1]
-            rates["replay_json"] += median_rate(replay(json_file), 1)[1]
+            rates["replay_proto_structural"].append(replay_rate(proto_file, structural_only))
+            rates["replay_proto"].append(replay_rate(proto_file))
+            rates["replay_proto_warm"].append(replay_rate(proto_file, warm=True))
+            rates["replay_json"].append(replay_rate(json_file))
         sizes = {"proto_bytes": proto_file.stat().st_size, "json_bytes": json_file.stat().st_size}
 
     import statistics
@@ -91,6 +104,7 @@ def main() -> None:
         "ratio_decode_proto": round(medians["decode_proto"] / medians["ceiling_parse"], 4),
         "ratio_proto_structural_only": round(medians["replay_proto_structural"] / medians["ceiling_parse"], 4),
         "ratio_proto": round(medians["replay_proto"] / medians["ceiling_parse"], 4),
+        "ratio_proto_warm_models": round(medians["replay_proto_warm"] / medians["ceiling_parse"], 4),
         "ratio_json": round(medians["replay_json"] / medians["ceiling_parse"], 4),
         "targets": {"ratio_proto": 0.15, "ratio_json": 0.05},
         "runs": {k: [round(x) for x in v] for k, v in rates.items()},

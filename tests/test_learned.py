@@ -191,3 +191,12 @@ def test_tampered_old_and_missing_model_files_are_refused(tmp_path):
         store.load(tmp_path, PipelineConfig().learned)
     with pytest.raises(ModelFileError, match="no manifest.json"):
         store.load(tmp_path / "nowhere", PipelineConfig().learned)
+
+
+def test_stacked_tree_scores_equal_scikit_learn():
+    pipeline, _ = stream(20)
+    forest = pipeline.models.forest.forests_[("api", "GET /item")]
+    rng = np.random.default_rng(0)
+    rows = forest.reservoir_[:300] * rng.uniform(0.5, 3.0, size=(300, forest.reservoir_.shape[1]))
+    features = rows[:, forest.columns_]
+    np.testing.assert_allclose(forest.score(rows)[0], forest.estimator_.score_samples(features), rtol=1e-12)

@@ -103,6 +103,7 @@ class ForestConfig(_Section):
     reservoir: int = Field(2_000, ge=50, description="Recent normal traces a forest is (re)fitted on.")
     refit_every: int = Field(5_000, ge=100, description="Traces between refits.")
     batch: int = Field(256, ge=1, description="Traces scored together (vectorised).")
+    max_delay: DurationNs = Field(parse_duration("10s"), description="A trace waits at most this long (pipeline clock) for its batch.")
     n_estimators: int = Field(100, ge=10)
     top_stages: int = Field(6, ge=0, description="Stages whose self time is a feature, chosen by share of self time at fit.")
     score_quantile: float = Field(0.02, ge=0, lt=1, description="A trace must score below this quantile of the training scores.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Protocol
 
-from traceguard.records import Anomaly, AnomalyKind, Severity, Span, Trace
+from traceguard.records import Anomaly, AnomalyKind, Span, Trace
 
 
 class TraceDetector(Protocol):
@@ -41,67 +41,27 @@ def anomaly_id(kind: AnomalyKind, *parts: str) -> str:
     return digest[:32]
 
 
-def finding(
-    kind: AnomalyKind,
-    trace_id: bytes,
-    span: Span,
-    *,
-    detected_at: int,
-    event_time: int,
-    severity: Severity,
-    score: float,
-    summary: str,
-    evidence: dict[str, Any],
-) -> Anomaly:
-    """A trace-level finding about ``span``; one per (kind, trace, span)."""
-    trace_hex = trace_id.hex()
-    span_hex = span.span_id.hex()
-    return Anomaly(
-        id=anomaly_id(kind, trace_hex, span_hex),
-        kind=kind,
-        trace_id=trace_hex,
-        span_id=span_hex,
-        service=span.service,
-        operation=span.name,
-        event_time=event_time,
-        detected_at=detected_at,
-        severity=severity,
-        score=round(score, 4),
-        summary=summary,
-        evidence=evidence,
-    )
+def finding(kind: AnomalyKind, trace_id: bytes, span: Span, **details: Any) -> Anomaly:
+    """A trace-level finding about ``span``; one per (kind, trace, span).
+
+    ``details``: detected_at, event_time, severity, score, summary, evidence.
+    """
+    trace_hex, span_hex = trace_id.hex(), span.span_id.hex()
+    return _anomaly(anomaly_id(kind, trace_hex, span_hex), kind, trace_hex, span_hex, span.service, span.name, details)
 
 
-def stage_finding(
-    kind: AnomalyKind,
-    stage: tuple[str, str, int],
-    key: str,
-    *,
-    detected_at: int,
-    event_time: int,
-    severity: Severity,
-    score: float,
-    summary: str,
-    evidence: dict[str, Any],
-    exemplars: list[str],
-) -> Anomaly:
-    """A stage-level finding (no trace); ``key`` tells one episode of the stage from another."""
+def stage_finding(kind: AnomalyKind, stage: tuple[str, str, int], key: str, **details: Any) -> Anomaly:
+    """A stage-level finding (no trace, exemplars instead); ``key`` tells one
+    episode of the stage from another."""
     service, operation, span_kind = stage
-    return Anomaly(
-        id=anomaly_id(kind, service, operation, str(span_kind), key),
-        kind=kind,
-        trace_id=None,
-        span_id=None,
-        service=service,
-        operation=operation,
-        event_time=event_time,
-        detected_at=detected_at,
-        severity=severity,
-        score=round(score, 4),
-        summary=summary,
-        evidence=evidence,
-        exemplars=exemplars,
-    )
+    return _anomaly(anomaly_id(kind, service, operation, str(span_kind), key), kind, None, None, service, operation,
+                    details)
+
+
+def _anomaly(id_: str, kind: AnomalyKind, trace_hex: str | None, span_hex: str | None, service: str,
+             operation: str, details: dict[str, Any]) -> Anomaly:
+    return Anomaly(id=id_, kind=kind, trace_id=trace_hex, span_id=span_hex, service=service, operation=operation,
+                   **{**details, "score": round(details["score"], 4)})
 
 
 def top_orphan(trace: Trace) -> Span | None:

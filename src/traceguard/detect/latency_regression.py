@@ -11,7 +11,7 @@ import datetime as dt
 import math
 
 from traceguard.detect.base import stage_finding
-from traceguard.models.features import self_times, stage_of
+from traceguard.models.features import self_times, stages
 from traceguard.models.latency import LatencyModel, Regression
 from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, Trace
 
@@ -24,12 +24,8 @@ class LatencyRegression:
 
     def detect(self, trace: Trace) -> list[Anomaly]:
         events: list[Regression] = []
-        observe = self.model.observe
-        trace_hex = trace.trace_id.hex()
         now = trace.decided_at
-        for span, self_ns in zip(trace.spans, self_times(trace)):
-            if self_ns is not None:
-                observe(stage_of(span), self_ns, span.end - span.start, span.end, trace_hex, now, events)
+        self.model.observe(stages(trace), trace.spans, self_times(trace), trace.trace_id.hex(), now, events)
         return [self._anomaly(event, now) for event in events]
 
     def learn(self, trace: Trace) -> None:

@@ -12,7 +12,7 @@ import math
 
 from traceguard.config import LatencyConfig
 from traceguard.detect.base import finding, ms
-from traceguard.models.features import self_times, stage_of
+from traceguard.models.features import self_times, stages
 from traceguard.models.latency import LatencyModel
 from traceguard.records import Anomaly, AnomalyKind, Trace
 
@@ -25,12 +25,12 @@ class SlowStage:
         self._max = config.slow_stage_max_per_trace
 
     def detect(self, trace: Trace) -> list[Anomaly]:
-        stages = self.model.stages_
+        baselines = self.model.stages_
         slow = []
-        for span, self_ns in zip(trace.spans, self_times(trace)):
+        for key, span, self_ns in zip(stages(trace), trace.spans, self_times(trace)):
             if self_ns is None:
                 continue
-            stage = stages.get(stage_of(span))
+            stage = baselines.get(key)
             if stage is None or stage.slow_threshold is None or self_ns <= stage.slow_threshold:
                 continue
             slow.append((self_ns / stage.slow_threshold, span, self_ns, stage))

@@ -3,8 +3,8 @@
 A root operation is judged by its own forest once that is warm, never
 before; only root operations beyond ``max_root_operations`` fall back to the
 shared forest. Traces are scored in vectorised batches of ``forest.batch`` (scikit-learn
-costs milliseconds per call, microseconds per row), so these findings come a
-batch later than the trace's decision. A trace is an outlier when its score is
+costs milliseconds per call, microseconds per row), so these findings come up to
+a batch (or ``max_delay``) later than the trace's decision. A trace is an outlier when its score is
 below the forest's threshold and at least one feature deviates by
 ``min_feature_z``, or when a feature deviates by ``extreme_feature_z``: an
 isolation tree splits only within the range it was trained on, so a value far
@@ -46,6 +46,7 @@ class TraceOutlier:
         self.config = model.config
         self._pending: list[_Pending] = []
         self._by_trace: dict[bytes, _Pending] = {}
+        self._oldest = 0  # decision time of the first pending trace
 
     def detect(self, trace: Trace) -> list[Anomaly]:
         root = trace.root
@@ -53,7 +54,12 @@ class TraceOutlier:
             return []  # structural findings speak for such traces
         key = StructureModel.root_operation(trace)
         forest = self.model.forest_for(key)
-        pending = _Pending(trace.trace_id, root, key, forest.row(trace) if forest else None, self.model.shared_.row(trace))
+        if forest is not None:
+            pending = _Pending(trace.trace_id, root, key, forest.row(trace), None)
+        else:
+            pending = _Pending(trace.trace_id, root, key, None, self.model.shared_.row(trace))
+        if not self._pending:
+            self._oldest = trace.decided_at
         self._pending.append(pending)
         self._by_trace[trace.trace_id] = pending
         return []
@@ -64,7 +70,9 @@ class TraceOutlier:
             pending.normal = True
 
     def advance(self, now: int) -> list[Anomaly]:
-        return self._score(now) if len(self._pending) >= self.config.batch else []
+        if len(self._pending) >= self.config.batch or (self._pending and now - self._oldest >= self.config.max_delay):
+            return self._score(now)
+        return []
 
     def flush(self, now: int) -> list[Anomaly]:
         return self._score(now)
@@ -94,7 +102,8 @@ class TraceOutlier:
             if item.normal and position not in deviant:
                 if item.row is not None:
                     self.model.forests_[item.key].add(item.row)
-                self.model.shared_.add(item.shared_row)
+                else:
+                    self.model.shared_.add(item.shared_row)
         return [flagged[p] for p in sorted(flagged)]
 
     def _anomaly(self, item: _Pending, forest: RootForest, score: float, row_z, row, now: int, own: bool) -> Anomaly:

@@ -7,8 +7,12 @@ from traceguard.records import STATUS_ERROR, Trace
 Stage = tuple[str, str, int]  # (service, operation, span kind)
 
 
-def stage_of(span) -> Stage:
-    return (span.service, span.name, span.kind)
+def stages(trace: Trace) -> list[Stage]:
+    """Each span's stage, in span order (computed once per trace)."""
+    cached = trace.derived.get("stages")
+    if cached is None:
+        cached = trace.derived["stages"] = [(s.service, s.name, s.kind) for s in trace.spans]
+    return cached
 
 
 def self_times(trace: Trace) -> list[int | None]:

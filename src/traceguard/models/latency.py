@@ -96,28 +96,34 @@ class LatencyModel:
     def stage(self, key: Stage) -> StageLatency | None:
         return self.stages_.get(key)
 
-    def observe(self, key: Stage, self_ns: int, total_ns: int, event_time: int, trace_id: str,
+    def observe(self, keys: list[Stage], spans, self_times: list[int | None], trace_id: str,
                 now: int, events: list[Regression]) -> None:
-        """One span's sample; closing the stage's previous window may append events."""
-        stage = self.stages_.get(key)
-        if stage is None:
-            if len(self.stages_) >= self.config.max_stages:
-                self.untracked_samples_ += 1
-                return
-            stage = self.stages_[key] = StageLatency()
+        """One trace's samples (stage keys, spans and self times aligned); closing
+        a stage's previous window may append events."""
+        stages = self.stages_
         index = now // self.config.window
-        window = stage.window
-        if window is None or window.index != index:
-            if window is not None:
-                self._close(key, stage, events)
-            window = stage.window = _Window(index)
-            window.min_event = event_time
-        if len(window.self_ns) < self.config.max_window_samples:
-            window.self_ns.append(max(self_ns, 1))
-            window.total_ns.append(max(total_ns, 1))
-            window.trace_ids.append(trace_id)
-            if event_time < window.min_event:
-                window.min_event = event_time
+        cap = self.config.max_window_samples
+        for key, span, self_ns in zip(keys, spans, self_times):
+            if self_ns is None:
+                continue
+            stage = stages.get(key)
+            if stage is None:
+                if len(stages) >= self.config.max_stages:
+                    self.untracked_samples_ += 1
+                    continue
+                stage = stages[key] = StageLatency()
+            window = stage.window
+            if window is None or window.index != index:
+                if window is not None:
+                    self._close(key, stage, events)
+                window = stage.window = _Window(index)
+                window.min_event = span.end
+            if len(window.self_ns) < cap:
+                window.self_ns.append(self_ns or 1)
+                window.total_ns.append((span.end - span.start) or 1)
+                window.trace_ids.append(trace_id)
+                if span.end < window.min_event:
+                    window.min_event = span.end
 
     def advance(self, now: int, events: list[Regression]) -> None:
         """Closes every window that ended before ``now``'s window (once per window period)."""

@@ -9,7 +9,7 @@ below ``min_presence`` and are never expected.
 from __future__ import annotations
 
 from traceguard.config import StructureConfig
-from traceguard.models.features import Stage, stage_of
+from traceguard.models.features import Stage, stages
 from traceguard.records import Trace
 
 RootOperation = tuple[str, str]
@@ -45,16 +45,16 @@ class StructureModel:
                 return
             structure = self.roots_[key] = RootStructure()
         structure.traces += 1
-        stages = structure.stages
-        for stage in dict.fromkeys(stage_of(span) for span in trace.spans):  # ordered: output is deterministic
-            if stage in stages:
-                stages[stage] += 1
-            elif len(stages) < self.config.max_stages_per_root:
-                stages[stage] = 1
+        counts = structure.stages
+        for stage in dict.fromkeys(stages(trace)):  # ordered: output is deterministic
+            if stage in counts:
+                counts[stage] += 1
+            elif len(counts) < self.config.max_stages_per_root:
+                counts[stage] = 1
         if structure.traces > _WINDOW:
             structure.traces //= 2
-            for stage in stages:
-                stages[stage] //= 2
+            for stage in counts:
+                counts[stage] //= 2
 
     def missing(self, trace: Trace) -> tuple[RootStructure | None, list[tuple[Stage, float]]]:
         """Expected stages absent from ``trace``, with their presence ratio."""
@@ -62,7 +62,7 @@ class StructureModel:
         structure = self.roots_.get(key) if key else None
         if structure is None or structure.traces < self.config.min_traces:
             return structure, []
-        present = {stage_of(span) for span in trace.spans}
+        present = set(stages(trace))
         need = self.config.min_presence * structure.traces
         return structure, [
             (stage, count / structure.traces)
