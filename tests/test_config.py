@@ -37,3 +37,11 @@ def test_unreadable_config_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_the_readme_example_config_is_valid():
+    from pathlib import Path
+
+    config = load_config(Path(__file__).parent / "data" / "traceguard.toml")
+    assert config.learned.forest.score_quantile == 0.02
+    assert config.assembler.decided_ttl == 3600 * 10**9
