@@ -103,6 +103,7 @@ class ScenarioConfig:
     # are an N+1 query pattern or 20x slower throughout: trace_outlier labels.
     outlier_rate: float = 0.0
     latency_faults: tuple["LatencyFault", ...] = ()
+    faults: tuple[str, ...] = tuple(FAULTS)  # which structural faults to place
     # No faults in the last minutes: a late export there would arrive after the
     # last traffic, when event time no longer moves, so it is not late in replay.
     cooldown_s: float = 300.0
@@ -513,7 +514,7 @@ class Shop:
     def pick_fault(self, index: int, t: int) -> str | None:
         if self._quiet(index, t) or self.rng.random() >= self.config.fault_rate:
             return None
-        return self.rng.choice(list(FAULTS))
+        return self.rng.choice(self.config.faults)
 
     def pick_outlier(self, index: int, t: int) -> str | None:
         # Forests warm up on 500 normal traces of each request type: the first 2,500 requests.

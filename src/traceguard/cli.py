@@ -1,4 +1,4 @@
-"""Command line: ``traceguard replay`` and ``traceguard train`` (serve and consume to come)."""
+"""Command line: ``traceguard replay``, ``train`` and ``serve`` (consume to come)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,14 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--max-trace-age", help="age at which any trace is decided (default 5m)")
         command.add_argument("--allowed-lateness", help="event-time out-of-orderness tolerated (default 5s)")
         command.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    serve = commands.add_parser("serve", help="live sidecar: OTLP gRPC/HTTP receivers, SQLite store, HTTP API")
+    serve.add_argument("--config", type=Path, help="TOML, YAML or JSON file with the settings")
+    serve.add_argument("--grpc-listen", help="OTLP/gRPC address (default 127.0.0.1:4317)")
+    serve.add_argument("--http-listen", help="OTLP/HTTP address (default 127.0.0.1:4318)")
+    serve.add_argument("--api-listen", help="HTTP API address (default 127.0.0.1:8080)")
+    serve.add_argument("--state-dir", help="SQLite store and model snapshots (default ./.traceguard)")
+    serve.add_argument("--decision-wait", help="quiet time before a rooted trace is decided (default 30s)")
+    serve.add_argument("--max-trace-age", help="age at which any trace is decided (default 5m)")
     replay.add_argument("--model-dir", type=Path, help="start the learned detectors from this model directory")
     train.add_argument("--model-dir", type=Path, required=True,
                        help="model directory to write (and to start from, if it holds models)")
@@ -42,15 +50,28 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    flags = {
+        "assembler.decision_wait": args.decision_wait,
+        "assembler.max_trace_age": args.max_trace_age,
+    }
+    if args.command == "serve":
+        flags.update({"serve.grpc_listen": args.grpc_listen, "serve.http_listen": args.http_listen,
+                      "serve.api_listen": args.api_listen, "serve.state_dir": args.state_dir})
+    else:
+        flags["assembler.allowed_lateness"] = args.allowed_lateness
     try:
-        config = load_config(args.config, {
-            "assembler.decision_wait": args.decision_wait,
-            "assembler.max_trace_age": args.max_trace_age,
-            "assembler.allowed_lateness": args.allowed_lateness,
-        })
+        config = load_config(args.config, flags)
     except ConfigError as exc:
         print(f"traceguard: {exc}", file=sys.stderr)
         return 2
+    if args.command == "serve":
+        from traceguard import serve
+
+        try:
+            return serve.run(config)
+        except (OSError, RuntimeError, ModelFileError) as exc:
+            print(f"traceguard: cannot serve: {exc}", file=sys.stderr)
+            return 2
     models = None
     if args.model_dir is not None and (args.command == "replay" or (args.model_dir / "manifest.json").exists()):
         try:

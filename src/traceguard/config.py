@@ -7,6 +7,7 @@ No other module holds a default: stages receive their section of
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -130,29 +131,67 @@ class LogConfig(_Section):
     max_linked: int = Field(20, ge=0, description="Log records attached to one finding.")
 
 
+class ServeConfig(_Section):
+    """The live sidecar (``traceguard serve``): listeners, store, limits."""
+
+    grpc_listen: str = Field("127.0.0.1:4317", description="OTLP/gRPC address (localhost by default, as the Collector).")
+    http_listen: str = Field("127.0.0.1:4318", description="OTLP/HTTP address.")
+    api_listen: str = Field("127.0.0.1:8080", description="HTTP API, health and /metrics address.")
+    state_dir: Path = Field(Path(".traceguard"), description="SQLite store and model snapshots.")
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest export request, compressed or not.")
+    retry_after: DurationNs = Field(parse_duration("1s"), description="Back-off suggested to clients at the bounds.")
+    tick: DurationNs = Field(parse_duration("200ms"), description="How often due traces are decided.")
+    snapshot_interval: DurationNs = Field(parse_duration("5m"), description="How often learned state is saved.")
+    shutdown_timeout: DurationNs = Field(parse_duration("10s"), description="Bound on the graceful stop.")
+    jsonl_out: Path | None = Field(None, description="Also append findings as JSONL here.")
+    token: str | None = Field(None, description="Bearer token both OTLP receivers require when set.")
+    tls_cert: Path | None = Field(None, description="PEM certificate: serve OTLP over TLS (with tls_key).")
+    tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
+
+    @model_validator(mode="after")
+    def _addresses(self) -> "ServeConfig":
+        for key in ("grpc_listen", "http_listen", "api_listen"):
+            host, _, port = getattr(self, key).rpartition(":")
+            if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+                raise ValueError(f"{key} must be HOST:PORT, got {getattr(self, key)!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+
 class PipelineConfig(_Section):
     decode: DecodeConfig = DecodeConfig()
     assembler: AssemblerConfig = AssemblerConfig()
     structural: StructuralConfig = StructuralConfig()
     learned: LearnedConfig = LearnedConfig()
     logs: LogConfig = LogConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 class ConfigError(ValueError):
     """A setting is invalid; the message names the key."""
 
 
-def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Builds the config from an optional JSON/TOML file plus dotted overrides.
+ENV_PREFIX = "TRACEGUARD_"
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None,
+                environ: dict[str, str] | None = None) -> PipelineConfig:
+    """Builds the config from a file, then environment variables, then flags.
 
     Args:
-        path: a ``.toml`` or ``.json`` file whose tables are the sections.
-        overrides: ``{"assembler.decision_wait": "10s"}``; ``None`` values are skipped.
+        path: a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file whose tables are the sections.
+        overrides: flags, ``{"assembler.decision_wait": "10s"}``; ``None`` values are skipped.
+        environ: ``TRACEGUARD_SERVE__GRPC_LISTEN=0.0.0.0:4317`` is ``serve.grpc_listen``
+            (``__`` separates sections); ``os.environ`` if not given.
     """
     data: dict[str, Any] = {}
     if path is not None:
         data = _read_file(path)
-    for dotted, value in (overrides or {}).items():
+    environ = os.environ if environ is None else environ
+    from_env = {key[len(ENV_PREFIX):].lower().replace("__", "."): value
+                for key, value in environ.items() if key.startswith(ENV_PREFIX)}
+    for dotted, value in {**from_env, **(overrides or {})}.items():
         if value is None:
             continue
         node = data
@@ -173,13 +212,26 @@ def _read_file(path: Path) -> dict[str, Any]:
     import json
     import tomllib
 
+    import yaml
+
     try:
         text = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     try:
         if path.suffix == ".json":
-            return json.loads(text)
-        return tomllib.loads(text.decode())
-    except (ValueError, UnicodeDecodeError) as exc:
+            data = json.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text.decode())
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"config {path} does not parse: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must hold a table of sections")
+    return data
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)

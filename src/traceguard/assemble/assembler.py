@@ -65,6 +65,10 @@ class TraceAssembler:
     def traces_in_flight(self) -> int:
         return len(self._pending)
 
+    def is_decided(self, trace_id: bytes) -> bool:
+        """Whether the trace was decided (and is still remembered)."""
+        return trace_id in self._decided
+
     def room(self) -> int:
         """Spans that can still be taken before the bound; live sources push back at 0."""
         return self._config.max_spans_in_flight - self.spans_in_flight

@@ -1,0 +1,84 @@
+"""The HTTP API of ``serve``: findings, health, readiness and Prometheus metrics.
+
+FastAPI serves the OpenAPI document at ``/openapi.json`` (and docs at
+``/docs``). Paging is by an opaque cursor that does not move when a finding
+is updated (a resolved regression, late logs).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Callable
+
+from fastapi import FastAPI, HTTPException, Query, Response
+from pydantic import BaseModel
+
+from traceguard import __version__
+from traceguard.metrics import Metrics, prometheus_text
+from traceguard.records import Anomaly, AnomalyKind
+from traceguard.sinks.sqlite import SqliteStore
+
+
+class AnomalyPage(BaseModel):
+    items: list[Anomaly]
+    next: str | None
+
+
+def _since(value: str | None) -> int | None:
+    """Unix nanoseconds, or an ISO 8601 / RFC 3339 time."""
+    if value is None or value == "":
+        return None
+    if value.isdigit():
+        return int(value)
+    try:
+        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise HTTPException(400, f"since={value!r} is neither unix nanoseconds nor an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return int(moment.timestamp() * 1e9)
+
+
+def create_api(store: SqliteStore, metrics: Metrics, ready: Callable[[], bool]) -> FastAPI:
+    app = FastAPI(title="traceguard", version=__version__,
+                  description="Findings of the traceguard distributed-trace anomaly detector.")
+
+    @app.get("/api/anomalies", response_model=AnomalyPage)
+    def list_anomalies(
+        kind: AnomalyKind | None = None,
+        service: str | None = None,
+        operation: str | None = None,
+        trace_id: str | None = Query(None, pattern=r"^[0-9a-f]{32}$"),
+        since: str | None = Query(None, description="unix ns or ISO 8601: findings detected at or after"),
+        limit: int = Query(100, ge=1, le=1000),
+        cursor: str | None = Query(None, pattern=r"^\d+$"),
+    ) -> AnomalyPage:
+        items, following = store.query(
+            kind=kind.value if kind else None, service=service, operation=operation, trace_id=trace_id,
+            since=_since(since), limit=limit, cursor=int(cursor) if cursor else None,
+        )
+        return AnomalyPage(items=items, next=str(following) if following is not None else None)
+
+    @app.get("/api/anomalies/{anomaly_id}", response_model=Anomaly)
+    def get_anomaly(anomaly_id: str) -> Anomaly:
+        anomaly = store.get(anomaly_id)
+        if anomaly is None:
+            raise HTTPException(404, f"no anomaly {anomaly_id}")
+        return anomaly
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz(response: Response) -> dict[str, str]:
+        if not ready():
+            response.status_code = 503
+            return {"status": "starting or stopping"}
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(prometheus_text(metrics), media_type="text/plain; version=0.0.4")
+
+    return app

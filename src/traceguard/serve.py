@@ -1,0 +1,158 @@
+"""The live sidecar front end: OTLP receivers → pipeline (wall clock) → SQLite store, API.
+
+Threads: the gRPC server's workers, one asyncio loop running the OTLP/HTTP
+and API servers (uvicorn), and a ticker that decides due traces and
+snapshots the learned state. SIGTERM/SIGINT: stop accepting, decide what is
+in flight, save the models, close the store, exit 0, all within
+``serve.shutdown_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from traceguard.api import create_api
+from traceguard.assemble import WallClock
+from traceguard.config import PipelineConfig, split_address
+from traceguard.models import Models, store as model_store
+from traceguard.pipeline import Pipeline
+from traceguard.sinks import JsonlSink
+from traceguard.sinks.sqlite import SqliteStore
+from traceguard.sources.live import LiveIngest
+from traceguard.sources.otlp_grpc import start_grpc
+from traceguard.sources.otlp_http import create_otlp_http
+
+log = logging.getLogger("traceguard.serve")
+
+
+@dataclass
+class Bound:
+    """The ports actually bound (``:0`` in the config picks free ones)."""
+
+    grpc: int
+    http: int
+    api: int
+
+
+class Server:
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        serve = config.serve
+        serve.state_dir.mkdir(parents=True, exist_ok=True)
+        self.model_dir = serve.state_dir / "models"
+        models = self._load_models()
+        self.store = SqliteStore(serve.state_dir / "anomalies.sqlite")
+        sinks = [self.store]
+        if serve.jsonl_out is not None:
+            sinks.append(JsonlSink(open(serve.jsonl_out, "a", encoding="utf-8"), owns_stream=True))
+        self.pipeline = Pipeline(config, WallClock(), sinks, models=models)
+        self.ingest = LiveIngest(self.pipeline, self.store, config)
+        self._ready = False
+        self._stopping = threading.Event()
+        self._servers: list[uvicorn.Server] = []
+        self._loop_thread: threading.Thread | None = None
+        self._ticker: threading.Thread | None = None
+        self._grpc = None
+        self.bound: Bound | None = None
+
+    def _load_models(self) -> Models | None:
+        if not (self.model_dir / "manifest.json").exists():
+            return None
+        models = model_store.load(self.model_dir, self.config.learned)
+        log.info("learned state loaded from %s", self.model_dir)
+        return models
+
+    def start(self) -> Bound:
+        serve = self.config.serve
+        tls = None
+        if serve.tls_cert is not None:
+            tls = (serve.tls_key.read_bytes(), serve.tls_cert.read_bytes())
+        self._grpc, grpc_port = start_grpc(self.ingest, serve.grpc_listen, max_request_bytes=serve.max_request_bytes,
+                                           token=serve.token, tls=tls)
+        otlp_http = create_otlp_http(self.ingest, max_request_bytes=serve.max_request_bytes, token=serve.token)
+        api = create_api(self.store, self.pipeline.metrics, lambda: self._ready and not self._stopping.is_set())
+        for app, address, tls_files in ((otlp_http, serve.http_listen, serve.tls_cert), (api, serve.api_listen, None)):
+            host, port = split_address(address)
+            options = {"ssl_certfile": str(serve.tls_cert), "ssl_keyfile": str(serve.tls_key)} if tls_files else {}
+            self._servers.append(uvicorn.Server(uvicorn.Config(
+                app, host=host, port=port, log_level="warning", access_log=False, lifespan="off", **options)))
+        self._loop_thread = threading.Thread(target=self._run_loop, name="http", daemon=True)
+        self._loop_thread.start()
+        deadline = time.monotonic() + 30
+        while not all(server.started for server in self._servers):
+            if time.monotonic() > deadline or not self._loop_thread.is_alive():
+                raise RuntimeError("the HTTP listeners did not start (address in use?)")
+            time.sleep(0.01)
+        http_port, api_port = (server.servers[0].sockets[0].getsockname()[1] for server in self._servers)
+        self._ticker = threading.Thread(target=self._tick, name="ticker", daemon=True)
+        self._ticker.start()
+        self.bound = Bound(grpc_port, http_port, api_port)
+        self._ready = True
+        return self.bound
+
+    def _run_loop(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(asyncio.gather(*(server.serve() for server in self._servers)))
+        loop.close()
+
+    def _tick(self) -> None:
+        serve = self.config.serve
+        next_snapshot = time.monotonic() + serve.snapshot_interval / 1e9
+        while not self._stopping.wait(serve.tick / 1e9):
+            try:
+                self.ingest.tick()
+                if time.monotonic() >= next_snapshot:
+                    self.snapshot()
+                    next_snapshot = time.monotonic() + serve.snapshot_interval / 1e9
+            except Exception:  # the ticker must outlive one bad tick; the error is logged and counted
+                log.exception("tick failed")
+                self.pipeline.metrics.inc("traceguard_tick_errors_total")
+
+    def snapshot(self) -> None:
+        with self.ingest.lock:
+            model_store.save(self.pipeline.models, self.model_dir)
+
+    def stop(self) -> None:
+        """Stops accepting, decides what is in flight, saves the models and closes the store; idempotent."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        timeout = self.config.serve.shutdown_timeout / 1e9
+        if self._grpc is not None:
+            self._grpc.stop(grace=min(2.0, timeout / 3)).wait(timeout / 3)
+        for server in self._servers:
+            server.should_exit = True
+        if self._loop_thread is not None:
+            self._loop_thread.join(timeout / 3)
+        if self._ticker is not None:
+            self._ticker.join(timeout / 3)
+        with self.ingest.lock:
+            self.pipeline.close()
+            model_store.save(self.pipeline.models, self.model_dir)
+        self.store.close()
+
+
+def run(config: PipelineConfig) -> int:
+    """``traceguard serve``: runs until SIGTERM/SIGINT, then stops cleanly."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = Server(config)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    bound = server.start()
+    log.info("listening: OTLP/gRPC :%d, OTLP/HTTP :%d, API :%d, state in %s",
+             bound.grpc, bound.http, bound.api, Path(config.serve.state_dir).resolve())
+    stop.wait()
+    log.info("stopping")
+    server.stop()
+    log.info("stopped")
+    return 0

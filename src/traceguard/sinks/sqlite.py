@@ -1,0 +1,104 @@
+"""SqliteStore: the embedded store of ``serve``: findings upserted by their deterministic id.
+
+Re-delivery, a replay after a crash, or a resolved regression all write the
+same id again, so the table holds one row per finding, last version wins.
+Rows keep the sequence number of their first insert, which is what the API
+pages by (a cursor that does not move under updates).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from traceguard.link import link_logs
+from traceguard.records import Anomaly, LogRow
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS anomalies (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    trace_id TEXT,
+    service TEXT,
+    operation TEXT,
+    event_time INTEGER NOT NULL,
+    detected_at INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS anomalies_trace ON anomalies (trace_id);
+CREATE INDEX IF NOT EXISTS anomalies_kind ON anomalies (kind, seq);
+CREATE INDEX IF NOT EXISTS anomalies_detected ON anomalies (detected_at);
+"""
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def emit(self, anomaly: Anomaly) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO anomalies (id, kind, trace_id, service, operation, event_time, detected_at, body) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "detected_at = excluded.detected_at, body = excluded.body",
+                (anomaly.id, anomaly.kind.value, anomaly.trace_id, anomaly.service, anomaly.operation,
+                 anomaly.event_time, anomaly.detected_at, anomaly.model_dump_json()),
+            )
+
+    def get(self, anomaly_id: str) -> Anomaly | None:
+        with self._lock:
+            row = self._db.execute("SELECT body FROM anomalies WHERE id = ?", (anomaly_id,)).fetchone()
+        return Anomaly.model_validate_json(row[0]) if row else None
+
+    def query(self, *, kind: str | None = None, service: str | None = None, operation: str | None = None,
+              trace_id: str | None = None, since: int | None = None, limit: int = 100,
+              cursor: int | None = None) -> tuple[list[Anomaly], int | None]:
+        """Findings in insertion order after ``cursor``; returns them and the next cursor (None at the end)."""
+        where, values = ["seq > ?"], [cursor or 0]
+        for column, value in (("kind", kind), ("service", service), ("operation", operation), ("trace_id", trace_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                values.append(value)
+        if since is not None:
+            where.append("detected_at >= ?")
+            values.append(since)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT seq, body FROM anomalies WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
+                (*values, limit + 1),
+            ).fetchall()
+        items = [Anomaly.model_validate_json(body) for _, body in rows[:limit]]
+        return items, (rows[limit - 1][0] if len(rows) > limit else None)
+
+    def relink(self, trace_id: bytes, logs: list[LogRow], limit: int) -> int:
+        """Re-links a decided trace's findings after more of its logs arrived; returns how many changed."""
+        with self._lock:
+            rows = self._db.execute("SELECT body FROM anomalies WHERE trace_id = ?", (trace_id.hex(),)).fetchall()
+        changed = 0
+        for (body,) in rows:
+            anomaly = Anomaly.model_validate_json(body)
+            before = len(anomaly.logs)
+            link_logs(anomaly, logs, limit)
+            if len(anomaly.logs) != before:
+                self.emit(anomaly)
+                changed += 1
+        return changed
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM anomalies").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._db.close()
+

@@ -1,0 +1,74 @@
+"""The edge both live OTLP receivers share: decode, check the bounds, hand over.
+
+Decoding runs on the receiver's thread; everything that touches the pipeline
+runs under one lock, so gRPC workers, the HTTP loop and the ticker never see
+a half-updated assembler. At the in-flight bound a request is refused whole
+(``Overloaded``): the client retries after ``retry_after`` instead of this
+process growing, and nothing it sent is half accepted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from traceguard.config import PipelineConfig
+from traceguard.decode import Decoded
+from traceguard.decode.common import StageAttributes
+from traceguard.pipeline import Pipeline
+from traceguard.sinks.sqlite import SqliteStore
+
+
+class Overloaded(Exception):
+    """The in-flight bound is reached; the client should retry later."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"traceguard is at its in-flight bound; retry in {retry_after_s:g} s")
+        self.retry_after_s = retry_after_s
+
+
+class LiveIngest:
+    def __init__(self, pipeline: Pipeline, store: SqliteStore, config: PipelineConfig) -> None:
+        self.pipeline = pipeline
+        self.store = store
+        self.config = config
+        self.metrics = pipeline.metrics
+        self.stages = StageAttributes(config.decode.max_stages)
+        self.lock = threading.Lock()
+
+    def traces(self, decoded: Decoded, transport: str) -> tuple[int, str]:
+        """Takes decoded spans; returns (rejected, message) for the partial-success answer.
+
+        Raises:
+            Overloaded: not enough room for this request's spans.
+        """
+        started = time.perf_counter()
+        with self.lock:
+            if self.pipeline.assembler.room() < len(decoded.rows):
+                self.metrics.inc("traceguard_requests_refused_total", transport=transport, signal="traces")
+                raise Overloaded(self.config.serve.retry_after / 1e9)
+            self.metrics.inc("traceguard_spans_received_total", len(decoded.rows) + decoded.rejected,
+                             transport=transport)
+            if decoded.rejected:
+                self.metrics.inc("traceguard_spans_rejected_total", decoded.rejected, transport=transport)
+            self.pipeline.accept_spans(decoded.rows)
+        self.metrics.observe("traceguard_export_processing_seconds", time.perf_counter() - started)
+        return decoded.rejected, "; ".join(decoded.errors)
+
+    def logs(self, decoded: Decoded, transport: str) -> tuple[int, str]:
+        """Takes decoded log records; a record of an already decided trace is linked to its stored findings."""
+        with self.lock:
+            self.metrics.inc("traceguard_logs_received_total", len(decoded.rows) + decoded.rejected,
+                             transport=transport)
+            if decoded.rejected:
+                self.metrics.inc("traceguard_logs_rejected_total", decoded.rejected, transport=transport)
+            self.pipeline.accept_logs(decoded.rows)
+            late = {row.trace_id for row in decoded.rows if self.pipeline.assembler.is_decided(row.trace_id)}
+            traces = {trace_id: self.pipeline.logs.get(trace_id) for trace_id in late}
+        for trace_id, logs in traces.items():
+            self.store.relink(trace_id, logs, self.config.logs.max_linked)
+        return decoded.rejected, "; ".join(decoded.errors)
+
+    def tick(self) -> None:
+        with self.lock:
+            self.pipeline.advance()

@@ -1,0 +1,119 @@
+"""OTLP/HTTP receiver: ``POST /v1/traces`` and ``POST /v1/logs``.
+
+Protobuf (``application/x-protobuf``) and JSON (``application/json``) bodies,
+gzip content-encoding, answered in the request's encoding as the OTLP
+specification says: 200 with partial success for rejected records, 400 for a
+body that does not decode, 413 over the size limit (compressed or not), 415
+for another content type, 429 with ``Retry-After`` at the in-flight bound,
+401 without the bearer token when one is configured.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from starlette.concurrency import run_in_threadpool
+from google.protobuf.json_format import MessageToDict
+from google.rpc.status_pb2 import Status
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+from traceguard.decode import DecodeError, decode_logs_json, decode_logs_proto, decode_traces_json, decode_traces_proto
+from traceguard.sources.live import LiveIngest, Overloaded
+
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def _answer(message, content_type: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    if content_type == JSON:
+        body = orjson.dumps(MessageToDict(message))
+    else:
+        body = message.SerializeToString()
+    return Response(body, status_code=status, media_type=content_type, headers=headers)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _Refused(413, f"request body over the {limit}-byte limit")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding == "gzip":
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            body = inflater.decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise _Refused(400, f"gzip body does not decompress: {exc}") from None
+        if len(body) > limit or inflater.unconsumed_tail:
+            raise _Refused(413, f"decompressed body over the {limit}-byte limit")
+    elif encoding != "identity":
+        raise _Refused(415, f"content-encoding {encoding!r} is not supported (gzip is)")
+    return body
+
+
+def create_otlp_http(ingest: LiveIngest, *, max_request_bytes: int, token: str | None = None) -> FastAPI:
+    app = FastAPI(title="traceguard OTLP/HTTP receiver", openapi_url=None, docs_url=None, redoc_url=None)
+    decode_config = ingest.config.decode
+    expected_auth = f"Bearer {token}" if token else None
+
+    def handle(body: bytes, content_type: str, signal: str) -> tuple[int, str]:
+        try:
+            if signal == "traces":
+                decoded = (decode_traces_json(orjson.loads(body), decode_config, ingest.stages)
+                           if content_type == JSON else decode_traces_proto(body, decode_config, ingest.stages))
+            else:
+                decoded = (decode_logs_json(orjson.loads(body), decode_config)
+                           if content_type == JSON else decode_logs_proto(body, decode_config))
+        except (DecodeError, orjson.JSONDecodeError) as exc:
+            raise _Refused(400, f"undecodable {signal} body: {exc}") from None
+        try:
+            return ingest.traces(decoded, "http") if signal == "traces" else ingest.logs(decoded, "http")
+        except Overloaded as exc:
+            raise _Refused(429, str(exc), {"Retry-After": str(max(1, round(exc.retry_after_s)))}) from None
+
+    async def receive(request: Request, signal: str) -> Response:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        answer_type = JSON if content_type == JSON else PROTOBUF
+        try:
+            if expected_auth is not None and request.headers.get("authorization") != expected_auth:
+                raise _Refused(401, "missing or wrong bearer token")
+            if content_type not in (PROTOBUF, JSON):
+                raise _Refused(415, f"content-type {content_type!r} is not supported ({PROTOBUF} or {JSON})")
+            body = await _body(request, max_request_bytes)
+            # decoding and the pipeline lock stay off the event loop
+            rejected, message = await run_in_threadpool(handle, body, content_type, signal)
+        except _Refused as refused:
+            return _answer(Status(code=0, message=refused.message), answer_type, refused.status, refused.headers)
+        if signal == "traces":
+            response = ExportTraceServiceResponse()
+            if rejected:
+                response.partial_success.rejected_spans = rejected
+                response.partial_success.error_message = message
+        else:
+            response = ExportLogsServiceResponse()
+            if rejected:
+                response.partial_success.rejected_log_records = rejected
+                response.partial_success.error_message = message
+        return _answer(response, answer_type)
+
+    @app.post("/v1/traces")
+    async def traces(request: Request) -> Response:
+        return await receive(request, "traces")
+
+    @app.post("/v1/logs")
+    async def logs(request: Request) -> Response:
+        return await receive(request, "logs")
+
+    return app

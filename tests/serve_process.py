@@ -1,0 +1,68 @@
+"""Runs ``traceguard serve`` as a real process on free ports for the integration tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+LISTENING = re.compile(r"listening: OTLP/gRPC :(\d+), OTLP/HTTP :(\d+), API :(\d+)")
+
+
+class ServeProcess:
+    def __init__(self, state_dir, *args: str, env: dict[str, str] | None = None) -> None:
+        environ = {**os.environ, "TRACEGUARD_SERVE__TICK": "50ms", **(env or {})}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "traceguard", "serve", "--grpc-listen", "127.0.0.1:0",
+             "--http-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0", "--state-dir", str(state_dir), *args],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=environ,
+        )
+        self.lines: list[str] = []
+        ports = threading.Event()
+
+        def drain() -> None:
+            for line in self.process.stderr:
+                self.lines.append(line)
+                match = LISTENING.search(line)
+                if match:
+                    self.grpc, self.http, self.api = map(int, match.groups())
+                    ports.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        if not ports.wait(60):
+            self.process.kill()
+            raise RuntimeError("serve did not start:\n" + "".join(self.lines))
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.api}", timeout=10)
+
+    def anomalies(self, **filters) -> list[dict]:
+        """Every stored finding, following the cursor."""
+        items, cursor = [], None
+        while True:
+            params = {**filters, "limit": 200, **({"cursor": cursor} if cursor else {})}
+            page = self.client.get("/api/anomalies", params=params).raise_for_status().json()
+            items += page["items"]
+            cursor = page["next"]
+            if cursor is None:
+                return items
+
+    def wait_for(self, predicate, timeout: float = 60.0, what: str = "condition"):
+        """Polls ``predicate()`` until it returns something truthy (no fixed sleeps)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        self.client.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)

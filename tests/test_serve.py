@@ -1,0 +1,187 @@
+"""``traceguard serve`` as a real process, fed by the OpenTelemetry SDK's real OTLP exporters."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import grpc
+import httpx
+import pytest
+from google.rpc.error_details_pb2 import RetryInfo
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+from benchmarks.quality import score
+from benchmarks.scenario import FAULTS, ScenarioConfig, generate
+from builders import logs_request, sid, tid, traces_request
+from serve_process import ServeProcess
+
+# Late exports are late only in the generator's simulated time; sent live they
+# arrive at once, so the live scenario leaves them out.
+LIVE_FAULTS = tuple(f for f in FAULTS if f != "late_export")
+LIVE_KINDS = ("missing_parent", "missing_root", "unfinished_span", "context_outlived_parent",
+              "unpaired_client_span", "missing_expected_span")
+FAST = ("--decision-wait", "2s", "--max-trace-age", "4s")
+
+
+def exporters(transport: str, server: ServeProcess):
+    if transport == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        endpoint = f"127.0.0.1:{server.grpc}"
+        return OTLPSpanExporter(endpoint=endpoint, insecure=True), OTLPLogExporter(endpoint=endpoint, insecure=True)
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    base = f"http://127.0.0.1:{server.http}"
+    return OTLPSpanExporter(endpoint=f"{base}/v1/traces"), OTLPLogExporter(endpoint=f"{base}/v1/logs")
+
+
+def send_scenario(server: ServeProcess, transport: str, traces: int = 1500):
+    spans, logs = exporters(transport, server)
+    results = []
+    generated = generate(
+        ScenarioConfig(traces=traces, seed=5, duration_s=traces * 0.6, fault_rate=0.2, cooldown_s=30,
+                       faults=LIVE_FAULTS),
+        lambda _, batch: results.append(spans.export(batch)),
+        lambda _, batch: results.append(logs.export(batch)),
+    )
+    spans.shutdown()
+    logs.shutdown()
+    assert all(r.name == "SUCCESS" for r in results)
+    return generated
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_findings_from_sdk_exporters_match_the_labels(tmp_path, transport):
+    server = ServeProcess(tmp_path / "state", *FAST)
+    try:
+        generated = send_scenario(server, transport)
+        labels = [label.__dict__ for label in generated.labels]
+        expected = sum(1 for label in labels if label["kind"] in LIVE_KINDS)
+
+        def settled():
+            found = server.anomalies()
+            table = score([_anomaly(a) for a in found], labels, LIVE_KINDS)
+            return table if sum(row["true_positives"] for row in table.values()) >= expected else None
+
+        table = server.wait_for(settled, timeout=90, what="every labelled finding")
+        for kind in LIVE_KINDS:
+            assert table[kind]["labels"] >= 3, (kind, table[kind])
+            assert table[kind]["precision"] >= 0.99 and table[kind]["recall"] >= 0.99, (kind, table[kind])
+        one = server.anomalies(kind="missing_root")[0]
+        detail = server.client.get(f"/api/anomalies/{one['id']}").raise_for_status().json()
+        assert detail["id"] == one["id"] and detail["logs"], "findings carry their trace's logs"
+        metrics = server.client.get("/metrics").text
+        assert f'traceguard_spans_received_total{{transport="{transport}"}}' in metrics
+        assert "traceguard_anomalies_total" in metrics
+    finally:
+        assert server.stop() == 0
+
+
+def _anomaly(item: dict):
+    from traceguard.records import Anomaly
+
+    return Anomaly.model_validate(item)
+
+
+def test_restart_keeps_findings_and_learned_state(tmp_path):
+    state = tmp_path / "state"
+    server = ServeProcess(state, *FAST)
+    try:
+        send_scenario(server, "grpc")
+        server.wait_for(lambda: server.anomalies(kind="missing_root") and server.anomalies(kind="missing_parent"),
+                        what="decided traces")
+    finally:
+        assert server.stop() == 0  # SIGTERM: decides what is in flight, saves, exits 0
+    assert (state / "models" / "manifest.json").exists()
+    again = ServeProcess(state, *FAST)
+    try:
+        stored = again.anomalies()
+        assert stored and {a["kind"] for a in stored} >= {"missing_root", "missing_parent"}
+        assert any("learned state loaded" in line for line in again.lines)
+    finally:
+        assert again.stop() == 0
+
+
+@pytest.fixture
+def server(tmp_path):
+    process = ServeProcess(tmp_path / "state", *FAST, env={"TRACEGUARD_ASSEMBLER__MAX_SPANS_IN_FLIGHT": "1000",
+                                                            "TRACEGUARD_SERVE__MAX_REQUEST_BYTES": "200000"})
+    yield process
+    assert process.stop() == 0
+
+
+def _orphans(trace: int, count: int):
+    """Spans of one trace under a parent that never comes: they stay in flight until max age."""
+    return traces_request(*[dict(trace_id=tid(trace), span_id=sid(n + 1), parent_span_id=sid(999_999), name="w",
+                                 start_time_unix_nano=1, end_time_unix_nano=2) for n in range(count)])
+
+
+def test_http_answers_bad_bodies_as_otlp_says(server):
+    url = f"http://127.0.0.1:{server.http}"
+    protobuf = {"content-type": "application/x-protobuf"}
+    assert httpx.post(f"{url}/v1/traces", content=b"\xff\x01garbage", headers=protobuf).status_code == 400
+    assert httpx.post(f"{url}/v1/traces", content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
+    assert httpx.post(f"{url}/v1/traces", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
+    assert httpx.post(f"{url}/v1/traces", content=b"\0" * 300_000, headers=protobuf).status_code == 413
+    bomb = gzip.compress(b"\0" * 5_000_000)
+    assert httpx.post(f"{url}/v1/traces", content=bomb, headers={**protobuf, "content-encoding": "gzip"}).status_code == 413
+    good = {"traceId": "ab" * 16, "spanId": "cd" * 8, "name": "ok", "startTimeUnixNano": "1", "endTimeUnixNano": "2"}
+    bad = dict(good, spanId="0102")
+    body = json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [good, bad]}]}]})
+    answer = httpx.post(f"{url}/v1/traces", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 200
+    assert answer.json()["partialSuccess"]["rejectedSpans"] == "1"
+    assert "spanId must be 8 bytes" in answer.json()["partialSuccess"]["errorMessage"]
+    gzipped = gzip.compress(_orphans(7, 3).SerializeToString())
+    assert httpx.post(f"{url}/v1/traces", content=gzipped, headers={**protobuf, "content-encoding": "gzip"}).status_code == 200
+    # the process is still serving after all that
+    assert server.client.get("/healthz").json() == {"status": "ok"}
+    assert server.client.get("/readyz").status_code == 200
+
+
+def test_grpc_partial_success_for_wrong_ids(server):
+    request = traces_request(dict(trace_id=b"\x01" * 8, span_id=sid(1)), dict(trace_id=tid(3), span_id=sid(2)))
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc}") as channel:
+        response = trace_service_pb2_grpc.TraceServiceStub(channel).Export(request, timeout=10)
+    assert response.partial_success.rejected_spans == 1
+    assert "trace_id must be 16" in response.partial_success.error_message
+
+
+def test_overload_pushes_back_and_nothing_accepted_is_lost(server):
+    url = f"http://127.0.0.1:{server.http}/v1/traces"
+    protobuf = {"content-type": "application/x-protobuf"}
+    for trace in (1, 2):
+        assert httpx.post(url, content=_orphans(trace, 450).SerializeToString(), headers=protobuf).status_code == 200
+    refused = httpx.post(url, content=_orphans(3, 450).SerializeToString(), headers=protobuf)
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc}") as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            trace_service_pb2_grpc.TraceServiceStub(channel).Export(_orphans(4, 450), timeout=10)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry = RetryInfo.FromString(dict(error.value.trailing_metadata())["google.rpc.retryinfo-bin"])
+    assert retry.retry_delay.seconds == 1
+    # the two accepted traces are decided at max age, every span of them counted
+    found = server.wait_for(lambda: (lambda items: items if len(items) == 2 else None)(
+        server.anomalies(kind="missing_root")), what="both accepted traces")
+    assert sorted(a["trace_id"] for a in found) == [tid(1).hex(), tid(2).hex()]
+    assert all(a["evidence"]["span_count"] == 450 for a in found)
+    metrics = server.client.get("/metrics").text
+    assert 'traceguard_requests_refused_total{signal="traces",transport="http"} 1.0' in metrics
+    assert 'traceguard_requests_refused_total{signal="traces",transport="grpc"} 1.0' in metrics
+
+
+def test_a_log_that_arrives_after_the_finding_is_attached(server):
+    url = f"http://127.0.0.1:{server.http}"
+    protobuf = {"content-type": "application/x-protobuf"}
+    assert httpx.post(f"{url}/v1/traces", content=_orphans(5, 2).SerializeToString(), headers=protobuf).status_code == 200
+    (finding,) = server.wait_for(lambda: server.anomalies(trace_id=tid(5).hex()), what="the finding")
+    assert finding["logs"] == []
+    late_log = logs_request(dict(trace_id=tid(5), span_id=sid(1), time_unix_nano=3, severity_number=17,
+                                 severity_text="ERROR", body="pool exhausted"))
+    assert httpx.post(f"{url}/v1/logs", content=late_log.SerializeToString(), headers=protobuf).status_code == 200
+    updated = server.wait_for(
+        lambda: server.client.get(f"/api/anomalies/{finding['id']}").json()["logs"], what="the late log")
+    assert [log["body"] for log in updated] == ["pool exhausted"]
