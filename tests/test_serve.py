@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import ssl
 
 import grpc
 import httpx
@@ -185,3 +186,46 @@ def test_a_log_that_arrives_after_the_finding_is_attached(server):
     updated = server.wait_for(
         lambda: server.client.get(f"/api/anomalies/{finding['id']}").json()["logs"], what="the late log")
     assert [log["body"] for log in updated] == ["pool exhausted"]
+
+
+def _self_signed(directory):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test certificate")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls_and_bearer_token_on_both_protocols(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    server = ServeProcess(tmp_path / "state", *FAST, env={
+        "TRACEGUARD_SERVE__TOKEN": "s3cret", "TRACEGUARD_SERVE__TLS_CERT": str(cert),
+        "TRACEGUARD_SERVE__TLS_KEY": str(key)})
+    try:
+        body = _orphans(8, 2).SerializeToString()
+        url = f"https://127.0.0.1:{server.http}/v1/traces"
+        headers = {"content-type": "application/x-protobuf"}
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert))) as client:
+            assert client.post(url, content=body, headers=headers).status_code == 401
+            ok = client.post(url, content=body, headers={**headers, "authorization": "Bearer s3cret"})
+            assert ok.status_code == 200
+        with pytest.raises((httpx.ConnectError, httpx.RemoteProtocolError)):  # plain HTTP gets no answer
+            httpx.post(url.replace("https", "http"), content=body, headers=headers, timeout=5)
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{server.grpc}", credentials,
+                                 options=[("grpc.ssl_target_name_override", "localhost")]) as channel:
+            stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Export(_orphans(9, 1), timeout=10)
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            stub.Export(_orphans(9, 1), metadata=(("authorization", "Bearer s3cret"),), timeout=10)
+        found = server.wait_for(lambda: (lambda items: items if len(items) == 2 else None)(
+            server.anomalies(kind="missing_root")), what="the two authorised traces")
+        assert sorted(a["trace_id"] for a in found) == [tid(8).hex(), tid(9).hex()]
+    finally:
+        assert server.stop() == 0
