@@ -229,3 +229,45 @@ def test_tls_and_bearer_token_on_both_protocols(tmp_path):
         assert sorted(a["trace_id"] for a in found) == [tid(8).hex(), tid(9).hex()]
     finally:
         assert server.stop() == 0
+
+
+def test_forwarding_to_a_second_traceguard(tmp_path):
+    upstream = ServeProcess(tmp_path / "upstream", *FAST)
+    sidecar = ServeProcess(tmp_path / "sidecar", *FAST, "--forward-to", f"127.0.0.1:{upstream.grpc}")
+    try:
+        protobuf = {"content-type": "application/x-protobuf"}
+        url = f"http://127.0.0.1:{sidecar.http}/v1/traces"
+        assert httpx.post(url, content=_orphans(11, 3).SerializeToString(), headers=protobuf).status_code == 200
+        span = {"traceId": tid(12).hex(), "spanId": sid(1).hex(), "parentSpanId": sid(5).hex(), "name": "j",
+                "startTimeUnixNano": "1", "endTimeUnixNano": "2"}
+        body = json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]})
+        assert httpx.post(url, content=body, headers={"content-type": "application/json"}).status_code == 200
+        with grpc.insecure_channel(f"127.0.0.1:{sidecar.grpc}") as channel:
+            trace_service_pb2_grpc.TraceServiceStub(channel).Export(_orphans(13, 2), timeout=10)
+        wanted = sorted(tid(n).hex() for n in (11, 12, 13))
+        for server in (sidecar, upstream):
+            found = server.wait_for(lambda: (lambda items: items if len(items) == 3 else None)(
+                server.anomalies(kind="missing_root")), what="all three traces")
+            assert sorted(a["trace_id"] for a in found) == wanted
+        assert 'traceguard_forwarded_total{signal="traces"} 3.0' in sidecar.client.get("/metrics").text
+    finally:
+        assert sidecar.stop() == 0 and upstream.stop() == 0
+
+
+def test_a_dead_upstream_costs_nothing_but_a_counted_failure(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    sidecar = ServeProcess(tmp_path / "sidecar", *FAST, "--forward-to", f"127.0.0.1:{dead}")
+    try:
+        url = f"http://127.0.0.1:{sidecar.http}/v1/traces"
+        answer = httpx.post(url, content=_orphans(14, 2).SerializeToString(),
+                            headers={"content-type": "application/x-protobuf"})
+        assert answer.status_code == 200
+        sidecar.wait_for(lambda: sidecar.anomalies(kind="missing_root"), what="detection despite the dead upstream")
+        sidecar.wait_for(lambda: 'traceguard_forward_failures_total{signal="traces"} 1.0'
+                         in sidecar.client.get("/metrics").text, what="the counted failure")
+    finally:
+        assert sidecar.stop() == 0

@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", help="SQLite store and model snapshots (default ./.traceguard)")
     serve.add_argument("--decision-wait", help="quiet time before a rooted trace is decided (default 30s)")
     serve.add_argument("--max-trace-age", help="age at which any trace is decided (default 5m)")
+    serve.add_argument("--forward-to", help="upstream OTLP/gRPC HOST:PORT that gets every accepted request")
     replay.add_argument("--model-dir", type=Path, help="start the learned detectors from this model directory")
     train.add_argument("--model-dir", type=Path, required=True,
                        help="model directory to write (and to start from, if it holds models)")
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.command == "serve":
         flags.update({"serve.grpc_listen": args.grpc_listen, "serve.http_listen": args.http_listen,
-                      "serve.api_listen": args.api_listen, "serve.state_dir": args.state_dir})
+                      "serve.api_listen": args.api_listen, "serve.state_dir": args.state_dir,
+                      "serve.forward_to": args.forward_to})
     else:
         flags["assembler.allowed_lateness"] = args.allowed_lateness
     try:

@@ -147,6 +147,8 @@ class ServeConfig(_Section):
     token: str | None = Field(None, description="Bearer token both OTLP receivers require when set.")
     tls_cert: Path | None = Field(None, description="PEM certificate: serve OTLP over TLS (with tls_key).")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
+    forward_to: str | None = Field(None, description="Upstream OTLP/gRPC HOST:PORT that gets every accepted request.")
+    forward_queue: int = Field(1000, ge=1, description="Requests waiting to be forwarded; the oldest are dropped past it.")
 
     @model_validator(mode="after")
     def _addresses(self) -> "ServeConfig":

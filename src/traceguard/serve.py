@@ -26,6 +26,7 @@ from traceguard.models import Models, store as model_store
 from traceguard.pipeline import Pipeline
 from traceguard.sinks import JsonlSink
 from traceguard.sinks.sqlite import SqliteStore
+from traceguard.sources.forward import Forwarder
 from traceguard.sources.live import LiveIngest
 from traceguard.sources.otlp_grpc import start_grpc
 from traceguard.sources.otlp_http import create_otlp_http
@@ -54,7 +55,9 @@ class Server:
         if serve.jsonl_out is not None:
             sinks.append(JsonlSink(open(serve.jsonl_out, "a", encoding="utf-8"), owns_stream=True))
         self.pipeline = Pipeline(config, WallClock(), sinks, models=models)
-        self.ingest = LiveIngest(self.pipeline, self.store, config)
+        self.forwarder = (Forwarder(serve.forward_to, self.pipeline.metrics, serve.forward_queue)
+                          if serve.forward_to else None)
+        self.ingest = LiveIngest(self.pipeline, self.store, config, self.forwarder)
         self._ready = False
         self._stopping = threading.Event()
         self._servers: list[uvicorn.Server] = []
@@ -135,6 +138,8 @@ class Server:
             self._loop_thread.join(timeout / 3)
         if self._ticker is not None:
             self._ticker.join(timeout / 3)
+        if self.forwarder is not None:
+            self.forwarder.close(timeout / 3)
         with self.ingest.lock:
             self.pipeline.close()
             model_store.save(self.pipeline.models, self.model_dir)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 from traceguard.config import PipelineConfig
 from traceguard.decode import Decoded
 from traceguard.decode.common import StageAttributes
 from traceguard.pipeline import Pipeline
 from traceguard.sinks.sqlite import SqliteStore
+from traceguard.sources.forward import Forwarder
 
 
 class Overloaded(Exception):
@@ -28,8 +30,10 @@ class Overloaded(Exception):
 
 
 class LiveIngest:
-    def __init__(self, pipeline: Pipeline, store: SqliteStore, config: PipelineConfig) -> None:
+    def __init__(self, pipeline: Pipeline, store: SqliteStore, config: PipelineConfig,
+                 forwarder: Forwarder | None = None) -> None:
         self.pipeline = pipeline
+        self.forwarder = forwarder
         self.store = store
         self.config = config
         self.metrics = pipeline.metrics
@@ -68,6 +72,11 @@ class LiveIngest:
         for trace_id, logs in traces.items():
             self.store.relink(trace_id, logs, self.config.logs.max_linked)
         return decoded.rejected, "; ".join(decoded.errors)
+
+    def forward(self, signal: str, body: Callable[[], bytes]) -> None:
+        """Passes an accepted request upstream, if forwarding is on (``body`` is only built then)."""
+        if self.forwarder is not None:
+            self.forwarder.submit(signal, body())
 
     def tick(self) -> None:
         with self.lock:

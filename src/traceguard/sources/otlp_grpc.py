@@ -52,6 +52,7 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
             rejected, message = self._ingest.traces(decoded, "grpc")
         except Overloaded as exc:
             _refuse(context, exc)
+        self._ingest.forward("traces", request.SerializeToString)
         response = trace_service_pb2.ExportTraceServiceResponse()
         if rejected:
             response.partial_success.rejected_spans = rejected
@@ -67,6 +68,7 @@ class LogsService(logs_service_pb2_grpc.LogsServiceServicer):
         self._auth.check(context)
         decoded = decode_logs_message(request, self._ingest.config.decode)
         rejected, message = self._ingest.logs(decoded, "grpc")
+        self._ingest.forward("logs", request.SerializeToString)
         response = logs_service_pb2.ExportLogsServiceResponse()
         if rejected:
             response.partial_success.rejected_log_records = rejected

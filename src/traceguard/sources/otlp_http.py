@@ -21,6 +21,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from traceguard.decode import DecodeError, decode_logs_json, decode_logs_proto, decode_traces_json, decode_traces_proto
+from traceguard.sources.forward import json_to_protobuf
 from traceguard.sources.live import LiveIngest, Overloaded
 
 PROTOBUF = "application/x-protobuf"
@@ -69,19 +70,24 @@ def create_otlp_http(ingest: LiveIngest, *, max_request_bytes: int, token: str |
     expected_auth = f"Bearer {token}" if token else None
 
     def handle(body: bytes, content_type: str, signal: str) -> tuple[int, str]:
+        document = None
         try:
+            if content_type == JSON:
+                document = orjson.loads(body)
             if signal == "traces":
-                decoded = (decode_traces_json(orjson.loads(body), decode_config, ingest.stages)
+                decoded = (decode_traces_json(document, decode_config, ingest.stages)
                            if content_type == JSON else decode_traces_proto(body, decode_config, ingest.stages))
             else:
-                decoded = (decode_logs_json(orjson.loads(body), decode_config)
+                decoded = (decode_logs_json(document, decode_config)
                            if content_type == JSON else decode_logs_proto(body, decode_config))
         except (DecodeError, orjson.JSONDecodeError) as exc:
             raise _Refused(400, f"undecodable {signal} body: {exc}") from None
         try:
-            return ingest.traces(decoded, "http") if signal == "traces" else ingest.logs(decoded, "http")
+            answer = ingest.traces(decoded, "http") if signal == "traces" else ingest.logs(decoded, "http")
         except Overloaded as exc:
             raise _Refused(429, str(exc), {"Retry-After": str(max(1, round(exc.retry_after_s)))}) from None
+        ingest.forward(signal, (lambda: json_to_protobuf(signal, document)) if document is not None else lambda: body)
+        return answer
 
     async def receive(request: Request, signal: str) -> Response:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
