@@ -15,7 +15,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from benchmarks.quality import score
 from benchmarks.scenario import FAULTS, ScenarioConfig, generate
 from builders import logs_request, sid, tid, traces_request
-from serve_process import ServeProcess
+from benchmarks.serve_process import ServeProcess
 
 # Late exports are late only in the generator's simulated time; sent live they
 # arrive at once, so the live scenario leaves them out.

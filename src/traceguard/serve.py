@@ -22,6 +22,7 @@ import uvicorn
 from traceguard.api import create_api
 from traceguard.assemble import WallClock
 from traceguard.config import PipelineConfig, split_address
+from traceguard.metrics import Metrics
 from traceguard.models import Models, store as model_store
 from traceguard.pipeline import Pipeline
 from traceguard.sinks import JsonlSink
@@ -43,6 +44,20 @@ class Bound:
     api: int
 
 
+class _TimedStore:
+    """The store as a sink, timing each finding from its decision to its row."""
+
+    def __init__(self, store: SqliteStore, metrics: Metrics) -> None:
+        self._store, self._metrics = store, metrics
+
+    def emit(self, anomaly) -> None:
+        self._store.emit(anomaly)
+        self._metrics.observe("traceguard_finding_store_seconds", (time.time_ns() - anomaly.detected_at) / 1e9)
+
+    def close(self) -> None:
+        """The store itself is closed last, by Server.stop, after the final flush."""
+
+
 class Server:
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
@@ -51,10 +66,11 @@ class Server:
         self.model_dir = serve.state_dir / "models"
         models = self._load_models()
         self.store = SqliteStore(serve.state_dir / "anomalies.sqlite")
-        sinks = [self.store]
+        metrics = Metrics()
+        sinks = [_TimedStore(self.store, metrics)]
         if serve.jsonl_out is not None:
             sinks.append(JsonlSink(open(serve.jsonl_out, "a", encoding="utf-8"), owns_stream=True))
-        self.pipeline = Pipeline(config, WallClock(), sinks, models=models)
+        self.pipeline = Pipeline(config, WallClock(), sinks, metrics, models)
         self.forwarder = (Forwarder(serve.forward_to, self.pipeline.metrics, serve.forward_queue)
                           if serve.forward_to else None)
         self.ingest = LiveIngest(self.pipeline, self.store, config, self.forwarder)

@@ -1,4 +1,4 @@
-"""Runs ``traceguard serve`` as a real process on free ports for the integration tests."""
+"""Runs ``traceguard serve`` as a real process on free ports (integration tests, serve benchmark)."""
 
 from __future__ import annotations
 

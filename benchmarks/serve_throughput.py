@@ -1,0 +1,143 @@
+"""The live receiver under load: a client process drives ``traceguard serve`` over OTLP/gRPC.
+
+The server is a separate process (``traceguard serve``, all detectors on,
+decision wait 2 s); this process sends the scenario's traffic as
+pre-serialized 512-span ``ExportTraceServiceRequest`` bodies, back to back on
+``--streams`` concurrent callers, and measures:
+
+* sustained spans/s (spans acknowledged / wall time of the sending phase);
+* client-observed export latency, p50 and p99;
+* decision → stored latency of findings (the server's histogram);
+* server peak RSS (VmHWM);
+* nothing lost: spans the server counted received == spans sent, none refused;
+* the ceiling: ``ExportTraceServiceRequest.FromString`` of the same bodies here.
+
+Run ``python -m benchmarks.serve_throughput [--traces N] [--streams S]``; prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from benchmarks.common import median_rate, scenario_requests
+from benchmarks.serve_process import ServeProcess
+
+METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
+
+
+def _histogram_quantile(text: str, name: str, q: float) -> float | None:
+    buckets = [(float("inf") if b == "+Inf" else float(b), float(c))
+               for b, c in re.findall(rf'^{name}_bucket{{le="([^"]+)"}} ([0-9.e+-]+)$', text, re.M)]
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    target = q * buckets[-1][1]
+    return next(bound for bound, count in buckets if count >= target)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--traces", type=int, default=8000)
+    parser.add_argument("--streams", type=int, default=2)
+    args = parser.parse_args()
+
+    bodies = [r.SerializeToString() for r in scenario_requests(args.traces)]
+    spans = [len(ExportTraceServiceRequest.FromString(b).resource_spans) and
+             sum(len(ss.spans) for rs in ExportTraceServiceRequest.FromString(b).resource_spans
+                 for ss in rs.scope_spans) for b in bodies]
+    total = sum(spans)
+
+    def parse_only() -> int:
+        for body in bodies:
+            ExportTraceServiceRequest.FromString(body)
+        return total
+
+    ceiling = median_rate(parse_only, 5)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        server = ServeProcess(Path(tmp) / "state", "--decision-wait", "2s", "--max-trace-age", "10s",
+                              env={"TRACEGUARD_SERVE__TICK": "100ms"})
+        try:
+            channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc}")
+            export = channel.unary_unary(METHOD, request_serializer=None,
+                                         response_deserializer=ExportTraceServiceResponse.FromString)
+            export(bodies[0], timeout=30)  # warm the connection (its spans count as sent)
+            latencies: list[float] = []
+            errors: list[str] = []
+            queue = list(range(1, len(bodies)))
+            lock = threading.Lock()
+
+            def caller() -> None:
+                while True:
+                    with lock:
+                        if not queue:
+                            return
+                        index = queue.pop(0)
+                    started = time.perf_counter()
+                    try:
+                        export(bodies[index], timeout=30)
+                    except grpc.RpcError as error:
+                        errors.append(str(error.code()))
+                    latencies.append(time.perf_counter() - started)
+
+            started = time.perf_counter()
+            threads = [threading.Thread(target=caller) for _ in range(args.streams)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            elapsed = time.perf_counter() - started
+            sent_timed = total - spans[0]
+            # findings of the decided traces are stored within decision wait + a tick
+            server.wait_for(lambda: _metric(server.client.get("/metrics").text,
+                                            "traceguard_finding_store_seconds_count") > 0, timeout=60,
+                            what="stored findings")
+            time.sleep(12)  # let max_trace_age pass so the rootless traces are decided and stored too
+            metrics = server.client.get("/metrics").text
+            received = _metric(metrics, "traceguard_spans_received_total")
+            refused = _metric(metrics, "traceguard_requests_refused_total")
+            stored_count = _metric(metrics, "traceguard_finding_store_seconds_count")
+            stored_sum = _metric(metrics, "traceguard_finding_store_seconds_sum")
+            store_p99 = _histogram_quantile(metrics, "traceguard_finding_store_seconds", 0.99)
+            rss_kib = int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{server.process.pid}/status").read_text())[1])
+            channel.close()
+        finally:
+            exit_code = server.stop()
+    rate = sent_timed / elapsed
+    latencies.sort()
+    print(json.dumps({
+        "benchmark": "serve_throughput",
+        "transport": "grpc", "streams": args.streams, "requests": len(bodies), "spans": total,
+        "ceiling_parse_spans_per_s": round(ceiling),
+        "sustained_spans_per_s": round(rate),
+        "ratio": round(rate / ceiling, 4), "target_ratio": 0.08,
+        "export_latency_ms": {"p50": round(statistics.median(latencies) * 1e3, 2),
+                              "p99": round(latencies[int(0.99 * (len(latencies) - 1))] * 1e3, 2),
+                              "target_p99": 50},
+        "decision_to_stored_ms": {"mean": round(stored_sum / stored_count * 1e3, 2) if stored_count else None,
+                                  "p99_bucket_upper_bound": store_p99 * 1e3 if store_p99 else None,
+                                  "findings": int(stored_count), "target": 100},
+        "lost": {"spans_received_by_server": int(received), "spans_sent": total, "refused_requests": int(refused),
+                 "client_errors": errors},
+        "server_peak_rss_mib": round(rss_kib / 1024, 1),
+        "server_exit_code": exit_code,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
