@@ -7,7 +7,8 @@ pre-serialized 512-span ``ExportTraceServiceRequest`` bodies, back to back on
 
 * sustained spans/s (spans acknowledged / wall time of the sending phase);
 * client-observed export latency, p50 and p99;
-* decision → stored latency of findings (the server's histogram);
+* decision → stored latency of findings, and the decision lag (how long a
+  due trace waited for its decision), from the server's histograms;
 * server peak RSS (VmHWM);
 * nothing lost: spans the server counted received == spans sent, none refused;
 * the ceiling: ``ExportTraceServiceRequest.FromString`` of the same bodies here.
@@ -114,10 +115,13 @@ def main() -> None:
             stored_count = _metric(metrics, "traceguard_finding_store_seconds_count")
             stored_sum = _metric(metrics, "traceguard_finding_store_seconds_sum")
             store_p99 = _histogram_quantile(metrics, "traceguard_finding_store_seconds", 0.99)
+            lag_p50 = _histogram_quantile(metrics, "traceguard_decision_lag_seconds", 0.5)
+            lag_p99 = _histogram_quantile(metrics, "traceguard_decision_lag_seconds", 0.99)
             rss_kib = int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{server.process.pid}/status").read_text())[1])
             channel.close()
         finally:
             exit_code = server.stop()
+    ceiling = statistics.mean([ceiling, median_rate(parse_only, 5)[0]])  # before and after the load
     rate = sent_timed / elapsed
     latencies.sort()
     print(json.dumps({
@@ -132,6 +136,8 @@ def main() -> None:
         "decision_to_stored_ms": {"mean": round(stored_sum / stored_count * 1e3, 2) if stored_count else None,
                                   "p99_bucket_upper_bound": store_p99 * 1e3 if store_p99 else None,
                                   "findings": int(stored_count), "target": 100},
+        "decision_lag_ms_bucket_upper_bound": {"p50": lag_p50 * 1e3 if lag_p50 else None,
+                                               "p99": lag_p99 * 1e3 if lag_p99 else None},
         "lost": {"spans_received_by_server": int(received), "spans_sent": total, "refused_requests": int(refused),
                  "client_errors": errors},
         "server_peak_rss_mib": round(rss_kib / 1024, 1),
