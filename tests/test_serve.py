@@ -271,3 +271,34 @@ def test_a_dead_upstream_costs_nothing_but_a_counted_failure(tmp_path):
                          in sidecar.client.get("/metrics").text, what="the counted failure")
     finally:
         assert sidecar.stop() == 0
+
+
+def test_sigterm_decides_what_is_in_flight_and_a_trained_model_dir_is_a_starting_point(tmp_path, scenario):
+    import subprocess
+    import sys
+
+    models = tmp_path / "trained"
+    trained = subprocess.run([sys.executable, "-m", "traceguard", "train", str(scenario / "traces.jsonl"),
+                              "--model-dir", str(models)], capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    state = tmp_path / "state"
+    jsonl = tmp_path / "findings.jsonl"
+    server = ServeProcess(state, "--decision-wait", "10m", "--max-trace-age", "10m", "--model-dir", str(models),
+                          env={"TRACEGUARD_SERVE__JSONL_OUT": str(jsonl)})
+    try:
+        assert any(f"learned state loaded from {models}" in line for line in server.lines)
+        url = f"http://127.0.0.1:{server.http}/v1/traces"
+        assert httpx.post(url, content=_orphans(21, 3).SerializeToString(),
+                          headers={"content-type": "application/x-protobuf"}).status_code == 200
+        assert server.anomalies() == []  # nothing is due for ten minutes
+    finally:
+        assert server.stop() == 0
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [(a["kind"], a["trace_id"], a["evidence"]["decision"]) for a in lines] == [
+        ("missing_root", tid(21).hex(), "flush")]
+    again = ServeProcess(state, *FAST)
+    try:
+        assert [a["trace_id"] for a in again.anomalies()] == [tid(21).hex()]
+        assert any(f"learned state loaded from {state / 'models'}" in line for line in again.lines)
+    finally:
+        assert again.stop() == 0

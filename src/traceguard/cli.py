@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--decision-wait", help="quiet time before a rooted trace is decided (default 30s)")
     serve.add_argument("--max-trace-age", help="age at which any trace is decided (default 5m)")
     serve.add_argument("--forward-to", help="upstream OTLP/gRPC HOST:PORT that gets every accepted request")
+    serve.add_argument("--model-dir", help="trained models (traceguard train) to start from if the state dir has none")
     replay.add_argument("--model-dir", type=Path, help="start the learned detectors from this model directory")
     train.add_argument("--model-dir", type=Path, required=True,
                        help="model directory to write (and to start from, if it holds models)")
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         flags.update({"serve.grpc_listen": args.grpc_listen, "serve.http_listen": args.http_listen,
                       "serve.api_listen": args.api_listen, "serve.state_dir": args.state_dir,
-                      "serve.forward_to": args.forward_to})
+                      "serve.forward_to": args.forward_to, "serve.model_dir": args.model_dir})
     else:
         flags["assembler.allowed_lateness"] = args.allowed_lateness
     try:

@@ -144,6 +144,7 @@ class ServeConfig(_Section):
     snapshot_interval: DurationNs = Field(parse_duration("5m"), description="How often learned state is saved.")
     shutdown_timeout: DurationNs = Field(parse_duration("10s"), description="Bound on the graceful stop.")
     jsonl_out: Path | None = Field(None, description="Also append findings as JSONL here.")
+    model_dir: Path | None = Field(None, description="Trained models to start from when the state dir has none yet.")
     token: str | None = Field(None, description="Bearer token both OTLP receivers require when set.")
     tls_cert: Path | None = Field(None, description="PEM certificate: serve OTLP over TLS (with tls_key).")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")

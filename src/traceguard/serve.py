@@ -83,11 +83,13 @@ class Server:
         self.bound: Bound | None = None
 
     def _load_models(self) -> Models | None:
-        if not (self.model_dir / "manifest.json").exists():
-            return None
-        models = model_store.load(self.model_dir, self.config.learned)
-        log.info("learned state loaded from %s", self.model_dir)
-        return models
+        """The state dir's own snapshot (a restart), else the trained ``serve.model_dir``."""
+        for directory in (self.model_dir, self.config.serve.model_dir):
+            if directory is not None and (directory / "manifest.json").exists():
+                models = model_store.load(directory, self.config.learned)
+                log.info("learned state loaded from %s", directory)
+                return models
+        return None
 
     def start(self) -> Bound:
         serve = self.config.serve
