@@ -22,11 +22,9 @@ from pathlib import Path
 from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-from benchmarks.scenario import FAULTS, ScenarioConfig, generate
+from benchmarks.scenario import LIVE_FAULTS, ScenarioConfig, generate
 from benchmarks.serve_process import ServeProcess
 
-# Sent live, a late export of the simulated clock arrives at once: not a fault here.
-LIVE_FAULTS = tuple(f for f in FAULTS if f != "late_export")
 
 
 def main() -> None:

@@ -13,13 +13,10 @@ from google.rpc.error_details_pb2 import RetryInfo
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from benchmarks.quality import score
-from benchmarks.scenario import FAULTS, ScenarioConfig, generate
+from benchmarks.scenario import LIVE_FAULTS, ScenarioConfig, generate
 from builders import logs_request, sid, tid, traces_request
 from benchmarks.serve_process import ServeProcess
 
-# Late exports are late only in the generator's simulated time; sent live they
-# arrive at once, so the live scenario leaves them out.
-LIVE_FAULTS = tuple(f for f in FAULTS if f != "late_export")
 LIVE_KINDS = ("missing_parent", "missing_root", "unfinished_span", "context_outlived_parent",
               "unpaired_client_span", "missing_expected_span")
 FAST = ("--decision-wait", "2s", "--max-trace-age", "4s")
