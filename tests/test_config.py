@@ -45,3 +45,21 @@ def test_the_readme_example_config_is_valid():
     config = load_config(Path(__file__).parent / "data" / "traceguard.toml")
     assert config.learned.forest.score_quantile == 0.02
     assert config.assembler.decided_ttl == 3600 * 10**9
+
+
+def test_yaml_config_and_environment_and_flags_in_that_order(tmp_path):
+    path = tmp_path / "tg.yaml"
+    path.write_text("serve:\n  grpc_listen: 127.0.0.1:5317\n  http_listen: 127.0.0.1:5318\nassembler:\n  decision_wait: 5s\n")
+    config = load_config(path, {"serve.http_listen": "127.0.0.1:7318"},
+                         {"TRACEGUARD_SERVE__GRPC_LISTEN": "127.0.0.1:6317", "TRACEGUARD_LOGS__MAX_LINKED": "4",
+                          "OTHER_VARIABLE": "ignored"})
+    assert config.serve.grpc_listen == "127.0.0.1:6317"    # env over file
+    assert config.serve.http_listen == "127.0.0.1:7318"    # flag over file
+    assert config.assembler.decision_wait == 5 * 10**9     # file over default
+    assert config.logs.max_linked == 4
+    with pytest.raises(ConfigError, match="serve: Value error, api_listen must be HOST:PORT"):
+        load_config(None, {"serve.api_listen": "8080"}, {})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("serve: [unclosed\n")
+    with pytest.raises(ConfigError, match="does not parse"):
+        load_config(bad, environ={})

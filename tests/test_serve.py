@@ -171,6 +171,43 @@ def test_overload_pushes_back_and_nothing_accepted_is_lost(server):
     assert 'traceguard_requests_refused_total{signal="traces",transport="grpc"} 1.0' in metrics
 
 
+def _rss_kib(pid: int) -> int:
+    import re
+    from pathlib import Path
+
+    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1])
+
+
+def test_memory_stays_bounded_while_refusing(server):
+    url = f"http://127.0.0.1:{server.http}/v1/traces"
+    protobuf = {"content-type": "application/x-protobuf"}
+    assert httpx.post(url, content=_orphans(30, 900).SerializeToString(), headers=protobuf).status_code == 200
+    body = _orphans(31, 450).SerializeToString()
+    for _ in range(20):  # warm up allocator and code paths
+        assert httpx.post(url, content=body, headers=protobuf).status_code == 429
+    before = _rss_kib(server.process.pid)
+    with httpx.Client() as client:
+        codes = {client.post(url, content=body, headers=protobuf).status_code for _ in range(400)}
+    assert codes == {429}
+    grown_mib = (_rss_kib(server.process.pid) - before) / 1024
+    assert grown_mib < 8, f"RSS grew {grown_mib:.1f} MiB while refusing 400 requests of 450 spans"
+
+
+def test_a_span_after_its_trace_was_decided_is_a_late_span(server):
+    url = f"http://127.0.0.1:{server.http}/v1/traces"
+    protobuf = {"content-type": "application/x-protobuf"}
+    root = traces_request(dict(trace_id=tid(40), span_id=sid(1), name="GET /", kind=2,
+                               start_time_unix_nano=1, end_time_unix_nano=9))
+    assert httpx.post(url, content=root.SerializeToString(), headers=protobuf).status_code == 200
+    server.wait_for(lambda: 'traceguard_traces_decided_total{reason="quiet"} 1.0' in server.client.get("/metrics").text,
+                    what="the decision")
+    late = traces_request(dict(trace_id=tid(40), span_id=sid(2), parent_span_id=sid(1), name="cleanup",
+                               start_time_unix_nano=2, end_time_unix_nano=3))
+    assert httpx.post(url, content=late.SerializeToString(), headers=protobuf).status_code == 200
+    (finding,) = server.wait_for(lambda: server.anomalies(kind="late_span"), what="the late span")
+    assert (finding["trace_id"], finding["span_id"]) == (tid(40).hex(), sid(2).hex())
+
+
 def test_a_log_that_arrives_after_the_finding_is_attached(server):
     url = f"http://127.0.0.1:{server.http}"
     protobuf = {"content-type": "application/x-protobuf"}
