@@ -138,3 +138,14 @@ def test_spans_without_an_end_arrive_at_the_watermark():
     assert not any(t.trace_id == tid(1) for t in h.decided)
     h.tick(50_000 + 30_000)
     assert any(t.trace_id == tid(1) for t in h.decided)
+
+
+def test_advance_can_decide_in_chunks():
+    h = Harness()
+    h.assembler.add([row(n, 1, end_ms=100) for n in range(1, 6)])
+    h.clock.observe(T0 + 40_000 * MS)
+    assert h.assembler.advance(limit=2) is True
+    assert len(h.decided) == 2
+    assert h.assembler.advance(limit=2) is True
+    assert h.assembler.advance(limit=2) is False
+    assert [t.trace_id for t in h.decided] == [tid(n) for n in range(1, 6)]

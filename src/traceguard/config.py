@@ -141,6 +141,7 @@ class ServeConfig(_Section):
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest export request, compressed or not.")
     retry_after: DurationNs = Field(parse_duration("1s"), description="Back-off suggested to clients at the bounds.")
     tick: DurationNs = Field(parse_duration("200ms"), description="How often due traces are decided.")
+    decisions_per_lock: int = Field(200, ge=1, description="Traces decided before the receivers get the pipeline again.")
     snapshot_interval: DurationNs = Field(parse_duration("5m"), description="How often learned state is saved.")
     shutdown_timeout: DurationNs = Field(parse_duration("10s"), description="Bound on the graceful stop.")
     jsonl_out: Path | None = Field(None, description="Also append findings as JSONL here.")

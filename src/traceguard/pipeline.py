@@ -51,12 +51,14 @@ class Pipeline:
     def accept_logs(self, rows: Iterable[LogRow]) -> None:
         self.logs.add(rows)
 
-    def advance(self) -> None:
-        self.assembler.advance()
+    def advance(self, limit: int | None = None) -> bool:
+        """Decides due traces (at most ``limit``); returns whether more are due."""
+        more = self.assembler.advance(limit)
         now = self._clock.now()
         for learner in self._learners:
             for anomaly in learner.advance(now):
                 self._emit(anomaly, self._logs_of(anomaly))
+        return more
 
     def close(self) -> None:
         """Decides everything still in flight, settles the learned detectors,

@@ -103,11 +103,18 @@ class TraceAssembler:
         self._metrics.inc("traceguard_spans_accepted_total", added)
         self._enforce_bounds()
 
-    def advance(self) -> None:
-        """Decides every trace that is due at the clock's ``now()``."""
+    def advance(self, limit: int | None = None) -> bool:
+        """Decides the traces due at the clock's ``now()``, at most ``limit`` of them.
+
+        Returns:
+            whether due traces are left (only when ``limit`` stopped it).
+        """
         now = self._clock.now()
         heap = self._due
+        decided = 0
         while heap and heap[0][0] <= now:
+            if limit is not None and decided >= limit:
+                return True
             _, _, trace_id = heapq.heappop(heap)
             trace = self._pending.get(trace_id)
             if trace is None:
@@ -123,7 +130,9 @@ class TraceAssembler:
             decided_at = self._clock.now()
             self._metrics.observe("traceguard_decision_lag_seconds", max(0, decided_at - due) / 1e9)
             self._decide(trace_id, "quiet" if quiet else "max_age", decided_at)
+            decided += 1
         self._expire_decided(now)
+        return False
 
     def flush(self) -> None:
         """Decides everything in flight (end of input, shutdown)."""

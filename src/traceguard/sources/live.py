@@ -79,5 +79,9 @@ class LiveIngest:
             self.forwarder.submit(signal, body())
 
     def tick(self) -> None:
-        with self.lock:
-            self.pipeline.advance()
+        """Decides what is due, a chunk at a time: between chunks the receivers
+        get the lock, so a burst of due traces does not stall ingestion."""
+        more = True
+        while more:
+            with self.lock:
+                more = self.pipeline.advance(self.config.serve.decisions_per_lock)
