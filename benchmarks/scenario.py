@@ -60,7 +60,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
 from opentelemetry.sdk._logs.export import LogRecordExporter, LogRecordExportResult, SimpleLogRecordProcessor
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -550,7 +550,6 @@ def generate(config: ScenarioConfig, write_traces: Callable[[str, list], None],
     t = config.start_unix_s * SECOND
     rate = config.traces / config.duration_s
     spans = logs = 0
-    wanted_faults = 0
 
     def drain(horizon: int) -> None:
         nonlocal spans, logs
@@ -560,7 +559,6 @@ def generate(config: ScenarioConfig, write_traces: Callable[[str, list], None],
     for index in range(config.traces):
         t += int(rng.expovariate(rate) * SECOND)
         shop.fault = shop.pick_fault(index, t)
-        wanted_faults += shop.fault is not None
         shop.outlier = shop.pick_outlier(index, t) if shop.fault is None else None
         shop.trace_factor = 20.0 if shop.outlier == "slowdown_20x" else 1.0
         shop.request(t)

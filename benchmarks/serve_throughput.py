@@ -59,8 +59,7 @@ def main() -> None:
     args = parser.parse_args()
 
     bodies = [r.SerializeToString() for r in scenario_requests(args.traces)]
-    spans = [len(ExportTraceServiceRequest.FromString(b).resource_spans) and
-             sum(len(ss.spans) for rs in ExportTraceServiceRequest.FromString(b).resource_spans
+    spans = [sum(len(ss.spans) for rs in ExportTraceServiceRequest.FromString(b).resource_spans
                  for ss in rs.scope_spans) for b in bodies]
     total = sum(spans)
 

@@ -40,6 +40,7 @@ class Pipeline:
             learned_completeness, self._timing = learned_detectors(self.models, config.learned)
             self._completeness += learned_completeness
         self._learners = [d for d in (*self._completeness, *self._timing) if hasattr(d, "learn")]
+        self.metrics.gauge("traceguard_latency_untracked_samples", lambda: self.models.latency.untracked_samples_)
         self._late = LateSpan()
         self.logs = LogIndex(config.logs, clock.now, self.metrics)
         self.assembler = TraceAssembler(config.assembler, clock, self._on_trace, self._on_late, self.metrics)

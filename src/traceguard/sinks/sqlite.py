@@ -92,10 +92,6 @@ class SqliteStore:
                 changed += 1
         return changed
 
-    def count(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM anomalies").fetchone()[0]
-
     def close(self) -> None:
         with self._lock:
             if not self._closed:
