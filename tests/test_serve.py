@@ -336,3 +336,27 @@ def test_sigterm_decides_what_is_in_flight_and_a_trained_model_dir_is_a_starting
         assert any(f"learned state loaded from {state / 'models'}" in line for line in again.lines)
     finally:
         assert again.stop() == 0
+
+
+def test_after_stop_no_thread_it_started_is_alive(tmp_path):
+    import threading
+    import time
+
+    from traceguard.config import load_config
+    from traceguard.serve import Server
+
+    before = {thread.ident for thread in threading.enumerate()}
+    config = load_config(None, {"serve.grpc_listen": "127.0.0.1:0", "serve.http_listen": "127.0.0.1:0",
+                                "serve.api_listen": "127.0.0.1:0", "serve.state_dir": str(tmp_path),
+                                "serve.forward_to": "127.0.0.1:9"}, environ={})
+    server = Server(config)
+    server.start()
+    server.stop()
+    server.stop()  # idempotent
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        alive = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+        if not alive:
+            break
+        time.sleep(0.05)
+    assert alive == []
