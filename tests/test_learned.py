@@ -200,3 +200,36 @@ def test_stacked_tree_scores_equal_scikit_learn():
     rows = forest.reservoir_[:300] * rng.uniform(0.5, 3.0, size=(300, forest.reservoir_.shape[1]))
     features = rows[:, forest.columns_]
     np.testing.assert_allclose(forest.score(rows)[0], forest.estimator_.score_samples(features), rtol=1e-12)
+
+
+def _findings_json(seed):
+    """A 3x shift and a few outliers, fed twice from scratch: the findings as JSON."""
+    pipeline, sink = stream(100, seed=seed, db_factor=lambda m: 3.0 if 60 <= m < 80 else 1.0,
+                            repeats=lambda m: 30 if int(m * 60) % 997 == 0 and m > 30 else 1)
+    pipeline.close()
+    return [a.model_dump_json() for a in sink.anomalies]
+
+
+def test_contract_learned_detectors_are_deterministic():
+    first, second = _findings_json(2), _findings_json(2)
+    assert first == second
+    assert {json.loads(a)["kind"] for a in first} >= {"latency_regression", "trace_outlier"}
+
+
+def test_contract_learned_state_is_bounded():
+    from traceguard.config import ForestConfig, LatencyConfig, LearnedConfig, StructureConfig
+
+    config = PipelineConfig(learned=LearnedConfig(
+        latency=LatencyConfig(max_stages=3, max_window_samples=16),
+        structure=StructureConfig(max_root_operations=1, max_stages_per_root=2),
+        forest=ForestConfig(max_root_operations=1, reservoir=60, warmup_traces=50, refit_every=100)))
+    sink = MemorySink()
+    pipeline = Pipeline(config, EventTimeClock(5 * 10**9), [sink])
+    stream(30, pipeline=pipeline)
+    models = pipeline.models
+    assert len(models.latency.stages_) == 3 and models.latency.untracked_samples_ > 0
+    assert all(len(s.window.self_ns) <= 16 for s in models.latency.stages_.values() if s.window)
+    assert len(models.structure.roots_) == 1
+    assert all(len(root.stages) <= 2 for root in models.structure.roots_.values())
+    assert len(models.forest.forests_) == 1
+    assert all(f.reservoir_.shape[0] == 60 for f in models.forest.forests_.values())
