@@ -178,7 +178,17 @@ def _rss_kib(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1])
 
 
-def test_memory_stays_bounded_while_refusing(server):
+def test_memory_stays_bounded_while_refusing(tmp_path):
+    # nothing is decided during the test (10 min), so the bound stays reached
+    server = ServeProcess(tmp_path / "state", "--decision-wait", "10m", "--max-trace-age", "10m",
+                          env={"TRACEGUARD_ASSEMBLER__MAX_SPANS_IN_FLIGHT": "1000"})
+    try:
+        _refuse_many(server)
+    finally:
+        assert server.stop() == 0
+
+
+def _refuse_many(server):
     url = f"http://127.0.0.1:{server.http}/v1/traces"
     protobuf = {"content-type": "application/x-protobuf"}
     assert httpx.post(url, content=_orphans(30, 900).SerializeToString(), headers=protobuf).status_code == 200

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +43,20 @@ class Bound:
     grpc: int
     http: int
     api: int
+
+
+def _bind(address: str) -> socket.socket:
+    host, port = split_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {address}: {exc.strerror}") from None
+    sock.listen(128)
+    return sock
 
 
 class _TimedStore:
@@ -96,33 +111,35 @@ class Server:
         tls = None
         if serve.tls_cert is not None:
             tls = (serve.tls_key.read_bytes(), serve.tls_cert.read_bytes())
+        # Bind the HTTP sockets here, so an address in use fails now, plainly.
+        sockets = [_bind(serve.http_listen), _bind(serve.api_listen)]
         self._grpc, grpc_port = start_grpc(self.ingest, serve.grpc_listen, max_request_bytes=serve.max_request_bytes,
                                            token=serve.token, tls=tls)
         otlp_http = create_otlp_http(self.ingest, max_request_bytes=serve.max_request_bytes, token=serve.token)
         api = create_api(self.store, self.pipeline.metrics, lambda: self._ready and not self._stopping.is_set())
-        for app, address, tls_files in ((otlp_http, serve.http_listen, serve.tls_cert), (api, serve.api_listen, None)):
-            host, port = split_address(address)
+        for app, tls_files in ((otlp_http, serve.tls_cert), (api, None)):
             options = {"ssl_certfile": str(serve.tls_cert), "ssl_keyfile": str(serve.tls_key)} if tls_files else {}
             self._servers.append(uvicorn.Server(uvicorn.Config(
-                app, host=host, port=port, log_level="warning", access_log=False, lifespan="off", **options)))
-        self._loop_thread = threading.Thread(target=self._run_loop, name="http", daemon=True)
+                app, log_level="warning", access_log=False, lifespan="off", **options)))
+        self._loop_thread = threading.Thread(target=self._run_loop, args=(sockets,), name="http", daemon=True)
         self._loop_thread.start()
         deadline = time.monotonic() + 30
         while not all(server.started for server in self._servers):
             if time.monotonic() > deadline or not self._loop_thread.is_alive():
-                raise RuntimeError("the HTTP listeners did not start (address in use?)")
+                raise RuntimeError("the HTTP listeners did not start")
             time.sleep(0.01)
-        http_port, api_port = (server.servers[0].sockets[0].getsockname()[1] for server in self._servers)
+        http_port, api_port = (sock.getsockname()[1] for sock in sockets)
         self._ticker = threading.Thread(target=self._tick, name="ticker", daemon=True)
         self._ticker.start()
         self.bound = Bound(grpc_port, http_port, api_port)
         self._ready = True
         return self.bound
 
-    def _run_loop(self) -> None:
+    def _run_loop(self, sockets: list[socket.socket]) -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        loop.run_until_complete(asyncio.gather(*(server.serve() for server in self._servers)))
+        loop.run_until_complete(asyncio.gather(*(
+            server.serve(sockets=[sock]) for server, sock in zip(self._servers, sockets))))
         loop.close()
 
     def _tick(self) -> None:
