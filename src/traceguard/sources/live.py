@@ -13,12 +13,30 @@ import threading
 import time
 from typing import Callable
 
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
 from traceguard.config import PipelineConfig
 from traceguard.decode import Decoded
 from traceguard.decode.common import StageAttributes
 from traceguard.pipeline import Pipeline
 from traceguard.sinks.sqlite import SqliteStore
 from traceguard.sources.forward import Forwarder
+
+
+def export_response(signal: str, rejected: int, message: str):
+    """The OTLP answer to an accepted export: empty, or partial success with the rejects."""
+    if signal == "traces":
+        response = ExportTraceServiceResponse()
+        if rejected:
+            response.partial_success.rejected_spans = rejected
+    else:
+        response = ExportLogsServiceResponse()
+        if rejected:
+            response.partial_success.rejected_log_records = rejected
+    if rejected:
+        response.partial_success.error_message = message
+    return response
 
 
 class Overloaded(Exception):

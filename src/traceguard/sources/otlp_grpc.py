@@ -15,11 +15,11 @@ from concurrent import futures
 import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.rpc.error_details_pb2 import RetryInfo
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
 from traceguard.decode.otlp_proto import decode_logs_message, decode_traces_message
-from traceguard.sources.live import LiveIngest, Overloaded
+from traceguard.sources.live import LiveIngest, Overloaded, export_response
 
 
 def _refuse(context, overloaded: Overloaded) -> None:
@@ -53,11 +53,7 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         except Overloaded as exc:
             _refuse(context, exc)
         self._ingest.forward("traces", request.SerializeToString)
-        response = trace_service_pb2.ExportTraceServiceResponse()
-        if rejected:
-            response.partial_success.rejected_spans = rejected
-            response.partial_success.error_message = message
-        return response
+        return export_response("traces", rejected, message)
 
 
 class LogsService(logs_service_pb2_grpc.LogsServiceServicer):
@@ -69,11 +65,7 @@ class LogsService(logs_service_pb2_grpc.LogsServiceServicer):
         decoded = decode_logs_message(request, self._ingest.config.decode)
         rejected, message = self._ingest.logs(decoded, "grpc")
         self._ingest.forward("logs", request.SerializeToString)
-        response = logs_service_pb2.ExportLogsServiceResponse()
-        if rejected:
-            response.partial_success.rejected_log_records = rejected
-            response.partial_success.error_message = message
-        return response
+        return export_response("logs", rejected, message)
 
 
 def start_grpc(ingest: LiveIngest, address: str, *, max_request_bytes: int, token: str | None = None,

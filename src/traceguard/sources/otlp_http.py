@@ -17,12 +17,10 @@ from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 from google.protobuf.json_format import MessageToDict
 from google.rpc.status_pb2 import Status
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from traceguard.decode import DecodeError, decode_logs_json, decode_logs_proto, decode_traces_json, decode_traces_proto
 from traceguard.sources.forward import json_to_protobuf
-from traceguard.sources.live import LiveIngest, Overloaded
+from traceguard.sources.live import LiveIngest, Overloaded, export_response
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -102,17 +100,7 @@ def create_otlp_http(ingest: LiveIngest, *, max_request_bytes: int, token: str |
             rejected, message = await run_in_threadpool(handle, body, content_type, signal)
         except _Refused as refused:
             return _answer(Status(code=0, message=refused.message), answer_type, refused.status, refused.headers)
-        if signal == "traces":
-            response = ExportTraceServiceResponse()
-            if rejected:
-                response.partial_success.rejected_spans = rejected
-                response.partial_success.error_message = message
-        else:
-            response = ExportLogsServiceResponse()
-            if rejected:
-                response.partial_success.rejected_log_records = rejected
-                response.partial_success.error_message = message
-        return _answer(response, answer_type)
+        return _answer(export_response(signal, rejected, message), answer_type)
 
     @app.post("/v1/traces")
     async def traces(request: Request) -> Response:
