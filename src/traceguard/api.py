@@ -39,7 +39,13 @@ def _since(value: str | None) -> int | None:
     return int(moment.timestamp() * 1e9)
 
 
-def create_api(store: SqliteStore, metrics: Metrics, ready: Callable[[], bool]) -> FastAPI:
+def _require(store: SqliteStore | None) -> None:
+    if store is None:
+        raise HTTPException(404, "this instance keeps no findings store (start it with --state-dir)")
+
+
+def create_api(store: SqliteStore | None, metrics: Metrics, ready: Callable[[], bool]) -> FastAPI:
+    """``store`` None (a Kafka consumer without a state dir): the findings endpoints answer 404."""
     app = FastAPI(title="traceguard", version=__version__,
                   description="Findings of the traceguard distributed-trace anomaly detector.")
 
@@ -53,6 +59,7 @@ def create_api(store: SqliteStore, metrics: Metrics, ready: Callable[[], bool]) 
         limit: int = Query(100, ge=1, le=1000),
         cursor: str | None = Query(None, pattern=r"^\d+$"),
     ) -> AnomalyPage:
+        _require(store)
         items, following = store.query(
             kind=kind.value if kind else None, service=service, operation=operation, trace_id=trace_id,
             since=_since(since), limit=limit, cursor=int(cursor) if cursor else None,
@@ -61,6 +68,7 @@ def create_api(store: SqliteStore, metrics: Metrics, ready: Callable[[], bool]) 
 
     @app.get("/api/anomalies/{anomaly_id}", response_model=Anomaly)
     def get_anomaly(anomaly_id: str) -> Anomaly:
+        _require(store)
         anomaly = store.get(anomaly_id)
         if anomaly is None:
             raise HTTPException(404, f"no anomaly {anomaly_id}")

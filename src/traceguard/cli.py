@@ -1,4 +1,4 @@
-"""Command line: ``traceguard replay``, ``train`` and ``serve`` (consume to come)."""
+"""Command line: ``traceguard replay``, ``train``, ``serve`` and ``consume``."""
 
 from __future__ import annotations
 
@@ -44,6 +44,26 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-trace-age", help="age at which any trace is decided (default 5m)")
     serve.add_argument("--forward-to", help="upstream OTLP/gRPC HOST:PORT that gets every accepted request")
     serve.add_argument("--model-dir", help="trained models (traceguard train) to start from if the state dir has none")
+    consume = commands.add_parser("consume", help="Kafka stream processor: a consumer group member reading the "
+                                  "Collector's kafka exporter topics")
+    consume.add_argument("--bootstrap-servers", help="Kafka brokers, HOST:PORT[,HOST:PORT...]")
+    consume.add_argument("--group", help="consumer group (default traceguard)")
+    consume.add_argument("--traces-topic", help="spans topic (default otlp_spans)")
+    consume.add_argument("--logs-topic", help="logs topic (default otlp_logs; '' for none)")
+    consume.add_argument("--encoding", help="otlp_proto (default) or otlp_json")
+    consume.add_argument("--time", help="wall (default, live) or event (backfills: the replay watermark)")
+    consume.add_argument("--initial-offset", help="earliest or latest (default): where a new group starts")
+    consume.add_argument("--state-dir", help="SQLite store, model snapshots and checkpoint")
+    consume.add_argument("--out", help="also append findings as JSONL to this file")
+    consume.add_argument("--anomalies-topic", help="findings topic (default traceguard_anomalies; '' for none)")
+    consume.add_argument("--dead-letter-topic", help="copy undecodable records here")
+    consume.add_argument("--api-listen", help="serve the HTTP API and /metrics on HOST:PORT")
+    consume.add_argument("--exit-at-end", action="store_const", const=True,
+                         help="stop once caught up with the end offsets seen at start and everything is decided")
+    consume.add_argument("--config", type=Path, help="TOML, YAML or JSON file with the settings")
+    consume.add_argument("--decision-wait", help="quiet time before a rooted trace is decided (default 30s)")
+    consume.add_argument("--max-trace-age", help="age at which any trace is decided (default 5m)")
+    consume.add_argument("--allowed-lateness", help="event-time out-of-orderness tolerated (default 5s)")
     replay.add_argument("--model-dir", type=Path, help="start the learned detectors from this model directory")
     train.add_argument("--model-dir", type=Path, required=True,
                        help="model directory to write (and to start from, if it holds models)")
@@ -60,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         flags.update({"serve.grpc_listen": args.grpc_listen, "serve.http_listen": args.http_listen,
                       "serve.api_listen": args.api_listen, "serve.state_dir": args.state_dir,
                       "serve.forward_to": args.forward_to, "serve.model_dir": args.model_dir})
+    elif args.command == "consume":
+        flags["assembler.allowed_lateness"] = args.allowed_lateness
+        flags.update({f"consume.{name}": getattr(args, name) for name in (
+            "bootstrap_servers", "group", "traces_topic", "logs_topic", "encoding", "time", "initial_offset",
+            "state_dir", "out", "anomalies_topic", "dead_letter_topic", "api_listen", "exit_at_end")})
     else:
         flags["assembler.allowed_lateness"] = args.allowed_lateness
     try:
@@ -74,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
             return serve.run(config)
         except (OSError, RuntimeError, ModelFileError) as exc:
             print(f"traceguard: cannot serve: {exc}", file=sys.stderr)
+            return 2
+    if args.command == "consume":
+        from kafka.errors import KafkaError
+
+        from traceguard import consume
+
+        try:
+            return consume.run(config)
+        except (KafkaError, OSError, ModelFileError) as exc:
+            print(f"traceguard: cannot consume: {exc}", file=sys.stderr)
             return 2
     models = None
     if args.model_dir is not None and (args.command == "replay" or (args.model_dir / "manifest.json").exists()):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -163,6 +163,51 @@ class ServeConfig(_Section):
         return self
 
 
+class ConsumeConfig(_Section):
+    """The Kafka stream processor (``traceguard consume``); names and formats as the Collector's kafka exporter."""
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated HOST:PORT list of Kafka brokers.")
+    group: str = Field("traceguard", min_length=1, description="Consumer group: consumers in one group split the partitions.")
+    traces_topic: str = Field("otlp_spans", min_length=1)
+    logs_topic: str | None = Field("otlp_logs", description="Empty: read no logs.")
+    encoding: Literal["otlp_proto", "otlp_json"] = Field("otlp_proto", description="Message encoding, as the exporter's `encoding`.")
+    initial_offset: Literal["earliest", "latest"] = Field(
+        "latest", description="Where a group without committed offsets starts (the Collector's kafka receiver default)."
+    )
+    time: Literal["wall", "event"] = Field(
+        "wall", description="wall: live decisions; event: the replay watermark, for backfills (deterministic)."
+    )
+    anomalies_topic: str | None = Field("traceguard_anomalies", description="Findings as JSON, keyed by trace id or stage; empty: none.")
+    dead_letter_topic: str | None = Field(None, description="Undecodable records are copied here (with their origin in headers).")
+    state_dir: Path | None = Field(None, description="SQLite store, model snapshots and the detectors' checkpoint.")
+    out: Path | None = Field(None, description="Also append findings as JSONL here.")
+    api_listen: str | None = Field(None, description="Serve the HTTP API and /metrics here (HOST:PORT).")
+    exit_at_end: bool = Field(False, description="Stop once caught up with the end offsets seen at start and all is decided.")
+    commit_interval: DurationNs = Field(parse_duration("5s"), description="How often decided offsets are committed.")
+    poll_timeout: DurationNs = Field(parse_duration("200ms"))
+    max_poll_records: int = Field(500, ge=1)
+    max_buffered_records: int = Field(200, ge=1, description="Fetched records held per partition (event-time merge); the partition is paused beyond.")
+    max_partition_fetch_bytes: int = Field(1 << 20, ge=1024)
+    fetch_max_bytes: int = Field(16 << 20, ge=1024)
+    session_timeout: DurationNs = Field(parse_duration("10s"))
+    heartbeat_interval: DurationNs = Field(parse_duration("3s"))
+    pause_at: float = Field(0.95, gt=0, le=1, description="Share of max_spans_in_flight in use at which partitions pause (wall time).")
+    resume_at: float = Field(0.8, gt=0, le=1, description="...and at or below which they resume.")
+    snapshot_interval: DurationNs = Field(parse_duration("5m"), description="How often learned models are saved to state_dir.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ConsumeConfig":
+        if self.resume_at > self.pause_at:
+            raise ValueError("resume_at must not exceed pause_at")
+        if self.heartbeat_interval >= self.session_timeout:
+            raise ValueError("heartbeat_interval must be below session_timeout")
+        if self.api_listen is not None:
+            host, _, port = self.api_listen.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"api_listen must be HOST:PORT, got {self.api_listen!r}")
+        return self
+
+
 class PipelineConfig(_Section):
     decode: DecodeConfig = DecodeConfig()
     assembler: AssemblerConfig = AssemblerConfig()
@@ -170,6 +215,7 @@ class PipelineConfig(_Section):
     learned: LearnedConfig = LearnedConfig()
     logs: LogConfig = LogConfig()
     serve: ServeConfig = ServeConfig()
+    consume: ConsumeConfig = ConsumeConfig()
 
 
 class ConfigError(ValueError):

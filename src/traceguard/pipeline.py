@@ -7,7 +7,7 @@ Nothing here knows where rows came from.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from traceguard.assemble import Clock, TraceAssembler
 from traceguard.config import PipelineConfig
@@ -27,8 +27,11 @@ class Pipeline:
         sinks: Sequence[Sink],
         metrics: Metrics | None = None,
         models: Models | None = None,
+        on_decided: Callable[[bytes], None] | None = None,
     ) -> None:
-        """``models`` starts the learned detectors from saved state instead of from nothing."""
+        """``models`` starts the learned detectors from saved state instead of from nothing;
+        ``on_decided`` hears of each decided trace once its findings are in the sinks
+        (the Kafka source commits offsets by it)."""
         self.config = config
         self.metrics = metrics or Metrics()
         self._clock = clock
@@ -44,6 +47,7 @@ class Pipeline:
         self._late = LateSpan()
         self.logs = LogIndex(config.logs, clock.now, self.metrics)
         self.assembler = TraceAssembler(config.assembler, clock, self._on_trace, self._on_late, self.metrics)
+        self._on_decided = on_decided
         self._closed = False
 
     def accept_spans(self, rows: Iterable[SpanRow]) -> None:
@@ -61,19 +65,50 @@ class Pipeline:
                 self._emit(anomaly, self._logs_of(anomaly))
         return more
 
-    def close(self) -> None:
-        """Decides everything still in flight, settles the learned detectors,
-        then flushes and closes the sinks."""
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def now(self) -> int:
+        """The pipeline clock's time (event-time watermark or wall clock)."""
+        return self._clock.now()
+
+    def discard(self, trace_ids: Iterable[bytes]) -> int:
+        """Forgets these traces and their logs undecided: the source will deliver them again."""
+        trace_ids = list(trace_ids)
+        self.logs.drop(trace_ids)
+        return self.assembler.discard(trace_ids)
+
+    def flush_sinks(self) -> None:
+        """Makes every finding emitted so far durable in the sinks (before a source commits)."""
+        for sink in self._sinks:
+            sink.flush()
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The learned pairing history of the structural detectors, as JSON-ready data."""
+        return {type(d).__name__: d.state() for d in self._completeness if hasattr(d, "state")}
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        for detector in self._completeness:
+            if hasattr(detector, "restore") and type(detector).__name__ in checkpoint:
+                detector.restore(checkpoint[type(detector).__name__])
+
+    def close(self, decide_in_flight: bool = True) -> None:
+        """Decides everything still in flight and settles the learned detectors
+        (unless ``decide_in_flight`` is false: a stream processor that stops
+        leaves its undecided traces to be read again), then flushes and closes
+        the sinks."""
         if self._closed:
             return
         self._closed = True
-        self._clock.finish()
-        self.advance()
-        self.assembler.flush()
-        now = self._clock.now()
-        for learner in self._learners:
-            for anomaly in learner.flush(now):
-                self._emit(anomaly, self._logs_of(anomaly))
+        if decide_in_flight:
+            self._clock.finish()
+            self.advance()
+            self.assembler.flush()
+            now = self._clock.now()
+            for learner in self._learners:
+                for anomaly in learner.flush(now):
+                    self._emit(anomaly, self._logs_of(anomaly))
         for sink in self._sinks:
             sink.close()
 
@@ -89,10 +124,12 @@ class Pipeline:
         if not found:
             for learner in self._learners:
                 learner.learn(trace)
-            return
-        logs = self.logs.get(trace.trace_id)
-        for anomaly in found:
-            self._emit(anomaly, logs if anomaly.trace_id else self._logs_of(anomaly))
+        else:
+            logs = self.logs.get(trace.trace_id)
+            for anomaly in found:
+                self._emit(anomaly, logs if anomaly.trace_id else self._logs_of(anomaly))
+        if self._on_decided is not None:
+            self._on_decided(trace.trace_id)
 
     def _logs_of(self, anomaly: Anomaly) -> list[LogRow]:
         """The trace's logs, or for a stage-level finding its exemplars' logs."""

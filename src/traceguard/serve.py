@@ -9,20 +9,17 @@ in flight, save the models, close the store, exit 0, all within
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import uvicorn
-
 from traceguard.api import create_api
 from traceguard.assemble import WallClock
-from traceguard.config import PipelineConfig, split_address
+from traceguard.config import PipelineConfig
+from traceguard.httpd import HttpServers
 from traceguard.metrics import Metrics
 from traceguard.models import Models, store as model_store
 from traceguard.pipeline import Pipeline
@@ -45,20 +42,6 @@ class Bound:
     api: int
 
 
-def _bind(address: str) -> socket.socket:
-    host, port = split_address(address)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(f"cannot listen on {address}: {exc.strerror}") from None
-    sock.listen(128)
-    return sock
-
-
 class _TimedStore:
     """The store as a sink, timing each finding from its decision to its row."""
 
@@ -68,6 +51,9 @@ class _TimedStore:
     def emit(self, anomaly) -> None:
         self._store.emit(anomaly)
         self._metrics.observe("traceguard_finding_store_seconds", (time.time_ns() - anomaly.detected_at) / 1e9)
+
+    def flush(self) -> None:
+        self._store.flush()
 
     def close(self) -> None:
         """The store itself is closed last, by Server.stop, after the final flush."""
@@ -84,15 +70,14 @@ class Server:
         metrics = Metrics()
         sinks = [_TimedStore(self.store, metrics)]
         if serve.jsonl_out is not None:
-            sinks.append(JsonlSink(open(serve.jsonl_out, "a", encoding="utf-8"), owns_stream=True))
+            sinks.append(JsonlSink.append_to(serve.jsonl_out))
         self.pipeline = Pipeline(config, WallClock(), sinks, metrics, models)
         self.forwarder = (Forwarder(serve.forward_to, self.pipeline.metrics, serve.forward_queue)
                           if serve.forward_to else None)
         self.ingest = LiveIngest(self.pipeline, self.store, config, self.forwarder)
         self._ready = False
         self._stopping = threading.Event()
-        self._servers: list[uvicorn.Server] = []
-        self._loop_thread: threading.Thread | None = None
+        self._http = HttpServers()
         self._ticker: threading.Thread | None = None
         self._grpc = None
         self.bound: Bound | None = None
@@ -111,36 +96,23 @@ class Server:
         tls = None
         if serve.tls_cert is not None:
             tls = (serve.tls_key.read_bytes(), serve.tls_cert.read_bytes())
-        # Bind the HTTP sockets here, so an address in use fails now, plainly.
-        sockets = [_bind(serve.http_listen), _bind(serve.api_listen)]
-        self._grpc, grpc_port = start_grpc(self.ingest, serve.grpc_listen, max_request_bytes=serve.max_request_bytes,
-                                           token=serve.token, tls=tls)
+        # Bind the HTTP sockets first, so an address in use fails now, plainly.
         otlp_http = create_otlp_http(self.ingest, max_request_bytes=serve.max_request_bytes, token=serve.token)
         api = create_api(self.store, self.pipeline.metrics, lambda: self._ready and not self._stopping.is_set())
-        for app, tls_files in ((otlp_http, serve.tls_cert), (api, None)):
-            options = {"ssl_certfile": str(serve.tls_cert), "ssl_keyfile": str(serve.tls_key)} if tls_files else {}
-            self._servers.append(uvicorn.Server(uvicorn.Config(
-                app, log_level="warning", access_log=False, lifespan="off", **options)))
-        self._loop_thread = threading.Thread(target=self._run_loop, args=(sockets,), name="http", daemon=True)
-        self._loop_thread.start()
-        deadline = time.monotonic() + 30
-        while not all(server.started for server in self._servers):
-            if time.monotonic() > deadline or not self._loop_thread.is_alive():
-                raise RuntimeError("the HTTP listeners did not start")
-            time.sleep(0.01)
-        http_port, api_port = (sock.getsockname()[1] for sock in sockets)
+        http_port = self._http.add(otlp_http, serve.http_listen, serve.tls_cert, serve.tls_key)
+        api_port = self._http.add(api, serve.api_listen)
+        try:
+            self._grpc, grpc_port = start_grpc(self.ingest, serve.grpc_listen,
+                                               max_request_bytes=serve.max_request_bytes, token=serve.token, tls=tls)
+        except Exception:
+            self._http.stop(0)
+            raise
+        self._http.start()
         self._ticker = threading.Thread(target=self._tick, name="ticker", daemon=True)
         self._ticker.start()
         self.bound = Bound(grpc_port, http_port, api_port)
         self._ready = True
         return self.bound
-
-    def _run_loop(self, sockets: list[socket.socket]) -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(asyncio.gather(*(
-            server.serve(sockets=[sock]) for server, sock in zip(self._servers, sockets))))
-        loop.close()
 
     def _tick(self) -> None:
         serve = self.config.serve
@@ -167,10 +139,7 @@ class Server:
         timeout = self.config.serve.shutdown_timeout / 1e9
         if self._grpc is not None:
             self._grpc.stop(grace=min(2.0, timeout / 3)).wait(timeout / 3)
-        for server in self._servers:
-            server.should_exit = True
-        if self._loop_thread is not None:
-            self._loop_thread.join(timeout / 3)
+        self._http.stop(timeout / 3)
         if self._ticker is not None:
             self._ticker.join(timeout / 3)
         if self.forwarder is not None:

@@ -134,6 +134,19 @@ class TraceAssembler:
         self._expire_decided(now)
         return False
 
+    def discard(self, trace_ids) -> int:
+        """Forgets these traces, in flight or decided, without deciding them: their
+        spans will be read again from the source (a Kafka partition that moved to
+        another consumer, or back to this one). Returns how many were in flight."""
+        dropped = 0
+        for trace_id in trace_ids:
+            pending = self._pending.pop(trace_id, None)
+            if pending is not None:
+                self.spans_in_flight -= len(pending.rows)
+                dropped += 1
+            self._decided.pop(trace_id, None)
+        return dropped
+
     def flush(self) -> None:
         """Decides everything in flight (end of input, shutdown)."""
         now = self._clock.now()

@@ -50,6 +50,11 @@ class EventTimeClock:
         """The input has ended: nothing older than the newest event can come."""
         self._finished = True
 
+    def reset(self) -> None:
+        """The input starts over from an earlier point (a Kafka rebalance): forget the watermark."""
+        self._max_seen = 0
+        self._finished = False
+
 
 class WallClock:
     def observe(self, event_time: int) -> int:

@@ -23,11 +23,15 @@ class _Stage:
 
     __slots__ = ("seen", "paired", "uninstrumented_peer")
 
-    def __init__(self, span: Span) -> None:
-        self.seen = 0
-        self.paired = 0
+    def __init__(self, uninstrumented_peer: bool, seen: int = 0, paired: int = 0) -> None:
+        self.seen = seen
+        self.paired = paired
+        self.uninstrumented_peer = uninstrumented_peer
+
+    @classmethod
+    def of(cls, span: Span) -> "_Stage":
         # Kept attributes are a stage fact (decode.common.StageAttributes).
-        self.uninstrumented_peer = any(key in _UNINSTRUMENTED_PEER for key, _ in span.attrs or ())
+        return cls(any(key in _UNINSTRUMENTED_PEER for key, _ in span.attrs or ()))
 
 
 def _failed_without_response(span: Span) -> bool:
@@ -50,7 +54,7 @@ class UnpairedClientSpan:
             key = (span.service, span.name)
             stage = self.stages_.get(key)
             if stage is None:
-                stage = _Stage(span)
+                stage = _Stage.of(span)
                 if len(self.stages_) < config.unpaired_max_stages:
                     self.stages_[key] = stage
             if stage.uninstrumented_peer or _failed_without_response(span):
@@ -66,6 +70,15 @@ class UnpairedClientSpan:
                 stage.seen //= 2
                 stage.paired //= 2
         return findings
+
+    def state(self) -> list[list]:
+        """The pairing history, so a restarted stream processor judges as it did before."""
+        return [[service, name, stage.seen, stage.paired, stage.uninstrumented_peer]
+                for (service, name), stage in self.stages_.items()]
+
+    def restore(self, state: list[list]) -> None:
+        for service, name, seen, paired, uninstrumented in state[: self._config.unpaired_max_stages]:
+            self.stages_[(str(service), str(name))] = _Stage(bool(uninstrumented), int(seen), int(paired))
 
     def _finding(self, trace: Trace, span: Span, seen: int, ratio: float) -> Anomaly:
         peer = span.attr("peer.service") or span.attr("server.address")

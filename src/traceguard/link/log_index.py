@@ -48,6 +48,13 @@ class LogIndex:
         entry = self._by_trace.get(trace_id)
         return entry[1] if entry else []
 
+    def drop(self, trace_ids) -> None:
+        """Forgets these traces' records: they will be read again from the source."""
+        for trace_id in trace_ids:
+            entry = self._by_trace.pop(trace_id, None)
+            if entry is not None:
+                self.records -= len(entry[1])
+
     def _evict(self, now: int) -> None:
         horizon = now - self._config.ttl
         by_trace = self._by_trace

@@ -1,4 +1,6 @@
-"""Sinks: where findings go. One protocol; ``close()`` is idempotent and flushes."""
+"""Sinks: where findings go. One protocol: ``flush()`` makes what was emitted
+durable (a source commits its input only after it), ``close()`` is
+idempotent and flushes."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from traceguard.sinks.memory import MemorySink
 
 class Sink(Protocol):
     def emit(self, anomaly: Anomaly) -> None: ...
+
+    def flush(self) -> None: ...
 
     def close(self) -> None: ...
 

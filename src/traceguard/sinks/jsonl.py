@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import IO
 
 from traceguard.records import Anomaly
+
+
+_TAIL = 4 << 20  # far longer than a finding with all its linked logs
 
 
 class JsonlSink:
@@ -13,9 +18,35 @@ class JsonlSink:
         self._owns = owns_stream
         self._closed = False
 
+    @classmethod
+    def append_to(cls, path: Path) -> "JsonlSink":
+        """Appends to ``path``, first cutting off a torn last line that a killed
+        process left: it was written after the last commit, so the source
+        delivers its finding again."""
+        if path.exists():
+            with open(path, "rb+") as existing:
+                size = existing.seek(0, os.SEEK_END)
+                start = max(0, size - _TAIL)
+                existing.seek(start)
+                tail = existing.read()
+                if tail and not tail.endswith(b"\n"):
+                    cut = tail.rfind(b"\n")
+                    if cut >= 0 or start == 0:
+                        existing.truncate(start + cut + 1)
+                    else:  # a line longer than any finding: keep it, end it
+                        existing.write(b"\n")
+        return cls(open(path, "a", encoding="utf-8"), owns_stream=True)
+
     def emit(self, anomaly: Anomaly) -> None:
         self._stream.write(anomaly.model_dump_json())
         self._stream.write("\n")
+
+    def flush(self) -> None:
+        self._stream.flush()
+        try:
+            os.fsync(self._stream.fileno())
+        except (OSError, ValueError):  # stdout to a pipe or terminal: nothing to sync
+            pass
 
     def close(self) -> None:
         if self._closed:

@@ -13,5 +13,8 @@ class MemorySink:
     def emit(self, anomaly: Anomaly) -> None:
         self.anomalies.append(anomaly)
 
+    def flush(self) -> None:
+        """Nothing to make durable."""
+
     def close(self) -> None:
         self.closed = True

@@ -92,6 +92,9 @@ class SqliteStore:
                 changed += 1
         return changed
 
+    def flush(self) -> None:
+        """Every upsert is its own committed transaction already."""
+
     def close(self) -> None:
         with self._lock:
             if not self._closed:

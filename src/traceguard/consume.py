@@ -1,0 +1,150 @@
+"""The Kafka stream-processor front end: topics → pipeline → anomalies topic, store, JSONL.
+
+One process is one member of the consumer group; more processes split the
+partitions. ``--state-dir`` keeps the SQLite store, the learned models
+(snapshotted every ``snapshot_interval`` and at stop) and the structural
+detectors' checkpoint (written at every commit, before the offsets), so a
+restarted member judges the re-read records as the one before it would have.
+SIGTERM/SIGINT: commit what is decided and leave the group; undecided traces
+are read again by the next owner. ``--exit-at-end``: once caught up with the
+end offsets seen at start, decide everything and commit all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from traceguard.assemble import EventTimeClock, WallClock
+from traceguard.config import PipelineConfig
+from traceguard.metrics import Metrics
+from traceguard.models import store as model_store
+from traceguard.pipeline import Pipeline
+from traceguard.sinks import JsonlSink
+from traceguard.sinks.kafka import KafkaTopicSink
+from traceguard.sinks.sqlite import SqliteStore
+from traceguard.sources.kafka import KafkaSource, SinkFailed
+from traceguard.sources.kafka_offsets import OffsetTracker
+
+log = logging.getLogger("traceguard.consume")
+
+CHECKPOINT = "checkpoint.json"
+
+
+class Consumer:
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        c = config.consume
+        self.state_dir = c.state_dir
+        metrics = Metrics()
+        self.store = None
+        models = None
+        sinks = []
+        if self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.store = SqliteStore(self.state_dir / "anomalies.sqlite")
+            sinks.append(self.store)
+            if (self.state_dir / "models" / "manifest.json").exists():
+                models = model_store.load(self.state_dir / "models", config.learned)
+                log.info("learned state loaded from %s", self.state_dir / "models")
+        if c.out is not None:
+            sinks.append(JsonlSink.append_to(c.out))
+        self.producer = None
+        if c.anomalies_topic or c.dead_letter_topic:
+            self.producer = KafkaProducer(bootstrap_servers=c.bootstrap_servers.split(","), acks="all",
+                                          linger_ms=20, client_id=f"traceguard-{c.group}")
+        if c.anomalies_topic:
+            sinks.append(KafkaTopicSink(self.producer, c.anomalies_topic, metrics))
+        self.clock = EventTimeClock(config.assembler.allowed_lateness) if c.time == "event" else None
+        self.tracker = OffsetTracker()
+        self.pipeline = Pipeline(config, self.clock or WallClock(), sinks, metrics, models,
+                                 on_decided=self.tracker.release)
+        self._restore_checkpoint()
+        relink = None
+        if self.store is not None:
+            relink = lambda trace_id, logs: self.store.relink(trace_id, logs, config.logs.max_linked)  # noqa: E731
+        self.source = KafkaSource(config, self.pipeline, self.tracker, self.clock, self.producer,
+                                  on_commit=self._checkpoint, relink=relink)
+        self._next_snapshot = time.monotonic() + c.snapshot_interval / 1e9
+
+    def _restore_checkpoint(self) -> None:
+        if self.state_dir is None or not (self.state_dir / CHECKPOINT).exists():
+            return
+        try:
+            self.pipeline.restore(json.loads((self.state_dir / CHECKPOINT).read_text()))
+        except (ValueError, TypeError) as exc:
+            log.warning("ignoring an unreadable checkpoint %s: %s", self.state_dir / CHECKPOINT, exc)
+
+    def _checkpoint(self) -> None:
+        """Before every commit: the detectors' state, atomically; the models when due."""
+        if self.state_dir is None:
+            return
+        temporary = self.state_dir / f".{CHECKPOINT}.tmp"
+        temporary.write_text(json.dumps(self.pipeline.checkpoint()))
+        os.replace(temporary, self.state_dir / CHECKPOINT)
+        if time.monotonic() >= self._next_snapshot:
+            self.snapshot()
+
+    def snapshot(self) -> None:
+        if self.state_dir is not None:
+            model_store.save(self.pipeline.models, self.state_dir / "models")
+            self._next_snapshot = time.monotonic() + self.config.consume.snapshot_interval / 1e9
+
+    def run(self, stop: threading.Event) -> int:
+        """Returns the exit status: 0 when stopped or caught up, 1 when findings could not be written."""
+        status = 0
+        try:
+            caught_up = self.source.run(stop.is_set)
+            self.source.finish(caught_up)
+            self.snapshot()
+            log.info("%s", "caught up: everything read is decided and committed" if caught_up
+                     else "stopped: decided offsets committed")
+        except SinkFailed as exc:
+            log.error("%s; stopping without committing them (they are read again on restart)", exc)
+            status = 1
+        finally:
+            self.source.close()
+            if self.producer is not None:
+                try:
+                    self.producer.close(timeout=5)
+                except KafkaError:
+                    pass
+            if self.store is not None:
+                self.store.close()
+        return status
+
+
+def run(config: PipelineConfig) -> int:
+    """``traceguard consume``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # the client narrates every connection at INFO
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    consumer = Consumer(config)
+    http = None
+    if config.consume.api_listen:
+        from traceguard.api import create_api
+        from traceguard.httpd import HttpServers
+
+        http = HttpServers()
+        port = http.add(create_api(consumer.store, consumer.pipeline.metrics, lambda: not stop.is_set()),
+                        config.consume.api_listen)
+        http.start()
+        log.info("API and /metrics on port %d", port)
+    c = config.consume
+    log.info("consuming %s as group %r from %s (%s, %s time)", ", ".join(t for t in (c.traces_topic, c.logs_topic) if t),
+             c.group, c.bootstrap_servers, c.encoding, c.time)
+    try:
+        return consumer.run(stop)
+    finally:
+        if http is not None:
+            http.stop(5)
+

@@ -1,0 +1,362 @@
+"""The Kafka source: one member of a consumer group reading what the
+OpenTelemetry Collector's kafka exporter writes (one ExportTraceServiceRequest
+/ ExportLogsServiceRequest per message, ``otlp_proto`` or ``otlp_json``).
+
+At least once, nothing lost: offsets are committed only up to the oldest
+record whose traces are still undecided (``kafka_offsets``), after the sinks
+have flushed. On revocation the partitions' undecided traces are dropped (the
+next owner reads them again from the committed offset).
+
+Event time (``--time event``, backfills) merges the assigned partitions by
+the event time of their next record, as replay merges files, waiting for a
+partition that is behind unless it has caught up with its end: decisions do
+not depend on how the broker happens to interleave partitions. Fetched
+records wait in a bounded buffer per partition; a full buffer pauses its
+partition. With the wall clock, reaching the in-flight bound pauses every
+partition until decisions free room (with event time the bound decides the
+oldest traces early, as replay does, since time only moves by reading).
+
+Poison records (a value that does not decode as the configured encoding)
+are counted, logged with topic/partition/offset, optionally copied to a
+dead-letter topic, and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import orjson
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from traceguard.assemble import EventTimeClock
+from traceguard.config import PipelineConfig
+from traceguard.decode import DecodeError, decode_logs_json, decode_logs_proto, decode_traces_json, decode_traces_proto
+from traceguard.decode.common import StageAttributes
+from traceguard.pipeline import Pipeline
+from traceguard.sources.kafka_offsets import OffsetTracker
+
+log = logging.getLogger("traceguard.kafka")
+
+
+class SinkFailed(RuntimeError):
+    """A sink could not make findings durable; offsets must not be committed past them."""
+
+
+@dataclass(slots=True)
+class _Record:
+    partition: TopicPartition
+    offset: int
+    signal: str
+    rows: list = field(default_factory=list)
+    rejected: int = 0
+    errors: list[str] = field(default_factory=list)
+    poison: bool = False
+    event_time: int = 0
+
+
+class KafkaSource:
+    """Feeds a pipeline from the traces and logs topics; ``run()`` until stopped or caught up."""
+
+    def __init__(self, config: PipelineConfig, pipeline: Pipeline, tracker: OffsetTracker,
+                 clock: EventTimeClock | None, producer: KafkaProducer | None = None,
+                 on_commit: Callable[[], None] | None = None,
+                 relink: Callable[[bytes, list], None] | None = None) -> None:
+        """``clock`` is the pipeline's event-time clock (None: wall time); ``producer`` is
+        shared with the anomalies sink and carries dead letters; ``on_commit`` runs after the
+        sinks flushed and before offsets are committed (the state-dir checkpoint); ``relink``
+        gets the logs that came for an already decided trace."""
+        self.config = config
+        self.consume = config.consume
+        self.pipeline = pipeline
+        self.metrics = pipeline.metrics
+        self.tracker = tracker
+        self.clock = clock
+        self.producer = producer
+        self._on_commit = on_commit
+        self._relink = relink
+        self._stages = StageAttributes(config.decode.max_stages)
+        self._buffers: dict[TopicPartition, deque[_Record]] = {}
+        self._paused_full: set[TopicPartition] = set()
+        self._backpressure = False
+        self._assigned_once = False
+        self._end_at_start: dict[TopicPartition, int] = {}
+        self._topics = [t for t in (self.consume.traces_topic, self.consume.logs_topic) if t]
+        self.consumer = self._connect()
+        self.metrics.gauge("traceguard_kafka_assigned_partitions", lambda: len(self._buffers))
+        self.metrics.gauge("traceguard_kafka_paused_partitions", lambda: len(self.consumer.paused()))
+        self.metrics.gauge("traceguard_kafka_buffered_records", lambda: sum(map(len, self._buffers.values())))
+
+    def _connect(self) -> KafkaConsumer:
+        c = self.consume
+        consumer = KafkaConsumer(
+            bootstrap_servers=c.bootstrap_servers.split(","),
+            group_id=c.group,
+            client_id=f"traceguard-{c.group}",
+            enable_auto_commit=False,
+            auto_offset_reset=c.initial_offset,
+            max_poll_records=c.max_poll_records,
+            max_partition_fetch_bytes=c.max_partition_fetch_bytes,
+            fetch_max_bytes=c.fetch_max_bytes,
+            receive_message_max_bytes=c.fetch_max_bytes + (1 << 20),
+            session_timeout_ms=c.session_timeout // 1_000_000,
+            heartbeat_interval_ms=c.heartbeat_interval // 1_000_000,
+        )
+        if c.exit_at_end:
+            partitions = [TopicPartition(topic, p) for topic in self._topics
+                          for p in sorted(consumer.partitions_for_topic(topic) or ())]
+            self._end_at_start = consumer.end_offsets(partitions) if partitions else {}
+        consumer.subscribe(self._topics, listener=_Listener(self))
+        return consumer
+
+    # -- the loop -------------------------------------------------------------
+    def run(self, should_stop: Callable[[], bool]) -> bool:
+        """Reads until ``should_stop()`` or, with ``exit_at_end``, until caught up.
+
+        Returns:
+            whether it ended by catching up (everything read was decided and committed).
+
+        Raises:
+            SinkFailed: findings could not be made durable; nothing past them was committed.
+        """
+        c = self.consume
+        next_commit = time.monotonic() + c.commit_interval / 1e9
+        caught_up = False
+        while not should_stop():
+            polled = self.consumer.poll(timeout_ms=c.poll_timeout // 1_000_000)
+            for partition, messages in polled.items():
+                buffer = self._buffers.get(partition)
+                if buffer is None:  # revoked between fetch and now
+                    continue
+                buffer.extend(self._decode(partition, message) for message in messages)
+            self._process()
+            if self.clock is None:
+                self.pipeline.advance()
+            self._flow_control()
+            if c.exit_at_end and self._caught_up():
+                caught_up = True
+                break
+            if time.monotonic() >= next_commit:
+                self.commit()
+                next_commit = time.monotonic() + c.commit_interval / 1e9
+        return caught_up
+
+    def finish(self, caught_up: bool) -> None:
+        """Ends the pipeline and commits: after catching up, decides everything in flight
+        (the backfill is over); otherwise leaves the undecided to be read again."""
+        try:
+            self.pipeline.close(decide_in_flight=caught_up)  # flushes and closes the sinks
+        except (KafkaError, OSError) as exc:
+            raise SinkFailed(f"findings could not be made durable: {exc}") from exc
+        self.commit()
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+
+    # -- decoding and processing ---------------------------------------------
+    def _decode(self, partition: TopicPartition, message) -> _Record:
+        signal = "traces" if partition.topic == self.consume.traces_topic else "logs"
+        record = _Record(partition, message.offset, signal)
+        try:
+            decoded = self._decode_value(signal, message.value or b"")
+        except DecodeError as exc:
+            self._poison(partition, message, str(exc))
+            record.poison = True
+            return record
+        record.rows, record.rejected, record.errors = decoded.rows, decoded.rejected, decoded.errors
+        times = [row.end for row in record.rows if row.end] if signal == "traces" else \
+            [row.time for row in record.rows if row.time]
+        record.event_time = min(times, default=0)
+        return record
+
+    def _decode_value(self, signal: str, value: bytes):
+        decode = self.config.decode
+        if self.consume.encoding == "otlp_proto":
+            if signal == "traces":
+                return decode_traces_proto(value, decode, self._stages)
+            return decode_logs_proto(value, decode)
+        try:
+            document = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise DecodeError(f"not JSON: {exc}") from None
+        if not isinstance(document, dict):
+            raise DecodeError("not an OTLP/JSON object")
+        if signal == "traces":
+            return decode_traces_json(document, decode, self._stages)
+        return decode_logs_json(document, decode)
+
+    def _poison(self, partition: TopicPartition, message, error: str) -> None:
+        self.metrics.inc("traceguard_kafka_poison_records_total", topic=partition.topic)
+        log.warning("poison record skipped: %s/%d@%d: %s", partition.topic, partition.partition, message.offset, error)
+        dead = self.consume.dead_letter_topic
+        if dead and self.producer is not None:
+            headers = [("traceguard.error", error.encode()[:1000]), ("traceguard.topic", partition.topic.encode()),
+                       ("traceguard.partition", str(partition.partition).encode()),
+                       ("traceguard.offset", str(message.offset).encode())]
+            self.producer.send(dead, key=message.key, value=message.value, headers=headers)
+            self.metrics.inc("traceguard_kafka_dead_letters_total", topic=partition.topic)
+
+    def _process(self) -> None:
+        if self.clock is None:
+            for buffer in self._buffers.values():
+                while buffer:
+                    self._handle(buffer.popleft())
+            return
+        while True:
+            best = None
+            for partition, buffer in self._buffers.items():
+                if buffer:
+                    if best is None or buffer[0].event_time < best[0]:
+                        best = (buffer[0].event_time, buffer)
+                elif not self._drained(partition):
+                    return  # wait for this partition: a record older than the others may come
+            if best is None:
+                return
+            self._handle(best[1].popleft())
+
+    def _drained(self, partition: TopicPartition) -> bool:
+        """Read up to its end as far as known; it does not hold the others back."""
+        position = self.consumer.position(partition)
+        if self.consume.exit_at_end and position >= self._end_at_start.get(partition, 0):
+            return True
+        highwater = self.consumer.highwater(partition)
+        return highwater is not None and position >= highwater
+
+    def _handle(self, record: _Record) -> None:
+        partition = record.partition
+        if record.poison:
+            self.tracker.track(partition, record.offset, (), ())
+            return
+        assembler = self.pipeline.assembler
+        trace_ids = {row.trace_id for row in record.rows}
+        undecided = [t for t in trace_ids if not assembler.is_decided(t)]
+        expires = None
+        if record.signal == "logs":
+            expires = self.pipeline.now() + self.config.logs.ttl
+        self.tracker.track(partition, record.offset, trace_ids, undecided, expires)
+        kind = "spans" if record.signal == "traces" else "logs"
+        self.metrics.inc(f"traceguard_{kind}_received_total", len(record.rows) + record.rejected, transport="kafka")
+        if record.rejected:
+            self.metrics.inc(f"traceguard_{kind}_rejected_total", record.rejected, transport="kafka")
+            log.warning("%s/%d@%d: %d %s rejected: %s", partition.topic, partition.partition, record.offset,
+                        record.rejected, kind, "; ".join(record.errors))
+        if record.signal == "traces":
+            self.pipeline.accept_spans(record.rows)
+        else:
+            self.pipeline.accept_logs(record.rows)
+            if self._relink is not None:
+                for trace_id in trace_ids.difference(undecided):
+                    self._relink(trace_id, self.pipeline.logs.get(trace_id))
+        if self.clock is not None:
+            self.pipeline.advance()
+
+    # -- flow control -----------------------------------------------------------
+    def _flow_control(self) -> None:
+        c = self.consume
+        limit = c.max_buffered_records
+        for partition, buffer in self._buffers.items():
+            if len(buffer) >= limit and partition not in self._paused_full:
+                self._paused_full.add(partition)
+            elif len(buffer) <= limit // 2 and partition in self._paused_full:
+                self._paused_full.discard(partition)
+        if self.clock is None:
+            bound = self.config.assembler.max_spans_in_flight
+            in_use = bound - self.pipeline.assembler.room()
+            if not self._backpressure and in_use >= c.pause_at * bound:
+                self._backpressure = True
+                self.metrics.inc("traceguard_kafka_backpressure_pauses_total")
+                log.info("in-flight bound reached (%d spans): pausing all partitions", in_use)
+            elif self._backpressure and in_use <= c.resume_at * bound:
+                self._backpressure = False
+                log.info("room again (%d spans in flight): resuming", in_use)
+        want = set(self._buffers) if self._backpressure else self._paused_full & set(self._buffers)
+        paused = self.consumer.paused()
+        if want != paused:
+            if paused - want:
+                self.consumer.resume(*(paused - want))
+            if want - paused:
+                self.consumer.pause(*(want - paused))
+
+    def _caught_up(self) -> bool:
+        if not self._assigned_once:
+            return False
+        return all(not self._buffers[p] and self.consumer.position(p) >= self._end_at_start.get(p, 0)
+                   for p in self._buffers)
+
+    # -- commits and rebalances ------------------------------------------------------
+    def commit(self, partitions=None) -> None:
+        """Flushes the sinks, then commits what is decided (of ``partitions``, default all assigned).
+
+        Raises:
+            SinkFailed: a sink could not flush; nothing is committed.
+        """
+        try:
+            if not self.pipeline.closed:
+                self.pipeline.flush_sinks()
+            if self.producer is not None:
+                self.producer.flush()
+        except (KafkaError, OSError) as exc:
+            raise SinkFailed(f"findings could not be made durable: {exc}") from exc
+        self.tracker.expire(self.pipeline.now())
+        if self._on_commit is not None:
+            self._on_commit()
+        offsets = {}
+        for partition in (self._buffers if partitions is None else partitions):
+            offset = self.tracker.committable(partition)
+            if offset is not None:
+                offsets[partition] = OffsetAndMetadata(offset, "", -1)
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets)
+        except KafkaError as exc:  # a rebalance took the partitions; their next owner reads again
+            self.metrics.inc("traceguard_kafka_commit_failures_total")
+            log.warning("offset commit failed: %s", exc)
+            return
+        self.metrics.inc("traceguard_kafka_commits_total")
+        for partition, meta in offsets.items():
+            self.tracker.committed(partition, meta.offset)
+
+    def _revoked(self, partitions) -> None:
+        partitions = [p for p in partitions if p in self._buffers]
+        if not partitions:
+            return
+        self.commit(partitions)
+        trace_ids: set[bytes] = set()
+        for partition in partitions:
+            trace_ids |= self.tracker.revoke(partition)
+            del self._buffers[partition]
+            self._paused_full.discard(partition)
+        dropped = self.pipeline.discard(trace_ids)
+        self.metrics.inc("traceguard_kafka_traces_dropped_on_revoke_total", dropped)
+        if self.clock is not None and not self._buffers:
+            self.clock.reset()  # what is read next may be older than what was read so far
+        log.info("partitions revoked: %s (%d undecided traces left to their next owner)",
+                 _names(partitions), dropped)
+
+    def _assigned(self, partitions) -> None:
+        self._assigned_once = True
+        for partition in partitions:
+            self._buffers.setdefault(partition, deque())
+        self.metrics.inc("traceguard_kafka_rebalances_total")
+        log.info("partitions assigned: %s", _names(partitions) or "none")
+
+
+def _names(partitions) -> str:
+    return ", ".join(f"{p.topic}/{p.partition}" for p in sorted(partitions))
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, source: KafkaSource) -> None:
+        self._source = source
+
+    def on_partitions_revoked(self, revoked) -> None:
+        self._source._revoked(revoked)
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self._source._assigned(assigned)
