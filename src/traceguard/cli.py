@@ -106,10 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         from traceguard import consume
 
         try:
-            return consume.run(config)
+            status, metrics = consume.run(config)
         except (KafkaError, OSError, ModelFileError) as exc:
             print(f"traceguard: cannot consume: {exc}", file=sys.stderr)
             return 2
+        _print_summary(metrics.snapshot(), "consume")
+        return status
     models = None
     if args.model_dir is not None and (args.command == "replay" or (args.model_dir / "manifest.json").exists()):
         try:
@@ -161,12 +163,16 @@ def _print_summary(snapshot: dict, command: str) -> None:
         by_kind[kind] = by_kind.get(kind, 0) + count
     decided = snapshot.get("traceguard_traces_decided_total", {})
     traces = sum(decided.values()) if isinstance(decided, dict) else decided
-    lines = [f"traceguard {command}: {snapshot.get('traceguard_spans_accepted_total', 0)} spans, "
+    records = snapshot.get("traceguard_kafka_records_total")
+    read = f"{sum(records.values())} records, " if isinstance(records, dict) else ""
+    lines = [f"traceguard {command}: {read}{snapshot.get('traceguard_spans_accepted_total', 0)} spans, "
              f"{traces} traces, {sum(by_kind.values())} anomalies"]
     lines += [f"  {kind:<26} {count:>8}" for kind, count in sorted(by_kind.items())]
     for name in ("traceguard_replay_corrupt_total", "traceguard_spans_rejected_total",
                  "traceguard_logs_rejected_total", "traceguard_traces_evicted_total",
-                 "traceguard_logs_evicted_total", "traceguard_logs_dropped_total"):
+                 "traceguard_logs_evicted_total", "traceguard_logs_dropped_total",
+                 "traceguard_kafka_poison_records_total", "traceguard_kafka_dead_letters_total",
+                 "traceguard_kafka_traces_dropped_on_revoke_total"):
         value = snapshot.get(name)
         if isinstance(value, dict):
             lines += [f"  {name}{{{labels}}}: {count}" for labels, count in value.items()]

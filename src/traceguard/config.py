@@ -184,6 +184,11 @@ class ConsumeConfig(_Section):
     api_listen: str | None = Field(None, description="Serve the HTTP API and /metrics here (HOST:PORT).")
     exit_at_end: bool = Field(False, description="Stop once caught up with the end offsets seen at start and all is decided.")
     commit_interval: DurationNs = Field(parse_duration("5s"), description="How often decided offsets are committed.")
+    commit_metadata_bytes: int = Field(
+        4000, ge=0,
+        description="Room for the decided traces that straddle a commit point in the commit's metadata "
+                    "(the broker's offset.metadata.max.bytes, 4096 by default, must allow it).",
+    )
     poll_timeout: DurationNs = Field(parse_duration("200ms"))
     max_poll_records: int = Field(500, ge=1)
     max_buffered_records: int = Field(200, ge=1, description="Fetched records held per partition (event-time merge); the partition is paused beyond.")

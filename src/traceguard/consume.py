@@ -79,7 +79,7 @@ class Consumer:
             return
         try:
             self.pipeline.restore(json.loads((self.state_dir / CHECKPOINT).read_text()))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, KeyError) as exc:
             log.warning("ignoring an unreadable checkpoint %s: %s", self.state_dir / CHECKPOINT, exc)
 
     def _checkpoint(self) -> None:
@@ -121,8 +121,8 @@ class Consumer:
         return status
 
 
-def run(config: PipelineConfig) -> int:
-    """``traceguard consume``."""
+def run(config: PipelineConfig) -> tuple[int, Metrics]:
+    """``traceguard consume``: the exit status and the metrics for the summary."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # the client narrates every connection at INFO
     stop = threading.Event()
@@ -143,7 +143,7 @@ def run(config: PipelineConfig) -> int:
     log.info("consuming %s as group %r from %s (%s, %s time)", ", ".join(t for t in (c.traces_topic, c.logs_topic) if t),
              c.group, c.bootstrap_servers, c.encoding, c.time)
     try:
-        return consumer.run(stop)
+        return consumer.run(stop), consumer.pipeline.metrics
     finally:
         if http is not None:
             http.stop(5)

@@ -15,6 +15,7 @@ from traceguard.detect import LateSpan, completeness_detectors, learned_detector
 from traceguard.link import LogIndex, link_logs
 from traceguard.metrics import Metrics
 from traceguard.models import Models
+from traceguard.models import store as model_store
 from traceguard.records import Anomaly, LogRow, Span, SpanRow, Trace
 from traceguard.sinks import Sink
 
@@ -85,13 +86,21 @@ class Pipeline:
             sink.flush()
 
     def checkpoint(self) -> dict[str, Any]:
-        """The learned pairing history of the structural detectors, as JSON-ready data."""
-        return {type(d).__name__: d.state() for d in self._completeness if hasattr(d, "state")}
+        """The learned state that is cheap to write at every commit, as JSON-ready
+        data: the structural detectors' pairing history and the learned trace
+        structure. (Latency baselines and forests go into model snapshots.)"""
+        return {
+            "detectors": {type(d).__name__: d.state() for d in self._completeness if hasattr(d, "state")},
+            "structure": model_store.structure_state(self.models),
+        }
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
+        detectors = checkpoint.get("detectors", {})
         for detector in self._completeness:
-            if hasattr(detector, "restore") and type(detector).__name__ in checkpoint:
-                detector.restore(checkpoint[type(detector).__name__])
+            if hasattr(detector, "restore") and type(detector).__name__ in detectors:
+                detector.restore(detectors[type(detector).__name__])
+        if "structure" in checkpoint:
+            model_store.restore_structure(self.models, checkpoint["structure"])
 
     def close(self, decide_in_flight: bool = True) -> None:
         """Decides everything still in flight and settles the learned detectors

@@ -69,6 +69,17 @@ class TraceAssembler:
         """Whether the trace was decided (and is still remembered)."""
         return trace_id in self._decided
 
+    def decided_at(self, trace_id: bytes) -> int | None:
+        return self._decided.get(trace_id)
+
+    def remember_decided(self, trace_id: bytes, decided_at: int) -> None:
+        """Another process decided this trace (a Kafka partition's previous owner):
+        its further spans are late."""
+        if self._config.decided_memory and trace_id not in self._pending:
+            self._decided[trace_id] = decided_at
+            if len(self._decided) > self._config.decided_memory:
+                self._decided.popitem(last=False)
+
     def room(self) -> int:
         """Spans that can still be taken before the bound; live sources push back at 0."""
         return self._config.max_spans_in_flight - self.spans_in_flight

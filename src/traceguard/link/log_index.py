@@ -34,7 +34,10 @@ class LogIndex:
         for row in rows:
             entry = self._by_trace.get(row.trace_id)
             if entry is None:
-                entry = self._by_trace[row.trace_id] = (now, [])
+                # The record's own time when it is ahead: on event time, logs read
+                # before any span (the watermark still at its start) must not
+                # look a lifetime old and be evicted at once.
+                entry = self._by_trace[row.trace_id] = (max(now, row.time), [])
             records = entry[1]
             if len(records) >= config.max_per_trace:
                 self._metrics.inc("traceguard_logs_dropped_total", reason="per_trace_bound")

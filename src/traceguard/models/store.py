@@ -109,20 +109,29 @@ def _load_latency(models: Models, path: Path) -> None:
         model.set_slow_threshold(stage)
 
 
-def _save_structure(models: Models, path: Path) -> None:
-    roots = [
+def structure_state(models: Models) -> dict:
+    """The learned structure as JSON-ready data (small: counts per stage)."""
+    return {"roots": [
         {"service": service, "operation": operation, "traces": root.traces,
          "stages": [[*stage, count] for stage, count in root.stages.items()]}
         for (service, operation), root in models.structure.roots_.items()
-    ]
-    path.write_text(json.dumps({"roots": roots}))
+    ]}
 
 
-def _load_structure(models: Models, path: Path) -> None:
-    for item in json.loads(path.read_text())["roots"]:
+def restore_structure(models: Models, state: dict) -> None:
+    models.structure.roots_.clear()
+    for item in state["roots"]:
         root = models.structure.roots_[(str(item["service"]), str(item["operation"]))] = RootStructure()
         root.traces = int(item["traces"])
         root.stages = {(str(s), str(o), int(k)): int(c) for s, o, k, c in item["stages"]}
+
+
+def _save_structure(models: Models, path: Path) -> None:
+    path.write_text(json.dumps(structure_state(models)))
+
+
+def _load_structure(models: Models, path: Path) -> None:
+    restore_structure(models, json.loads(path.read_text()))
 
 
 def _rows(forest: RootForest) -> np.ndarray:

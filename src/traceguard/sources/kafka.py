@@ -23,6 +23,7 @@ dead-letter topic, and skipped.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
@@ -86,6 +87,8 @@ class KafkaSource:
         self._backpressure = False
         self._assigned_once = False
         self._end_at_start: dict[TopicPartition, int] = {}
+        # partition → {trace id: last offset} of traces decided before this member read it
+        self._skip: dict[TopicPartition, dict[bytes, int]] = {}
         self._topics = [t for t in (self.consume.traces_topic, self.consume.logs_topic) if t]
         self.consumer = self._connect()
         self.metrics.gauge("traceguard_kafka_assigned_partitions", lambda: len(self._buffers))
@@ -203,9 +206,7 @@ class KafkaSource:
 
     def _process(self) -> None:
         if self.clock is None:
-            for buffer in self._buffers.values():
-                while buffer:
-                    self._handle(buffer.popleft())
+            self._process_arrival_order()
             return
         while True:
             best = None
@@ -219,6 +220,24 @@ class KafkaSource:
                 return
             self._handle(best[1].popleft())
 
+    def _process_arrival_order(self) -> None:
+        """Wall time: records as they come, but none that would not fit in the
+        in-flight bound; the rest wait in their buffers, partitions paused."""
+        assembler = self.pipeline.assembler
+        for buffer in self._buffers.values():
+            while buffer:
+                if assembler.room() < len(buffer[0].rows) and assembler.spans_in_flight:
+                    self._pause_for_room()
+                    return
+                self._handle(buffer.popleft())
+
+    def _pause_for_room(self) -> None:
+        if not self._backpressure:
+            self._backpressure = True
+            self.metrics.inc("traceguard_kafka_backpressure_pauses_total")
+            log.info("in-flight bound reached (%d spans): pausing all partitions",
+                     self.pipeline.assembler.spans_in_flight)
+
     def _drained(self, partition: TopicPartition) -> bool:
         """Read up to its end as far as known; it does not hold the others back."""
         position = self.consumer.position(partition)
@@ -229,16 +248,20 @@ class KafkaSource:
 
     def _handle(self, record: _Record) -> None:
         partition = record.partition
+        self.metrics.inc("traceguard_kafka_records_total", topic=partition.topic)
         if record.poison:
-            self.tracker.track(partition, record.offset, (), ())
+            self.tracker.track_done(partition, record.offset)
             return
+        if record.signal == "traces" and partition in self._skip:
+            self._skip_decided(record)
         assembler = self.pipeline.assembler
         trace_ids = {row.trace_id for row in record.rows}
-        undecided = [t for t in trace_ids if not assembler.is_decided(t)]
-        expires = None
-        if record.signal == "logs":
-            expires = self.pipeline.now() + self.config.logs.ttl
-        self.tracker.track(partition, record.offset, trace_ids, undecided, expires)
+        if record.signal == "traces":
+            undecided = [t for t in trace_ids if not assembler.is_decided(t)]
+            self.tracker.track_spans(partition, record.offset, trace_ids, undecided)
+        else:
+            self.tracker.track_logs(partition, record.offset, trace_ids, assembler.is_decided,
+                                    self.pipeline.now() + self.config.logs.ttl)
         kind = "spans" if record.signal == "traces" else "logs"
         self.metrics.inc(f"traceguard_{kind}_received_total", len(record.rows) + record.rejected, transport="kafka")
         if record.rejected:
@@ -250,10 +273,21 @@ class KafkaSource:
         else:
             self.pipeline.accept_logs(record.rows)
             if self._relink is not None:
-                for trace_id in trace_ids.difference(undecided):
-                    self._relink(trace_id, self.pipeline.logs.get(trace_id))
+                for trace_id in trace_ids:
+                    if assembler.is_decided(trace_id):
+                        self._relink(trace_id, self.pipeline.logs.get(trace_id))
         if self.clock is not None:
             self.pipeline.advance()
+
+    def _skip_decided(self, record: _Record) -> None:
+        """Drops the rows of traces the partition's previous reader decided (commit metadata)."""
+        skip = self._skip[record.partition]
+        kept = [row for row in record.rows if skip.get(row.trace_id, -1) < record.offset]
+        if len(kept) != len(record.rows):
+            self.metrics.inc("traceguard_kafka_spans_already_decided_total", len(record.rows) - len(kept))
+            record.rows = kept
+        if record.offset >= max(skip.values()):
+            del self._skip[record.partition]
 
     # -- flow control -----------------------------------------------------------
     def _flow_control(self) -> None:
@@ -266,11 +300,9 @@ class KafkaSource:
                 self._paused_full.discard(partition)
         if self.clock is None:
             bound = self.config.assembler.max_spans_in_flight
-            in_use = bound - self.pipeline.assembler.room()
+            in_use = self.pipeline.assembler.spans_in_flight
             if not self._backpressure and in_use >= c.pause_at * bound:
-                self._backpressure = True
-                self.metrics.inc("traceguard_kafka_backpressure_pauses_total")
-                log.info("in-flight bound reached (%d spans): pausing all partitions", in_use)
+                self._pause_for_room()
             elif self._backpressure and in_use <= c.resume_at * bound:
                 self._backpressure = False
                 log.info("room again (%d spans in flight): resuming", in_use)
@@ -309,7 +341,7 @@ class KafkaSource:
         for partition in (self._buffers if partitions is None else partitions):
             offset = self.tracker.committable(partition)
             if offset is not None:
-                offsets[partition] = OffsetAndMetadata(offset, "", -1)
+                offsets[partition] = OffsetAndMetadata(offset, self._metadata(partition, offset), -1)
         if not offsets:
             return
         try:
@@ -322,6 +354,33 @@ class KafkaSource:
         for partition, meta in offsets.items():
             self.tracker.committed(partition, meta.offset)
 
+    def _metadata(self, partition: TopicPartition, offset: int) -> str:
+        """The straddlers of the commit point, for the next reader: [[trace hex, last offset, decided at], ...]."""
+        entries = []
+        size = 2
+        for trace_id, last in self.tracker.straddlers(partition, offset).items():
+            entry = [trace_id.hex(), last, self.pipeline.assembler.decided_at(trace_id) or 0]
+            size += len(json.dumps(entry)) + 1
+            if size > self.consume.commit_metadata_bytes:
+                self.metrics.inc("traceguard_kafka_straddlers_unrecorded_total")
+                continue
+            entries.append(entry)
+        return json.dumps(entries, separators=(",", ":")) if entries else ""
+
+    def _read_metadata(self, partition: TopicPartition) -> None:
+        """What the partition's previous reader left in its commit (see ``_metadata``)."""
+        committed = self.consumer.committed(partition, metadata=True)
+        if committed is None or not committed.metadata:
+            return
+        try:
+            entries = [(bytes.fromhex(t), int(last), int(at)) for t, last, at in json.loads(committed.metadata)]
+        except (ValueError, TypeError):
+            log.warning("%s/%d: unreadable commit metadata ignored", partition.topic, partition.partition)
+            return
+        for trace_id, _, decided_at in entries:
+            self.pipeline.assembler.remember_decided(trace_id, decided_at)
+        self._skip[partition] = {trace_id: last for trace_id, last, _ in entries}
+
     def _revoked(self, partitions) -> None:
         partitions = [p for p in partitions if p in self._buffers]
         if not partitions:
@@ -332,6 +391,7 @@ class KafkaSource:
             trace_ids |= self.tracker.revoke(partition)
             del self._buffers[partition]
             self._paused_full.discard(partition)
+            self._skip.pop(partition, None)
         dropped = self.pipeline.discard(trace_ids)
         self.metrics.inc("traceguard_kafka_traces_dropped_on_revoke_total", dropped)
         if self.clock is not None and not self._buffers:
@@ -343,6 +403,8 @@ class KafkaSource:
         self._assigned_once = True
         for partition in partitions:
             self._buffers.setdefault(partition, deque())
+            if partition.topic == self.consume.traces_topic:
+                self._read_metadata(partition)
         self.metrics.inc("traceguard_kafka_rebalances_total")
         log.info("partitions assigned: %s", _names(partitions) or "none")
 

@@ -1,58 +1,103 @@
-"""Which Kafka offsets may be committed: per partition, up to the oldest record
-whose traces are not all decided yet.
+"""Which Kafka offsets may be committed, and what a re-reader must be told.
 
-A crash or a rebalance then re-reads from there instead of losing what was in
-flight; deterministic finding ids make the repeated findings harmless. A
-record waits for the trace ids it carries that were undecided when it was
-read (a span record for its traces, a log record for the traces its logs
-belong to); the pipeline's decisions release them. A log record whose trace
-never comes is released when it expires (the log index's TTL), so one orphan
-log cannot hold a partition's commits back for ever.
+Per partition, offsets are committed up to the oldest record whose traces are
+not all decided yet: a crash or a rebalance re-reads from there instead of
+losing what was in flight, and deterministic finding ids make the repeated
+findings harmless.
+
+Two things keep the re-read findings the same as the first ones:
+
+* A trace whose records lie on both sides of a commit point ("straddler":
+  decided, but a record of it was read after the oldest undecided trace
+  began, a late span for one) would be re-assembled from its later records
+  only. The commit
+  carries, in its metadata, each straddler's last offset read and decision
+  time; whoever reads the partition next skips those records and treats later
+  ones as late spans.
+* A log record is held (not committed) until every trace it belongs to is
+  decided and all of that trace's span records are committed, so a trace that
+  is decided again after a re-read gets the same logs linked. A log record
+  whose trace never comes is released at its expiry (the log index's TTL).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Hashable, Iterable
+from typing import Callable, Hashable, Iterable
 
 
 class _Partition:
-    __slots__ = ("next_offset", "waiting", "records")
+    __slots__ = ("next_offset", "waiting", "records", "last_offset", "straddlers")
 
     def __init__(self) -> None:
         self.next_offset: int | None = None
-        # offset → [traces still undecided, expiry or None, their ids]; insertion order is offset order.
+        # offset → [traces still awaited, expiry or None, their ids]; insertion order is offset order.
         self.waiting: dict[int, list] = {}
         # (offset, trace ids) of every record past the last commit: what a new owner reads again.
         self.records: deque[tuple[int, tuple[bytes, ...]]] = deque()
+        self.last_offset: dict[bytes, int] = {}  # trace → its last record's offset, for traces in `records`
+        self.straddlers: set[bytes] = set()
 
 
 class OffsetTracker:
     def __init__(self) -> None:
         self._partitions: dict[Hashable, _Partition] = {}
-        self._waiters: dict[bytes, list[tuple[_Partition, int]]] = {}
+        self._decision_waiters: dict[bytes, list[tuple[_Partition, int]]] = {}
+        self._settle_waiters: dict[bytes, list[tuple[_Partition, int]]] = {}
+        self._open: dict[bytes, int] = {}  # trace → its span records not yet committed
 
-    def track(self, partition: Hashable, offset: int, trace_ids: Iterable[bytes],
-              undecided: Iterable[bytes], expires_at: int | None = None) -> None:
-        """Records that ``offset`` was read; it waits until every id in ``undecided`` is released.
-
-        Call it before the record's rows enter the pipeline: a trace decided on
-        entry (an in-flight bound) must find its waiter already there.
-        """
+    def _part(self, partition: Hashable) -> _Partition:
         part = self._partitions.get(partition)
         if part is None:
             part = self._partitions[partition] = _Partition()
-        part.next_offset = offset + 1
-        part.records.append((offset, tuple(trace_ids)))
+        return part
+
+    def track_spans(self, partition: Hashable, offset: int, trace_ids: Iterable[bytes],
+                    undecided: Iterable[bytes]) -> None:
+        """A span record was read; it waits until every trace in ``undecided`` is decided.
+
+        Call it before the rows enter the pipeline: a trace decided on entry (an
+        in-flight bound) must find its waiter already there.
+        """
+        part = self._part(partition)
+        trace_ids = tuple(trace_ids)
         undecided = set(undecided)
-        if undecided:
-            part.waiting[offset] = [len(undecided), expires_at, undecided]
-            for trace_id in undecided:
-                self._waiters.setdefault(trace_id, []).append((part, offset))
+        self._add(part, offset, trace_ids, undecided, None, self._decision_waiters)
+        for trace_id in trace_ids:
+            self._open[trace_id] = self._open.get(trace_id, 0) + 1
+            part.last_offset[trace_id] = offset
+            if trace_id not in undecided:  # a late span: the trace was decided from earlier records
+                part.straddlers.add(trace_id)
+
+    def track_logs(self, partition: Hashable, offset: int, trace_ids: Iterable[bytes],
+                   is_decided: Callable[[bytes], bool], expires_at: int | None) -> None:
+        """A log record was read; it waits until its traces are settled (decided, span records committed)."""
+        trace_ids = tuple(trace_ids)
+        unsettled = {t for t in trace_ids if t in self._open or not is_decided(t)}
+        self._add(self._part(partition), offset, (), unsettled, expires_at, self._settle_waiters)
+
+    def track_done(self, partition: Hashable, offset: int) -> None:
+        """A record that waits for nothing (poison, or rows already accounted for)."""
+        self._add(self._part(partition), offset, (), set(), None, self._decision_waiters)
+
+    def _add(self, part: _Partition, offset: int, trace_ids: tuple, awaited: set, expires_at: int | None,
+             waiters: dict) -> None:
+        part.next_offset = offset + 1
+        part.records.append((offset, trace_ids))
+        if awaited:
+            part.waiting[offset] = [len(awaited), expires_at, awaited]
+            for trace_id in awaited:
+                waiters.setdefault(trace_id, []).append((part, offset))
 
     def release(self, trace_id: bytes) -> None:
         """The trace is decided and its findings are in the sinks."""
-        for part, offset in self._waiters.pop(trace_id, ()):
+        self._wake(self._decision_waiters.pop(trace_id, ()))
+        if trace_id not in self._open:  # no span record of it is uncommitted (e.g. never read here)
+            self._wake(self._settle_waiters.pop(trace_id, ()))
+
+    @staticmethod
+    def _wake(waiters) -> None:
+        for part, offset in waiters:
             entry = part.waiting.get(offset)
             if entry is not None:
                 entry[0] -= 1
@@ -71,12 +116,13 @@ class OffsetTracker:
         return expired
 
     def _unwait(self, part: _Partition, trace_ids: Iterable[bytes]) -> None:
-        for trace_id in trace_ids:
-            waiters = self._waiters.get(trace_id)
-            if waiters is not None:
-                waiters[:] = [w for w in waiters if w[0] is not part]
-                if not waiters:
-                    del self._waiters[trace_id]
+        for waiters in (self._decision_waiters, self._settle_waiters):
+            for trace_id in trace_ids:
+                entries = waiters.get(trace_id)
+                if entries is not None:
+                    entries[:] = [w for w in entries if w[0] is not part]
+                    if not entries:
+                        del waiters[trace_id]
 
     def committable(self, partition: Hashable) -> int | None:
         """The offset to commit (the next record to read after a restart), or None if nothing was read."""
@@ -85,17 +131,33 @@ class OffsetTracker:
             return None
         return next(iter(part.waiting), part.next_offset)
 
-    def committed(self, partition: Hashable, offset: int) -> None:
-        """Forgets the records before a committed offset."""
+    def straddlers(self, partition: Hashable, offset: int) -> dict[bytes, int]:
+        """Decided traces with records on both sides of ``offset``: trace → its last offset read."""
         part = self._partitions.get(partition)
-        if part is not None:
-            while part.records and part.records[0][0] < offset:
-                part.records.popleft()
+        if part is None:
+            return {}
+        before = {t for o, ids in part.records if o < offset for t in ids}
+        after = {t for o, ids in part.records if o >= offset for t in ids}
+        return {t: part.last_offset[t] for t in (before | part.straddlers) & after}
 
-    def pending(self, partition: Hashable) -> int:
-        """Records of the partition read but not yet committable."""
+    def committed(self, partition: Hashable, offset: int) -> None:
+        """Forgets the records before a committed offset; settles traces whose span records are all committed."""
         part = self._partitions.get(partition)
-        return len(part.waiting) if part is not None else 0
+        if part is None:
+            return
+        while part.records and part.records[0][0] < offset:
+            _, trace_ids = part.records.popleft()
+            for trace_id in trace_ids:
+                left = self._open[trace_id] - 1
+                if left:
+                    self._open[trace_id] = left
+                    part.straddlers.add(trace_id)
+                    continue
+                del self._open[trace_id]
+                part.last_offset.pop(trace_id, None)
+                part.straddlers.discard(trace_id)
+                if trace_id not in self._decision_waiters:
+                    self._wake(self._settle_waiters.pop(trace_id, ()))
 
     def revoke(self, partition: Hashable) -> set[bytes]:
         """Drops the partition; returns the trace ids of its records past the
@@ -104,9 +166,20 @@ class OffsetTracker:
         if part is None:
             return set()
         start = next(iter(part.waiting), part.next_offset)
-        trace_ids = {trace_id for offset, ids in part.records if start is None or offset >= start for trace_id in ids}
+        trace_ids = set()
+        for offset, ids in part.records:
+            for trace_id in ids:
+                left = self._open.get(trace_id, 1) - 1
+                if left > 0:
+                    self._open[trace_id] = left
+                else:
+                    self._open.pop(trace_id, None)
+                if start is None or offset >= start:
+                    trace_ids.add(trace_id)
         self._unwait(part, {trace_id for entry in part.waiting.values() for trace_id in entry[2]})
         return trace_ids
 
-    def partitions(self) -> list[Hashable]:
-        return list(self._partitions)
+    def pending(self, partition: Hashable) -> int:
+        """Records of the partition read but not yet committable."""
+        part = self._partitions.get(partition)
+        return len(part.waiting) if part is not None else 0
