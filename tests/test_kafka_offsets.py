@@ -57,7 +57,7 @@ def test_revoke_returns_the_traces_a_new_owner_reads_again():
     tracker.track_spans("p0", 2, [C], [C])
     tracker.release(A)
     tracker.committed("p0", tracker.committable("p0"))  # commits 1
-    tracker.release(C)  # decided, but past the commit point: it will be read again
+    tracker.release(C)  # decided, but past the last commit: it will be read again
     assert tracker.revoke("p0") == {B, C}
     assert tracker.committable("p0") is None
 
@@ -103,3 +103,15 @@ def test_straddlers_are_decided_traces_on_both_sides_of_the_commit_point():
     tracker.release(B)
     tracker.committed("p0", tracker.committable("p0"))
     assert tracker.straddlers("p0", 3) == {}
+
+
+def test_recently_read_records_stay_uncommitted_for_the_late_horizon():
+    tracker = OffsetTracker()
+    tracker.track_spans("p0", 0, [A], [A], stamp=100)
+    tracker.track_spans("p0", 1, [B], [B], stamp=200)
+    tracker.release(A)
+    tracker.release(B)
+    assert tracker.committable("p0") == 2
+    assert tracker.committable("p0", read_before=150) == 1  # B was read too recently
+    assert tracker.committable("p0", read_before=100) == 0
+    assert tracker.committable("p0", read_before=201) == 2

@@ -184,6 +184,11 @@ class ConsumeConfig(_Section):
     api_listen: str | None = Field(None, description="Serve the HTTP API and /metrics here (HOST:PORT).")
     exit_at_end: bool = Field(False, description="Stop once caught up with the end offsets seen at start and all is decided.")
     commit_interval: DurationNs = Field(parse_duration("5s"), description="How often decided offsets are committed.")
+    late_horizon: DurationNs = Field(
+        parse_duration("5m"),
+        description="Records read this recently stay uncommitted (pipeline clock), so after a crash or a rebalance "
+                    "a span up to this much later than its trace's decision is still known as late.",
+    )
     commit_metadata_bytes: int = Field(
         4000, ge=0,
         description="Room for the decided traces that straddle a commit point in the commit's metadata "

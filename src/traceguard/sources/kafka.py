@@ -156,7 +156,7 @@ class KafkaSource:
             self.pipeline.close(decide_in_flight=caught_up)  # flushes and closes the sinks
         except (KafkaError, OSError) as exc:
             raise SinkFailed(f"findings could not be made durable: {exc}") from exc
-        self.commit()
+        self.commit(final=caught_up)
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
@@ -250,7 +250,7 @@ class KafkaSource:
         partition = record.partition
         self.metrics.inc("traceguard_kafka_records_total", topic=partition.topic)
         if record.poison:
-            self.tracker.track_done(partition, record.offset)
+            self.tracker.track_done(partition, record.offset, self.pipeline.now())
             return
         if record.signal == "traces" and partition in self._skip:
             self._skip_decided(record)
@@ -258,10 +258,11 @@ class KafkaSource:
         trace_ids = {row.trace_id for row in record.rows}
         if record.signal == "traces":
             undecided = [t for t in trace_ids if not assembler.is_decided(t)]
-            self.tracker.track_spans(partition, record.offset, trace_ids, undecided)
+            self.tracker.track_spans(partition, record.offset, trace_ids, undecided, self.pipeline.now())
         else:
+            now = self.pipeline.now()
             self.tracker.track_logs(partition, record.offset, trace_ids, assembler.is_decided,
-                                    self.pipeline.now() + self.config.logs.ttl)
+                                    now + self.config.logs.ttl, now)
         kind = "spans" if record.signal == "traces" else "logs"
         self.metrics.inc(f"traceguard_{kind}_received_total", len(record.rows) + record.rejected, transport="kafka")
         if record.rejected:
@@ -321,8 +322,9 @@ class KafkaSource:
                    for p in self._buffers)
 
     # -- commits and rebalances ------------------------------------------------------
-    def commit(self, partitions=None) -> None:
-        """Flushes the sinks, then commits what is decided (of ``partitions``, default all assigned).
+    def commit(self, partitions=None, final: bool = False) -> None:
+        """Flushes the sinks, then commits what is decided (of ``partitions``, default all
+        assigned), keeping the last ``late_horizon`` uncommitted unless ``final``.
 
         Raises:
             SinkFailed: a sink could not flush; nothing is committed.
@@ -338,8 +340,9 @@ class KafkaSource:
         if self._on_commit is not None:
             self._on_commit()
         offsets = {}
+        read_before = None if final else self.pipeline.now() - self.consume.late_horizon
         for partition in (self._buffers if partitions is None else partitions):
-            offset = self.tracker.committable(partition)
+            offset = self.tracker.committable(partition, read_before)
             if offset is not None:
                 offsets[partition] = OffsetAndMetadata(offset, self._metadata(partition, offset), -1)
         if not offsets:

@@ -33,8 +33,8 @@ class _Partition:
         self.next_offset: int | None = None
         # offset → [traces still awaited, expiry or None, their ids]; insertion order is offset order.
         self.waiting: dict[int, list] = {}
-        # (offset, trace ids) of every record past the last commit: what a new owner reads again.
-        self.records: deque[tuple[int, tuple[bytes, ...]]] = deque()
+        # (offset, trace ids, read at) of every record past the last commit: what a new owner reads again.
+        self.records: deque[tuple[int, tuple[bytes, ...], int]] = deque()
         self.last_offset: dict[bytes, int] = {}  # trace → its last record's offset, for traces in `records`
         self.straddlers: set[bytes] = set()
 
@@ -53,7 +53,7 @@ class OffsetTracker:
         return part
 
     def track_spans(self, partition: Hashable, offset: int, trace_ids: Iterable[bytes],
-                    undecided: Iterable[bytes]) -> None:
+                    undecided: Iterable[bytes], stamp: int = 0) -> None:
         """A span record was read; it waits until every trace in ``undecided`` is decided.
 
         Call it before the rows enter the pipeline: a trace decided on entry (an
@@ -62,7 +62,7 @@ class OffsetTracker:
         part = self._part(partition)
         trace_ids = tuple(trace_ids)
         undecided = set(undecided)
-        self._add(part, offset, trace_ids, undecided, None, self._decision_waiters)
+        self._add(part, offset, trace_ids, undecided, None, self._decision_waiters, stamp)
         for trace_id in trace_ids:
             self._open[trace_id] = self._open.get(trace_id, 0) + 1
             part.last_offset[trace_id] = offset
@@ -70,20 +70,20 @@ class OffsetTracker:
                 part.straddlers.add(trace_id)
 
     def track_logs(self, partition: Hashable, offset: int, trace_ids: Iterable[bytes],
-                   is_decided: Callable[[bytes], bool], expires_at: int | None) -> None:
+                   is_decided: Callable[[bytes], bool], expires_at: int | None, stamp: int = 0) -> None:
         """A log record was read; it waits until its traces are settled (decided, span records committed)."""
         trace_ids = tuple(trace_ids)
         unsettled = {t for t in trace_ids if t in self._open or not is_decided(t)}
-        self._add(self._part(partition), offset, (), unsettled, expires_at, self._settle_waiters)
+        self._add(self._part(partition), offset, (), unsettled, expires_at, self._settle_waiters, stamp)
 
-    def track_done(self, partition: Hashable, offset: int) -> None:
+    def track_done(self, partition: Hashable, offset: int, stamp: int = 0) -> None:
         """A record that waits for nothing (poison, or rows already accounted for)."""
-        self._add(self._part(partition), offset, (), set(), None, self._decision_waiters)
+        self._add(self._part(partition), offset, (), set(), None, self._decision_waiters, stamp)
 
     def _add(self, part: _Partition, offset: int, trace_ids: tuple, awaited: set, expires_at: int | None,
-             waiters: dict) -> None:
+             waiters: dict, stamp: int) -> None:
         part.next_offset = offset + 1
-        part.records.append((offset, trace_ids))
+        part.records.append((offset, trace_ids, stamp))
         if awaited:
             part.waiting[offset] = [len(awaited), expires_at, awaited]
             for trace_id in awaited:
@@ -124,20 +124,30 @@ class OffsetTracker:
                     if not entries:
                         del waiters[trace_id]
 
-    def committable(self, partition: Hashable) -> int | None:
-        """The offset to commit (the next record to read after a restart), or None if nothing was read."""
+    def committable(self, partition: Hashable, read_before: int | None = None) -> int | None:
+        """The offset to commit (the next record to read after a restart), or None if nothing was read.
+
+        ``read_before``: also keep records read at or after this stamp uncommitted,
+        so that a re-reader re-assembles recently decided traces and knows their
+        late spans as late.
+        """
         part = self._partitions.get(partition)
         if part is None or part.next_offset is None:
             return None
-        return next(iter(part.waiting), part.next_offset)
+        offset = next(iter(part.waiting), part.next_offset)
+        if read_before is not None:
+            for record_offset, _, stamp in part.records:
+                if record_offset >= offset or stamp >= read_before:
+                    return min(offset, record_offset)
+        return offset
 
     def straddlers(self, partition: Hashable, offset: int) -> dict[bytes, int]:
         """Decided traces with records on both sides of ``offset``: trace → its last offset read."""
         part = self._partitions.get(partition)
         if part is None:
             return {}
-        before = {t for o, ids in part.records if o < offset for t in ids}
-        after = {t for o, ids in part.records if o >= offset for t in ids}
+        before = {t for o, ids, _ in part.records if o < offset for t in ids}
+        after = {t for o, ids, _ in part.records if o >= offset for t in ids}
         return {t: part.last_offset[t] for t in (before | part.straddlers) & after}
 
     def committed(self, partition: Hashable, offset: int) -> None:
@@ -146,7 +156,7 @@ class OffsetTracker:
         if part is None:
             return
         while part.records and part.records[0][0] < offset:
-            _, trace_ids = part.records.popleft()
+            _, trace_ids, _ = part.records.popleft()
             for trace_id in trace_ids:
                 left = self._open[trace_id] - 1
                 if left:
@@ -160,22 +170,20 @@ class OffsetTracker:
                     self._wake(self._settle_waiters.pop(trace_id, ()))
 
     def revoke(self, partition: Hashable) -> set[bytes]:
-        """Drops the partition; returns the trace ids of its records past the
-        commit point, which its next owner reads again."""
+        """Drops the partition; returns the trace ids of its records past the last
+        commit (call ``committed`` first), which its next owner reads again."""
         part = self._partitions.pop(partition, None)
         if part is None:
             return set()
-        start = next(iter(part.waiting), part.next_offset)
         trace_ids = set()
-        for offset, ids in part.records:
+        for _, ids, _ in part.records:  # every record kept is past the last commit
             for trace_id in ids:
                 left = self._open.get(trace_id, 1) - 1
                 if left > 0:
                     self._open[trace_id] = left
                 else:
                     self._open.pop(trace_id, None)
-                if start is None or offset >= start:
-                    trace_ids.add(trace_id)
+                trace_ids.add(trace_id)
         self._unwait(part, {trace_id for entry in part.waiting.values() for trace_id in entry[2]})
         return trace_ids
 
