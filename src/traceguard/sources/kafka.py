@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import orjson
@@ -41,6 +41,7 @@ from traceguard.decode import DecodeError, decode_logs_json, decode_logs_proto, 
 from traceguard.decode.common import StageAttributes
 from traceguard.pipeline import Pipeline
 from traceguard.sources.kafka_offsets import OffsetTracker
+from traceguard.sources.replay import Batch
 
 log = logging.getLogger("traceguard.kafka")
 
@@ -50,15 +51,12 @@ class SinkFailed(RuntimeError):
 
 
 @dataclass(slots=True)
-class _Record:
-    partition: TopicPartition
-    offset: int
-    signal: str
-    rows: list = field(default_factory=list)
-    rejected: int = 0
-    errors: list[str] = field(default_factory=list)
-    poison: bool = False
-    event_time: int = 0
+class _Record(Batch):
+    """A decoded message; ``corrupt`` for a poison record."""
+
+    partition: TopicPartition | None = None
+    offset: int = 0
+    head_time: int = 0  # its earliest event: the key of the event-time merge
 
 
 class KafkaSource:
@@ -164,17 +162,15 @@ class KafkaSource:
     # -- decoding and processing ---------------------------------------------
     def _decode(self, partition: TopicPartition, message) -> _Record:
         signal = "traces" if partition.topic == self.consume.traces_topic else "logs"
-        record = _Record(partition, message.offset, signal)
+        where = f"{partition.topic}/{partition.partition}@{message.offset}"
         try:
             decoded = self._decode_value(signal, message.value or b"")
         except DecodeError as exc:
             self._poison(partition, message, str(exc))
-            record.poison = True
-            return record
-        record.rows, record.rejected, record.errors = decoded.rows, decoded.rejected, decoded.errors
-        times = [row.end for row in record.rows if row.end] if signal == "traces" else \
-            [row.time for row in record.rows if row.time]
-        record.event_time = min(times, default=0)
+            return _Record(signal, where, corrupt=True, partition=partition, offset=message.offset)
+        record = _Record(signal, where, decoded.rows, decoded.rejected, decoded.errors,
+                         partition=partition, offset=message.offset)
+        record.head_time = record.event_time()
         return record
 
     def _decode_value(self, signal: str, value: bytes):
@@ -212,8 +208,8 @@ class KafkaSource:
             best = None
             for partition, buffer in self._buffers.items():
                 if buffer:
-                    if best is None or buffer[0].event_time < best[0]:
-                        best = (buffer[0].event_time, buffer)
+                    if best is None or buffer[0].head_time < best[0]:
+                        best = (buffer[0].head_time, buffer)
                 elif not self._drained(partition):
                     return  # wait for this partition: a record older than the others may come
             if best is None:
@@ -249,7 +245,7 @@ class KafkaSource:
     def _handle(self, record: _Record) -> None:
         partition = record.partition
         self.metrics.inc("traceguard_kafka_records_total", topic=partition.topic)
-        if record.poison:
+        if record.corrupt:
             self.tracker.track_done(partition, record.offset, self.pipeline.now())
             return
         if record.signal == "traces" and partition in self._skip:
@@ -267,8 +263,7 @@ class KafkaSource:
         self.metrics.inc(f"traceguard_{kind}_received_total", len(record.rows) + record.rejected, transport="kafka")
         if record.rejected:
             self.metrics.inc(f"traceguard_{kind}_rejected_total", record.rejected, transport="kafka")
-            log.warning("%s/%d@%d: %d %s rejected: %s", partition.topic, partition.partition, record.offset,
-                        record.rejected, kind, "; ".join(record.errors))
+            log.warning("%s: %d %s rejected: %s", record.where, record.rejected, kind, "; ".join(record.errors))
         if record.signal == "traces":
             self.pipeline.accept_spans(record.rows)
         else:
