@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient
+from kafka.errors import KafkaError
 
 from benchmarks.kafka_feed import create_topics, feed
 from benchmarks.scenario import ScenarioConfig, write_scenario
@@ -90,6 +91,8 @@ def committed(bootstrap: str, group: str) -> int:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         return sum(meta.offset for meta in admin.list_consumer_group_offsets(group).values() if meta.offset > 0)
+    except KafkaError:  # no coordinator yet on a fresh broker: nothing committed
+        return 0
     finally:
         admin.close()
 

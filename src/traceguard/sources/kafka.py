@@ -32,6 +32,7 @@ from typing import Callable
 
 import orjson
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
@@ -107,6 +108,10 @@ class KafkaSource:
             receive_message_max_bytes=c.fetch_max_bytes + (1 << 20),
             session_timeout_ms=c.session_timeout // 1_000_000,
             heartbeat_interval_ms=c.heartbeat_interval // 1_000_000,
+            # Range gives a member partition i of both topics: with the exporter's
+            # trace-id keys (and equal partition counts) a trace's logs come to
+            # the member that holds its spans.
+            partition_assignment_strategy=[RangePartitionAssignor],
         )
         if c.exit_at_end:
             partitions = [TopicPartition(topic, p) for topic in self._topics
