@@ -67,13 +67,14 @@ def encode(message, encoding: str) -> bytes:
 
 
 def feed(bootstrap: str, scenario: Path, traces_topic: str, logs_topic: str | None,
-         encoding: str = "otlp_proto", extra: list[tuple[str, bytes | None, bytes]] = ()) -> dict[str, int]:
+         encoding: str = "otlp_proto", extra: list[tuple[str, bytes | None, bytes]] = (),
+         compression: str | None = None) -> dict[str, int]:
     """Produces the scenario (traces, then logs interleaved in file order); returns messages per topic.
 
     ``extra``: (topic, key, value) records produced first (poison records in tests).
     """
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=50, batch_size=1 << 20,
-                             max_request_size=8 << 20)
+                             max_request_size=8 << 20, compression_type=compression)
     counts = {traces_topic: 0, logs_topic: 0}
     for topic, key, value in extra:
         producer.send(topic, key=key, value=value)

@@ -102,10 +102,10 @@ def replayed(scenario_proto, tmp_path_factory):
     return replay_findings(scenario_proto, tmp_path_factory.mktemp("replay") / "findings.jsonl")
 
 
-@pytest.mark.parametrize("encoding", ["otlp_proto", "otlp_json"])
-def test_consume_finds_what_replay_finds(kafka_bootstrap, scenario_proto, replayed, tmp_path, encoding):
+@pytest.mark.parametrize("encoding,compression", [("otlp_proto", None), ("otlp_json", None), ("otlp_proto", "zstd")])
+def test_consume_finds_what_replay_finds(kafka_bootstrap, scenario_proto, replayed, tmp_path, encoding, compression):
     traces, logs = topics(kafka_bootstrap)
-    sent = feed(kafka_bootstrap, scenario_proto, traces, logs, encoding)
+    sent = feed(kafka_bootstrap, scenario_proto, traces, logs, encoding, compression=compression)
     out = tmp_path / "findings.jsonl"
     anomalies_topic = f"anomalies_{traces}"
     stderr = finish(start(consume_args(kafka_bootstrap, traces, logs, out, "--encoding", encoding,
