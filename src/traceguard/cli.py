@@ -12,6 +12,7 @@ from traceguard.config import ConfigError, load_config
 from traceguard.models import store
 from traceguard.models.store import ModelFileError
 from traceguard.replay import ReplayAborted, run_replay
+from traceguard.sources.replay import FORMATS, WrongFormat
 from traceguard.sinks import JsonlSink
 
 
@@ -24,7 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="learn baselines, structure and forests from known-good trace files")
     for command in (replay, train):
         command.add_argument("traces", nargs="+", type=Path, metavar="TRACE_FILE",
-                             help="OTLP/JSON lines or length-prefixed OTLP protobuf, optionally gzip-compressed")
+                             help="OTLP/JSON lines, length-prefixed OTLP protobuf, Jaeger JSON or Zipkin v2 JSON; "
+                                  "gzip or zstd compressed or not")
+        command.add_argument("--format", default="auto", choices=FORMATS,
+                             help="input format (default: sniffed per file)")
         command.add_argument("--logs", nargs="+", type=Path, default=[], metavar="LOG_FILE",
                              help="OTLP log files to link to the findings")
         command.add_argument("--out", type=Path, help="write findings as JSONL here instead of stdout")
@@ -137,8 +141,8 @@ def _replay(args, config, models) -> int:
     try:
         result = run_replay(args.traces, args.logs, config, [sink], strict=args.strict,
                             on_batch=progress.update if progress else None,
-                            warn=progress.write if progress else _warn, models=models)
-    except (FileNotFoundError, ReplayAborted) as exc:
+                            warn=progress.write if progress else _warn, models=models, fmt=args.format)
+    except (FileNotFoundError, ReplayAborted, WrongFormat) as exc:
         print(f"traceguard: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -42,6 +42,7 @@ def run_replay(
     warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
     on_batch: Callable[[int], None] | None = None,
     models: Models | None = None,
+    fmt: str = "auto",
 ) -> ReplayResult:
     """Replays the files through one pipeline and closes it; ``models`` starts
     the learned detectors from saved state.
@@ -49,6 +50,7 @@ def run_replay(
     Raises:
         FileNotFoundError: a named file does not exist.
         ReplayAborted: ``strict`` and a problem in the input.
+        WrongFormat: ``fmt`` is not the format of a file.
     """
     for path in (*trace_paths, *log_paths):
         if not Path(path).is_file():
@@ -58,7 +60,7 @@ def run_replay(
     metrics = pipeline.metrics
     corrupt = rejected = 0
     try:
-        for batch in replay_batches(list(map(Path, trace_paths)), list(map(Path, log_paths)), config.decode):
+        for batch in replay_batches(list(map(Path, trace_paths)), list(map(Path, log_paths)), config.decode, fmt):
             if batch.corrupt or batch.rejected:
                 what = "corrupt, skipped" if batch.corrupt else f"{batch.rejected} record(s) rejected"
                 message = f"{batch.where}: {what}: {'; '.join(batch.errors)}"

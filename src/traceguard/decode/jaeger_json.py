@@ -1,0 +1,70 @@
+"""Jaeger JSON, as the Jaeger UI and query API download it → rows.
+
+``{"data": [{"traceID", "spans": [...], "processes": {pID: {serviceName, tags}}}]}``.
+Span kind from the ``span.kind`` tag, errors from the ``error`` tag or
+``otel.status_code``; the parent is the first CHILD_OF reference (else the first
+FOLLOWS_FROM), and every FOLLOWS_FROM reference is kept as a link, which
+exempts the span from ``context_outlived_parent`` as an OTLP link does. Span
+logs become log records of that span. Times are microseconds.
+"""
+
+from __future__ import annotations
+
+from traceguard.config import DecodeConfig
+from traceguard.decode.common import Decoded, DecodeError, StageAttributes
+from traceguard.decode.otlp_json import decode_logs_json, decode_traces_json
+from traceguard.decode.translate import KINDS, OtlpDocuments, attributes, micros_to_nanos, pad_trace_id, status_of
+
+
+def _tags(items) -> dict:
+    return {tag.get("key"): tag.get("value") for tag in items or () if isinstance(tag, dict)}
+
+
+def decode_jaeger(document: dict, config: DecodeConfig,
+                  stages: StageAttributes | None = None) -> tuple[Decoded, Decoded]:
+    """(spans, logs) of one Jaeger JSON document.
+
+    Raises:
+        DecodeError: not shaped like a Jaeger download.
+    """
+    data = document.get("data") if isinstance(document, dict) else None
+    if not isinstance(data, list):
+        raise DecodeError('not Jaeger JSON: no "data" list')
+    out = OtlpDocuments()
+    try:
+        for trace in data:
+            processes = trace.get("processes") or {}
+            for span in trace.get("spans") or ():
+                _span(span, processes, out)
+    except (AttributeError, TypeError) as exc:
+        raise DecodeError(f"malformed Jaeger JSON: {exc}") from None
+    return decode_traces_json(out.traces(), config, stages), decode_logs_json(out.logs(), config)
+
+
+def _span(span: dict, processes: dict, out: OtlpDocuments) -> None:
+    trace_id = pad_trace_id(span.get("traceID"))
+    tags = _tags(span.get("tags"))
+    process = processes.get(span.get("processID")) or span.get("process") or {}
+    service = process.get("serviceName") or "unknown_service"
+    parent, links = None, []
+    for ref in span.get("references") or ():
+        ref_type = str(ref.get("refType", "")).upper()
+        if ref_type == "FOLLOWS_FROM":
+            links.append({"traceId": pad_trace_id(ref.get("traceID")), "spanId": ref.get("spanID")})
+        if parent is None and pad_trace_id(ref.get("traceID")) == trace_id and ref_type == "CHILD_OF":
+            parent = ref.get("spanID")
+    if parent is None and links and links[0]["traceId"] == trace_id:
+        parent = links[0]["spanId"]
+    start = micros_to_nanos(span.get("startTime"))
+    duration = micros_to_nanos(span.get("duration"))
+    end = start + duration if start is not None and duration is not None else 0
+    kept = [(k, v) for k, v in tags.items() if k not in ("span.kind", "error", "otel.status_code")]
+    out.span(service, {
+        "traceId": trace_id, "spanId": span.get("spanID"), "parentSpanId": parent or "",
+        "name": span.get("operationName") or "", "kind": KINDS.get(str(tags.get("span.kind", "internal")).lower(), 1),
+        "startTimeUnixNano": str(start or 0), "endTimeUnixNano": str(end),
+        "attributes": attributes(kept), "status": {"code": status_of(tags)}, "links": links,
+    })
+    for entry in span.get("logs") or ():
+        time_ns = micros_to_nanos(entry.get("timestamp")) or 0
+        out.log(service, out.log_record(trace_id, span.get("spanID"), time_ns, _tags(entry.get("fields"))))
