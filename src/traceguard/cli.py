@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     consume.add_argument("--decision-wait", help="quiet time before a rooted trace is decided (default 30s)")
     consume.add_argument("--max-trace-age", help="age at which any trace is decided (default 5m)")
     consume.add_argument("--allowed-lateness", help="event-time out-of-orderness tolerated (default 5s)")
+    replay.add_argument("--report", type=Path, metavar="HTML_FILE",
+                        help="also write a self-contained HTML report (summary, latency plots, waterfalls)")
     replay.add_argument("--model-dir", type=Path, help="start the learned detectors from this model directory")
     train.add_argument("--model-dir", type=Path, required=True,
                        help="model directory to write (and to start from, if it holds models)")
@@ -138,17 +140,27 @@ def _replay(args, config, models) -> int:
         from tqdm import tqdm
 
         progress = tqdm(unit=" records", unit_scale=True, file=sys.stderr, desc="replay")
+    tally = _StageTally()
+    report = None
+    if getattr(args, "report", None) is not None:
+        from traceguard.report import ReportCollector
+
+        report = ReportCollector(config.learned.latency.window)
     try:
-        result = run_replay(args.traces, args.logs, config, [sink], strict=args.strict,
-                            on_batch=progress.update if progress else None,
-                            warn=progress.write if progress else _warn, models=models, fmt=args.format)
+        result = run_replay(args.traces, args.logs, config, [sink, tally, *([report] if report else [])],
+                            strict=args.strict, on_batch=progress.update if progress else None,
+                            warn=progress.write if progress else _warn, models=models, fmt=args.format,
+                            on_decided=report.on_trace if report else None)
     except (FileNotFoundError, ReplayAborted, WrongFormat) as exc:
         print(f"traceguard: {exc}", file=sys.stderr)
         return 2
     finally:
         if progress is not None:
             progress.close()
-    _print_summary(result.metrics.snapshot(), args.command)
+    if report is not None:
+        report.render(args.report)
+        print(f"traceguard replay: report written to {args.report}", file=sys.stderr)
+    _print_summary(result.metrics.snapshot(), args.command, tally)
     if training:
         store.save(result.models, args.model_dir)
         print(f"traceguard train: models written to {args.model_dir}", file=sys.stderr)
@@ -159,7 +171,28 @@ def _warn(message: str) -> None:
     print(f"traceguard: {message}", file=sys.stderr)
 
 
-def _print_summary(snapshot: dict, command: str) -> None:
+class _StageTally:
+    """A sink that counts findings by stage, for the summary's top-stages table."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, tuple[str, str, str]] = {}
+
+    def emit(self, anomaly) -> None:
+        self.stages[anomaly.id] = (anomaly.kind.value, anomaly.service or "-", anomaly.operation or "-")
+
+    def flush(self) -> None:
+        """Counts only."""
+
+    def close(self) -> None:
+        """Counts only."""
+
+    def top(self, n: int = 10) -> list[tuple[tuple[str, str, str], int]]:
+        from collections import Counter
+
+        return Counter(self.stages.values()).most_common(n)
+
+
+def _print_summary(snapshot: dict, command: str, tally: _StageTally | None = None) -> None:
     by_kind: dict[str, int] = {}
     anomalies = snapshot.get("traceguard_anomalies_total", {})
     for labels, count in (anomalies.items() if isinstance(anomalies, dict) else ()):
@@ -171,7 +204,14 @@ def _print_summary(snapshot: dict, command: str) -> None:
     read = f"{sum(records.values())} records, " if isinstance(records, dict) else ""
     lines = [f"traceguard {command}: {read}{snapshot.get('traceguard_spans_accepted_total', 0)} spans, "
              f"{traces} traces, {sum(by_kind.values())} anomalies"]
+    lines += [f"  {'kind':<26} {'count':>8}"] if by_kind else []
     lines += [f"  {kind:<26} {count:>8}" for kind, count in sorted(by_kind.items())]
+    if tally is not None and tally.stages:
+        top = tally.top()
+        width = max(len(f"{service} '{operation}'") for (_, service, operation), _ in top)
+        lines.append(f"  {'top stages':<{width}}  {'kind':<26} {'count':>8}")
+        lines += [f"  {service + ' ' + repr(operation):<{width}}  {kind:<26} {count:>8}"
+                  for (kind, service, operation), count in top]
     for name in ("traceguard_replay_corrupt_total", "traceguard_spans_rejected_total",
                  "traceguard_logs_rejected_total", "traceguard_traces_evicted_total",
                  "traceguard_logs_evicted_total", "traceguard_logs_dropped_total",

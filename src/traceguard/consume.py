@@ -65,7 +65,7 @@ class Consumer:
         self.clock = EventTimeClock(config.assembler.allowed_lateness) if c.time == "event" else None
         self.tracker = OffsetTracker()
         self.pipeline = Pipeline(config, self.clock or WallClock(), sinks, metrics, models,
-                                 on_decided=self.tracker.release)
+                                 on_decided=lambda trace: self.tracker.release(trace.trace_id))
         self._restore_checkpoint()
         relink = None
         if self.store is not None:

@@ -28,11 +28,11 @@ class Pipeline:
         sinks: Sequence[Sink],
         metrics: Metrics | None = None,
         models: Models | None = None,
-        on_decided: Callable[[bytes], None] | None = None,
+        on_decided: Callable[[Trace], None] | None = None,
     ) -> None:
         """``models`` starts the learned detectors from saved state instead of from nothing;
         ``on_decided`` hears of each decided trace once its findings are in the sinks
-        (the Kafka source commits offsets by it)."""
+        (the Kafka source commits offsets by it; the replay report samples it)."""
         self.config = config
         self.metrics = metrics or Metrics()
         self._clock = clock
@@ -138,7 +138,7 @@ class Pipeline:
             for anomaly in found:
                 self._emit(anomaly, logs if anomaly.trace_id else self._logs_of(anomaly))
         if self._on_decided is not None:
-            self._on_decided(trace.trace_id)
+            self._on_decided(trace)
 
     def _logs_of(self, anomaly: Anomaly) -> list[LogRow]:
         """The trace's logs, or for a stage-level finding its exemplars' logs."""

@@ -16,6 +16,7 @@ from traceguard.config import PipelineConfig
 from traceguard.metrics import Metrics
 from traceguard.models import Models
 from traceguard.pipeline import Pipeline
+from traceguard.records import Trace
 from traceguard.sinks import Sink
 from traceguard.sources.replay import replay_batches
 
@@ -43,6 +44,7 @@ def run_replay(
     on_batch: Callable[[int], None] | None = None,
     models: Models | None = None,
     fmt: str = "auto",
+    on_decided: Callable[[Trace], None] | None = None,
 ) -> ReplayResult:
     """Replays the files through one pipeline and closes it; ``models`` starts
     the learned detectors from saved state.
@@ -56,7 +58,7 @@ def run_replay(
         if not Path(path).is_file():
             raise FileNotFoundError(f"no such file: {path}")
     clock = EventTimeClock(config.assembler.allowed_lateness)
-    pipeline = Pipeline(config, clock, sinks, models=models)
+    pipeline = Pipeline(config, clock, sinks, models=models, on_decided=on_decided)
     metrics = pipeline.metrics
     corrupt = rejected = 0
     try:
