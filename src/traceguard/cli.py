@@ -172,24 +172,30 @@ def _warn(message: str) -> None:
 
 
 class _StageTally:
-    """A sink that counts findings by stage, for the summary's top-stages table."""
+    """A sink that counts findings by stage, for the summary's top-stages table.
+
+    Counts only (memory must not grow with the input); a stage-level finding
+    emitted again under its id (a regression that resolved) counts once.
+    """
 
     def __init__(self) -> None:
-        self.stages: dict[str, tuple[str, str, str]] = {}
+        from collections import Counter
+
+        self.counts: Counter = Counter()
+        self._stage_level: set[str] = set()
 
     def emit(self, anomaly) -> None:
-        self.stages[anomaly.id] = (anomaly.kind.value, anomaly.service or "-", anomaly.operation or "-")
+        if anomaly.trace_id is None:
+            if anomaly.id in self._stage_level:
+                return
+            self._stage_level.add(anomaly.id)
+        self.counts[(anomaly.kind.value, anomaly.service or "-", anomaly.operation or "-")] += 1
 
     def flush(self) -> None:
         """Counts only."""
 
     def close(self) -> None:
         """Counts only."""
-
-    def top(self, n: int = 10) -> list[tuple[tuple[str, str, str], int]]:
-        from collections import Counter
-
-        return Counter(self.stages.values()).most_common(n)
 
 
 def _print_summary(snapshot: dict, command: str, tally: _StageTally | None = None) -> None:
@@ -206,8 +212,8 @@ def _print_summary(snapshot: dict, command: str, tally: _StageTally | None = Non
              f"{traces} traces, {sum(by_kind.values())} anomalies"]
     lines += [f"  {'kind':<26} {'count':>8}"] if by_kind else []
     lines += [f"  {kind:<26} {count:>8}" for kind, count in sorted(by_kind.items())]
-    if tally is not None and tally.stages:
-        top = tally.top()
+    if tally is not None and tally.counts:
+        top = tally.counts.most_common(10)
         width = max(len(f"{service} '{operation}'") for (_, service, operation), _ in top)
         lines.append(f"  {'top stages':<{width}}  {'kind':<26} {'count':>8}")
         lines += [f"  {service + ' ' + repr(operation):<{width}}  {kind:<26} {count:>8}"

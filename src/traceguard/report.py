@@ -25,19 +25,37 @@ _SAMPLES_PER_WINDOW = 256
 
 
 class ReportCollector:
+    """Memory is bounded whatever the input's size: counts for the summary, stage-level
+    findings (few), the first ``max_waterfalls`` trace findings, bounded samples."""
+
     def __init__(self, window_ns: int, max_waterfalls: int = 20) -> None:
         self.window_ns = window_ns
         self.max_waterfalls = max_waterfalls
-        self.findings: list[Anomaly] = []
+        self.by_kind: Counter = Counter()
+        self.by_stage: Counter = Counter()
+        self.stage_findings: dict[str, Anomaly] = {}  # by id: a resolved regression replaces its open version
+        self.trace_findings: list[Anomaly] = []
         self._samples: dict[tuple, dict[int, list[int]]] = defaultdict(dict)
         self._flagged: set[str] = set()
         self.waterfalls: dict[str, list[tuple]] = {}
 
     # -- sink ----------------------------------------------------------------
     def emit(self, anomaly: Anomaly) -> None:
-        self.findings.append(anomaly)
-        if anomaly.trace_id and len(self.waterfalls) + len(self._flagged) < self.max_waterfalls:
+        if anomaly.trace_id is None:
+            if anomaly.id not in self.stage_findings:
+                self._count(anomaly)
+            self.stage_findings[anomaly.id] = anomaly
+            return
+        self._count(anomaly)
+        if anomaly.trace_id in self._flagged or anomaly.trace_id in self.waterfalls:
+            self.trace_findings.append(anomaly)
+        elif len(self.waterfalls) + len(self._flagged) < self.max_waterfalls:
             self._flagged.add(anomaly.trace_id)
+            self.trace_findings.append(anomaly)
+
+    def _count(self, anomaly: Anomaly) -> None:
+        self.by_kind[anomaly.kind.value] += 1
+        self.by_stage[(anomaly.kind.value, anomaly.service or "", anomaly.operation or "")] += 1
 
     def flush(self) -> None:
         """Nothing to make durable: the report is written at the end."""
@@ -68,26 +86,20 @@ class ReportCollector:
 
     # -- rendering -------------------------------------------------------------
     def render(self, path: Path) -> None:
-        # A finding emitted again (a regression that resolved) keeps its id: the last version counts.
-        latest = {f.id: f for f in self.findings}
-        findings = list({f.id: latest[f.id] for f in self.findings}.values())
-        parts = [_HEAD, "<h1>traceguard replay report</h1>", self._summary(findings)]
-        parts += [self._latency(f) for f in findings if f.kind.value == "latency_regression"]
-        shown = [f for f in findings if f.trace_id in self.waterfalls][: self.max_waterfalls]
+        parts = [_HEAD, "<h1>traceguard replay report</h1>", self._summary()]
+        parts += [self._latency(f) for f in self.stage_findings.values() if f.kind.value == "latency_regression"]
+        shown = [f for f in self.trace_findings if f.trace_id in self.waterfalls][: self.max_waterfalls]
         if shown:
             parts.append(f"<h2>Trace findings (first {len(shown)})</h2>")
             parts += [self._waterfall(f) for f in shown]
         parts.append("<script>document.body.dataset.rendered = 'yes';</script></body></html>")
         path.write_text("\n".join(parts), encoding="utf-8")
 
-    @staticmethod
-    def _summary(findings: list[Anomaly]) -> str:
-        by_kind = Counter(f.kind.value for f in findings)
-        by_stage = Counter((f.kind.value, f.service or "", f.operation or "") for f in findings)
-        rows = "".join(f"<tr><td>{_e(k)}</td><td class=n>{n}</td></tr>" for k, n in sorted(by_kind.items()))
+    def _summary(self) -> str:
+        rows = "".join(f"<tr><td>{_e(k)}</td><td class=n>{n}</td></tr>" for k, n in sorted(self.by_kind.items()))
         stage_rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(s)}</td><td>{_e(o)}</td><td class=n>{n}</td></tr>"
-                             for (k, s, o), n in by_stage.most_common(50))
-        return (f"<h2>Summary: {len(findings)} findings</h2><table class=summary><tr><th>kind</th><th>count</th>"
+                             for (k, s, o), n in self.by_stage.most_common(50))
+        return (f"<h2>Summary: {sum(self.by_kind.values())} findings</h2><table class=summary><tr><th>kind</th><th>count</th>"
                 f"</tr>{rows}</table><table class=summary><tr><th>kind</th><th>service</th><th>operation</th>"
                 f"<th>count</th></tr>{stage_rows}</table>")
 
