@@ -33,14 +33,12 @@ import time
 import uuid
 from pathlib import Path
 
-from kafka.admin import KafkaAdminClient
-from kafka.errors import KafkaError
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-from benchmarks.kafka_feed import create_topics
+from benchmarks.kafka_feed import committed, create_topics
 from benchmarks.scenario import LIVE_FAULTS, ScenarioConfig, generate, length_prefixed
 from benchmarks.serve_process import ServeProcess
 
@@ -133,15 +131,6 @@ def compare(got: dict[str, dict], expected: dict[str, dict]) -> dict:
         "learned_kinds_replay": kinds(expected, True), "learned_kinds_here": kinds(got, True),
     }
 
-
-def committed(bootstrap: str, group: str) -> int:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        return sum(m.offset for m in admin.list_consumer_group_offsets(group).values() if m.offset > 0)
-    except KafkaError:  # no coordinator yet on a fresh broker: nothing committed
-        return 0
-    finally:
-        admin.close()
 
 
 def route_a(binary: str, bootstrap: str, traces: int, work: Path, kill: bool) -> dict:

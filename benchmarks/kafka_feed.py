@@ -18,6 +18,7 @@ from typing import Iterator
 
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import KafkaError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -28,6 +29,17 @@ def create_topics(bootstrap: str, partitions: dict[str, int]) -> None:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         admin.create_topics([NewTopic(name, count, 1) for name, count in partitions.items()])
+    finally:
+        admin.close()
+
+
+def committed(bootstrap: str, group: str) -> int:
+    """Offsets the group has committed, summed over its partitions (0 before it has any)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        return sum(meta.offset for meta in admin.list_consumer_group_offsets(group).values() if meta.offset > 0)
+    except KafkaError:  # no coordinator yet on a fresh broker: nothing committed
+        return 0
     finally:
         admin.close()
 

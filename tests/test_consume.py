@@ -20,10 +20,8 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
-from kafka.admin import KafkaAdminClient
-from kafka.errors import KafkaError
 
-from benchmarks.kafka_feed import create_topics, feed
+from benchmarks.kafka_feed import committed, create_topics, feed
 from benchmarks.scenario import ScenarioConfig, write_scenario
 
 PARTITIONS = 4
@@ -86,15 +84,6 @@ def replay_findings(scenario: Path, out: Path) -> dict[str, dict]:
                     scenario / "logs.pb", "--out", out], check=True, capture_output=True, timeout=300)
     return findings(out)
 
-
-def committed(bootstrap: str, group: str) -> int:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        return sum(meta.offset for meta in admin.list_consumer_group_offsets(group).values() if meta.offset > 0)
-    except KafkaError:  # no coordinator yet on a fresh broker: nothing committed
-        return 0
-    finally:
-        admin.close()
 
 
 @pytest.fixture(scope="module")

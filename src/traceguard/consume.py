@@ -114,8 +114,8 @@ class Consumer:
             if self.producer is not None:
                 try:
                     self.producer.close(timeout=5)
-                except KafkaError:
-                    pass
+                except KafkaError as exc:  # everything was flushed before the commit; only the close failed
+                    log.warning("closing the Kafka producer failed: %s", exc)
             if self.store is not None:
                 self.store.close()
         return status
