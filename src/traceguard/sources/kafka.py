@@ -84,7 +84,9 @@ class KafkaSource:
         self._buffers: dict[TopicPartition, deque[_Record]] = {}
         self._paused_full: set[TopicPartition] = set()
         self._backpressure = False
-        self._assigned_once = False
+        # True between an assignment and the next revocation: mid-rebalance this member
+        # owns nothing yet, which must not read as "caught up".
+        self._assigned = False
         self._end_at_start: dict[TopicPartition, int] = {}
         # partition → {trace id: last offset} of traces decided before this member read it
         self._skip: dict[TopicPartition, dict[bytes, int]] = {}
@@ -316,7 +318,7 @@ class KafkaSource:
                 self.consumer.pause(*(want - paused))
 
     def _caught_up(self) -> bool:
-        if not self._assigned_once:
+        if not self._assigned:
             return False
         return all(not self._buffers[p] and self.consumer.position(p) >= self._end_at_start.get(p, 0)
                    for p in self._buffers)
@@ -385,6 +387,7 @@ class KafkaSource:
         self._skip[partition] = {trace_id: last for trace_id, last, _ in entries}
 
     def _revoked(self, partitions) -> None:
+        self._assigned = False
         partitions = [p for p in partitions if p in self._buffers]
         if not partitions:
             return
@@ -402,8 +405,8 @@ class KafkaSource:
         log.info("partitions revoked: %s (%d undecided traces left to their next owner)",
                  _names(partitions), dropped)
 
-    def _assigned(self, partitions) -> None:
-        self._assigned_once = True
+    def _on_assigned(self, partitions) -> None:
+        self._assigned = True
         for partition in partitions:
             self._buffers.setdefault(partition, deque())
             if partition.topic == self.consume.traces_topic:
@@ -424,4 +427,4 @@ class _Listener(ConsumerRebalanceListener):
         self._source._revoked(revoked)
 
     def on_partitions_assigned(self, assigned) -> None:
-        self._source._assigned(assigned)
+        self._source._on_assigned(assigned)
