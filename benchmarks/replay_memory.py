@@ -4,10 +4,13 @@ follow the assembler's bounds, not the file size.
 A scenario is generated once as length-prefixed OTLP protobuf; the large file
 is that traffic repeated back to back, each copy shifted later in event time
 by the scenario's duration and given fresh trace ids (the copy number XORed
-into the id), so it is new traffic, not a replay of the old. Each replay runs
-as its own process; its peak RSS comes from ``getrusage`` of the child.
+into the id), so it is new traffic, not a replay of the old. With ``--format
+jaeger`` or ``zipkin`` each copy is translated (benchmarks.export_formats) and
+the copies are written as one JSON document, as a download of that size would
+be. Each replay runs as its own process; its peak RSS comes from
+``getrusage`` of the child.
 
-Run ``python -m benchmarks.replay_memory [--small-mb 50] [--large-mb 1000]``.
+Run ``python -m benchmarks.replay_memory [--small-mb 50] [--large-mb 1000] [--format otlp_proto]``.
 """
 
 from __future__ import annotations
@@ -54,9 +57,11 @@ def copies(base: Path, copy: int, offset_ns: int) -> tuple[bytes, bytes]:
     return bytes(traces), bytes(logs)
 
 
-def build(base: Path, target: Path, megabytes: int, duration_s: float) -> int:
-    """Writes ``target`` with at least ``megabytes`` of traces; returns the number of copies."""
+def build(base: Path, target: Path, megabytes: int, duration_s: float, fmt: str) -> tuple[int, list[Path]]:
+    """Writes at least ``megabytes`` of traces into ``target``; returns the number of copies and the replay's arguments."""
     target.mkdir(parents=True, exist_ok=True)
+    if fmt != "otlp_proto":
+        return _build_document(base, target, megabytes, duration_s, fmt)
     n = 0
     with open(target / "traces.pb", "wb") as traces, open(target / "logs.pb", "wb") as logs:
         while traces.tell() < megabytes * 1_000_000:
@@ -64,20 +69,44 @@ def build(base: Path, target: Path, megabytes: int, duration_s: float) -> int:
             traces.write(spans_part)
             logs.write(logs_part)
             n += 1
-    return n
+    return n, [target / "traces.pb", "--logs", target / "logs.pb"]
 
 
-def peak_rss_replay(directory: Path) -> tuple[float, float, str]:
+def _build_document(base: Path, target: Path, megabytes: int, duration_s: float, fmt: str) -> tuple[int, list]:
+    """The copies as one Jaeger (``{"data": [traces]}``) or Zipkin (``[spans]``) document."""
+    from benchmarks.export_formats import to_jaeger, to_zipkin
+
+    scratch, path = target / "copy", target / f"{fmt}.json"
+    scratch.mkdir()
+    n = 0
+    with open(path, "w") as out:
+        out.write('{"data": [' if fmt == "jaeger" else "[")
+        while out.tell() < megabytes * 1_000_000:
+            spans_part, logs_part = copies(base, n, int(duration_s * SECOND))
+            (scratch / "traces.pb").write_bytes(spans_part)
+            (scratch / "logs.pb").write_bytes(logs_part)
+            elements = to_jaeger(scratch)["data"] if fmt == "jaeger" else to_zipkin(scratch)
+            out.write(("," if n else "") + ",".join(map(json.dumps, elements)))
+            n += 1
+        out.write("]}" if fmt == "jaeger" else "]")
+    for part in scratch.iterdir():
+        part.unlink()
+    scratch.rmdir()
+    return n, [path]
+
+
+def peak_rss_replay(arguments: list) -> tuple[float, float, str]:
     """(peak RSS MiB, seconds, summary line) of one replay in a child process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "traceguard", "replay", directory / "traces.pb", "--logs",
-                             directory / "logs.pb", "--out", "/dev/null", "--no-progress"],
+    result = subprocess.run([sys.executable, "-m", "traceguard", "replay", *arguments,
+                             "--out", "/dev/null", "--no-progress"],
                             capture_output=True, text=True, check=True)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     assert peak >= before
-    return peak / 1024, seconds, result.stderr.splitlines()[0]
+    lines = result.stderr.splitlines()
+    return peak / 1024, seconds, next((line for line in lines if line.startswith("traceguard replay")), lines[0])
 
 
 def main() -> None:
@@ -85,6 +114,7 @@ def main() -> None:
     parser.add_argument("--small-mb", type=int, default=50)
     parser.add_argument("--large-mb", type=int, default=1000)
     parser.add_argument("--traces", type=int, default=10_000, help="requests in the base scenario")
+    parser.add_argument("--format", choices=("otlp_proto", "jaeger", "zipkin"), default="otlp_proto")
     args = parser.parse_args()
     config = ScenarioConfig(traces=args.traces, duration_s=args.traces / 3)
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,14 +124,14 @@ def main() -> None:
         # Small first: RUSAGE_CHILDREN keeps the largest child so far.
         for name, megabytes in (("small", args.small_mb), ("large", args.large_mb)):
             directory = Path(tmp) / name
-            n = build(base, directory, megabytes, config.duration_s)
-            size = (directory / "traces.pb").stat().st_size + (directory / "logs.pb").stat().st_size
-            rss, seconds, summary = peak_rss_replay(directory)
+            n, arguments = build(base, directory, megabytes, config.duration_s, args.format)
+            size = sum(path.stat().st_size for path in directory.iterdir())
+            rss, seconds, summary = peak_rss_replay(arguments)
             results[name] = {"copies": n, "bytes": size, "peak_rss_mib": round(rss, 1),
                              "seconds": round(seconds, 1), "summary": summary}
             for path in directory.iterdir():
                 path.unlink()
-    print(json.dumps({"benchmark": "replay_memory", "python": sys.version.split()[0], **results,
+    print(json.dumps({"benchmark": "replay_memory", "format": args.format, "python": sys.version.split()[0], **results,
                       "rss_ratio_large_to_small": round(results["large"]["peak_rss_mib"]
                                                         / results["small"]["peak_rss_mib"], 3)}, indent=2))
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
 import zstandard
 
 from traceguard.config import DecodeConfig
-from traceguard.decode.jaeger_json import decode_jaeger
-from traceguard.decode.zipkin_json import decode_zipkin, shared_server_id
+from traceguard.decode.common import StageAttributes
+from traceguard.sources.replay import Batch, read_file
+from traceguard.decode.jaeger_json import decode_jaeger_traces
+from traceguard.decode.zipkin_json import decode_zipkin_spans, shared_server_id
 from traceguard.assemble.assembler import to_span
 from traceguard.records import KIND_CLIENT, KIND_SERVER, STATUS_ERROR
 
@@ -31,7 +35,7 @@ def ids(out: Path) -> dict[str, dict]:
 
 
 def test_jaeger_golden_file():
-    spans, logs = decode_jaeger(json.loads((GOLDEN / "jaeger.json").read_text()), DecodeConfig())
+    spans, logs = decode_jaeger_traces(json.loads((GOLDEN / "jaeger.json").read_text())["data"], DecodeConfig())
     assert spans.rejected == 0 and logs.rejected == 0
     by_name = {row.name: to_span(row) for row in spans.rows}
     root, call, receipt = by_name["GET /checkout"], by_name["POST payment"], by_name["send receipt"]
@@ -45,7 +49,7 @@ def test_jaeger_golden_file():
 
 
 def test_zipkin_golden_file_gives_a_shared_server_span_its_own_id():
-    spans, logs = decode_zipkin(json.loads((GOLDEN / "zipkin.json").read_text()), DecodeConfig())
+    spans, logs = decode_zipkin_spans(json.loads((GOLDEN / "zipkin.json").read_text()), DecodeConfig())
     assert spans.rejected == 0
     by_kind = {(row.service, to_span(row).kind): to_span(row) for row in spans.rows}
     client, server = by_kind[("frontend", KIND_CLIENT)], by_kind[("cart", KIND_SERVER)]
@@ -107,8 +111,80 @@ def test_a_wrong_format_names_the_file():
     assert result.returncode == 2 and "zipkin.json is not jaeger: it looks like zipkin" in result.stderr
 
 
-def test_a_corrupt_document_is_reported_and_skipped(tmp_path):
+def test_a_document_that_breaks_off_keeps_what_came_before(tmp_path):
+    """The golden Jaeger trace, then a second trace cut off mid-way: the first is
+    replayed (its findings as from the whole golden file), the rest is reported."""
+    golden = json.dumps(json.loads((GOLDEN / "jaeger.json").read_text()))
+    assert golden.endswith("]}")
     broken = tmp_path / "broken.json"
-    broken.write_text('{"data": [{"traceID": ')
+    broken.write_text(golden[:-2] + ', {"traceID": "5b8aa5a2d2c872e9", "spans": [{"spanID"')
     result = replay(broken, "--out", tmp_path / "out.jsonl")
-    assert result.returncode == 0 and "broken.json: corrupt, skipped" in result.stderr
+    assert result.returncode == 0, result.stderr
+    assert "broken.json:trace 2: corrupt, skipped: not valid JSON" in result.stderr
+    assert sorted(f["kind"] for f in ids(tmp_path / "out.jsonl").values()) == [
+        "context_outlived_parent", "missing_parent"]
+
+
+def zipkin_span(number: int, end_us: int) -> dict:
+    return {"traceId": f"{number:032x}", "id": f"{number + 1:016x}", "name": "work", "kind": "SERVER",
+            "timestamp": end_us - 1000, "duration": 1000, "localEndpoint": {"serviceName": "svc"}}
+
+
+def rows_out(path: Path, config: DecodeConfig) -> tuple[list, list[Batch]]:
+    batches = list(read_file(path, "traces", config, StageAttributes()))
+    return [row for b in batches if b.signal == "traces" for row in b.rows], batches
+
+
+def test_spans_come_out_in_end_time_order_within_the_buffer_and_the_rest_is_counted(tmp_path):
+    """Ends shuffled within blocks of 50: a buffer of 50 rows restores the order;
+    a buffer of 10 cannot, says how many rows it replayed out of order, and loses none."""
+    rng = random.Random(7)
+    ends = []
+    for block in range(40):
+        part = [1_767_225_600_000_000 + (block * 50 + i) * 1000 for i in range(50)]
+        rng.shuffle(part)
+        ends += part
+    path = tmp_path / "zipkin.json"
+    path.write_text(json.dumps([zipkin_span(n, end) for n, end in enumerate(ends, 1)]))
+
+    rows, batches = rows_out(path, DecodeConfig(reorder_rows=50))
+    assert [row.end for row in rows] == sorted(end * 1000 for end in ends)
+    assert not any(b.out_of_order for b in batches)
+
+    rows, batches = rows_out(path, DecodeConfig(reorder_rows=10))
+    assert sorted(row.end for row in rows) == sorted(end * 1000 for end in ends)
+    [report] = [b for b in batches if b.out_of_order]
+    disorder = sum(1 for a, b in zip(rows, rows[1:]) if b.end < a.end)
+    assert 0 < disorder <= report.out_of_order < len(rows)
+    assert "decode.reorder_rows (10)" in report.errors[0]
+
+
+def test_a_malformed_span_is_rejected_alone(tmp_path):
+    path = tmp_path / "zipkin.json"
+    path.write_text(json.dumps([zipkin_span(1, 2_000_000), "not a span", zipkin_span(2, 3_000_000)]))
+    rows, batches = rows_out(path, DecodeConfig())
+    assert len(rows) == 2
+    [rejected] = [b for b in batches if b.rejected]
+    assert rejected.rejected == 1 and rejected.where.endswith("zipkin.json:span 1-3")
+    assert "malformed Zipkin span" in rejected.errors[0]
+
+
+def test_a_document_is_streamed_not_read_whole(tmp_path):
+    """Peak Python heap while reading Zipkin files through a 2,000-row buffer does not
+    follow the file size: 40,000 spans (~7.5 MB) need no more than 10,000 do."""
+    def peak_heap(spans: int) -> int:
+        path = tmp_path / f"zipkin{spans}.json.gz"
+        with gzip.open(path, "wt") as out:
+            out.write("[" + ",".join(json.dumps(zipkin_span(n, 2_000_000 + n)) for n in range(1, spans + 1)) + "]")
+        tracemalloc.start()
+        try:
+            count = sum(len(b.rows) for b in read_file(path, "traces", DecodeConfig(reorder_rows=2_000),
+                                                        StageAttributes()))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert count == spans
+        return peak
+
+    small, large = peak_heap(10_000), peak_heap(40_000)
+    assert large < 1.2 * small, (small, large)

@@ -218,7 +218,8 @@ def _print_summary(snapshot: dict, command: str, tally: _StageTally | None = Non
         lines.append(f"  {'top stages':<{width}}  {'kind':<26} {'count':>8}")
         lines += [f"  {service + ' ' + repr(operation):<{width}}  {kind:<26} {count:>8}"
                   for (kind, service, operation), count in top]
-    for name in ("traceguard_replay_corrupt_total", "traceguard_spans_rejected_total",
+    for name in ("traceguard_replay_corrupt_total", "traceguard_replay_out_of_order_total",
+                 "traceguard_spans_rejected_total",
                  "traceguard_logs_rejected_total", "traceguard_traces_evicted_total",
                  "traceguard_logs_evicted_total", "traceguard_logs_dropped_total",
                  "traceguard_kafka_poison_records_total", "traceguard_kafka_dead_letters_total",

@@ -43,6 +43,11 @@ class DecodeConfig(_Section):
     max_name_length: int = Field(256, ge=8, description="Span names and service names are cut to this length.")
     max_log_body_length: int = Field(2048, ge=16, description="Log bodies are cut to this length.")
     max_stages: int = Field(50_000, ge=1, description="Stages whose kept attributes are remembered.")
+    reorder_rows: int = Field(
+        100_000, ge=1,
+        description="Jaeger and Zipkin files carry no export order: their spans and span logs are replayed in "
+                    "end-time order through a buffer of this many rows (about 300 bytes each).",
+    )
 
 
 class AssemblerConfig(_Section):

@@ -63,6 +63,10 @@ def run_replay(
     corrupt = rejected = 0
     try:
         for batch in replay_batches(list(map(Path, trace_paths)), list(map(Path, log_paths)), config.decode, fmt):
+            if batch.out_of_order:
+                warn(f"{batch.where}: {'; '.join(batch.errors)}")
+                metrics.inc("traceguard_replay_out_of_order_total", batch.out_of_order)
+                continue
             if batch.corrupt or batch.rejected:
                 what = "corrupt, skipped" if batch.corrupt else f"{batch.rejected} record(s) rejected"
                 message = f"{batch.where}: {what}: {'; '.join(batch.errors)}"

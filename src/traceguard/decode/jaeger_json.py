@@ -11,8 +11,7 @@ logs become log records of that span. Times are microseconds.
 from __future__ import annotations
 
 from traceguard.config import DecodeConfig
-from traceguard.decode.common import Decoded, DecodeError, StageAttributes
-from traceguard.decode.otlp_json import decode_logs_json, decode_traces_json
+from traceguard.decode.common import Decoded, StageAttributes
 from traceguard.decode.translate import KINDS, OtlpDocuments, attributes, micros_to_nanos, pad_trace_id, status_of
 
 
@@ -20,25 +19,26 @@ def _tags(items) -> dict:
     return {tag.get("key"): tag.get("value") for tag in items or () if isinstance(tag, dict)}
 
 
-def decode_jaeger(document: dict, config: DecodeConfig,
-                  stages: StageAttributes | None = None) -> tuple[Decoded, Decoded]:
-    """(spans, logs) of one Jaeger JSON document.
+def decode_jaeger_traces(traces: list, config: DecodeConfig,
+                         stages: StageAttributes | None = None) -> tuple[Decoded, Decoded]:
+    """(spans, logs) of Jaeger trace objects: elements of a download's ``data`` list,
+    which a replay reads one at a time.
 
-    Raises:
-        DecodeError: not shaped like a Jaeger download.
+    A trace or span that is not shaped like one is rejected alone.
     """
-    data = document.get("data") if isinstance(document, dict) else None
-    if not isinstance(data, list):
-        raise DecodeError('not Jaeger JSON: no "data" list')
     out = OtlpDocuments()
-    try:
-        for trace in data:
-            processes = trace.get("processes") or {}
-            for span in trace.get("spans") or ():
+    for trace in traces:
+        try:
+            processes, spans = trace.get("processes") or {}, trace.get("spans") or ()
+        except AttributeError as exc:
+            out.malformed(f"malformed Jaeger trace: {exc}")
+            continue
+        for span in spans:
+            try:
                 _span(span, processes, out)
-    except (AttributeError, TypeError) as exc:
-        raise DecodeError(f"malformed Jaeger JSON: {exc}") from None
-    return decode_traces_json(out.traces(), config, stages), decode_logs_json(out.logs(), config)
+            except (AttributeError, TypeError) as exc:
+                out.malformed(f"malformed Jaeger span: {exc}")
+    return out.decode(config, stages)
 
 
 def _span(span: dict, processes: dict, out: OtlpDocuments) -> None:

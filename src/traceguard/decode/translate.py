@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from traceguard.config import DecodeConfig
+from traceguard.decode.common import Decoded, StageAttributes
+from traceguard.decode.otlp_json import decode_logs_json, decode_traces_json
+
 KINDS = {"internal": 1, "server": 2, "client": 3, "producer": 4, "consumer": 5}
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
 # Log levels as the OTel SDK's logging bridge maps them.
@@ -52,6 +56,18 @@ class OtlpDocuments:
     def __init__(self) -> None:
         self._spans: dict[str, list[dict]] = {}
         self._logs: dict[str, list[dict]] = {}
+        self._malformed = Decoded()
+
+    def malformed(self, message: str) -> None:
+        """An element that is not shaped like a span (or trace): rejected alone, the rest is kept."""
+        self._malformed.reject(message)
+
+    def decode(self, config: DecodeConfig, stages: StageAttributes | None) -> tuple[Decoded, Decoded]:
+        """(spans, logs) through the OTLP/JSON decoder; malformed elements count as rejected spans."""
+        spans = decode_traces_json(self.traces(), config, stages)
+        spans.rejected += self._malformed.rejected
+        spans.errors[:0] = self._malformed.errors
+        return spans, decode_logs_json(self.logs(), config)
 
     def span(self, service: str, span: dict) -> None:
         self._spans.setdefault(service, []).append(span)

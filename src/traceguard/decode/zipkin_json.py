@@ -13,8 +13,7 @@ from __future__ import annotations
 import hashlib
 
 from traceguard.config import DecodeConfig
-from traceguard.decode.common import Decoded, DecodeError, StageAttributes
-from traceguard.decode.otlp_json import decode_logs_json, decode_traces_json
+from traceguard.decode.common import Decoded, StageAttributes
 from traceguard.decode.translate import KINDS, OtlpDocuments, attributes, micros_to_nanos, pad_trace_id, status_of
 
 
@@ -23,22 +22,20 @@ def shared_server_id(span_id: str) -> str:
     return hashlib.sha256(f"{span_id}/server".encode()).hexdigest()[:16]
 
 
-def decode_zipkin(document: list, config: DecodeConfig,
-                  stages: StageAttributes | None = None) -> tuple[Decoded, Decoded]:
-    """(spans, logs) of one Zipkin v2 JSON list.
+def decode_zipkin_spans(spans: list, config: DecodeConfig,
+                        stages: StageAttributes | None = None) -> tuple[Decoded, Decoded]:
+    """(spans, logs) of Zipkin v2 spans: elements of the file's list, which a replay
+    reads a chunk at a time.
 
-    Raises:
-        DecodeError: not a list of spans.
+    A span that is not shaped like one is rejected alone.
     """
-    if not isinstance(document, list):
-        raise DecodeError("not Zipkin v2 JSON: expected a list of spans")
     out = OtlpDocuments()
-    try:
-        for span in document:
+    for span in spans:
+        try:
             _span(span, out)
-    except (AttributeError, TypeError) as exc:
-        raise DecodeError(f"malformed Zipkin JSON: {exc}") from None
-    return decode_traces_json(out.traces(), config, stages), decode_logs_json(out.logs(), config)
+        except (AttributeError, TypeError) as exc:
+            out.malformed(f"malformed Zipkin span: {exc}")
+    return out.decode(config, stages)
 
 
 def _span(span: dict, out: OtlpDocuments) -> None:

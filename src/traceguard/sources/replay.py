@@ -8,9 +8,10 @@ Zipkin v2 JSON (``[...]``). gzip and zstd by magic bytes. A line that cannot
 be decoded becomes a ``Batch`` with ``corrupt`` set, naming the file and
 line, so the front end decides whether that is fatal.
 
-Jaeger and Zipkin files are one JSON document each, read whole; they carry no
-export order, so their spans are replayed in end-time order (a span exported
-late is on time there).
+Jaeger and Zipkin files are one JSON document each, streamed an element at a
+time (a Jaeger trace, a Zipkin span) so memory does not follow the file size.
+They carry no export order, so their spans are replayed in end-time order
+through a bounded buffer (a span exported late is on time there).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator, Literal
 
-import orjson
+import ijson
 
 from traceguard.config import DecodeConfig
 from traceguard.decode import (
@@ -34,9 +35,9 @@ from traceguard.decode import (
     decode_traces_json,
     decode_traces_proto,
 )
-from traceguard.decode.common import StageAttributes
-from traceguard.decode.jaeger_json import decode_jaeger
-from traceguard.decode.zipkin_json import decode_zipkin
+from traceguard.decode.common import Decoded, StageAttributes
+from traceguard.decode.jaeger_json import decode_jaeger_traces
+from traceguard.decode.zipkin_json import decode_zipkin_spans
 from traceguard.records import SPAN_CORE
 
 Signal = Literal["traces", "logs"]
@@ -60,6 +61,7 @@ class Batch:
     rejected: int = 0
     errors: list[str] = field(default_factory=list)
     corrupt: bool = False
+    out_of_order: int = 0
 
     def event_time(self) -> int:
         """The earliest event in the batch: the key that merges files in event time."""
@@ -157,26 +159,95 @@ def _length_prefixed(
 
 def _document(path: Path, stream: BinaryIO, fmt: str, config: DecodeConfig,
               stages: StageAttributes) -> Iterator[Batch]:
-    """A whole Jaeger or Zipkin document, replayed in end-time order in chunks."""
+    """A Jaeger or Zipkin document, read a chunk of elements at a time and replayed
+    in end-time order through a buffer of ``config.reorder_rows`` rows.
+
+    JSON that breaks off ends the file there: what came before it is replayed.
+    """
+    prefix, element, per_chunk, decode = _ELEMENTS[fmt]
+    order = _EndTimeOrder(path, config.reorder_rows)
+    chunk: list = []
+    number = 0
     try:
-        document = orjson.loads(stream.read())
-        spans, logs = (decode_jaeger if fmt == "jaeger" else decode_zipkin)(document, config, stages)
-    except (orjson.JSONDecodeError, DecodeError) as exc:
-        yield Batch("traces", str(path), errors=[str(exc)], corrupt=True)
-        return
-    spans.rows.sort(key=lambda row: row.end or SPAN_CORE.unpack(row.core)[2])
-    logs.rows.sort(key=lambda row: row.time)
-    yield from heapq.merge(_chunks(path, "traces", spans), _chunks(path, "logs", logs), key=Batch.event_time)
+        for number, item in enumerate(ijson.items(stream, prefix, use_float=True), 1):
+            chunk.append(item)
+            if len(chunk) == per_chunk:
+                yield from order.push(f"{path}:{element} {number - len(chunk) + 1}-{number}", *decode(chunk, config, stages))
+                chunk = []
+    except ijson.JSONError as exc:
+        corrupt = Batch("traces", f"{path}:{element} {number + 1}", errors=[f"not valid JSON: {exc}"], corrupt=True)
+    else:
+        corrupt = None
+    if chunk:
+        yield from order.push(f"{path}:{element} {number - len(chunk) + 1}-{number}", *decode(chunk, config, stages))
+    if corrupt is not None:
+        yield corrupt
+    yield from order.drain()
 
 
-def _chunks(path: Path, signal: Signal, decoded) -> Iterator[Batch]:
-    rows = decoded.rows
-    for start in range(0, len(rows), _CHUNK):
-        first = start == 0
-        yield Batch(signal, f"{path}:{signal} {start + 1}-{start + len(rows[start:start + _CHUNK])}",
-                    rows[start:start + _CHUNK], decoded.rejected if first else 0, decoded.errors if first else [])
-    if not rows and decoded.rejected:
-        yield Batch(signal, f"{path}:{signal}", [], decoded.rejected, decoded.errors)
+# format → (ijson prefix of one element, what an element is, elements per decode, decoder)
+_ELEMENTS = {
+    "jaeger": ("data.item", "trace", 64, decode_jaeger_traces),
+    "zipkin": ("item", "span", _CHUNK, decode_zipkin_spans),
+}
+
+
+class _EndTimeOrder:
+    """Decoded rows out in event-time order (span end, log time), at most ``limit`` held.
+
+    A row that arrives after a later one has already left cannot be put back in
+    order: it goes out at once and is counted, and the count is reported at the
+    end, because the assembler may then see it as a late span.
+    """
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self._path, self._limit = path, limit
+        self._heap: list[tuple[int, int, Signal, object]] = []
+        self._sequence = 0
+        self._last_out = 0
+        self._out_of_order = 0
+        self._counts = {"traces": 0, "logs": 0}
+        self._pending: list = []
+        self._pending_signal: Signal = "traces"
+
+    def push(self, where: str, spans: Decoded, logs: Decoded) -> Iterator[Batch]:
+        for signal, decoded in (("traces", spans), ("logs", logs)):
+            if decoded.rejected:
+                yield Batch(signal, where, [], decoded.rejected, decoded.errors)
+            for row in decoded.rows:
+                time = (row.end or SPAN_CORE.unpack(row.core)[2]) if signal == "traces" else row.time
+                if time < self._last_out:
+                    self._out_of_order += 1
+                heapq.heappush(self._heap, (time, self._sequence, signal, row))
+                self._sequence += 1
+        while len(self._heap) > self._limit:
+            yield from self._pop()
+
+    def drain(self) -> Iterator[Batch]:
+        while self._heap:
+            yield from self._pop()
+        yield from self._flush()
+        if self._out_of_order:
+            yield Batch("traces", str(self._path), out_of_order=self._out_of_order, errors=[
+                f"{self._out_of_order} row(s) were further from end-time order than decode.reorder_rows "
+                f"({self._limit}) holds and were replayed out of order (a late_span among them may be one)"])
+
+    def _pop(self) -> Iterator[Batch]:
+        time, _, signal, row = heapq.heappop(self._heap)
+        if signal != self._pending_signal:
+            yield from self._flush()
+            self._pending_signal = signal
+        self._last_out = max(self._last_out, time)
+        self._pending.append(row)
+        if len(self._pending) == _CHUNK:
+            yield from self._flush()
+
+    def _flush(self) -> Iterator[Batch]:
+        if self._pending:
+            signal, first = self._pending_signal, self._counts[self._pending_signal] + 1
+            self._counts[signal] += len(self._pending)
+            yield Batch(signal, f"{self._path}:{signal} {first}-{self._counts[signal]}", self._pending)
+            self._pending = []
 
 
 def _batch(signal: Signal, where: str, decoded) -> Batch:
