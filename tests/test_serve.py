@@ -148,6 +148,16 @@ def test_grpc_partial_success_for_wrong_ids(server):
     assert "trace_id must be 16" in response.partial_success.error_message
 
 
+def test_grpc_answers_an_undecodable_body_invalid_argument(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc}") as channel:
+        export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+        with pytest.raises(grpc.RpcError) as error:
+            export(b"\xff\x01garbage", timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not an OTLP traces protobuf message" in error.value.details()
+    assert server.client.get("/healthz").status_code == 200
+
+
 def test_overload_pushes_back_and_nothing_accepted_is_lost(server):
     url = f"http://127.0.0.1:{server.http}/v1/traces"
     protobuf = {"content-type": "application/x-protobuf"}

@@ -62,6 +62,11 @@ class StageAttributes:
         self._stages: dict[tuple, tuple | None] = {}
         self._limit = limit
 
+    @property
+    def known(self) -> dict[tuple, tuple | None]:
+        """(service, kind, name) → kept attributes: the cache the C decoder reads directly."""
+        return self._stages
+
     def get(self, service: str, kind: int, name: str, status: int,
             read: Callable[[], list[tuple[str, Any]]]) -> tuple[tuple[str, Any], ...] | None:
         if status == STATUS_ERROR:

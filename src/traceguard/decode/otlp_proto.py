@@ -3,7 +3,10 @@
 ``ExportTraceServiceRequest`` and ``TracesData`` share their wire layout (field
 1, repeated ResourceSpans), as do ``ExportLogsServiceRequest`` and
 ``LogsData``, so one message type decodes both. This is the hot path of every
-source: each span costs one pass over a handful of scalar fields.
+source. Traces: upb parses the bytes (that is the validation), then the C walk
+in ``_wire.c`` reads the kept fields straight from the bytes into span rows;
+``decode_traces_message`` is the reference it is tested against and the
+fallback where the extension is not built or meets a layout it does not walk.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from traceguard.config import DecodeConfig
 from traceguard.decode.common import (
     ATTRIBUTE_KINDS,
     KEPT_ATTRIBUTES,
+    MAX_ERROR_MESSAGES,
     StageAttributes,
     Decoded,
     DecodeError,
@@ -26,6 +30,11 @@ from traceguard.decode.common import (
     intern_name,
 )
 from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, LogRow, SpanRow
+
+try:
+    from traceguard.decode import _wire
+except ImportError:  # built without a C compiler: the reference decoder does it all
+    _wire = None
 
 UNKNOWN_SERVICE = "unknown_service"
 _ZERO_TRACE = bytes(16)
@@ -43,6 +52,11 @@ def _any_value(value):
     return None if which is None else getattr(value, which)
 
 
+def _kept_attributes(span, value_limit: int) -> list:
+    return [(kv.key, clip_value(_any_value(kv.value), value_limit))
+            for kv in span.attributes if kv.key in KEPT_ATTRIBUTES]
+
+
 def decode_traces_proto(
     data: bytes, config: DecodeConfig, stages: StageAttributes | None = None
 ) -> Decoded[SpanRow]:
@@ -55,7 +69,25 @@ def decode_traces_proto(
         request = ExportTraceServiceRequest.FromString(data)
     except (ProtoDecodeError, RuntimeError) as exc:
         raise DecodeError(f"not an OTLP traces protobuf message: {exc}") from None
+    stages = stages or StageAttributes()
+    if _wire is not None:
+        try:
+            return _decode_wire(data, request, config, stages)
+        except _wire.Unsupported:
+            pass
     return decode_traces_message(request, config, stages)
+
+
+def _decode_wire(data: bytes, request, config: DecodeConfig, stages: StageAttributes) -> Decoded[SpanRow]:
+    """The C walk; the spans whose stage attributes are not known yet are read here, from upb."""
+    rows, rejected, errors, pending = _wire.decode_spans(
+        data, SpanRow, stages.known, config.max_name_length, MAX_ERROR_MESSAGES, UNKNOWN_SERVICE)
+    value_limit = config.max_attribute_length
+    resources = request.resource_spans
+    for resource, scope, index, row, kind, code, service in pending:
+        span = resources[resource].scope_spans[scope].spans[index]
+        row.attrs = stages.get(service, kind, row.name, code, lambda: _kept_attributes(span, value_limit))
+    return Decoded(rows, rejected, errors)
 
 
 def decode_traces_message(
@@ -95,10 +127,8 @@ def decode_traces_message(
                 name = intern(name if len(name) <= name_limit else name[:name_limit])
                 attrs = None
                 if kind in ATTRIBUTE_KINDS:
-                    attrs = stage_attributes(service, kind, name, code, lambda: [
-                        (kv.key, clip_value(_any_value(kv.value), value_limit))
-                        for kv in span.attributes if kv.key in KEPT_ATTRIBUTES
-                    ])
+                    attrs = stage_attributes(service, kind, name, code,
+                                             lambda: _kept_attributes(span, value_limit))
                 append(SpanRow(
                     trace_id,
                     pack(span_id, parent or NO_PARENT, span.start_time_unix_nano, kind,

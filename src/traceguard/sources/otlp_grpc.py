@@ -4,8 +4,9 @@ Answers as the OTLP specification says: partial success with the rejected
 count and the first reasons for spans that fail validation,
 RESOURCE_EXHAUSTED with a ``google.rpc.RetryInfo`` in the trailing metadata
 at the in-flight bound (the OpenTelemetry SDKs back off by it),
-UNAUTHENTICATED without the bearer token when one is configured. grpcio
-itself refuses a message over the size limit (RESOURCE_EXHAUSTED).
+UNAUTHENTICATED without the bearer token when one is configured,
+INVALID_ARGUMENT for a body that is not the message. grpcio itself refuses a
+message over the size limit (RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from concurrent import futures
 import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.rpc.error_details_pb2 import RetryInfo
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from traceguard.decode.otlp_proto import decode_logs_message, decode_traces_message
+from traceguard.decode import DecodeError, decode_logs_proto, decode_traces_proto
 from traceguard.sources.live import LiveIngest, Overloaded, export_response
 
 
@@ -41,31 +42,38 @@ class _Auth:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
 
-class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, ingest: LiveIngest, auth: _Auth) -> None:
-        self._ingest, self._auth = ingest, auth
+class _Export:
+    """One ``Export`` method. It takes the raw request bytes (no deserializer), so
+    the C traces decoder reads them directly, an undecodable body is answered
+    INVALID_ARGUMENT as OTLP asks, and forwarding passes on exactly what came in."""
 
-    def Export(self, request, context):  # noqa: N802 (gRPC method name)
+    def __init__(self, signal: str, ingest: LiveIngest, auth: _Auth) -> None:
+        self._signal, self._ingest, self._auth = signal, ingest, auth
+
+    def __call__(self, data: bytes, context):
         self._auth.check(context)
-        decoded = decode_traces_message(request, self._ingest.config.decode, self._ingest.stages)
+        ingest = self._ingest
         try:
-            rejected, message = self._ingest.traces(decoded, "grpc")
+            if self._signal == "traces":
+                decoded = decode_traces_proto(data, ingest.config.decode, ingest.stages)
+            else:
+                decoded = decode_logs_proto(data, ingest.config.decode)
+        except DecodeError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            if self._signal == "traces":
+                rejected, message = ingest.traces(decoded, "grpc")
+            else:
+                rejected, message = ingest.logs(decoded, "grpc")
         except Overloaded as exc:
             _refuse(context, exc)
-        self._ingest.forward("traces", request.SerializeToString)
-        return export_response("traces", rejected, message)
+        ingest.forward(self._signal, lambda: data)
+        return export_response(self._signal, rejected, message)
 
 
-class LogsService(logs_service_pb2_grpc.LogsServiceServicer):
-    def __init__(self, ingest: LiveIngest, auth: _Auth) -> None:
-        self._ingest, self._auth = ingest, auth
-
-    def Export(self, request, context):  # noqa: N802
-        self._auth.check(context)
-        decoded = decode_logs_message(request, self._ingest.config.decode)
-        rejected, message = self._ingest.logs(decoded, "grpc")
-        self._ingest.forward("logs", request.SerializeToString)
-        return export_response("logs", rejected, message)
+def _service(name: str, export: _Export, response) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(name, {"Export": grpc.unary_unary_rpc_method_handler(
+        export, request_deserializer=None, response_serializer=response.SerializeToString)})
 
 
 def start_grpc(ingest: LiveIngest, address: str, *, max_request_bytes: int, token: str | None = None,
@@ -76,8 +84,12 @@ def start_grpc(ingest: LiveIngest, address: str, *, max_request_bytes: int, toke
         options=[("grpc.max_receive_message_length", max_request_bytes)],
     )
     auth = _Auth(token)
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(ingest, auth), server)
-    logs_service_pb2_grpc.add_LogsServiceServicer_to_server(LogsService(ingest, auth), server)
+    server.add_generic_rpc_handlers((
+        _service("opentelemetry.proto.collector.trace.v1.TraceService", _Export("traces", ingest, auth),
+                 ExportTraceServiceResponse),
+        _service("opentelemetry.proto.collector.logs.v1.LogsService", _Export("logs", ingest, auth),
+                 ExportLogsServiceResponse),
+    ))
     if tls is not None:
         port = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
     else:

@@ -1,0 +1,150 @@
+"""The C traces decoder (decode/_wire.c) against the reference decoder
+(decode_traces_message over upb): the same rows, rejections and messages on the
+scenario's traffic, on hand-made edge cases of protobuf's merge rules, and on
+thousands of randomly mutated messages that upb still accepts."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+from traceguard.config import DecodeConfig
+from traceguard.decode.common import StageAttributes
+from traceguard.decode.otlp_proto import _decode_wire, _wire, decode_traces_message
+
+CONFIG = DecodeConfig(max_name_length=16)
+
+
+def test_the_extension_is_built():
+    """CI must test the C path, not silently the fallback."""
+    assert _wire is not None
+
+
+def both(data: bytes, fast_stages: StageAttributes | None = None, reference_stages: StageAttributes | None = None):
+    request = ExportTraceServiceRequest.FromString(data)
+    fast = _decode_wire(data, request, CONFIG, fast_stages or StageAttributes())
+    reference = decode_traces_message(request, CONFIG, reference_stages or StageAttributes())
+    return fast, reference
+
+
+def same(fast, reference) -> None:
+    def rows(decoded):
+        return [(r.trace_id, r.core, r.end, r.service, r.name, r.attrs) for r in decoded.rows]
+
+    assert rows(fast) == rows(reference)
+    assert (fast.rejected, fast.errors) == (reference.rejected, reference.errors)
+
+
+def read_messages(path):
+    with open(path, "rb") as stream:
+        while prefix := stream.read(4):
+            yield stream.read(struct.unpack(">I", prefix)[0])
+
+
+def test_the_scenario_decodes_the_same(scenario_proto):
+    fast_stages, reference_stages = StageAttributes(), StageAttributes()
+    count = 0
+    for data in read_messages(scenario_proto / "traces.pb"):
+        fast, reference = both(data, fast_stages, reference_stages)
+        same(fast, reference)
+        count += len(fast.rows)
+    assert count > 10_000
+    assert fast_stages.known == reference_stages.known
+
+
+def kv(key: str, **value) -> KeyValue:
+    return KeyValue(key=key, value=AnyValue(**value))
+
+
+def request_of(*spans: Span, resource_attributes=(kv("service.name", string_value="cart"),)) -> bytes:
+    message = ExportTraceServiceRequest()
+    resource = message.resource_spans.add()
+    resource.resource.attributes.extend(resource_attributes)
+    resource.scope_spans.add().spans.extend(spans)
+    return message.SerializeToString()
+
+
+def good_span(**fields) -> Span:
+    base = dict(trace_id=bytes(range(1, 17)), span_id=bytes(range(1, 9)), name="GET /cart", kind=Span.SPAN_KIND_CLIENT,
+                start_time_unix_nano=1_000, end_time_unix_nano=2_000,
+                attributes=[kv("db.system", string_value="redis"), kv("other", int_value=3)])
+    base.update(fields)
+    return Span(**base)
+
+
+def field(number: int, wire: int, payload: bytes) -> bytes:
+    """One protobuf field, by hand: what the generated classes will not write (duplicates, wrong wire types)."""
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+    key = varint(number << 3 | wire)
+    return key + (varint(len(payload)) + payload if wire == 2 else payload)
+
+
+@pytest.mark.parametrize("data", [
+    request_of(good_span(trace_id=b"\x01" * 8), good_span(span_id=bytes(8)), good_span(parent_span_id=b"\x02" * 3),
+               good_span(trace_id=bytes(16), span_id=b""), good_span()),
+    request_of(good_span(name="ÜberlangerNameMitUmlauten-und-mehr"), good_span(kind=-3), good_span(kind=9),
+               good_span(status=Status(code=Status.STATUS_CODE_ERROR), attributes=[kv("http.status_code", int_value=503)]),
+               good_span(links=[Span.Link()]), good_span(kind=Span.SPAN_KIND_SERVER)),
+    request_of(good_span(), resource_attributes=()),
+    request_of(good_span(), resource_attributes=(kv("service.name", int_value=4), kv("service.name", string_value="x"))),
+    request_of(good_span(), resource_attributes=(kv("service.name", string_value=""),)),
+    # duplicate scalars (last wins), two status messages (merged), a known field with the wrong wire type (unknown)
+    request_of(good_span()) [:0] + field(1, 2, field(1, 2, field(1, 2, kv("service.name", string_value="a").SerializeToString()))
+        + field(2, 2, field(2, 2, good_span().SerializeToString() + field(5, 2, b"renamed") + field(6, 0, b"\x02")
+                            + field(15, 2, field(3, 0, b"\x02")) + field(15, 2, field(2, 2, b"msg"))
+                            + field(7, 0, b"\x05") + field(13, 0, b"\x01")))),
+    # a resource that comes after its spans, and a second resource occurrence (attributes append)
+    field(1, 2, field(2, 2, field(2, 2, good_span().SerializeToString()))
+          + field(1, 2, field(1, 2, kv("host", string_value="h").SerializeToString()))
+          + field(1, 2, field(1, 2, kv("service.name", string_value="late").SerializeToString()))),
+], ids=["rejections", "names-kinds-status-links", "no-resource", "non-string-service", "empty-service",
+        "merge-rules", "resource-after-spans"])
+def test_edge_cases_decode_the_same(data):
+    same(*both(data))
+
+
+def test_a_cached_stage_is_shared_and_an_error_span_is_read_alone():
+    stages_fast, stages_reference = StageAttributes(), StageAttributes()
+    for data in (request_of(good_span()), request_of(good_span(attributes=[kv("db.system", string_value="mysql")]))):
+        fast, reference = both(data, stages_fast, stages_reference)
+        same(fast, reference)
+    assert fast.rows[0].attrs == (("db.system", "redis"),)  # the stage's first span decides
+
+
+def test_mutated_messages_that_upb_accepts_decode_the_same(scenario_proto):
+    rng = random.Random(11)
+    messages = [data for data, _ in zip(read_messages(scenario_proto / "traces.pb"), range(3))]
+    small = request_of(good_span(), good_span(span_id=b"\x09" * 8, kind=Span.SPAN_KIND_PRODUCER,
+                                              links=[Span.Link()], status=Status(code=2)))
+    compared = unsupported = 0
+    for attempt in range(10_000):
+        data = bytearray(small if attempt % 3 else rng.choice(messages))
+        for _ in range(rng.randint(1, 4)):
+            position = rng.randrange(len(data))
+            if rng.random() < 0.8:
+                data[position] = rng.randrange(256)
+            else:
+                del data[position:position + rng.randint(1, 8)]
+        try:
+            request = ExportTraceServiceRequest.FromString(bytes(data))
+        except Exception:
+            continue
+        try:
+            fast = _decode_wire(bytes(data), request, CONFIG, StageAttributes())
+        except _wire.Unsupported:
+            unsupported += 1
+            continue
+        same(fast, decode_traces_message(request, CONFIG, StageAttributes()))
+        compared += 1
+    assert compared > 1_500, (compared, unsupported)
