@@ -79,7 +79,7 @@ def test_the_image_runs_the_console_script_as_a_non_root_user_with_a_health_chec
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["traceguard"]' in dockerfile
     assert "USER 10001" in dockerfile and "/healthz" in dockerfile and "FROM python:3.11-slim" in dockerfile
-    build_stage = dockerfile.split("\nFROM ")[0]
+    build_stage = dockerfile.split("\nFROM ")[1]
     assert "gcc" in build_stage and "pip install" in build_stage  # the C decoder is compiled there
 
 
