@@ -7,8 +7,12 @@ by the scenario's duration and given fresh trace ids (the copy number XORed
 into the id), so it is new traffic, not a replay of the old. With ``--format
 jaeger`` or ``zipkin`` each copy is translated (benchmarks.export_formats) and
 the copies are written as one JSON document, as a download of that size would
-be. Each replay runs as its own process; its peak RSS comes from
-``getrusage`` of the child.
+be. Each replay runs as its own process, which reports its own peak RSS
+(``VmHWM`` of /proc/self/status) as it exits. Not ``getrusage`` of the
+children: Linux carries a process's peak RSS across ``execve``, and a child
+forked (or vforked) from this process starts with this process's memory, so
+that figure is at least the benchmark's own peak (which holds a translated
+copy of the traffic), not the replay's.
 
 Run ``python -m benchmarks.replay_memory [--small-mb 50] [--large-mb 1000] [--format otlp_proto]``.
 """
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -95,18 +98,29 @@ def _build_document(base: Path, target: Path, megabytes: int, duration_s: float,
     return n, [path]
 
 
+_REPORT_PEAK = """
+import sys
+from traceguard.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    with open("/proc/self/status") as status:
+        peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    sys.stderr.write(f"peak-rss-kib {peak}\\n")
+sys.exit(code)
+"""
+
+
 def peak_rss_replay(arguments: list) -> tuple[float, float, str]:
     """(peak RSS MiB, seconds, summary line) of one replay in a child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "traceguard", "replay", *arguments,
+    result = subprocess.run([sys.executable, "-c", _REPORT_PEAK, "replay", *map(str, arguments),
                              "--out", "/dev/null", "--no-progress"],
                             capture_output=True, text=True, check=True)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    assert peak >= before
     lines = result.stderr.splitlines()
-    return peak / 1024, seconds, next((line for line in lines if line.startswith("traceguard replay")), lines[0])
+    peak_kib = int(next(line.split()[1] for line in lines if line.startswith("peak-rss-kib")))
+    return peak_kib / 1024, seconds, next((line for line in lines if line.startswith("traceguard replay")), lines[0])
 
 
 def main() -> None:
@@ -121,7 +135,6 @@ def main() -> None:
         base = Path(tmp) / "base"
         write_scenario(base, config, proto=True)
         results = {}
-        # Small first: RUSAGE_CHILDREN keeps the largest child so far.
         for name, megabytes in (("small", args.small_mb), ("large", args.large_mb)):
             directory = Path(tmp) / name
             n, arguments = build(base, directory, megabytes, config.duration_s, args.format)
