@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 from traceguard.assemble.clock import Clock
 from traceguard.config import AssemblerConfig
 from traceguard.metrics import Metrics
+from traceguard.native import rows as native
 from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, DecisionReason, Span, SpanRow, Trace
 
 
@@ -213,16 +214,19 @@ def to_span(row: SpanRow, unpack=SPAN_CORE.unpack) -> Span:
                 bool(flags & FLAG_HAS_LINKS), row.service, row.name, row.attrs)
 
 
-def _expand(trace_id: bytes, pending: _Pending, reason: DecisionReason, now: int, metrics: Metrics) -> Trace:
+def _expand_rows(rows: list[SpanRow]) -> tuple[list[Span], dict[bytes, Span], dict[bytes, list[Span]], int, Span | None]:
+    """(spans, by id, children by parent id, duplicates skipped, root): the reference
+    for ``_rows.expand``, which does the same in C."""
     spans: list[Span] = []
     by_id: dict[bytes, Span] = {}
     children: dict[bytes, list[Span]] = {}
+    duplicates = 0
     root = None
-    for row in pending.rows:
+    for row in rows:
         span = to_span(row)
         span_id = span.span_id
         if span_id in by_id:
-            metrics.inc("traceguard_duplicate_spans_total")
+            duplicates += 1
             continue
         spans.append(span)
         by_id[span_id] = span
@@ -232,5 +236,15 @@ def _expand(trace_id: bytes, pending: _Pending, reason: DecisionReason, now: int
                 root = span
         else:
             children.setdefault(parent, []).append(span)
+    return spans, by_id, children, duplicates, root
+
+
+expand_rows = native.expand if native is not None else _expand_rows
+
+
+def _expand(trace_id: bytes, pending: _Pending, reason: DecisionReason, now: int, metrics: Metrics) -> Trace:
+    spans, by_id, children, duplicates, root = expand_rows(pending.rows)
+    if duplicates:
+        metrics.inc("traceguard_duplicate_spans_total", duplicates)
     orphans = [span for parent, group in children.items() if parent not in by_id for span in group]
     return Trace(trace_id, spans, by_id, children, orphans, root, reason, now, pending.first_seen)

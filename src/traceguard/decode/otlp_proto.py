@@ -4,7 +4,7 @@
 1, repeated ResourceSpans), as do ``ExportLogsServiceRequest`` and
 ``LogsData``, so one message type decodes both. This is the hot path of every
 source. Traces: upb parses the bytes (that is the validation), then the C walk
-in ``_wire.c`` reads the kept fields straight from the bytes into span rows;
+in ``_rows.c`` reads the kept fields straight from the bytes into span rows;
 ``decode_traces_message`` is the reference it is tested against and the
 fallback where the extension is not built or meets a layout it does not walk.
 """
@@ -29,12 +29,8 @@ from traceguard.decode.common import (
     clip_value,
     intern_name,
 )
+from traceguard.native import rows as native
 from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, LogRow, SpanRow
-
-try:
-    from traceguard.decode import _wire
-except ImportError:  # built without a C compiler: the reference decoder does it all
-    _wire = None
 
 UNKNOWN_SERVICE = "unknown_service"
 _ZERO_TRACE = bytes(16)
@@ -70,18 +66,18 @@ def decode_traces_proto(
     except (ProtoDecodeError, RuntimeError) as exc:
         raise DecodeError(f"not an OTLP traces protobuf message: {exc}") from None
     stages = stages or StageAttributes()
-    if _wire is not None:
+    if native is not None:
         try:
-            return _decode_wire(data, request, config, stages)
-        except _wire.Unsupported:
+            return _decode_native(data, request, config, stages)
+        except native.Unsupported:
             pass
     return decode_traces_message(request, config, stages)
 
 
-def _decode_wire(data: bytes, request, config: DecodeConfig, stages: StageAttributes) -> Decoded[SpanRow]:
+def _decode_native(data: bytes, request, config: DecodeConfig, stages: StageAttributes) -> Decoded[SpanRow]:
     """The C walk; the spans whose stage attributes are not known yet are read here, from upb."""
-    rows, rejected, errors, pending = _wire.decode_spans(
-        data, SpanRow, stages.known, config.max_name_length, MAX_ERROR_MESSAGES, UNKNOWN_SERVICE)
+    rows, rejected, errors, pending = native.decode_spans(
+        data, stages.known, config.max_name_length, MAX_ERROR_MESSAGES, UNKNOWN_SERVICE)
     value_limit = config.max_attribute_length
     resources = request.resource_spans
     for resource, scope, index, row, kind, code, service in pending:

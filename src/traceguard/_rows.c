@@ -1,6 +1,8 @@
 /*
- * The OTLP traces hot path in C: serialized ExportTraceServiceRequest /
- * TracesData bytes -> SpanRow objects, reading only the fields detection keeps.
+ * Span rows in C, the two per-span hot paths:
+ *
+ * decode_spans: serialized ExportTraceServiceRequest / TracesData bytes ->
+ * SpanRow objects, reading only the fields detection keeps.
  *
  * The caller has already parsed the same bytes with upb (FromString), so the
  * message is known to be valid protobuf and every validation rule is upb's;
@@ -10,15 +12,88 @@
  * type does not match its declaration is an unknown field. Anything it does
  * not expect (groups, a length running past its message) raises Unsupported,
  * and the caller falls back to the reference decoder, so output never differs.
- * tests/test_decode_wire.py checks it against the reference on the scenario's
+ * tests/test_rows.py checks it against the reference on the scenario's
  * traffic and on mutated messages.
+ *
+ * expand: a decided trace's rows -> Span objects and the indexes every
+ * detector uses (assembler._expand_rows is the reference).
+ *
+ * Both build SpanRow and Span objects by filling their __slots__ directly
+ * (offsets read from the classes' member descriptors by bind()): running the
+ * Python __init__ per span cost as much as the rest of the decode.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
 
 static PyObject *Unsupported;
+
+/* A class with __slots__, and the offsets of the slots in the order given to bind(). */
+typedef struct {
+    PyTypeObject *type;
+    Py_ssize_t offset[11];
+    int count;
+} Slots;
+
+static Slots row_slots, span_slots;
+static const char *ROW_SLOTS[] = {"trace_id", "core", "end", "service", "name", "attrs", NULL};
+static const char *SPAN_SLOTS[] = {"span_id", "parent_span_id", "start", "end", "kind", "status", "has_links",
+                                   "service", "name", "attrs", "finished", NULL};
+enum { ROW_TRACE_ID, ROW_CORE, ROW_END, ROW_SERVICE, ROW_NAME, ROW_ATTRS };
+
+static int bind_slots(Slots *slots, PyObject *type, const char **names) {
+    if (!PyType_Check(type)) {
+        PyErr_SetString(PyExc_TypeError, "bind() takes classes");
+        return -1;
+    }
+    Py_ssize_t offsets[11];
+    int i;
+    for (i = 0; names[i] != NULL; i++) {
+        PyObject *descr = PyObject_GetAttrString(type, names[i]);
+        if (descr == NULL)
+            return -1;
+        int ok = Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
+                 ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX;
+        if (ok)
+            offsets[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
+        Py_DECREF(descr);
+        if (!ok) {
+            PyErr_Format(PyExc_TypeError, "%s is not a __slots__ member of %R", names[i], type);
+            return -1;
+        }
+    }
+    Py_XDECREF(slots->type);
+    Py_INCREF(type);
+    slots->type = (PyTypeObject *)type;
+    memcpy(slots->offset, offsets, sizeof(offsets));
+    slots->count = i;
+    return 0;
+}
+
+/* A new instance with its slots set; steals the references in values. */
+static PyObject *fill(Slots *slots, PyObject **values) {
+    PyObject *obj = slots->type->tp_alloc(slots->type, 0);
+    for (int i = 0; i < slots->count; i++) {
+        if (obj == NULL)
+            Py_DECREF(values[i]);
+        else
+            *(PyObject **)((char *)obj + slots->offset[i]) = values[i];
+    }
+    return obj;
+}
+
+#define SLOT(slots, obj, i) (*(PyObject **)((char *)(obj) + (slots).offset[i]))
+
+static PyObject *bind(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *row_type, *span_type;
+    if (!PyArg_ParseTuple(args, "OO", &row_type, &span_type))
+        return NULL;
+    if (bind_slots(&row_slots, row_type, ROW_SLOTS) < 0 || bind_slots(&span_slots, span_type, SPAN_SLOTS) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
 
 enum { VARINT = 0, I64 = 1, LEN = 2, I32 = 5 };
 enum { KIND_CLIENT = 3, KIND_PRODUCER = 4, KIND_CONSUMER = 5, STATUS_ERROR = 2 };
@@ -179,7 +254,7 @@ static void hex(char *out, const uint8_t *data, Py_ssize_t size) {
 }
 
 typedef struct {
-    PyObject *row_type, *rows, *errors, *pending, *stages, *service;
+    PyObject *rows, *errors, *pending, *stages, *service;
     Py_ssize_t name_limit, max_errors, rejected;
     Py_ssize_t resource_index, scope_index, span_index;
 } Out;
@@ -272,7 +347,9 @@ static int span(Out *o, Reader r) {
     int needs_attrs = kind == KIND_CLIENT || kind == KIND_PRODUCER || kind == KIND_CONSUMER;
     if (needs_attrs && code != STATUS_ERROR) {
         /* StageAttributes' cache, read here; a miss or an error span goes to the caller */
-        PyObject *key = Py_BuildValue("(OlO)", o->service, (long)kind, name_obj);
+        PyObject *kind_obj = PyLong_FromLong((long)kind); /* a cached small int */
+        PyObject *key = kind_obj == NULL ? NULL : PyTuple_Pack(3, o->service, kind_obj, name_obj);
+        Py_XDECREF(kind_obj);
         if (key == NULL) goto done;
         PyObject *known = PyDict_GetItemWithError(o->stages, key);
         Py_DECREF(key);
@@ -283,7 +360,11 @@ static int span(Out *o, Reader r) {
             goto done;
         }
     }
-    row = PyObject_CallFunctionObjArgs(o->row_type, trace_obj, core_obj, end_obj, o->service, name_obj, attrs, NULL);
+    Py_INCREF(o->service);
+    Py_INCREF(attrs);
+    PyObject *values[] = {trace_obj, core_obj, end_obj, o->service, name_obj, attrs};
+    trace_obj = core_obj = end_obj = name_obj = NULL; /* stolen by fill */
+    row = fill(&row_slots, values);
     if (row == NULL || PyList_Append(o->rows, row) < 0) goto done;
     if (needs_attrs) {
         PyObject *item = Py_BuildValue("(nnnOllO)", o->resource_index, o->scope_index, o->span_index, row,
@@ -341,7 +422,7 @@ done:
 }
 
 PyDoc_STRVAR(decode_spans_doc,
-"decode_spans(data, row_type, stages, name_limit, max_errors, unknown_service)\n"
+"decode_spans(data, stages, name_limit, max_errors, unknown_service)\n"
 "-> (rows, rejected, errors, pending)\n\n"
 "``pending`` lists (resource, scope, span index, row, kind, status code, service) of the rows\n"
 "whose kept attributes the caller must read (a stage not in ``stages`` yet, or an\n"
@@ -349,12 +430,15 @@ PyDoc_STRVAR(decode_spans_doc,
 
 static PyObject *decode_spans(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer data;
-    PyObject *row_type, *stages, *unknown_service;
+    PyObject *stages, *unknown_service;
     Py_ssize_t name_limit, max_errors;
-    if (!PyArg_ParseTuple(args, "y*OO!nnU", &data, &row_type, &PyDict_Type, &stages, &name_limit, &max_errors,
-                          &unknown_service))
+    if (row_slots.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() first");
         return NULL;
-    Out o = {row_type, PyList_New(0), PyList_New(0), PyList_New(0), stages, NULL, name_limit, max_errors, 0, 0, 0, 0};
+    }
+    if (!PyArg_ParseTuple(args, "y*O!nnU", &data, &PyDict_Type, &stages, &name_limit, &max_errors, &unknown_service))
+        return NULL;
+    Out o = {PyList_New(0), PyList_New(0), PyList_New(0), stages, NULL, name_limit, max_errors, 0, 0, 0, 0};
     PyObject *result = NULL;
     if (o.rows == NULL || o.errors == NULL || o.pending == NULL)
         goto done;
@@ -381,15 +465,123 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(expand_doc,
+"expand(rows) -> (spans, by_id, children, duplicates, root)\n\n"
+"The Span objects of a decided trace's rows in arrival order (a repeated span id\n"
+"after the first is skipped and counted), by span id, children by parent id,\n"
+"and the parentless span that started first.");
+
+static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
+    if (span_slots.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() first");
+        return NULL;
+    }
+    if (!PyList_Check(rows)) {
+        PyErr_SetString(PyExc_TypeError, "expand() takes a list of rows");
+        return NULL;
+    }
+    PyObject *spans = PyList_New(0), *by_id = PyDict_New(), *children = PyDict_New(), *result = NULL;
+    PyObject *root = Py_None;
+    uint64_t root_start = 0;
+    Py_ssize_t duplicates = 0;
+    if (spans == NULL || by_id == NULL || children == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(rows); i++) {
+        PyObject *row = PyList_GET_ITEM(rows, i);
+        if (Py_TYPE(row) != row_slots.type) {
+            PyErr_SetString(PyExc_TypeError, "expand() takes SpanRow objects");
+            goto done;
+        }
+        PyObject *core = SLOT(row_slots, row, ROW_CORE);
+        if (core == NULL || !PyBytes_Check(core) || PyBytes_GET_SIZE(core) != CORE_SIZE) {
+            PyErr_SetString(PyExc_ValueError, "a SpanRow core must be 27 bytes");
+            goto done;
+        }
+        const uint8_t *c = (const uint8_t *)PyBytes_AS_STRING(core);
+        PyObject *span_id = PyBytes_FromStringAndSize((const char *)c, 8);
+        if (span_id == NULL)
+            goto done;
+        int seen = PyDict_Contains(by_id, span_id);
+        if (seen != 0) {
+            Py_DECREF(span_id);
+            if (seen < 0)
+                goto done;
+            duplicates++;
+            continue;
+        }
+        int is_root = memcmp(c + 8, ZERO, 8) == 0;
+        uint64_t start;
+        memcpy(&start, c + 16, 8);
+        PyObject *end = SLOT(row_slots, row, ROW_END), *service = SLOT(row_slots, row, ROW_SERVICE);
+        PyObject *name = SLOT(row_slots, row, ROW_NAME), *attrs = SLOT(row_slots, row, ROW_ATTRS);
+        if (end == NULL || service == NULL || name == NULL || attrs == NULL) {
+            Py_DECREF(span_id);
+            PyErr_SetString(PyExc_ValueError, "a SpanRow with an unset field");
+            goto done;
+        }
+        int finished = 0;
+        if (PyLong_Check(end)) {
+            unsigned long long e = PyLong_AsUnsignedLongLong(end);
+            if (e == (unsigned long long)-1 && PyErr_Occurred())
+                PyErr_Clear(); /* negative: not finished (decoders never make one) */
+            else
+                finished = e > 0 && e >= start;
+        }
+        PyObject *parent = is_root ? Py_NewRef(Py_None) : PyBytes_FromStringAndSize((const char *)c + 8, 8);
+        PyObject *start_obj = PyLong_FromUnsignedLongLong(start);
+        PyObject *kind = PyLong_FromLong(c[24]), *status = PyLong_FromLong(c[25]);
+        if (parent == NULL || start_obj == NULL || kind == NULL || status == NULL) {
+            Py_DECREF(span_id);
+            Py_XDECREF(parent);
+            Py_XDECREF(start_obj);
+            Py_XDECREF(kind);
+            Py_XDECREF(status);
+            goto done;
+        }
+        PyObject *values[] = {Py_NewRef(span_id), Py_NewRef(parent), start_obj, Py_NewRef(end), kind, status,
+                              PyBool_FromLong(c[26] & 1), Py_NewRef(service), Py_NewRef(name), Py_NewRef(attrs),
+                              PyBool_FromLong(finished)};
+        PyObject *span = fill(&span_slots, values);
+        int failed = span == NULL || PyList_Append(spans, span) < 0 || PyDict_SetItem(by_id, span_id, span) < 0;
+        if (!failed && is_root) {
+            if (root == Py_None || start < root_start) {
+                root = span;
+                root_start = start;
+            }
+        } else if (!failed) {
+            PyObject *group = PyDict_GetItemWithError(children, parent);
+            if (group == NULL) {
+                group = PyErr_Occurred() ? NULL : PyList_New(0);
+                failed = group == NULL || PyDict_SetItem(children, parent, group) < 0;
+                Py_XDECREF(group); /* the dict holds it */
+            }
+            failed = failed || PyList_Append(group, span) < 0;
+        }
+        Py_DECREF(span_id);
+        Py_DECREF(parent);
+        Py_XDECREF(span); /* the list holds it */
+        if (failed)
+            goto done;
+    }
+    result = Py_BuildValue("(OOOnO)", spans, by_id, children, duplicates, root);
+done:
+    Py_XDECREF(spans);
+    Py_XDECREF(by_id);
+    Py_XDECREF(children);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"bind", bind, METH_VARARGS, "bind(SpanRow, Span): the classes whose slots decode_spans and expand fill."},
     {"decode_spans", decode_spans, METH_VARARGS, decode_spans_doc},
+    {"expand", expand, METH_O, expand_doc},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_wire", "OTLP traces protobuf -> span rows, in C.", -1,
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_rows", "Span rows in C: decode and expand.", -1,
                                     methods};
 
-PyMODINIT_FUNC PyInit__wire(void) {
+PyMODINIT_FUNC PyInit__rows(void) {
     const uint16_t probe = 1;
     if (*(const uint8_t *)&probe != 1) {
         PyErr_SetString(PyExc_ImportError, "the fast decoder assumes a little-endian host");
@@ -398,7 +590,7 @@ PyMODINIT_FUNC PyInit__wire(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    Unsupported = PyErr_NewException("traceguard.decode._wire.Unsupported", PyExc_ValueError, NULL);
+    Unsupported = PyErr_NewException("traceguard._rows.Unsupported", PyExc_ValueError, NULL);
     if (Unsupported == NULL || PyModule_AddObject(m, "Unsupported", Unsupported) < 0) {
         Py_XDECREF(m);
         return NULL;

@@ -1,7 +1,9 @@
-"""The C traces decoder (decode/_wire.c) against the reference decoder
-(decode_traces_message over upb): the same rows, rejections and messages on the
-scenario's traffic, on hand-made edge cases of protobuf's merge rules, and on
-thousands of randomly mutated messages that upb still accepts."""
+"""The span-row code in C (_rows.c) against its Python reference.
+
+Decode (vs decode_traces_message over upb): the same rows, rejections and
+messages on the scenario's traffic, on hand-made edge cases of protobuf's merge
+rules, and on thousands of randomly mutated messages that upb still accepts.
+Expand (vs assembler._expand_rows): the same spans and indexes."""
 
 from __future__ import annotations
 
@@ -15,19 +17,22 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 
 from traceguard.config import DecodeConfig
 from traceguard.decode.common import StageAttributes
-from traceguard.decode.otlp_proto import _decode_wire, _wire, decode_traces_message
+from traceguard.assemble.assembler import _expand_rows
+from traceguard.decode.otlp_proto import _decode_native, decode_traces_message
+from traceguard.native import rows as native
+from builders import row
 
 CONFIG = DecodeConfig(max_name_length=16)
 
 
 def test_the_extension_is_built():
     """CI must test the C path, not silently the fallback."""
-    assert _wire is not None
+    assert native is not None
 
 
 def both(data: bytes, fast_stages: StageAttributes | None = None, reference_stages: StageAttributes | None = None):
     request = ExportTraceServiceRequest.FromString(data)
-    fast = _decode_wire(data, request, CONFIG, fast_stages or StageAttributes())
+    fast = _decode_native(data, request, CONFIG, fast_stages or StageAttributes())
     reference = decode_traces_message(request, CONFIG, reference_stages or StageAttributes())
     return fast, reference
 
@@ -141,10 +146,66 @@ def test_mutated_messages_that_upb_accepts_decode_the_same(scenario_proto):
         except Exception:
             continue
         try:
-            fast = _decode_wire(bytes(data), request, CONFIG, StageAttributes())
-        except _wire.Unsupported:
+            fast = _decode_native(bytes(data), request, CONFIG, StageAttributes())
+        except native.Unsupported:
             unsupported += 1
             continue
         same(fast, decode_traces_message(request, CONFIG, StageAttributes()))
         compared += 1
     assert compared > 1_500, (compared, unsupported)
+
+
+def spans_view(spans) -> list[tuple]:
+    return [(s.span_id, s.parent_span_id, s.start, s.end, s.kind, s.status, s.has_links, s.service, s.name, s.attrs,
+             s.finished) for s in spans]
+
+
+def expanded_view(result) -> tuple:
+    spans, by_id, children, duplicates, root = result
+    assert all(by_id[s.span_id] is s for s in spans)
+    return (spans_view(spans), sorted(by_id), {p: spans_view(g) for p, g in children.items()}, duplicates,
+            spans_view([root]) if root is not None else None)
+
+
+def test_expand_matches_the_reference_on_the_scenario(scenario_proto):
+    rows = [r for data in read_messages(scenario_proto / "traces.pb")
+            for r in decode_traces_message(ExportTraceServiceRequest.FromString(data), CONFIG).rows]
+    by_trace: dict[bytes, list] = {}
+    for r in rows:
+        by_trace.setdefault(r.trace_id, []).append(r)
+    for trace_rows in by_trace.values():
+        assert expanded_view(native.expand(trace_rows)) == expanded_view(_expand_rows(trace_rows))
+
+
+def test_expand_edge_cases():
+    """Duplicates skipped and counted, the earliest of two roots, an unfinished span
+    (end 0), an end before the start, a root-less trace."""
+    rows = [row(1, 1, None, start_ms=5, end_ms=9), row(1, 2, 1, start_ms=6, end_ms=None),
+            row(1, 2, 1, start_ms=6, end_ms=8), row(1, 3, None, start_ms=4, end_ms=3, links=True),
+            row(1, 4, 9, start_ms=6, end_ms=7, status=2)]
+    result = native.expand(rows)
+    assert expanded_view(result) == expanded_view(_expand_rows(rows))
+    spans, _, children, duplicates, root = result
+    assert duplicates == 1 and root.span_id == spans[2].span_id and not spans[1].finished and not root.finished
+    assert expanded_view(native.expand(rows[4:])) == expanded_view(_expand_rows(rows[4:]))
+    assert native.expand([]) == ([], {}, {}, 0, None)
+
+
+def test_a_replay_without_the_extension_writes_the_same_bytes(scenario_proto, tmp_path):
+    """The fallback wiring: with ``traceguard._rows`` hidden, the Python reference code
+    does the whole replay, and its output is byte-identical."""
+    import subprocess
+    import sys
+
+    outputs = []
+    for hide in (False, True):
+        out = tmp_path / f"hidden-{hide}.jsonl"
+        prelude = "import sys; " + ("sys.modules['traceguard._rows'] = None; " if hide else "")
+        code = (prelude + "from traceguard import native; from traceguard.cli import main; "
+                f"assert (native.rows is None) == {hide}; sys.exit(main(sys.argv[1:]))")
+        result = subprocess.run([sys.executable, "-c", code, "replay", str(scenario_proto / "traces.pb"), "--logs",
+                                 str(scenario_proto / "logs.pb"), "--out", str(out), "--no-progress"],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1] and outputs[0].count(b"\n") > 100
