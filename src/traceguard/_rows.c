@@ -480,14 +480,16 @@ static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
         PyErr_SetString(PyExc_TypeError, "expand() takes a list of rows");
         return NULL;
     }
+    /* A copy holds a reference to every row while spans are made (which may run the GC). */
+    PyObject *own = PyList_GetSlice(rows, 0, PyList_GET_SIZE(rows));
     PyObject *spans = PyList_New(0), *by_id = PyDict_New(), *children = PyDict_New(), *result = NULL;
     PyObject *root = Py_None;
     uint64_t root_start = 0;
     Py_ssize_t duplicates = 0;
-    if (spans == NULL || by_id == NULL || children == NULL)
+    if (own == NULL || spans == NULL || by_id == NULL || children == NULL)
         goto done;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(rows); i++) {
-        PyObject *row = PyList_GET_ITEM(rows, i);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(own); i++) {
+        PyObject *row = PyList_GET_ITEM(own, i);
         if (Py_TYPE(row) != row_slots.type) {
             PyErr_SetString(PyExc_TypeError, "expand() takes SpanRow objects");
             goto done;
@@ -565,6 +567,7 @@ static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
     }
     result = Py_BuildValue("(OOOnO)", spans, by_id, children, duplicates, root);
 done:
+    Py_XDECREF(own);
     Py_XDECREF(spans);
     Py_XDECREF(by_id);
     Py_XDECREF(children);
