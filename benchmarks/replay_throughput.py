@@ -29,7 +29,7 @@ from pathlib import Path
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from benchmarks.common import median_rate, scenario_requests
+from benchmarks.common import median_rate, scenario_requests, tune_gc_as_traceguard_does
 from benchmarks.scenario import length_prefixed, otlp_json
 from traceguard.config import PipelineConfig
 from traceguard.decode import decode_traces_proto
@@ -53,6 +53,7 @@ def main() -> None:
         proto_file, json_file = Path(tmp) / "traces.pb", Path(tmp) / "traces.jsonl"
         proto_file.write_bytes(b"".join(length_prefixed(r) for r in requests))
         json_file.write_text("".join(otlp_json(r) + "\n" for r in requests))
+        tune_gc_as_traceguard_does()
 
         def parse_only() -> int:
             for body in bodies:

@@ -12,6 +12,7 @@ from traceguard.config import ConfigError, load_config
 from traceguard.models import store
 from traceguard.models.store import ModelFileError
 from traceguard.replay import ReplayAborted, run_replay
+from traceguard.runtime import tune_gc
 from traceguard.sources.replay import FORMATS, WrongFormat
 from traceguard.sinks import JsonlSink
 
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    tune_gc()
     flags = {
         "assembler.decision_wait": args.decision_wait,
         "assembler.max_trace_age": args.max_trace_age,
