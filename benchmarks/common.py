@@ -43,7 +43,7 @@ def median_rate(work: Callable[[], int], repeats: int) -> tuple[float, list[floa
 
 
 def tune_gc_as_traceguard_does() -> None:
-    """The garbage-collector tuning the traceguard command applies at start
+    """The garbage-collector tuning ``traceguard replay`` applies at start
     (traceguard.runtime). Call it after the benchmark's inputs are built: it also
     freezes the benchmark's own objects (a generated scenario), which a traceguard
     process does not hold and which the collector would otherwise traverse in

@@ -30,7 +30,6 @@ from pathlib import Path
 from kafka import KafkaConsumer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from benchmarks.common import tune_gc_as_traceguard_does
 from benchmarks.kafka_feed import create_topics, feed
 from benchmarks.scenario import ScenarioConfig, write_scenario
 from traceguard.config import load_config
@@ -82,7 +81,6 @@ def main() -> None:
         create_topics(args.bootstrap, {topic: 4})
         messages = feed(args.bootstrap, Path(tmp), topic, None)[topic]
     values = read_topic(args.bootstrap, topic, messages)
-    tune_gc_as_traceguard_does()
     spans = sum(len(ss.spans) for v in values for rs in ExportTraceServiceRequest.FromString(v).resource_spans
                 for ss in rs.scope_spans)
 

@@ -1,4 +1,4 @@
-"""Replay throughput inside a fresh process set up as the ``traceguard`` command sets
+"""Replay throughput inside a fresh process set up as ``traceguard replay`` sets
 itself up, with and without its garbage-collector tuning (traceguard.runtime).
 
 ``replay_throughput`` measures in the process that generated the scenario;

@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    tune_gc()
+    if args.command in ("replay", "train"):
+        tune_gc()
     flags = {
         "assembler.decision_wait": args.decision_wait,
         "assembler.max_trace_age": args.max_trace_age,
