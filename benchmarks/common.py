@@ -9,7 +9,6 @@ from typing import Callable
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
 from benchmarks.scenario import ScenarioConfig, generate
-from traceguard.runtime import tune_gc
 
 REQUEST_SPANS = 512
 
@@ -40,13 +39,3 @@ def median_rate(work: Callable[[], int], repeats: int) -> tuple[float, list[floa
         items = work()
         rates.append(items / (time.perf_counter() - started))
     return statistics.median(rates), rates
-
-
-def tune_gc_as_traceguard_does() -> None:
-    """The garbage-collector tuning ``traceguard replay`` applies at start
-    (traceguard.runtime). Call it after the benchmark's inputs are built: it also
-    freezes the benchmark's own objects (a generated scenario), which a traceguard
-    process does not hold and which the collector would otherwise traverse in
-    every full collection during the measured work."""
-    tune_gc()
-

@@ -265,7 +265,9 @@ static int reject(Out *o, const uint8_t *trace, Py_ssize_t trace_size, const uin
     o->rejected++;
     if (PyList_GET_SIZE(o->errors) >= o->max_errors)
         return 0;
-    char a[2 * 64 + 1], b[2 * 64 + 1];
+    /* Only the first rejection can meet a span id of any length: the later ones
+     * come after the trace id (16 bytes) and the span id (8) were checked. */
+    char a[2 * 64 + 1];
     PyObject *message;
     if (which == 0) {
         if (span_size > 64) return unsupported();
@@ -273,9 +275,8 @@ static int reject(Out *o, const uint8_t *trace, Py_ssize_t trace_size, const uin
         message = PyUnicode_FromFormat("span %s: trace_id must be 16 non-zero bytes, got %zd",
                                        span_size ? a : "?", trace_size);
     } else if (which == 1) {
-        if (trace_size > 64) return unsupported();
-        hex(b, trace, trace_size);
-        message = PyUnicode_FromFormat("trace %s: span_id must be 8 non-zero bytes, got %zd", b, span_size);
+        hex(a, trace, trace_size);
+        message = PyUnicode_FromFormat("trace %s: span_id must be 8 non-zero bytes, got %zd", a, span_size);
     } else {
         hex(a, span, span_size);
         message = PyUnicode_FromFormat("span %s: parent_span_id must be empty or 8 bytes, got %zd", a, parent_size);

@@ -11,6 +11,7 @@ fallback where the extension is not built or meets a layout it does not walk.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from google.protobuf.message import DecodeError as ProtoDecodeError
@@ -67,10 +68,9 @@ def decode_traces_proto(
         raise DecodeError(f"not an OTLP traces protobuf message: {exc}") from None
     stages = stages or StageAttributes()
     if native is not None:
-        try:
+        # a layout the C walk does not handle falls through to the reference decoder
+        with contextlib.suppress(native.Unsupported):
             return _decode_native(data, request, config, stages)
-        except native.Unsupported:
-            pass
     return decode_traces_message(request, config, stages)
 
 

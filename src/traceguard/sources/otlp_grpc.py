@@ -12,6 +12,7 @@ message over the size limit (RESOURCE_EXHAUSTED).
 from __future__ import annotations
 
 from concurrent import futures
+from typing import Callable
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -20,6 +21,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from traceguard.decode import DecodeError, decode_logs_proto, decode_traces_proto
+from traceguard.decode.common import Decoded
 from traceguard.sources.live import LiveIngest, Overloaded, export_response
 
 
@@ -47,27 +49,22 @@ class _Export:
     the C traces decoder reads them directly, an undecodable body is answered
     INVALID_ARGUMENT as OTLP asks, and forwarding passes on exactly what came in."""
 
-    def __init__(self, signal: str, ingest: LiveIngest, auth: _Auth) -> None:
-        self._signal, self._ingest, self._auth = signal, ingest, auth
+    def __init__(self, signal: str, decode: Callable[[bytes], Decoded],
+                 accept: Callable[[Decoded, str], tuple[int, str]], ingest: LiveIngest, auth: _Auth) -> None:
+        self._signal, self._decode, self._accept = signal, decode, accept
+        self._ingest, self._auth = ingest, auth
 
     def __call__(self, data: bytes, context):
         self._auth.check(context)
-        ingest = self._ingest
         try:
-            if self._signal == "traces":
-                decoded = decode_traces_proto(data, ingest.config.decode, ingest.stages)
-            else:
-                decoded = decode_logs_proto(data, ingest.config.decode)
+            decoded = self._decode(data)
         except DecodeError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
-            if self._signal == "traces":
-                rejected, message = ingest.traces(decoded, "grpc")
-            else:
-                rejected, message = ingest.logs(decoded, "grpc")
+            rejected, message = self._accept(decoded, "grpc")
         except Overloaded as exc:
             _refuse(context, exc)
-        ingest.forward(self._signal, lambda: data)
+        self._ingest.forward(self._signal, lambda: data)
         return export_response(self._signal, rejected, message)
 
 
@@ -84,11 +81,13 @@ def start_grpc(ingest: LiveIngest, address: str, *, max_request_bytes: int, toke
         options=[("grpc.max_receive_message_length", max_request_bytes)],
     )
     auth = _Auth(token)
+    decode_config = ingest.config.decode
+    traces = _Export("traces", lambda data: decode_traces_proto(data, decode_config, ingest.stages),
+                     ingest.traces, ingest, auth)
+    logs = _Export("logs", lambda data: decode_logs_proto(data, decode_config), ingest.logs, ingest, auth)
     server.add_generic_rpc_handlers((
-        _service("opentelemetry.proto.collector.trace.v1.TraceService", _Export("traces", ingest, auth),
-                 ExportTraceServiceResponse),
-        _service("opentelemetry.proto.collector.logs.v1.LogsService", _Export("logs", ingest, auth),
-                 ExportLogsServiceResponse),
+        _service("opentelemetry.proto.collector.trace.v1.TraceService", traces, ExportTraceServiceResponse),
+        _service("opentelemetry.proto.collector.logs.v1.LogsService", logs, ExportLogsServiceResponse),
     ))
     if tls is not None:
         port = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
