@@ -4,16 +4,21 @@
  * decode_spans: serialized ExportTraceServiceRequest / TracesData bytes ->
  * SpanRow objects, reading only the fields detection keeps.
  *
- * The caller has already parsed the same bytes with upb (FromString), so the
- * message is known to be valid protobuf and every validation rule is upb's;
- * this walk only has to read the same values the reference decoder
+ * Two walks over the bytes. The first, certainly_valid, decides whether upb
+ * would accept the message, from the message schema that bind() is given
+ * (built from the installed descriptors, so it is the same schema upb uses):
+ * wire format, UTF-8 of every known string field, every known sub-message,
+ * down to any depth it walks. It only ever answers "certainly valid" or "not
+ * shown": groups, packed fields, deep nesting, overlong keys are "not shown",
+ * and so is every error; the caller then lets upb parse the bytes and decide,
+ * so accept/reject decisions and their messages are always upb's.
+ * The second walk reads the same values the reference decoder
  * (otlp_proto.decode_traces_message) reads, with protobuf's merge rules: the
- * last occurrence of a scalar wins, repeated fields append, a field whose wire
- * type does not match its declaration is an unknown field. Anything it does
- * not expect (groups, a length running past its message) raises Unsupported,
- * and the caller falls back to the reference decoder, so output never differs.
- * tests/test_rows.py checks it against the reference on the scenario's
- * traffic and on mutated messages.
+ * last occurrence of a scalar wins (a oneof member replaces the others),
+ * repeated fields append, a field whose wire type does not match its
+ * declaration is an unknown field. tests/test_rows.py checks both against upb
+ * and the reference on the scenario's traffic, on edge cases, on randomly
+ * mutated bytes and on messages generated from the schema.
  *
  * expand: a decided trace's rows -> Span objects and the indexes every
  * detector uses (assembler._expand_rows is the reference).
@@ -85,15 +90,6 @@ static PyObject *fill(Slots *slots, PyObject **values) {
 }
 
 #define SLOT(slots, obj, i) (*(PyObject **)((char *)(obj) + (slots).offset[i]))
-
-static PyObject *bind(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *row_type, *span_type;
-    if (!PyArg_ParseTuple(args, "OO", &row_type, &span_type))
-        return NULL;
-    if (bind_slots(&row_slots, row_type, ROW_SLOTS) < 0 || bind_slots(&span_slots, span_type, SPAN_SLOTS) < 0)
-        return NULL;
-    Py_RETURN_NONE;
-}
 
 enum { VARINT = 0, I64 = 1, LEN = 2, I32 = 5 };
 enum { KIND_CLIENT = 3, KIND_PRODUCER = 4, KIND_CONSUMER = 5, STATUS_ERROR = 2 };
@@ -167,18 +163,225 @@ static int next_field(Reader *r, Field *f) {
 #define FOR_FIELDS(reader, f, status) while (((status) = next_field(&(reader), &(f))) > 0)
 #define READER(f) ((Reader){(f).data, (f).data + (f).size})
 
+/* The message schema, from the installed descriptors (native.py builds it). */
+enum { TYPE_MESSAGE = 11, TYPE_STRING = 9, MAX_TYPE = 18 };
+/* Wire type of each descriptor field type (FieldDescriptor.TYPE_*); 3 = groups. */
+static const int8_t WIRE_OF_TYPE[MAX_TYPE + 1] = {-1, I64, I32, VARINT, VARINT, VARINT, I64, I32, VARINT, LEN, 3,
+                                                  LEN, LEN, VARINT, VARINT, I32, I64, VARINT, VARINT};
+
+typedef struct {
+    uint8_t type;     /* 0: no such field in this message (an unknown field) */
+    uint8_t repeated;
+    uint8_t in_oneof;
+    int32_t message;  /* schema index of a message field's type */
+} FieldSpec;
+
+typedef struct {
+    FieldSpec *by_number; /* indexed by field number, up to size - 1 */
+    uint32_t size;
+} MessageSpec;
+
+static MessageSpec *schema;
+static Py_ssize_t schema_size;
+static int any_value_message = -1;
+
+/* upb refuses more than 100 nested messages; real OTLP nests fewer than 12. */
+#define MAX_WALKED_DEPTH 32
+
+static void free_schema(void) {
+    for (Py_ssize_t i = 0; i < schema_size; i++)
+        PyMem_Free(schema[i].by_number);
+    PyMem_Free(schema);
+    schema = NULL;
+    schema_size = 0;
+}
+
+/* schema: a list, one entry per message type (0 = ExportTraceServiceRequest), each a
+ * list of (number, type, message index or -1, repeated, in a oneof). */
+static int bind_schema(PyObject *messages) {
+    if (!PyList_Check(messages)) {
+        PyErr_SetString(PyExc_TypeError, "the schema must be a list");
+        return -1;
+    }
+    free_schema();
+    Py_ssize_t count = PyList_GET_SIZE(messages);
+    schema = PyMem_Calloc(count ? count : 1, sizeof(MessageSpec));
+    if (schema == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    schema_size = count;
+    for (Py_ssize_t m = 0; m < count; m++) {
+        PyObject *fields = PySequence_Fast(PyList_GET_ITEM(messages, m), "a message's fields must be a sequence");
+        if (fields == NULL)
+            goto fail;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(fields);
+        unsigned long number, largest = 0;
+        int type, child, repeated, in_oneof;
+        for (int pass = 0; pass < 2; pass++) {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fields, i), "kiipp", &number, &type, &child, &repeated,
+                                      &in_oneof))
+                    goto fail_fields;
+                if (number > (1ul << 29) || type < 1 || type > MAX_TYPE || child >= count ||
+                    (type == TYPE_MESSAGE && child < 0)) {
+                    PyErr_Format(PyExc_ValueError, "bad schema entry for field %lu", number);
+                    goto fail_fields;
+                }
+                if (pass == 0) {
+                    largest = number > largest ? number : largest;
+                    continue;
+                }
+                schema[m].by_number[number] = (FieldSpec){(uint8_t)type, (uint8_t)repeated, (uint8_t)in_oneof, child};
+            }
+            if (pass == 0) {
+                schema[m].size = (uint32_t)largest + 1;
+                schema[m].by_number = PyMem_Calloc(largest + 1, sizeof(FieldSpec));
+                if (schema[m].by_number == NULL) {
+                    PyErr_NoMemory();
+                    goto fail_fields;
+                }
+            }
+        }
+        Py_DECREF(fields);
+        continue;
+    fail_fields:
+        Py_DECREF(fields);
+        goto fail;
+    }
+    return 0;
+fail:
+    free_schema();
+    return -1;
+}
+
+static const FieldSpec *field_spec(int message, uint32_t number) {
+    const MessageSpec *spec = &schema[message];
+    return number < spec->size && spec->by_number[number].type ? &spec->by_number[number] : NULL;
+}
+
+static int read_varint(const uint8_t **p, const uint8_t *end, int max_bytes, uint64_t *out) {
+    uint64_t v = 0;
+    for (int i = 0; i < max_bytes && *p < end; i++) {
+        uint8_t b = *(*p)++;
+        v |= (uint64_t)(b & 0x7f) << (7 * i);
+        if (!(b & 0x80)) {
+            *out = v;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Strict UTF-8 (no overlong forms, no surrogates, nothing above U+10FFFF), as upb checks it. */
+static int utf8_valid(const uint8_t *s, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    while (i < n) {
+        if (n - i >= 8) {
+            uint64_t word;
+            memcpy(&word, s + i, 8);
+            if (!(word & 0x8080808080808080ull)) {
+                i += 8;
+                continue;
+            }
+        }
+        uint8_t c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        int len = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+        if (len == 0 || n - i < len)
+            return 0;
+        for (int k = 1; k < len; k++)
+            if ((s[i + k] & 0xC0) != 0x80)
+                return 0;
+        if ((c == 0xE0 && s[i + 1] < 0xA0) || (c == 0xED && s[i + 1] > 0x9F) || (c == 0xF0 && s[i + 1] < 0x90) ||
+            (c == 0xF4 && s[i + 1] > 0x8F))
+            return 0;
+        i += len;
+    }
+    return 1;
+}
+
+/* 1 when upb certainly accepts [p, end) as a message of this schema index; 0 when not shown. */
+static int certainly_valid(const uint8_t *p, const uint8_t *end, int message, int depth) {
+    while (p < end) {
+        uint64_t key, value;
+        if (!read_varint(&p, end, 5, &key) || key > UINT32_MAX || key >> 3 == 0)
+            return 0;
+        switch (key & 7) {
+        case VARINT:
+            if (!read_varint(&p, end, 10, &value))
+                return 0;
+            break;
+        case I64:
+            if (end - p < 8)
+                return 0;
+            p += 8;
+            break;
+        case I32:
+            if (end - p < 4)
+                return 0;
+            p += 4;
+            break;
+        case LEN: {
+            if (!read_varint(&p, end, 10, &value) || value > (uint64_t)(end - p))
+                return 0;
+            const uint8_t *data = p;
+            p += value;
+            const FieldSpec *field = field_spec(message, (uint32_t)(key >> 3));
+            if (field == NULL) /* unknown field: only its framing counts */
+                break;
+            if (WIRE_OF_TYPE[field->type] != LEN) {
+                if (field->repeated) /* packed numbers: not walked */
+                    return 0;
+                break; /* a wire type the field does not have: an unknown field */
+            }
+            if (field->type == TYPE_MESSAGE) {
+                if (depth >= MAX_WALKED_DEPTH || !certainly_valid(data, p, field->message, depth + 1))
+                    return 0;
+            } else if (field->type == TYPE_STRING && !utf8_valid(data, (Py_ssize_t)value)) {
+                return 0;
+            }
+            break;
+        }
+        default: /* groups, reserved wire types */
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static PyObject *bind(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *row_type, *span_type, *messages;
+    int any_value;
+    if (!PyArg_ParseTuple(args, "OOO!i", &row_type, &span_type, &PyList_Type, &messages, &any_value))
+        return NULL;
+    if (bind_slots(&row_slots, row_type, ROW_SLOTS) < 0 || bind_slots(&span_slots, span_type, SPAN_SLOTS) < 0 ||
+        bind_schema(messages) < 0)
+        return NULL;
+    if (any_value < 0 || any_value >= schema_size) {
+        PyErr_SetString(PyExc_ValueError, "AnyValue is not in the schema");
+        free_schema();
+        return NULL;
+    }
+    any_value_message = any_value;
+    Py_RETURN_NONE;
+}
+
 static int unsupported(void) {
     PyErr_SetString(Unsupported, "message layout not handled by the fast decoder");
     return -1;
 }
 
-/* AnyValue: which oneof member was set last, and the string if that was string_value. */
+/* AnyValue: which member of its oneof was set last, and the string if that was string_value (1). */
 static int any_value_string(Reader r, uint32_t *which, const uint8_t **text, Py_ssize_t *size) {
-    static const int wire_of[8] = {-1, LEN, VARINT, VARINT, I64, LEN, LEN, LEN};
     Field f;
     int status;
     FOR_FIELDS(r, f, status) {
-        if (f.field >= 1 && f.field <= 7 && f.wire == wire_of[f.field]) {
+        const FieldSpec *field = field_spec(any_value_message, f.field);
+        if (field != NULL && field->in_oneof && f.wire == WIRE_OF_TYPE[field->type]) {
             *which = f.field;
             if (f.field == 1) {
                 *text = f.data;
@@ -427,18 +630,24 @@ PyDoc_STRVAR(decode_spans_doc,
 "-> (rows, rejected, errors, pending)\n\n"
 "``pending`` lists (resource, scope, span index, row, kind, status code, service) of the rows\n"
 "whose kept attributes the caller must read (a stage not in ``stages`` yet, or an\n"
-"error span). Raises Unsupported for a layout it does not walk.");
+"error span). Raises Unsupported for bytes it cannot show to be valid protobuf\n"
+"(upb must decide) or a layout it does not walk.");
 
 static PyObject *decode_spans(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer data;
     PyObject *stages, *unknown_service;
     Py_ssize_t name_limit, max_errors;
-    if (row_slots.type == NULL) {
+    if (row_slots.type == NULL || schema == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "bind() first");
         return NULL;
     }
     if (!PyArg_ParseTuple(args, "y*O!nnU", &data, &PyDict_Type, &stages, &name_limit, &max_errors, &unknown_service))
         return NULL;
+    if (!certainly_valid(data.buf, (const uint8_t *)data.buf + data.len, 0, 0)) {
+        PyErr_SetString(Unsupported, "not shown to be valid here: upb decides");
+        PyBuffer_Release(&data);
+        return NULL;
+    }
     Out o = {PyList_New(0), PyList_New(0), PyList_New(0), stages, NULL, name_limit, max_errors, 0, 0, 0, 0};
     PyObject *result = NULL;
     if (o.rows == NULL || o.errors == NULL || o.pending == NULL)
@@ -576,7 +785,9 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"bind", bind, METH_VARARGS, "bind(SpanRow, Span): the classes whose slots decode_spans and expand fill."},
+    {"bind", bind, METH_VARARGS,
+     "bind(SpanRow, Span, schema, any_value): the classes whose slots decode_spans and expand fill,\n"
+     "the traces message schema and the index of AnyValue in it."},
     {"decode_spans", decode_spans, METH_VARARGS, decode_spans_doc},
     {"expand", expand, METH_O, expand_doc},
     {NULL, NULL, 0, NULL},

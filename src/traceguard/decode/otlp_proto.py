@@ -3,10 +3,12 @@
 ``ExportTraceServiceRequest`` and ``TracesData`` share their wire layout (field
 1, repeated ResourceSpans), as do ``ExportLogsServiceRequest`` and
 ``LogsData``, so one message type decodes both. This is the hot path of every
-source. Traces: upb parses the bytes (that is the validation), then the C walk
-in ``_rows.c`` reads the kept fields straight from the bytes into span rows;
-``decode_traces_message`` is the reference it is tested against and the
-fallback where the extension is not built or meets a layout it does not walk.
+source. Traces: the C walk in ``_rows.c`` checks the bytes against the
+message schema as upb would and reads the kept fields straight from them into
+span rows; whatever it cannot show valid goes to upb, so accepting and
+rejecting stay upb's decisions. ``decode_traces_message`` over upb's parse is
+the reference it is tested against and the fallback where the extension is not
+built or meets a layout it does not walk.
 """
 
 from __future__ import annotations
@@ -62,27 +64,32 @@ def decode_traces_proto(
     Raises:
         DecodeError: the bytes are not such a message.
     """
-    try:
-        request = ExportTraceServiceRequest.FromString(data)
-    except (ProtoDecodeError, RuntimeError) as exc:
-        raise DecodeError(f"not an OTLP traces protobuf message: {exc}") from None
     stages = stages or StageAttributes()
     if native is not None:
-        # a layout the C walk does not handle falls through to the reference decoder
+        # bytes the C walk cannot show valid, or a layout it does not walk: upb and the reference decide
         with contextlib.suppress(native.Unsupported):
-            return _decode_native(data, request, config, stages)
-    return decode_traces_message(request, config, stages)
+            return _decode_native(data, config, stages)
+    return decode_traces_message(_parse_traces(data), config, stages)
 
 
-def _decode_native(data: bytes, request, config: DecodeConfig, stages: StageAttributes) -> Decoded[SpanRow]:
-    """The C walk; the spans whose stage attributes are not known yet are read here, from upb."""
+def _parse_traces(data: bytes) -> ExportTraceServiceRequest:
+    try:
+        return ExportTraceServiceRequest.FromString(data)
+    except (ProtoDecodeError, RuntimeError) as exc:
+        raise DecodeError(f"not an OTLP traces protobuf message: {exc}") from None
+
+
+def _decode_native(data: bytes, config: DecodeConfig, stages: StageAttributes) -> Decoded[SpanRow]:
+    """The C walk; the spans whose stage attributes are not known yet are read here,
+    from upb (parsing the bytes only when there are such spans, rarely after start)."""
     rows, rejected, errors, pending = native.decode_spans(
         data, stages.known, config.max_name_length, MAX_ERROR_MESSAGES, UNKNOWN_SERVICE)
-    value_limit = config.max_attribute_length
-    resources = request.resource_spans
-    for resource, scope, index, row, kind, code, service in pending:
-        span = resources[resource].scope_spans[scope].spans[index]
-        row.attrs = stages.get(service, kind, row.name, code, lambda: _kept_attributes(span, value_limit))
+    if pending:
+        value_limit = config.max_attribute_length
+        resources = _parse_traces(data).resource_spans
+        for resource, scope, index, row, kind, code, service in pending:
+            span = resources[resource].scope_spans[scope].spans[index]
+            row.attrs = stages.get(service, kind, row.name, code, lambda: _kept_attributes(span, value_limit))
     return Decoded(rows, rejected, errors)
 
 
