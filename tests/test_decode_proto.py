@@ -1,10 +1,12 @@
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
 
 from builders import logs_request, sid, tid, traces_request
 from traceguard.config import DecodeConfig
 from traceguard.decode import DecodeError, decode_logs_proto, decode_traces_proto
 from traceguard.decode.common import StageAttributes
+from traceguard.decode.otlp_proto import decode_traces_message
 from traceguard.records import FLAG_HAS_LINKS, KIND_CLIENT, KIND_SERVER, NO_PARENT, SPAN_CORE, STATUS_ERROR
 
 CONFIG = DecodeConfig()
@@ -113,6 +115,17 @@ def test_kept_attributes_are_read_once_per_stage_but_per_call_on_errors():
     assert a.attrs == (("server.address", "a"),)  # a response status is a fact of one call, not the stage
     assert b.attrs is a.attrs
     assert c.attrs == (("http.response.status_code", 503), ("server.address", "c"))
+
+
+def test_a_kept_key_sent_twice_with_values_of_two_types_is_kept_in_order():
+    """Both values are kept (sorting them used to raise TypeError out of the decoder)."""
+    request = traces_request(dict(trace_id=tid(1), span_id=sid(2), kind=KIND_CLIENT, status=STATUS_ERROR,
+                                  attributes={"http.status_code": 503, "db.system": "redis"}))
+    request.resource_spans[0].scope_spans[0].spans[0].attributes.add(key="http.status_code").value.string_value = "x"
+    for decode in (decode_traces_proto, lambda data, config: decode_traces_message(
+            ExportTraceServiceRequest.FromString(data), config)):
+        (row,) = decode(request.SerializeToString(), CONFIG).rows
+        assert row.attrs == (("db.system", "redis"), ("http.status_code", 503), ("http.status_code", "x"))
 
 
 def test_stage_memory_is_bounded():

@@ -375,21 +375,54 @@ static int unsupported(void) {
     return -1;
 }
 
-/* AnyValue: which member of its oneof was set last, and the string if that was string_value (1). */
-static int any_value_string(Reader r, uint32_t *which, const uint8_t **text, Py_ssize_t *size) {
+/* The text, cut to ``limit`` code points (the reference's clip). */
+static PyObject *clipped(const uint8_t *text, Py_ssize_t size, Py_ssize_t limit) {
+    PyObject *s = PyUnicode_DecodeUTF8((const char *)text, size, NULL);
+    if (s == NULL || PyUnicode_GET_LENGTH(s) <= limit)
+        return s;
+    PyObject *cut = PyUnicode_Substring(s, 0, limit);
+    Py_DECREF(s);
+    return cut;
+}
+
+static PyObject *clipped_interned(const uint8_t *text, Py_ssize_t size, Py_ssize_t limit) {
+    PyObject *s = clipped(text, size, limit);
+    if (s != NULL)
+        PyUnicode_InternInPlace(&s);
+    return s;
+}
+
+/* AnyValue: its oneof member set last (merged over repeated occurrences: call it
+ * once per occurrence with the same *member). member->field stays 0 if none is set. */
+static int any_value_member(Reader r, Field *member) {
     Field f;
     int status;
     FOR_FIELDS(r, f, status) {
         const FieldSpec *field = field_spec(any_value_message, f.field);
-        if (field != NULL && field->in_oneof && f.wire == WIRE_OF_TYPE[field->type]) {
-            *which = f.field;
-            if (f.field == 1) {
-                *text = f.data;
-                *size = f.size;
-            }
-        }
+        if (field != NULL && field->in_oneof && f.wire == WIRE_OF_TYPE[field->type])
+            *member = f;
     }
     return status;
+}
+
+/* The Python value the reference decoder reads (AnyValue.WhichOneof, then that
+ * member); array and kvlist values are messages there, so those are Unsupported. */
+static PyObject *any_value_object(const Field *member, Py_ssize_t limit) {
+    double number;
+    switch (member->field) {
+    case 0: Py_RETURN_NONE;
+    case 1: return clipped(member->data, member->size, limit);
+    case 2: return PyBool_FromLong(member->value != 0);
+    case 3: return PyLong_FromLongLong((long long)member->value);
+    case 4:
+        memcpy(&number, &member->value, 8);
+        return PyFloat_FromDouble(number);
+    case 7: return PyBytes_FromStringAndSize((const char *)member->data, member->size);
+    case 8: return PyLong_FromLong((long)(int32_t)member->value);
+    default:
+        unsupported();
+        return NULL;
+    }
 }
 
 /* service.name of a ResourceSpans' resource(s): the first KeyValue with that key. */
@@ -406,15 +439,13 @@ static int resource_service(Reader rs, const uint8_t **text, Py_ssize_t *size, i
             Reader pair = READER(a);
             const uint8_t *key = NULL;
             Py_ssize_t key_size = 0;
-            uint32_t which = 0;
-            const uint8_t *value = NULL;
-            Py_ssize_t value_size = 0;
+            Field value = {0};
             FOR_FIELDS(pair, kv, s3) {
                 if (kv.field == 1 && kv.wire == LEN) {
                     key = kv.data;
                     key_size = kv.size;
                 } else if (kv.field == 2 && kv.wire == LEN) {
-                    if (any_value_string(READER(kv), &which, &value, &value_size) < 0)
+                    if (any_value_member(READER(kv), &value) < 0)
                         return -1;
                 }
             }
@@ -422,29 +453,14 @@ static int resource_service(Reader rs, const uint8_t **text, Py_ssize_t *size, i
                 return -1;
             if (key_size == 12 && memcmp(key, "service.name", 12) == 0) {
                 *found = 1;
-                *text = which == 1 ? value : NULL;
-                *size = which == 1 ? value_size : 0;
+                *text = value.field == 1 ? value.data : NULL;
+                *size = value.field == 1 ? value.size : 0;
             }
         }
         if (s2 < 0)
             return -1;
     }
     return status;
-}
-
-static PyObject *clipped_interned(const uint8_t *text, Py_ssize_t size, Py_ssize_t limit) {
-    PyObject *s = PyUnicode_DecodeUTF8((const char *)text, size, NULL);
-    if (s == NULL)
-        return NULL;
-    if (PyUnicode_GET_LENGTH(s) > limit) {
-        PyObject *cut = PyUnicode_Substring(s, 0, limit);
-        Py_DECREF(s);
-        if (cut == NULL)
-            return NULL;
-        s = cut;
-    }
-    PyUnicode_InternInPlace(&s);
-    return s;
 }
 
 static void hex(char *out, const uint8_t *data, Py_ssize_t size) {
@@ -457,9 +473,8 @@ static void hex(char *out, const uint8_t *data, Py_ssize_t size) {
 }
 
 typedef struct {
-    PyObject *rows, *errors, *pending, *stages, *service;
-    Py_ssize_t name_limit, max_errors, rejected;
-    Py_ssize_t resource_index, scope_index, span_index;
+    PyObject *rows, *errors, *pending, *stages, *kept_keys, *service;
+    Py_ssize_t name_limit, value_limit, max_errors, rejected;
 } Out;
 
 /* The reference decoder's rejection messages, word for word. */
@@ -493,7 +508,57 @@ static int reject(Out *o, const uint8_t *trace, Py_ssize_t trace_size, const uin
 
 static const uint8_t ZERO[16];
 
+/* The span's attributes whose key is kept, as [(key, value)] in their order
+ * (otlp_proto._kept_attributes); a repeated key or value field is merged as upb merges it. */
+static PyObject *kept_attributes(Out *o, Reader r) {
+    PyObject *pairs = PyList_New(0);
+    Field f, kv;
+    int status, s2;
+    FOR_FIELDS(r, f, status) {
+        if (pairs == NULL)
+            return NULL;
+        if (f.field != 9 || f.wire != LEN)
+            continue;
+        Reader pair = READER(f);
+        const uint8_t *key = (const uint8_t *)"";
+        Py_ssize_t key_size = 0;
+        Field value = {0};
+        FOR_FIELDS(pair, kv, s2) {
+            if (kv.field == 1 && kv.wire == LEN) {
+                key = kv.data;
+                key_size = kv.size;
+            } else if (kv.field == 2 && kv.wire == LEN && any_value_member(READER(kv), &value) < 0) {
+                s2 = -1;
+                break;
+            }
+        }
+        PyObject *key_obj = s2 < 0 ? NULL : PyUnicode_DecodeUTF8((const char *)key, key_size, NULL);
+        int keep = key_obj == NULL ? -1 : PySet_Contains(o->kept_keys, key_obj);
+        PyObject *item = NULL, *value_obj = NULL;
+        if (keep > 0 && (value_obj = any_value_object(&value, o->value_limit)) != NULL &&
+            (item = PyTuple_Pack(2, key_obj, value_obj)) != NULL && PyList_Append(pairs, item) < 0)
+            Py_CLEAR(item);
+        int failed = s2 < 0 || keep < 0 || (keep > 0 && item == NULL);
+        Py_XDECREF(key_obj);
+        Py_XDECREF(value_obj);
+        Py_XDECREF(item);
+        if (failed) {
+            if (s2 < 0)
+                unsupported();
+            Py_CLEAR(pairs);
+            return NULL;
+        }
+    }
+    if (status < 0) {
+        Py_XDECREF(pairs);
+        unsupported();
+        return NULL;
+    }
+    return pairs;
+}
+
 static int span(Out *o, Reader r) {
+    const Reader whole = r;
     const uint8_t *trace = NULL, *span_id = NULL, *parent = NULL, *name = (const uint8_t *)"";
     Py_ssize_t trace_size = 0, span_size = 0, parent_size = 0, name_size = 0;
     uint64_t start = 0, end = 0;
@@ -571,8 +636,9 @@ static int span(Out *o, Reader r) {
     row = fill(&row_slots, values);
     if (row == NULL || PyList_Append(o->rows, row) < 0) goto done;
     if (needs_attrs) {
-        PyObject *item = Py_BuildValue("(nnnOllO)", o->resource_index, o->scope_index, o->span_index, row,
-                                       (long)kind, (long)code, o->service);
+        PyObject *pairs = kept_attributes(o, whole);
+        if (pairs == NULL) goto done;
+        PyObject *item = Py_BuildValue("(OllON)", row, (long)kind, (long)code, o->service, pairs);
         if (item == NULL) goto done;
         int appended = PyList_Append(o->pending, item);
         Py_DECREF(item);
@@ -603,21 +669,17 @@ static int resource_spans(Out *o, Reader r, PyObject *unknown_service) {
     }
     Field f, sf;
     int status, s2, rc = 0;
-    o->scope_index = 0;
     FOR_FIELDS(r, f, status) {
         if (f.field != 2 || f.wire != LEN)
             continue;
         Reader scope = READER(f);
-        o->span_index = 0;
         FOR_FIELDS(scope, sf, s2) {
             if (sf.field != 2 || sf.wire != LEN)
                 continue;
             if ((rc = span(o, READER(sf))) < 0)
                 goto done;
-            o->span_index++;
         }
         if (s2 < 0) { rc = unsupported(); goto done; }
-        o->scope_index++;
     }
     if (status < 0) rc = unsupported();
 done:
@@ -626,29 +688,32 @@ done:
 }
 
 PyDoc_STRVAR(decode_spans_doc,
-"decode_spans(data, stages, name_limit, max_errors, unknown_service)\n"
+"decode_spans(data, stages, kept_keys, name_limit, value_limit, max_errors, unknown_service)\n"
 "-> (rows, rejected, errors, pending)\n\n"
-"``pending`` lists (resource, scope, span index, row, kind, status code, service) of the rows\n"
-"whose kept attributes the caller must read (a stage not in ``stages`` yet, or an\n"
-"error span). Raises Unsupported for bytes it cannot show to be valid protobuf\n"
-"(upb must decide) or a layout it does not walk.");
+"``pending`` lists (row, kind, status code, service, kept attributes) of the rows whose\n"
+"attributes the stage cache ``stages`` does not give (a stage not in it yet, or an error\n"
+"span); the kept attributes are [(key, value)] of the keys in ``kept_keys``. Raises\n"
+"Unsupported for bytes it cannot show to be valid protobuf (upb must decide) or a layout\n"
+"it does not walk.");
 
 static PyObject *decode_spans(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer data;
-    PyObject *stages, *unknown_service;
-    Py_ssize_t name_limit, max_errors;
+    PyObject *stages, *kept_keys, *unknown_service;
+    Py_ssize_t name_limit, value_limit, max_errors;
     if (row_slots.type == NULL || schema == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "bind() first");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "y*O!nnU", &data, &PyDict_Type, &stages, &name_limit, &max_errors, &unknown_service))
+    if (!PyArg_ParseTuple(args, "y*O!O!nnnU", &data, &PyDict_Type, &stages, &PyFrozenSet_Type, &kept_keys,
+                          &name_limit, &value_limit, &max_errors, &unknown_service))
         return NULL;
     if (!certainly_valid(data.buf, (const uint8_t *)data.buf + data.len, 0, 0)) {
         PyErr_SetString(Unsupported, "not shown to be valid here: upb decides");
         PyBuffer_Release(&data);
         return NULL;
     }
-    Out o = {PyList_New(0), PyList_New(0), PyList_New(0), stages, NULL, name_limit, max_errors, 0, 0, 0, 0};
+    Out o = {PyList_New(0), PyList_New(0), PyList_New(0), stages, kept_keys, NULL, name_limit, value_limit,
+             max_errors, 0};
     PyObject *result = NULL;
     if (o.rows == NULL || o.errors == NULL || o.pending == NULL)
         goto done;
@@ -660,7 +725,6 @@ static PyObject *decode_spans(PyObject *Py_UNUSED(self), PyObject *args) {
             continue;
         if (resource_spans(&o, READER(f), unknown_service) < 0)
             goto done;
-        o.resource_index++;
     }
     if (status < 0) {
         unsupported();
@@ -676,10 +740,10 @@ done:
 }
 
 PyDoc_STRVAR(expand_doc,
-"expand(rows) -> (spans, by_id, children, duplicates, root)\n\n"
+"expand(rows) -> (spans, by_id, children, orphans, duplicates, root)\n\n"
 "The Span objects of a decided trace's rows in arrival order (a repeated span id\n"
 "after the first is skipped and counted), by span id, children by parent id,\n"
-"and the parentless span that started first.");
+"the spans whose parent is not in the trace, and the parentless span that started first.");
 
 static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
     if (span_slots.type == NULL) {
@@ -692,7 +756,7 @@ static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
     }
     /* A copy holds a reference to every row while spans are made (which may run the GC). */
     PyObject *own = PyList_GetSlice(rows, 0, PyList_GET_SIZE(rows));
-    PyObject *spans = PyList_New(0), *by_id = PyDict_New(), *children = PyDict_New(), *result = NULL;
+    PyObject *spans = PyList_New(0), *by_id = PyDict_New(), *children = PyDict_New(), *orphans = NULL, *result = NULL;
     PyObject *root = Py_None;
     uint64_t root_start = 0;
     Py_ssize_t duplicates = 0;
@@ -775,8 +839,21 @@ static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
         if (failed)
             goto done;
     }
-    result = Py_BuildValue("(OOOnO)", spans, by_id, children, duplicates, root);
+    /* orphans: the spans whose parent is not in the trace, grouped by parent in first-seen order */
+    orphans = PyList_New(0);
+    if (orphans == NULL)
+        goto done;
+    Py_ssize_t position = 0;
+    PyObject *parent, *group;
+    while (PyDict_Next(children, &position, &parent, &group)) {
+        int known = PyDict_Contains(by_id, parent);
+        Py_ssize_t end = PyList_GET_SIZE(orphans);
+        if (known < 0 || (!known && PyList_SetSlice(orphans, end, end, group) < 0))
+            goto done;
+    }
+    result = Py_BuildValue("(OOOOnO)", spans, by_id, children, orphans, duplicates, root);
 done:
+    Py_XDECREF(orphans);
     Py_XDECREF(own);
     Py_XDECREF(spans);
     Py_XDECREF(by_id);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Callable, Generic, TypeVar
 
 from traceguard.records import KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER, STATUS_ERROR
@@ -82,7 +83,8 @@ class StageAttributes:
 
 
 def _freeze(pairs: list[tuple[str, Any]]) -> tuple[tuple[str, Any], ...] | None:
-    return tuple(sorted(pairs)) if pairs else None
+    # by key alone: a key sent twice may carry values of types that do not compare
+    return tuple(sorted(pairs, key=itemgetter(0))) if pairs else None
 
 
 def clip(text: str, limit: int) -> str:

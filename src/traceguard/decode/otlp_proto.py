@@ -80,16 +80,12 @@ def _parse_traces(data: bytes) -> ExportTraceServiceRequest:
 
 
 def _decode_native(data: bytes, config: DecodeConfig, stages: StageAttributes) -> Decoded[SpanRow]:
-    """The C walk; the spans whose stage attributes are not known yet are read here,
-    from upb (parsing the bytes only when there are such spans, rarely after start)."""
+    """The C walk; the stage cache is given the kept attributes of the spans it does not answer for."""
     rows, rejected, errors, pending = native.decode_spans(
-        data, stages.known, config.max_name_length, MAX_ERROR_MESSAGES, UNKNOWN_SERVICE)
-    if pending:
-        value_limit = config.max_attribute_length
-        resources = _parse_traces(data).resource_spans
-        for resource, scope, index, row, kind, code, service in pending:
-            span = resources[resource].scope_spans[scope].spans[index]
-            row.attrs = stages.get(service, kind, row.name, code, lambda: _kept_attributes(span, value_limit))
+        data, stages.known, KEPT_ATTRIBUTES, config.max_name_length, config.max_attribute_length,
+        MAX_ERROR_MESSAGES, UNKNOWN_SERVICE)
+    for row, kind, code, service, kept in pending:
+        row.attrs = stages.get(service, kind, row.name, code, kept.copy)
     return Decoded(rows, rejected, errors)
 
 
