@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import defaultdict
-from typing import Callable
+from typing import Callable, Iterable
 
 LabelKey = tuple[tuple[str, str], ...]
 
@@ -27,17 +27,25 @@ class Metrics:
 
     def observe(self, name: str, seconds: float) -> None:
         """One sample of a latency histogram."""
+        self.observe_many(name, (seconds,))
+
+    def observe_many(self, name: str, samples: Iterable[float]) -> None:
+        """Samples of a latency histogram, under one lock (a batch of decisions)."""
+        bucket = bisect.bisect_left
         with self._lock:
-            histogram = self._histograms.setdefault(name, [0] * (len(LATENCY_BUCKETS) + 1) + [0.0])
-            histogram[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-            histogram[-1] += seconds
+            histogram = self._histograms.get(name)
+            if histogram is None:
+                histogram = self._histograms[name] = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]
+            for seconds in samples:
+                histogram[bucket(LATENCY_BUCKETS, seconds)] += 1
+                histogram[-1] += seconds
 
     def histograms(self) -> dict[str, list]:
         with self._lock:
             return {name: list(values) for name, values in self._histograms.items()}
 
     def inc(self, name: str, value: int = 1, **labels: str) -> None:
-        self._counters[name][tuple(sorted(labels.items()))] += value
+        self._counters[name][tuple(sorted(labels.items())) if labels else ()] += value
 
     def counters(self) -> dict[str, dict[LabelKey, int]]:
         return {name: dict(series) for name, series in list(self._counters.items())}
