@@ -47,6 +47,15 @@ class Metrics:
     def inc(self, name: str, value: int = 1, **labels: str) -> None:
         self._counters[name][tuple(sorted(labels.items())) if labels else ()] += value
 
+    def counter(self, name: str, **labels: str) -> Callable[..., None]:
+        """``inc`` of one labelled series with its key built once, for per-trace paths."""
+        key = tuple(sorted(labels.items()))
+        counters = self._counters
+
+        def inc(value: int = 1) -> None:
+            counters[name][key] += value
+        return inc
+
     def counters(self) -> dict[str, dict[LabelKey, int]]:
         return {name: dict(series) for name, series in list(self._counters.items())}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from typing import Callable, Iterable
+from typing import Callable, Iterable, get_args
 
 from traceguard.assemble.clock import Clock
 from traceguard.config import AssemblerConfig
@@ -58,6 +58,8 @@ class TraceAssembler:
         self._due: list[tuple[int, int, bytes]] = []
         self._seq = 0
         self._decided: OrderedDict[bytes, int] = OrderedDict()
+        self._count_decided = {reason: metrics.counter("traceguard_traces_decided_total", reason=reason)
+                               for reason in get_args(DecisionReason)}
         self.spans_in_flight = 0
         metrics.gauge("traceguard_spans_in_flight", lambda: self.spans_in_flight)
         metrics.gauge("traceguard_traces_in_flight", lambda: len(self._pending))
@@ -88,7 +90,8 @@ class TraceAssembler:
     def add(self, rows: Iterable[SpanRow]) -> None:
         pending = self._pending
         observe = self._clock.observe
-        max_age = self._config.max_trace_age
+        # traces new in this batch or whose root came in it: scheduled once the batch is in
+        schedule: dict[bytes, _Pending] = {}
         added = 0
         for row in rows:
             trace_id = row.trace_id
@@ -100,8 +103,7 @@ class TraceAssembler:
                     self._metrics.inc("traceguard_late_spans_total")
                     self._on_late(trace_id, to_span(row), decided_at)
                     continue
-                trace = pending[trace_id] = _Pending(stamp)
-                self._push(stamp + max_age, trace_id)
+                trace = pending[trace_id] = schedule[trace_id] = _Pending(stamp)
             else:
                 row.trace_id = trace.rows[0].trace_id  # share one id object per trace
                 if stamp > trace.last_seen:
@@ -110,7 +112,9 @@ class TraceAssembler:
             added += 1
             if not trace.has_root and row.core.startswith(NO_PARENT, 8):
                 trace.has_root = True
-                self._push(self._due_time(trace), trace_id)
+                schedule[trace_id] = trace
+        for trace_id, trace in schedule.items():
+            self._push(self._due_time(trace), trace_id)
         self.spans_in_flight += added
         self._metrics.inc("traceguard_spans_accepted_total", added)
         self._enforce_bounds()
@@ -202,7 +206,7 @@ class TraceAssembler:
             self._decided[trace_id] = now
             if len(self._decided) > self._config.decided_memory:
                 self._decided.popitem(last=False)
-        self._metrics.inc("traceguard_traces_decided_total", reason=reason)
+        self._count_decided[reason]()
         self._on_trace(_expand(trace_id, pending, reason, now, self._metrics))
 
     def _expire_decided(self, now: int) -> None:
