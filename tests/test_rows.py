@@ -10,15 +10,17 @@ from __future__ import annotations
 import random
 import struct
 
+import orjson
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError as ProtobufDecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
 from traceguard.config import DecodeConfig
-from traceguard.decode.common import StageAttributes
+from traceguard.decode.common import KEPT_ATTRIBUTES, UNKNOWN_SERVICE, Decoded, DecodeError, StageAttributes
+from traceguard.decode.otlp_json import _walk_traces
 from traceguard.assemble.assembler import _expand_rows
 from traceguard.decode.otlp_proto import _decode_native, decode_traces_message
 from traceguard.native import rows as native
@@ -151,7 +153,7 @@ def c_walk(data: bytes):
 def upb(data: bytes):
     try:
         return ExportTraceServiceRequest.FromString(data)
-    except DecodeError:
+    except ProtobufDecodeError:
         return None
 
 
@@ -309,3 +311,86 @@ def test_a_replay_without_the_extension_writes_the_same_bytes(scenario_proto, tm
         assert result.returncode == 0, result.stderr
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1] and outputs[0].count(b"\n") > 100
+
+
+# ---- OTLP/JSON: decode_json_spans against otlp_json._walk_traces -------------------------
+
+def json_c_walk(document: dict):
+    """The C walk's rows (attributes settled), or None where it leaves the document to the reference."""
+    stages = StageAttributes()
+    try:
+        rows, pending = native.decode_json_spans(document, stages.known, KEPT_ATTRIBUTES, CONFIG.max_name_length,
+                                                 CONFIG.max_attribute_length, UNKNOWN_SERVICE)
+    except native.Unsupported:
+        return None
+    stages.settle(pending)
+    return Decoded(rows)
+
+
+def json_reference(document: dict):
+    try:
+        return _walk_traces(document, CONFIG, StageAttributes())
+    except (AttributeError, TypeError, DecodeError):  # all DecodeError out of decode_traces_json
+        return None
+
+
+def json_compare(document: dict, counts: dict[str, int]) -> None:
+    fast, reference = json_c_walk(document), json_reference(document)
+    if fast is None:
+        counts["left_to_reference"] += 1
+        return
+    assert reference is not None, f"the C walk accepted a document the reference refuses: {document}"
+    same(fast, reference)
+    counts["compared"] += 1
+
+
+def test_the_scenario_json_decodes_the_same_and_entirely_in_c(scenario):
+    counts = dict.fromkeys(("left_to_reference", "compared"), 0)
+    for line in (scenario / "traces.jsonl").read_bytes().splitlines():
+        json_compare(orjson.loads(line), counts)
+    assert counts == {"left_to_reference": 0, "compared": counts["compared"]} and counts["compared"] > 20, counts
+
+
+ODD_VALUES = [None, "", 0, -1, 1 << 64, (1 << 64) - 1, "18446744073709551616", "007", " 7", "-3", "1_0", 3.5, True,
+              [], {}, [1], {"a": 1}, "zz" * 16, "AB" * 16, "ab" * 8, "0" * 32, "SPAN_KIND_CLIENT", 2, 3, 6,
+              "x" * 300, {"stringValue": "s"}, {"intValue": "12"}, {"intValue": "abc"}, {"boolValue": 1},
+              {"doubleValue": 2.5}, {"intValue": 5, "stringValue": "first"}, "service.name", "db.system"]
+
+
+def mutated(rng: random.Random, node):
+    """A copy of a parsed JSON document with one value somewhere replaced, or one key removed."""
+    paths = []
+
+    def collect(value, path):
+        paths.append(path)
+        children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, child in children:
+            collect(child, (*path, key))
+
+    collect(node, ())
+    path = rng.choice(paths[1:])
+    copy = orjson.loads(orjson.dumps(node))
+    parent = copy
+    for key in path[:-1]:
+        parent = parent[key]
+    if isinstance(parent, dict) and rng.random() < 0.2:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = rng.choice(ODD_VALUES)
+    return copy
+
+
+def test_mutated_json_is_decoded_as_the_reference_does_or_left_to_it(scenario):
+    """Every odd value anywhere: the C walk either gives the reference's rows or
+    leaves the document to it; it never accepts what the reference refuses."""
+    rng = random.Random(7)
+    documents = []
+    for line in (scenario / "traces.jsonl").read_bytes().splitlines()[:3]:
+        for resource in orjson.loads(line)["resourceSpans"][:6]:
+            for scope in resource.get("scopeSpans", []):
+                scope["spans"] = scope["spans"][:4]
+            documents.append({"resourceSpans": [resource]})
+    counts = dict.fromkeys(("left_to_reference", "compared"), 0)
+    for _ in range(6_000):
+        json_compare(mutated(rng, rng.choice(documents)), counts)
+    assert counts["compared"] > 2_000 and counts["left_to_reference"] > 500, counts

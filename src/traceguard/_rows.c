@@ -510,7 +510,8 @@ static const uint8_t ZERO[16];
 
 /* The span's attributes whose key is kept, as [(key, value)] in their order
  * (otlp_proto._kept_attributes); a repeated key or value field is merged as upb merges it. */
-static PyObject *kept_attributes(Out *o, Reader r) {
+static PyObject *proto_kept_attributes(Out *o, const void *source) {
+    Reader r = *(const Reader *)source;
     PyObject *pairs = PyList_New(0);
     Field f, kv;
     int status, s2;
@@ -555,6 +556,60 @@ static PyObject *kept_attributes(Out *o, Reader r) {
         return NULL;
     }
     return pairs;
+}
+
+/* Reads the kept attributes of the span at ``source`` (a protobuf Reader or a JSON dict). */
+typedef PyObject *(*KeptReader)(Out *o, const void *source);
+
+/* Appends the SpanRow; its attributes come from the stage cache, or, for a stage
+ * not cached yet or an error span, go to ``pending`` with the kept attributes read
+ * by ``read``, for the caller's StageAttributes. Steals ``name_obj``. */
+static int add_row(Out *o, const uint8_t *trace, const uint8_t *core, uint64_t end, PyObject *name_obj,
+                   KeptReader read, const void *source) {
+    int kind = core[24], code = core[25];
+    PyObject *trace_obj = NULL, *core_obj = NULL, *end_obj = NULL, *attrs = Py_None, *row = NULL;
+    int rc = -1;
+    if (!(trace_obj = PyBytes_FromStringAndSize((const char *)trace, 16))) goto done;
+    if (!(core_obj = PyBytes_FromStringAndSize((const char *)core, CORE_SIZE))) goto done;
+    if (!(end_obj = PyLong_FromUnsignedLongLong(end))) goto done;
+    int needs_attrs = kind == KIND_CLIENT || kind == KIND_PRODUCER || kind == KIND_CONSUMER;
+    if (needs_attrs && code != STATUS_ERROR) {
+        PyObject *kind_obj = PyLong_FromLong((long)kind); /* a cached small int */
+        PyObject *key = kind_obj == NULL ? NULL : PyTuple_Pack(3, o->service, kind_obj, name_obj);
+        Py_XDECREF(kind_obj);
+        if (key == NULL) goto done;
+        PyObject *known = PyDict_GetItemWithError(o->stages, key);
+        Py_DECREF(key);
+        if (known != NULL) {
+            attrs = known;
+            needs_attrs = 0;
+        } else if (PyErr_Occurred()) {
+            goto done;
+        }
+    }
+    Py_INCREF(o->service);
+    Py_INCREF(attrs);
+    PyObject *values[] = {trace_obj, core_obj, end_obj, o->service, name_obj, attrs};
+    trace_obj = core_obj = end_obj = name_obj = NULL; /* stolen by fill */
+    row = fill(&row_slots, values);
+    if (row == NULL || PyList_Append(o->rows, row) < 0) goto done;
+    if (needs_attrs) {
+        PyObject *pairs = read(o, source);
+        if (pairs == NULL) goto done;
+        PyObject *item = Py_BuildValue("(OiiON)", row, kind, code, o->service, pairs);
+        if (item == NULL) goto done;
+        int appended = PyList_Append(o->pending, item);
+        Py_DECREF(item);
+        if (appended < 0) goto done;
+    }
+    rc = 0;
+done:
+    Py_XDECREF(trace_obj);
+    Py_XDECREF(core_obj);
+    Py_XDECREF(end_obj);
+    Py_XDECREF(name_obj);
+    Py_XDECREF(row);
+    return rc;
 }
 
 static int span(Out *o, Reader r) {
@@ -607,51 +662,10 @@ static int span(Out *o, Reader r) {
     core[25] = (uint8_t)code;
     core[26] = links ? 1 : 0;
 
-    PyObject *trace_obj = NULL, *core_obj = NULL, *end_obj = NULL, *name_obj = NULL, *attrs = Py_None, *row = NULL;
-    int rc = -1;
-    if (!(trace_obj = PyBytes_FromStringAndSize((const char *)trace, 16))) goto done;
-    if (!(core_obj = PyBytes_FromStringAndSize((const char *)core, CORE_SIZE))) goto done;
-    if (!(end_obj = PyLong_FromUnsignedLongLong(end))) goto done;
-    if (!(name_obj = clipped_interned(name, name_size, o->name_limit))) goto done;
-    int needs_attrs = kind == KIND_CLIENT || kind == KIND_PRODUCER || kind == KIND_CONSUMER;
-    if (needs_attrs && code != STATUS_ERROR) {
-        /* StageAttributes' cache, read here; a miss or an error span goes to the caller */
-        PyObject *kind_obj = PyLong_FromLong((long)kind); /* a cached small int */
-        PyObject *key = kind_obj == NULL ? NULL : PyTuple_Pack(3, o->service, kind_obj, name_obj);
-        Py_XDECREF(kind_obj);
-        if (key == NULL) goto done;
-        PyObject *known = PyDict_GetItemWithError(o->stages, key);
-        Py_DECREF(key);
-        if (known != NULL) {
-            attrs = known;
-            needs_attrs = 0;
-        } else if (PyErr_Occurred()) {
-            goto done;
-        }
-    }
-    Py_INCREF(o->service);
-    Py_INCREF(attrs);
-    PyObject *values[] = {trace_obj, core_obj, end_obj, o->service, name_obj, attrs};
-    trace_obj = core_obj = end_obj = name_obj = NULL; /* stolen by fill */
-    row = fill(&row_slots, values);
-    if (row == NULL || PyList_Append(o->rows, row) < 0) goto done;
-    if (needs_attrs) {
-        PyObject *pairs = kept_attributes(o, whole);
-        if (pairs == NULL) goto done;
-        PyObject *item = Py_BuildValue("(OllON)", row, (long)kind, (long)code, o->service, pairs);
-        if (item == NULL) goto done;
-        int appended = PyList_Append(o->pending, item);
-        Py_DECREF(item);
-        if (appended < 0) goto done;
-    }
-    rc = 0;
-done:
-    Py_XDECREF(trace_obj);
-    Py_XDECREF(core_obj);
-    Py_XDECREF(end_obj);
-    Py_XDECREF(name_obj);
-    Py_XDECREF(row);
-    return rc;
+    PyObject *name_obj = clipped_interned(name, name_size, o->name_limit);
+    if (name_obj == NULL)
+        return -1;
+    return add_row(o, trace, core, end, name_obj, proto_kept_attributes, &whole);
 }
 
 static int resource_spans(Out *o, Reader r, PyObject *unknown_service) {
@@ -861,11 +875,356 @@ done:
     return result;
 }
 
+/* ---- OTLP/JSON: the same rows from the objects orjson parsed -------------------------
+ *
+ * Only the form the Collector's file exporter writes is walked here: hex ids of
+ * exact length, integer enums, int64 as digit strings. Everything else (base64
+ * ids, enum names, anything to reject, anything of an unexpected type) raises
+ * Unsupported and the document goes to otlp_json._walk_traces, the reference,
+ * which words every rejection. */
+
+static PyObject *JSON_KEYS[15];
+enum { J_RESOURCE_SPANS, J_RESOURCE, J_ATTRIBUTES, J_KEY, J_VALUE, J_SCOPE_SPANS, J_SPANS, J_TRACE_ID, J_SPAN_ID,
+       J_PARENT_SPAN_ID, J_KIND, J_STATUS, J_CODE, J_START, J_END };
+static const char *JSON_KEY_NAMES[] = {"resourceSpans", "resource", "attributes", "key", "value", "scopeSpans",
+                                       "spans", "traceId", "spanId", "parentSpanId", "kind", "status", "code",
+                                       "startTimeUnixNano", "endTimeUnixNano"};
+static PyObject *J_NAME, *J_LINKS, *SERVICE_NAME, *VALUE_KEYS[4];
+
+/* dict[key] or NULL when absent; -1 on an error. */
+static int json_get(PyObject *dict, PyObject *key, PyObject **out) {
+    *out = PyDict_GetItemWithError(dict, key);
+    return *out == NULL && PyErr_Occurred() ? -1 : 0;
+}
+
+static int hex_digit(Py_UCS4 c) {
+    return c >= '0' && c <= '9' ? (int)(c - '0') : c >= 'a' && c <= 'f' ? (int)(c - 'a' + 10)
+         : c >= 'A' && c <= 'F' ? (int)(c - 'A' + 10) : -1;
+}
+
+/* 1 when ``text`` is exactly 2 * size hex digits (decoded into ``out``). */
+static int json_hex(PyObject *text, uint8_t *out, Py_ssize_t size) {
+    if (text == NULL || !PyUnicode_CheckExact(text) || PyUnicode_GET_LENGTH(text) != 2 * size ||
+        PyUnicode_KIND(text) != PyUnicode_1BYTE_KIND)
+        return 0;
+    const Py_UCS1 *c = PyUnicode_1BYTE_DATA(text);
+    for (Py_ssize_t i = 0; i < size; i++) {
+        int high = hex_digit(c[2 * i]), low = hex_digit(c[2 * i + 1]);
+        if (high < 0 || low < 0)
+            return 0;
+        out[i] = (uint8_t)(high << 4 | low);
+    }
+    return 1;
+}
+
+/* int(value or 0) for an absent value, None, an int or a string of digits, in [0, 2**64). */
+static int json_nanos(PyObject *value, uint64_t *out) {
+    *out = 0;
+    if (value == NULL || value == Py_None)
+        return 1;
+    if (PyLong_CheckExact(value)) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(value);
+        if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear(); /* negative or too large: the reference rejects it */
+            return 0;
+        }
+        *out = v;
+        return 1;
+    }
+    if (!PyUnicode_CheckExact(value) || PyUnicode_KIND(value) != PyUnicode_1BYTE_KIND ||
+        PyUnicode_GET_LENGTH(value) > 20)
+        return 0;
+    const Py_UCS1 *c = PyUnicode_1BYTE_DATA(value);
+    uint64_t v = 0;
+    for (Py_ssize_t i = 0; i < PyUnicode_GET_LENGTH(value); i++) {
+        if (c[i] < '0' || c[i] > '9' || v > (UINT64_MAX - (c[i] - '0')) / 10)
+            return 0;
+        v = v * 10 + (c[i] - '0');
+    }
+    *out = v;
+    return 1;
+}
+
+/* otlp_json._any_value, clipped as clip_value does: a new reference in *out, or 0 for
+ * an intValue that is not a plain integer (the reference decides). -1 on an error. */
+static int json_any_value(PyObject *value, Py_ssize_t limit, PyObject **out) {
+    *out = NULL;
+    if (value == NULL || !PyDict_Check(value)) {
+        *out = Py_NewRef(Py_None);
+        return 1;
+    }
+    for (int i = 0; i < 4; i++) {
+        PyObject *found;
+        if (json_get(value, VALUE_KEYS[i], &found) < 0)
+            return -1;
+        if (found == NULL)
+            continue;
+        if (i == 1) { /* intValue: int(found) */
+            if (PyLong_CheckExact(found)) {
+                *out = Py_NewRef(found);
+                return 1;
+            }
+            if (!PyUnicode_CheckExact(found) || PyUnicode_KIND(found) != PyUnicode_1BYTE_KIND)
+                return 0;
+            Py_ssize_t n = PyUnicode_GET_LENGTH(found);
+            const Py_UCS1 *c = PyUnicode_1BYTE_DATA(found);
+            Py_ssize_t first = n > 0 && c[0] == '-';
+            if (n - first < 1 || n > 20)
+                return 0;
+            for (Py_ssize_t k = first; k < n; k++)
+                if (c[k] < '0' || c[k] > '9')
+                    return 0;
+            *out = PyLong_FromUnicodeObject(found, 10);
+            return *out == NULL ? -1 : 1;
+        }
+        if (PyUnicode_Check(found) && PyUnicode_GET_LENGTH(found) > limit)
+            *out = PyUnicode_Substring(found, 0, limit);
+        else
+            *out = Py_NewRef(found);
+        return *out == NULL ? -1 : 1;
+    }
+    *out = Py_NewRef(Py_None);
+    return 1;
+}
+
+/* A JSON list, or an empty one for an absent or None value; NULL with Unsupported otherwise. */
+static PyObject *json_list(PyObject *node, PyObject *key) {
+    static PyObject *empty;
+    PyObject *value;
+    if (json_get(node, key, &value) < 0)
+        return NULL;
+    if (value == NULL || value == Py_None) {
+        if (empty == NULL && (empty = PyList_New(0)) == NULL)
+            return NULL;
+        return empty;
+    }
+    if (!PyList_Check(value)) {
+        unsupported();
+        return NULL;
+    }
+    return value;
+}
+
+/* otlp_json._resource_service: the first service.name whose value is a non-empty string. */
+static int json_resource_service(Out *o, PyObject *resource_spans, PyObject *unknown_service) {
+    PyObject *resource, *attributes;
+    if (json_get(resource_spans, JSON_KEYS[J_RESOURCE], &resource) < 0)
+        return -1;
+    if (resource != NULL && PyDict_Check(resource)) {
+        if (json_get(resource, JSON_KEYS[J_ATTRIBUTES], &attributes) < 0)
+            return -1;
+        if (attributes != NULL && attributes != Py_None && !PyList_Check(attributes))
+            return unsupported();
+        for (Py_ssize_t i = 0; attributes != NULL && attributes != Py_None && i < PyList_GET_SIZE(attributes); i++) {
+            PyObject *kv = PyList_GET_ITEM(attributes, i), *key, *name;
+            if (!PyDict_Check(kv))
+                return unsupported();
+            if (json_get(kv, JSON_KEYS[J_KEY], &key) < 0)
+                return -1;
+            if (key == NULL || !PyUnicode_CheckExact(key) || !_PyUnicode_Equal(key, SERVICE_NAME))
+                continue;
+            PyObject *value;
+            if (json_get(kv, JSON_KEYS[J_VALUE], &value) < 0)
+                return -1;
+            int got = json_any_value(value, PY_SSIZE_T_MAX, &name);
+            if (got <= 0)
+                return got < 0 ? -1 : unsupported();
+            if (PyUnicode_Check(name) && PyUnicode_GET_LENGTH(name) > 0) {
+                PyObject *cut = PyUnicode_CheckExact(name) && PyUnicode_GET_LENGTH(name) > o->name_limit
+                                    ? PyUnicode_Substring(name, 0, o->name_limit) : Py_NewRef(name);
+                Py_DECREF(name);
+                if (cut == NULL)
+                    return -1;
+                if (!PyUnicode_CheckExact(cut)) {
+                    Py_DECREF(cut);
+                    return unsupported();
+                }
+                PyUnicode_InternInPlace(&cut);
+                o->service = cut;
+                return 0;
+            }
+            Py_DECREF(name);
+        }
+    }
+    o->service = Py_NewRef(unknown_service);
+    return 0;
+}
+
+/* The kept attributes of a JSON span (the reference's lambda in _walk_traces). */
+static PyObject *json_kept_attributes(Out *o, const void *source) {
+    PyObject *span = (PyObject *)source, *attributes;
+    if (json_get(span, JSON_KEYS[J_ATTRIBUTES], &attributes) < 0)
+        return NULL;
+    PyObject *pairs = PyList_New(0);
+    if (pairs == NULL || attributes == NULL || !PyObject_IsTrue(attributes))
+        return pairs;
+    if (!PyList_Check(attributes))
+        goto unsupported;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(attributes); i++) {
+        PyObject *kv = PyList_GET_ITEM(attributes, i), *key, *value, *pair;
+        if (!PyDict_Check(kv))
+            continue;
+        if (json_get(kv, JSON_KEYS[J_KEY], &key) < 0)
+            goto error;
+        if (key == NULL || key == Py_None)
+            continue;
+        if (!PyUnicode_CheckExact(key))
+            goto unsupported;
+        int keep = PySet_Contains(o->kept_keys, key);
+        if (keep < 0)
+            goto error;
+        if (!keep)
+            continue;
+        PyObject *raw;
+        if (json_get(kv, JSON_KEYS[J_VALUE], &raw) < 0)
+            goto error;
+        int got = json_any_value(raw, o->value_limit, &value);
+        if (got < 0)
+            goto error;
+        if (got == 0)
+            goto unsupported;
+        pair = PyTuple_Pack(2, key, value);
+        Py_DECREF(value);
+        if (pair == NULL || PyList_Append(pairs, pair) < 0) {
+            Py_XDECREF(pair);
+            goto error;
+        }
+        Py_DECREF(pair);
+    }
+    return pairs;
+unsupported:
+    unsupported();
+error:
+    Py_DECREF(pairs);
+    return NULL;
+}
+
+static int json_span(Out *o, PyObject *span) {
+    uint8_t trace[16], core[CORE_SIZE];
+    PyObject *value, *status, *name;
+    uint64_t start, end;
+    if (!PyDict_Check(span))
+        return unsupported();
+    if (json_get(span, JSON_KEYS[J_TRACE_ID], &value) < 0)
+        return -1;
+    if (!json_hex(value, trace, 16) || memcmp(trace, ZERO, 16) == 0)
+        return unsupported();
+    if (json_get(span, JSON_KEYS[J_SPAN_ID], &value) < 0)
+        return -1;
+    if (!json_hex(value, core, 8) || memcmp(core, ZERO, 8) == 0)
+        return unsupported();
+    if (json_get(span, JSON_KEYS[J_PARENT_SPAN_ID], &value) < 0)
+        return -1;
+    if (value == NULL || value == Py_None || (PyUnicode_Check(value) && PyUnicode_GET_LENGTH(value) == 0))
+        memset(core + 8, 0, 8);
+    else if (!json_hex(value, core + 8, 8))
+        return unsupported();
+    if (json_get(span, JSON_KEYS[J_KIND], &value) < 0)
+        return -1;
+    long kind = 0;
+    if (value != NULL && value != Py_None) {
+        if (!PyLong_CheckExact(value) || (kind = PyLong_AsLong(value)) < 0 || kind > 5) {
+            PyErr_Clear();
+            return unsupported();
+        }
+    }
+    long code = 0;
+    if (json_get(span, JSON_KEYS[J_STATUS], &status) < 0)
+        return -1;
+    if (status != NULL && status != Py_None && !(PyDict_Check(status) && PyDict_GET_SIZE(status) == 0)) {
+        if (!PyDict_Check(status) || json_get(status, JSON_KEYS[J_CODE], &value) < 0)
+            return PyErr_Occurred() ? -1 : unsupported();
+        if (value != NULL && value != Py_None &&
+            (!PyLong_CheckExact(value) || (code = PyLong_AsLong(value)) < 0 || code > 2)) {
+            PyErr_Clear();
+            return unsupported();
+        }
+    }
+    if (json_get(span, JSON_KEYS[J_START], &value) < 0)
+        return -1;
+    if (!json_nanos(value, &start))
+        return unsupported();
+    if (json_get(span, JSON_KEYS[J_END], &value) < 0)
+        return -1;
+    if (!json_nanos(value, &end))
+        return unsupported();
+    if (json_get(span, J_NAME, &name) < 0 || json_get(span, J_LINKS, &value) < 0)
+        return -1;
+    if (name == NULL || name == Py_None)
+        name = PyUnicode_New(0, 0);
+    else if (!PyUnicode_CheckExact(name))
+        return unsupported();
+    else if (PyUnicode_GET_LENGTH(name) > o->name_limit)
+        name = PyUnicode_Substring(name, 0, o->name_limit);
+    else
+        Py_INCREF(name);
+    if (name == NULL)
+        return -1;
+    PyUnicode_InternInPlace(&name);
+    int links = value == NULL ? 0 : PyObject_IsTrue(value);
+    if (links < 0) {
+        Py_DECREF(name);
+        return -1;
+    }
+    memcpy(core + 16, &start, 8);
+    core[24] = (uint8_t)kind;
+    core[25] = (uint8_t)code;
+    core[26] = links ? 1 : 0;
+    return add_row(o, trace, core, end, name, json_kept_attributes, span);
+}
+
+PyDoc_STRVAR(decode_json_spans_doc,
+"decode_json_spans(document, stages, kept_keys, name_limit, value_limit, unknown_service)\n"
+"-> (rows, pending)\n\n"
+"decode_spans for a TracesData object parsed from OTLP/JSON; raises Unsupported\n"
+"for anything but the Collector's own form, or anything the reference would reject.");
+
+static PyObject *decode_json_spans(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *document, *stages, *kept_keys, *unknown_service;
+    Py_ssize_t name_limit, value_limit;
+    if (row_slots.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() first");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!O!O!nnU", &PyDict_Type, &document, &PyDict_Type, &stages, &PyFrozenSet_Type,
+                          &kept_keys, &name_limit, &value_limit, &unknown_service))
+        return NULL;
+    Out o = {PyList_New(0), NULL, PyList_New(0), stages, kept_keys, NULL, name_limit, value_limit, 0, 0};
+    PyObject *result = NULL, *resources = NULL;
+    if (o.rows == NULL || o.pending == NULL || (resources = json_list(document, JSON_KEYS[J_RESOURCE_SPANS])) == NULL)
+        goto done;
+    for (Py_ssize_t r = 0; r < PyList_GET_SIZE(resources); r++) {
+        PyObject *resource_spans = PyList_GET_ITEM(resources, r), *scopes;
+        if (!PyDict_Check(resource_spans)) {
+            unsupported();
+            goto done;
+        }
+        if (json_resource_service(&o, resource_spans, unknown_service) < 0)
+            goto done;
+        int failed = (scopes = json_list(resource_spans, JSON_KEYS[J_SCOPE_SPANS])) == NULL;
+        for (Py_ssize_t s = 0; !failed && s < PyList_GET_SIZE(scopes); s++) {
+            PyObject *scope = PyList_GET_ITEM(scopes, s), *spans;
+            failed = !PyDict_Check(scope) ? unsupported() : (spans = json_list(scope, JSON_KEYS[J_SPANS])) == NULL;
+            for (Py_ssize_t i = 0; !failed && i < PyList_GET_SIZE(spans); i++)
+                failed = json_span(&o, PyList_GET_ITEM(spans, i)) < 0;
+        }
+        Py_CLEAR(o.service);
+        if (failed)
+            goto done;
+    }
+    result = PyTuple_Pack(2, o.rows, o.pending);
+done:
+    Py_XDECREF(o.rows);
+    Py_XDECREF(o.pending);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS,
      "bind(SpanRow, Span, schema, any_value): the classes whose slots decode_spans and expand fill,\n"
      "the traces message schema and the index of AnyValue in it."},
     {"decode_spans", decode_spans, METH_VARARGS, decode_spans_doc},
+    {"decode_json_spans", decode_json_spans, METH_VARARGS, decode_json_spans_doc},
     {"expand", expand, METH_O, expand_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -888,5 +1247,15 @@ PyMODINIT_FUNC PyInit__rows(void) {
         return NULL;
     }
     Py_INCREF(Unsupported);
+    for (int i = 0; i < (int)(sizeof(JSON_KEYS) / sizeof(*JSON_KEYS)); i++)
+        if ((JSON_KEYS[i] = PyUnicode_InternFromString(JSON_KEY_NAMES[i])) == NULL)
+            return NULL;
+    static const char *value_keys[] = {"stringValue", "intValue", "boolValue", "doubleValue"};
+    for (int i = 0; i < 4; i++)
+        if ((VALUE_KEYS[i] = PyUnicode_InternFromString(value_keys[i])) == NULL)
+            return NULL;
+    if ((J_NAME = PyUnicode_InternFromString("name")) == NULL || (J_LINKS = PyUnicode_InternFromString("links")) == NULL
+        || (SERVICE_NAME = PyUnicode_InternFromString("service.name")) == NULL)
+        return NULL;
     return m;
 }

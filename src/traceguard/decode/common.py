@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Callable, Generic, TypeVar
 
-from traceguard.records import KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER, STATUS_ERROR
+from traceguard.records import KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER, STATUS_ERROR, SpanRow
 
 Row = TypeVar("Row")
 
 MAX_ERROR_MESSAGES = 5
+# service.name of a resource that has none (the SDKs' own default)
+UNKNOWN_SERVICE = "unknown_service"
 
 # Attributes kept on a span row. Reading an attribute costs about as much as
 # reading a whole span header, so only the kinds whose detection depends on
@@ -80,6 +82,13 @@ class StageAttributes:
             if len(self._stages) < self._limit:
                 self._stages[key] = attrs
             return attrs
+
+
+    def settle(self, pending: list[tuple[SpanRow, int, int, str, list[tuple[str, Any]]]]) -> None:
+        """Gives the rows the C decoders left pending, (row, kind, status code, service,
+        kept attributes), their attributes: a stage not cached yet, or an error span."""
+        for row, kind, code, service, kept in pending:
+            row.attrs = self.get(service, kind, row.name, code, kept.copy)
 
 
 def _freeze(pairs: list[tuple[str, Any]]) -> tuple[tuple[str, Any], ...] | None:

@@ -11,7 +11,7 @@ logs become log records of that span. Times are microseconds.
 from __future__ import annotations
 
 from traceguard.config import DecodeConfig
-from traceguard.decode.common import Decoded, StageAttributes
+from traceguard.decode.common import UNKNOWN_SERVICE, Decoded, StageAttributes
 from traceguard.decode.translate import KINDS, OtlpDocuments, attributes, micros_to_nanos, pad_trace_id, status_of
 
 
@@ -45,7 +45,7 @@ def _span(span: dict, processes: dict, out: OtlpDocuments) -> None:
     trace_id = pad_trace_id(span.get("traceID"))
     tags = _tags(span.get("tags"))
     process = processes.get(span.get("processID")) or span.get("process") or {}
-    service = process.get("serviceName") or "unknown_service"
+    service = process.get("serviceName") or UNKNOWN_SERVICE
     parent, links = None, []
     for ref in span.get("references") or ():
         ref_type = str(ref.get("refType", "")).upper()

@@ -3,12 +3,15 @@
 Accepts what the OpenTelemetry Collector's file exporter writes (lowerCamelCase
 keys, hex ids, int64 as strings, enums as integers) and what generic protobuf
 JSON tools emit (base64 ids, enum names). ``google.protobuf.json_format`` is
-about 20x slower on the same input, which is why this walk exists.
+about 20x slower on the same input, which is why this walk exists. Traces in
+the form the Collector writes are walked by ``_rows.decode_json_spans`` in C;
+``_walk_traces`` is its reference and handles every other form.
 """
 
 from __future__ import annotations
 
 import binascii
+import contextlib
 from typing import Any
 
 import orjson
@@ -19,12 +22,14 @@ from traceguard.decode.common import (
     ATTRIBUTE_KINDS,
     KEPT_ATTRIBUTES,
     StageAttributes,
+    UNKNOWN_SERVICE,
     Decoded,
     DecodeError,
     clip,
     clip_value,
     intern_name,
 )
+from traceguard.native import rows as native
 from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, LogRow, SpanRow
 
 _KIND_NAMES = {
@@ -86,7 +91,12 @@ def _any_value(value: Any) -> Any:
     for key in _VALUE_KEYS:
         if key in value:
             found = value[key]
-            return int(found) if key == "intValue" else found
+            if key != "intValue":
+                return found
+            try:
+                return int(found)
+            except (TypeError, ValueError, OverflowError):  # not an integer: no usable value
+                return None
     return None
 
 
@@ -97,7 +107,7 @@ def _resource_service(resource: Any, limit: int) -> str:
                 name = _any_value(kv.get("value"))
                 if isinstance(name, str) and name:
                     return intern_name(name, limit)
-    return "unknown_service"
+    return UNKNOWN_SERVICE
 
 
 def _list(node: Any, key: str) -> list:
@@ -117,8 +127,16 @@ def decode_traces_json(
     Raises:
         DecodeError: the object is not shaped like OTLP traces at all.
     """
+    stages = stages or StageAttributes()
+    if native is not None:
+        # the Collector's own form is walked in C; anything else, or anything to reject, here
+        with contextlib.suppress(native.Unsupported):
+            rows, pending = native.decode_json_spans(document, stages.known, KEPT_ATTRIBUTES, config.max_name_length,
+                                                     config.max_attribute_length, UNKNOWN_SERVICE)
+            stages.settle(pending)
+            return Decoded(rows)
     try:
-        return _walk_traces(document, config, stages or StageAttributes())
+        return _walk_traces(document, config, stages)
     except (AttributeError, TypeError) as exc:
         raise DecodeError(f"malformed OTLP traces JSON: {exc}") from None
 

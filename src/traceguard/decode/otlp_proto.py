@@ -25,6 +25,7 @@ from traceguard.decode.common import (
     ATTRIBUTE_KINDS,
     KEPT_ATTRIBUTES,
     MAX_ERROR_MESSAGES,
+    UNKNOWN_SERVICE,
     StageAttributes,
     Decoded,
     DecodeError,
@@ -35,7 +36,6 @@ from traceguard.decode.common import (
 from traceguard.native import rows as native
 from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, LogRow, SpanRow
 
-UNKNOWN_SERVICE = "unknown_service"
 _ZERO_TRACE = bytes(16)
 
 
@@ -84,8 +84,7 @@ def _decode_native(data: bytes, config: DecodeConfig, stages: StageAttributes) -
     rows, rejected, errors, pending = native.decode_spans(
         data, stages.known, KEPT_ATTRIBUTES, config.max_name_length, config.max_attribute_length,
         MAX_ERROR_MESSAGES, UNKNOWN_SERVICE)
-    for row, kind, code, service, kept in pending:
-        row.attrs = stages.get(service, kind, row.name, code, kept.copy)
+    stages.settle(pending)
     return Decoded(rows, rejected, errors)
 
 

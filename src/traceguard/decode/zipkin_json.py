@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 
 from traceguard.config import DecodeConfig
-from traceguard.decode.common import Decoded, StageAttributes
+from traceguard.decode.common import UNKNOWN_SERVICE, Decoded, StageAttributes
 from traceguard.decode.translate import KINDS, OtlpDocuments, attributes, micros_to_nanos, pad_trace_id, status_of
 
 
@@ -41,7 +41,7 @@ def decode_zipkin_spans(spans: list, config: DecodeConfig,
 def _span(span: dict, out: OtlpDocuments) -> None:
     trace_id = pad_trace_id(span.get("traceId"))
     tags = span.get("tags") or {}
-    service = (span.get("localEndpoint") or {}).get("serviceName") or "unknown_service"
+    service = (span.get("localEndpoint") or {}).get("serviceName") or UNKNOWN_SERVICE
     span_id, parent = span.get("id"), span.get("parentId") or ""
     kind = KINDS.get(str(span.get("kind") or "internal").lower(), 1)
     if span.get("shared") and kind == KINDS["server"] and isinstance(span_id, str):
