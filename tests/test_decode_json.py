@@ -73,6 +73,16 @@ def test_bad_span_fields_are_rejected(span, message):
     assert message in decoded.errors[0]
 
 
+def test_an_int_attribute_that_is_not_an_integer_has_no_value_instead_of_failing_the_decoder():
+    document = _one_span(kind=KIND_CLIENT, attributes=[{"key": "http.status_code", "value": {"intValue": "abc"}},
+                                                      {"key": "db.system", "value": {"stringValue": "redis"}}])
+    (row,) = decode_traces_json(document, CONFIG).rows
+    assert row.attrs == (("db.system", "redis"),)  # a call's status code is not kept for the stage
+    document["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["status"] = {"code": STATUS_ERROR}
+    (row,) = decode_traces_json(document, CONFIG).rows
+    assert row.attrs == (("db.system", "redis"), ("http.status_code", None))
+
+
 def test_missing_service_name_is_unknown_service():
     (row,) = decode_traces_json(_one_span(), CONFIG).rows
     assert row.service == "unknown_service" and row.end == 20
