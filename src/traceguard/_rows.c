@@ -425,10 +425,25 @@ static PyObject *any_value_object(const Field *member, Py_ssize_t limit) {
     }
 }
 
+/* A KeyValue: its key (last occurrence wins) and its value's oneof member (merged). */
+static int key_value(Reader pair, const uint8_t **key, Py_ssize_t *key_size, Field *value) {
+    Field kv;
+    int status;
+    FOR_FIELDS(pair, kv, status) {
+        if (kv.field == 1 && kv.wire == LEN) {
+            *key = kv.data;
+            *key_size = kv.size;
+        } else if (kv.field == 2 && kv.wire == LEN && any_value_member(READER(kv), value) < 0) {
+            return -1;
+        }
+    }
+    return status;
+}
+
 /* service.name of a ResourceSpans' resource(s): the first KeyValue with that key. */
 static int resource_service(Reader rs, const uint8_t **text, Py_ssize_t *size, int *found) {
-    Field f, a, kv;
-    int status, s2, s3;
+    Field f, a;
+    int status, s2;
     FOR_FIELDS(rs, f, status) {
         if (f.field != 1 || f.wire != LEN)
             continue;
@@ -436,20 +451,10 @@ static int resource_service(Reader rs, const uint8_t **text, Py_ssize_t *size, i
         FOR_FIELDS(resource, a, s2) {
             if (a.field != 1 || a.wire != LEN || *found)
                 continue;
-            Reader pair = READER(a);
             const uint8_t *key = NULL;
             Py_ssize_t key_size = 0;
             Field value = {0};
-            FOR_FIELDS(pair, kv, s3) {
-                if (kv.field == 1 && kv.wire == LEN) {
-                    key = kv.data;
-                    key_size = kv.size;
-                } else if (kv.field == 2 && kv.wire == LEN) {
-                    if (any_value_member(READER(kv), &value) < 0)
-                        return -1;
-                }
-            }
-            if (s3 < 0)
+            if (key_value(READER(a), &key, &key_size, &value) < 0)
                 return -1;
             if (key_size == 12 && memcmp(key, "service.name", 12) == 0) {
                 *found = 1;
@@ -513,26 +518,17 @@ static const uint8_t ZERO[16];
 static PyObject *proto_kept_attributes(Out *o, const void *source) {
     Reader r = *(const Reader *)source;
     PyObject *pairs = PyList_New(0);
-    Field f, kv;
-    int status, s2;
+    Field f;
+    int status;
     FOR_FIELDS(r, f, status) {
         if (pairs == NULL)
             return NULL;
         if (f.field != 9 || f.wire != LEN)
             continue;
-        Reader pair = READER(f);
         const uint8_t *key = (const uint8_t *)"";
         Py_ssize_t key_size = 0;
         Field value = {0};
-        FOR_FIELDS(pair, kv, s2) {
-            if (kv.field == 1 && kv.wire == LEN) {
-                key = kv.data;
-                key_size = kv.size;
-            } else if (kv.field == 2 && kv.wire == LEN && any_value_member(READER(kv), &value) < 0) {
-                s2 = -1;
-                break;
-            }
-        }
+        int s2 = key_value(READER(f), &key, &key_size, &value);
         PyObject *key_obj = s2 < 0 ? NULL : PyUnicode_DecodeUTF8((const char *)key, key_size, NULL);
         int keep = key_obj == NULL ? -1 : PySet_Contains(o->kept_keys, key_obj);
         PyObject *item = NULL, *value_obj = NULL;
