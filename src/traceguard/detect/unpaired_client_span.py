@@ -35,7 +35,8 @@ class _Stage:
 
 
 def _failed_without_response(span: Span) -> bool:
-    return span.status == STATUS_ERROR and not any(key in _RESPONSE_STATUS for key, _ in span.attrs or ())
+    """An error span: did the call fail before any response came back?"""
+    return not any(key in _RESPONSE_STATUS for key, _ in span.attrs or ())
 
 
 class UnpairedClientSpan:
@@ -48,18 +49,24 @@ class UnpairedClientSpan:
     def detect(self, trace: Trace) -> list[Anomaly]:
         findings = []
         config = self._config
+        stages = self.stages_
+        children = trace.children
         for span in trace.spans:
             if span.kind != KIND_CLIENT:
                 continue
             key = (span.service, span.name)
-            stage = self.stages_.get(key)
+            stage = stages.get(key)
             if stage is None:
                 stage = _Stage.of(span)
-                if len(self.stages_) < config.unpaired_max_stages:
-                    self.stages_[key] = stage
-            if stage.uninstrumented_peer or _failed_without_response(span):
+                if len(stages) < config.unpaired_max_stages:
+                    stages[key] = stage
+            if stage.uninstrumented_peer or (span.status == STATUS_ERROR and _failed_without_response(span)):
                 continue
-            paired = any(child.kind == KIND_SERVER for child in trace.children.get(span.span_id, ()))
+            paired = False
+            for child in children.get(span.span_id, ()):
+                if child.kind == KIND_SERVER:
+                    paired = True
+                    break
             if not paired and stage.seen >= config.unpaired_min_samples:
                 ratio = stage.paired / stage.seen
                 if ratio >= config.unpaired_min_ratio:
