@@ -114,7 +114,8 @@ def main() -> None:
         "ratio_proto_warm_models": round(medians["replay_proto_warm"] / medians["ceiling_parse"], 4),
         "ratio_json_structural_only": round(medians["replay_json_structural"] / medians["ceiling_parse"], 4),
         "ratio_json": round(medians["replay_json"] / medians["ceiling_parse"], 4),
-        "targets": {"ratio_proto": 0.15, "ratio_json": 0.05},
+        # issue 2's targets, set when the structural detectors were every detector there was
+        "targets": {"ratio_proto_structural_only": 0.15, "ratio_json_structural_only": 0.05},
         "runs": {k: [round(x) for x in v] for k, v in rates.items()},
     }, indent=2))
 
