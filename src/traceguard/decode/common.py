@@ -83,12 +83,11 @@ class StageAttributes:
                 self._stages[key] = attrs
             return attrs
 
-
     def settle(self, pending: list[tuple[SpanRow, int, int, str, list[tuple[str, Any]]]]) -> None:
         """Gives the rows the C decoders left pending, (row, kind, status code, service,
         kept attributes), their attributes: a stage not cached yet, or an error span."""
         for row, kind, code, service, kept in pending:
-            row.attrs = self.get(service, kind, row.name, code, kept.copy)
+            row.attrs = self.get(service, kind, row.name, code, lambda kept=kept: kept)  # C made the list: no copy
 
 
 def _freeze(pairs: list[tuple[str, Any]]) -> tuple[tuple[str, Any], ...] | None:
