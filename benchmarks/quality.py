@@ -102,10 +102,18 @@ def slow_stage_summary(anomalies: list[Anomaly], labels: list[dict]) -> dict:
     return {"findings": len(slow), "in_labelled_outlier_traces": sum(a.trace_id in outlier_traces for a in slow)}
 
 
+def every_finding(config: PipelineConfig | None = None) -> PipelineConfig:
+    """``config`` with every per-trace finding emitted, also those an incident
+    explains (they carry its id): per-trace detection is scored on its own,
+    apart from how many of them an incident pages."""
+    config = config or PipelineConfig()
+    return config.model_copy(update={"incidents": config.incidents.model_copy(update={"exemplar_findings": 10**9})})
+
+
 def evaluate(directory: Path, config: PipelineConfig | None = None) -> dict:
     sink = MemorySink()
     started = time.perf_counter()
-    result = run_replay([directory / "traces.jsonl"], [directory / "logs.jsonl"], config or PipelineConfig(), [sink])
+    result = run_replay([directory / "traces.jsonl"], [directory / "logs.jsonl"], every_finding(config), [sink])
     elapsed = time.perf_counter() - started
     labels = [json.loads(line) for line in (directory / "labels.jsonl").read_text().splitlines()]
     return {
@@ -115,6 +123,7 @@ def evaluate(directory: Path, config: PipelineConfig | None = None) -> dict:
         "replay_seconds": round(elapsed, 2),
         "anomalies": len(sink.anomalies),
         "anomalies_with_logs": sum(1 for a in sink.anomalies if a.logs),
+        "incidents": len({i.id for i in sink.incidents}),
         "metrics": result.metrics.snapshot(),
     }
 

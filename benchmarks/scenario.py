@@ -81,6 +81,7 @@ FAULTS = {
 }
 # A late export is late in the generator's simulated time only; sent to a live
 # receiver it arrives at once, so live runs place every fault but that one.
+FOREST_WARMUP_TRACES = 3000
 LIVE_FAULTS = tuple(fault for fault in FAULTS if fault != "late_export")
 # Faults that also leave out a stage every normal trace of the request has.
 ALSO_MISSING_EXPECTED = frozenset({"never_ended_span", "exporter_drop", "late_export"})
@@ -101,7 +102,10 @@ class ScenarioConfig:
     duration_s: float = 3600.0
     start_unix_s: int = 1_767_225_600  # 2026-01-01T00:00:00Z
     fault_rate: float = 0.06
-    warmup_traces: int = 600
+    # No structural fault in the first requests: every parent stage (checkout
+    # serves a fifth of them) must see structural.norm_min_calls (200) calls
+    # to learn its norm before a leak starts, as a deploy would start one.
+    warmup_traces: int = 1000
     # Share of requests (after the warm-up, never with a structural fault) that
     # are an N+1 query pattern or 20x slower throughout: trace_outlier labels.
     outlier_rate: float = 0.0
@@ -520,8 +524,8 @@ class Shop:
         return self.rng.choice(self.config.faults)
 
     def pick_outlier(self, index: int, t: int) -> str | None:
-        # Forests warm up on 500 normal traces of each request type: the first 2,500 requests.
-        if index < 5 * self.config.warmup_traces:
+        # Forests warm up on 500 normal traces of each request type: the first 3,000 requests.
+        if index < max(FOREST_WARMUP_TRACES, self.config.warmup_traces):
             return None
         if not self.config.outlier_rate or self._quiet(index, t) or self.rng.random() >= self.config.outlier_rate:
             return None

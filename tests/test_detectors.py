@@ -17,7 +17,8 @@ from traceguard.records import (
     KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER, KIND_SERVER, STATUS_ERROR, AnomalyKind,
 )
 
-CONFIG = StructuralConfig(unpaired_min_samples=3)
+# No norm warm-up: each detector's own fault must be found on first sight.
+CONFIG = StructuralConfig(unpaired_min_samples=3, norm_min_calls=0)
 
 
 def decide(*rows):
@@ -134,7 +135,7 @@ def test_unfinished_span_end_before_start():
 ])
 def test_context_outlived_parent_tolerances_and_exemptions(child, parent_service, expected):
     trace = decide(row(1, 1, end_ms=100, service=parent_service), row(1, 2, 1, start_ms=1, **child))
-    found = ContextOutlivedParent(StructuralConfig()).detect(trace)
+    found = ContextOutlivedParent(CONFIG).detect(trace)
     assert bool(found) is expected
     if expected:
         assert found[0].span_id == sid(2).hex() and found[0].evidence["overrun_ms"] > 0

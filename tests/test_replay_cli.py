@@ -92,7 +92,7 @@ def test_empty_file_is_fine_and_missing_file_is_an_error(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
     result = replay(empty)
-    assert result.stdout == "" and "0 spans, 0 traces, 0 anomalies" in result.stderr
+    assert result.stdout == "" and "0 spans, 0 traces, 0 incidents, 0 anomalies" in result.stderr
     missing = replay(tmp_path / "nope.jsonl", check=False)
     assert missing.returncode == 2 and "no such file" in missing.stderr
 

@@ -1,4 +1,4 @@
-"""The HTTP API of ``serve``: findings, health, readiness and Prometheus metrics.
+"""The HTTP API of ``serve``: incidents, findings, health, readiness and Prometheus metrics.
 
 FastAPI serves the OpenAPI document at ``/openapi.json`` (and docs at
 ``/docs``). Paging is by an opaque cursor that does not move when a finding
@@ -8,20 +8,32 @@ is updated (a resolved regression, late logs).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Callable
+from typing import Callable, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Response
 from pydantic import BaseModel
 
 from traceguard import __version__
 from traceguard.metrics import Metrics, prometheus_text
-from traceguard.records import Anomaly, AnomalyKind
+from traceguard.records import Anomaly, AnomalyKind, Incident
 from traceguard.sinks.sqlite import SqliteStore
 
 
 class AnomalyPage(BaseModel):
     items: list[Anomaly]
     next: str | None
+
+
+class IncidentPage(BaseModel):
+    items: list[Incident]
+    next: str | None
+
+
+class IncidentDetail(Incident):
+    """An incident with the findings stored under its id: its stage-level
+    changes and the exemplar per-trace findings (the rest are counted in ``attached``)."""
+
+    findings: list[Anomaly]
 
 
 def _since(value: str | None) -> int | None:
@@ -48,6 +60,29 @@ def create_api(store: SqliteStore | None, metrics: Metrics, ready: Callable[[], 
     """``store`` None (a Kafka consumer without a state dir): the findings endpoints answer 404."""
     app = FastAPI(title="traceguard", version=__version__,
                   description="Findings of the traceguard distributed-trace anomaly detector.")
+
+    @app.get("/api/incidents", response_model=IncidentPage)
+    def list_incidents(
+        service: str | None = Query(None, description="a culprit's or an affected stage's service"),
+        operation: str | None = None,
+        since: str | None = Query(None, description="unix ns or ISO 8601: incidents updated at or after"),
+        state: Literal["open", "resolved"] | None = None,
+        limit: int = Query(100, ge=1, le=1000),
+        cursor: str | None = Query(None, pattern=r"^\d+$"),
+    ) -> IncidentPage:
+        _require(store)
+        items, following = store.incidents(service=service, operation=operation, since=_since(since), state=state,
+                                           limit=limit, cursor=int(cursor) if cursor else None)
+        return IncidentPage(items=items, next=str(following) if following is not None else None)
+
+    @app.get("/api/incidents/{incident_id}", response_model=IncidentDetail)
+    def get_incident(incident_id: str) -> IncidentDetail:
+        _require(store)
+        found = store.get_incident(incident_id)
+        if found is None:
+            raise HTTPException(404, f"no incident {incident_id}")
+        incident, findings = found
+        return IncidentDetail(**incident.model_dump(), findings=findings)
 
     @app.get("/api/anomalies", response_model=AnomalyPage)
     def list_anomalies(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import sys
 from pathlib import Path
@@ -71,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     consume.add_argument("--allowed-lateness", help="event-time out-of-orderness tolerated (default 5s)")
     replay.add_argument("--report", type=Path, metavar="HTML_FILE",
                         help="also write a self-contained HTML report (summary, latency plots, waterfalls)")
+    replay.add_argument("--incidents-out", type=Path, metavar="FILE",
+                        help="also write incidents as JSONL, one line per incident state change")
     replay.add_argument("--model-dir", type=Path, help="start the learned detectors from this model directory")
     train.add_argument("--model-dir", type=Path, required=True,
                        help="model directory to write (and to start from, if it holds models)")
@@ -144,13 +147,21 @@ def _replay(args, config, models) -> int:
 
         progress = tqdm(unit=" records", unit_scale=True, file=sys.stderr, desc="replay")
     tally = _StageTally()
+    sinks = [sink, tally]
+    incidents_out = getattr(args, "incidents_out", None)
+    if incidents_out is not None:
+        try:
+            sinks.append(JsonlSink(open(incidents_out, "w", encoding="utf-8"), owns_stream=True, incidents=True))
+        except OSError as exc:
+            print(f"traceguard: cannot write --incidents-out {incidents_out}: {exc}", file=sys.stderr)
+            return 2
     report = None
     if getattr(args, "report", None) is not None:
         from traceguard.report import ReportCollector
 
         report = ReportCollector(config.learned.latency.window)
     try:
-        result = run_replay(args.traces, args.logs, config, [sink, tally, *([report] if report else [])],
+        result = run_replay(args.traces, args.logs, config, [*sinks, *([report] if report else [])],
                             strict=args.strict, on_batch=progress.update if progress else None,
                             warn=progress.write if progress else _warn, models=models, fmt=args.format,
                             on_decided=report.on_trace if report else None)
@@ -186,6 +197,10 @@ class _StageTally:
 
         self.counts: Counter = Counter()
         self._stage_level: set[str] = set()
+        self.incidents: dict = {}  # last state of each; few (one per fault)
+
+    def emit_incident(self, incident) -> None:
+        self.incidents[incident.id] = incident
 
     def emit(self, anomaly) -> None:
         if anomaly.trace_id is None:
@@ -211,8 +226,21 @@ def _print_summary(snapshot: dict, command: str, tally: _StageTally | None = Non
     traces = sum(decided.values()) if isinstance(decided, dict) else decided
     records = snapshot.get("traceguard_kafka_records_total")
     read = f"{sum(records.values())} records, " if isinstance(records, dict) else ""
+    incidents = list(tally.incidents.values()) if tally is not None else []
     lines = [f"traceguard {command}: {read}{snapshot.get('traceguard_spans_accepted_total', 0)} spans, "
-             f"{traces} traces, {sum(by_kind.values())} anomalies"]
+             f"{traces} traces, {len(incidents)} incidents, {sum(by_kind.values())} anomalies"]
+    attached = snapshot.get("traceguard_findings_attached_total", {})
+    if incidents:
+        lines.append(f"  {'incident onset':<21} {'state':<9} {'explained':>9}  culprit")
+        for incident in sorted(incidents, key=lambda i: i.onset)[:20]:
+            onset = dt.datetime.fromtimestamp(incident.onset / 1e9, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+            lead = incident.culprits[0]
+            lines.append(f"  {onset:<21} {incident.state:<9} {sum(incident.attached.values()):>9}  "
+                         f"{lead.service} {lead.operation!r} ({lead.signal} x{lead.magnitude})")
+        if len(incidents) > 20:
+            lines.append(f"  … and {len(incidents) - 20} more")
+    if isinstance(attached, dict) and attached:
+        lines.append(f"  per-trace findings kept on their incidents (not listed one by one): {sum(attached.values())}")
     lines += [f"  {'kind':<26} {'count':>8}"] if by_kind else []
     lines += [f"  {kind:<26} {count:>8}" for kind, count in sorted(by_kind.items())]
     if tally is not None and tally.counts:

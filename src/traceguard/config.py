@@ -72,6 +72,23 @@ class StructuralConfig(_Section):
         description="How far a child in another service may end after its parent before it counts as outliving it.",
     )
     min_overrun: DurationNs = Field(parse_duration("1ms"), description="The same, for a child in the parent's own service.")
+    norm_min_calls: int = Field(
+        200, ge=0,
+        description="Calls of a stage before its routine rates (children outliving it, calls it makes) are "
+                    "trusted; single occurrences on a stage not yet judged are held until then. 0: no warm-up.",
+    )
+    norm_routine_rate: float = Field(
+        1e-3, gt=0, le=1,
+        description="Share of a stage's calls at or above which a child outliving it is the stage's norm "
+                    "(reported once as a pattern, not per trace).",
+    )
+    norm_window: DurationNs = Field(parse_duration("30s"), description="Window whose rates are compared with the learned norm.")
+    norm_persist_windows: int = Field(2, ge=1, description="Changed windows in a row before a rate change opens (calm ones before it resolves).")
+    norm_half_life: DurationNs = Field(parse_duration("24h"), description="Weight of old calls in a norm halves over this much event time.")
+    norm_z: float = Field(5.0, gt=0, description="Binomial standard errors a window's rate must move.")
+    norm_min_ratio: float = Field(2.0, gt=1, description="Factor a window's rate must move by (up for a bad behaviour, down for a call).")
+    norm_min_window_calls: int = Field(20, ge=1, description="Calls a window needs to be judged.")
+    norm_max_stages: int = Field(50_000, ge=1, description="Stages (and parent→child call pairs) whose norms are kept.")
     unpaired_min_samples: int = Field(
         20, ge=1, description="Calls of a client stage seen before its missing server span is reported."
     )
@@ -89,10 +106,17 @@ class LatencyConfig(_Section):
     warmup_samples: int = Field(200, ge=10, description="Baseline samples before a stage is judged at all.")
     regression_min_ratio: float = Field(1.2, gt=1, description="Smallest median shift (current/baseline) that counts.")
     regression_z: float = Field(4.0, gt=0, description="How many standard errors the window median must move.")
-    persist_windows: int = Field(3, ge=1, description="Consecutive shifted windows before a regression opens (and calm ones before it closes).")
+    persist_windows: int = Field(2, ge=1, description="Consecutive shifted windows before a regression opens (and calm ones before it closes).")
     baseline_half_life: DurationNs = Field(parse_duration("24h"), description="Weight of old baseline samples halves over this much event time.")
     slow_stage_z: float = Field(8.0, gt=0, description="Robust z (log space) of one span's self time beyond which it is a slow_stage.")
-    slow_stage_min_excess: DurationNs = Field(parse_duration("5ms"), description="A slow_stage must also exceed the baseline p99 by this much.")
+    slow_stage_min_excess: DurationNs = Field(
+        parse_duration("10ms"),
+        description="A slow_stage must also exceed the baseline p99 by this much: a few ms on a sub-ms stage is "
+                    "within clock skew and scheduling noise, and nobody acts on it.",
+    )
+    slow_stage_min_samples: int = Field(
+        1000, ge=10, description="Baseline samples before slow_stage judges a stage (its p99.9 must be measured, not guessed)."
+    )
     slow_stage_max_per_trace: int = Field(3, ge=1)
     max_stages: int = Field(20_000, ge=1, description="Stages with a baseline; further stages are not tracked and are counted.")
 
@@ -124,9 +148,31 @@ class ForestConfig(_Section):
 
 class LearnedConfig(_Section):
     enabled: bool = True
+    alert_rate: float = Field(
+        1e-4, gt=0, lt=1,
+        description="False-alarm budget: on stationary traffic the learned per-trace kinds flag at most this share "
+                    "of traces; their thresholds are set from each stage's own tail to meet it.",
+    )
     latency: LatencyConfig = LatencyConfig()
     structure: StructureConfig = StructureConfig()
     forest: ForestConfig = ForestConfig()
+
+
+class IncidentConfig(_Section):
+    """How findings are grouped into incidents (``correlate.incidents``)."""
+
+    burst: int = Field(3, ge=2, description="slow_stage findings on one stage within burst_window that open an incident.")
+    burst_window: DurationNs = Field(parse_duration("60s"))
+    quiet: DurationNs = Field(
+        parse_duration("2m"),
+        description="An incident whose stage-level changes all resolved closes after this long with no finding.",
+    )
+    exemplar_findings: int = Field(
+        3, ge=0, description="Per-trace findings of an incident that still go to the sinks; the rest are counted on it.",
+    )
+    update_interval: DurationNs = Field(parse_duration("60s"), description="How often an open incident's counts are written again.")
+    max_open: int = Field(1_000, ge=1, description="Open incidents; changes beyond stay plain findings.")
+    max_affected: int = Field(20, ge=1, description="Affected caller stages listed per incident.")
 
 
 class LogConfig(_Section):
@@ -228,6 +274,7 @@ class PipelineConfig(_Section):
     assembler: AssemblerConfig = AssemblerConfig()
     structural: StructuralConfig = StructuralConfig()
     learned: LearnedConfig = LearnedConfig()
+    incidents: IncidentConfig = IncidentConfig()
     logs: LogConfig = LogConfig()
     serve: ServeConfig = ServeConfig()
     consume: ConsumeConfig = ConsumeConfig()

@@ -1,4 +1,4 @@
-"""The one pipeline every front end wires: assemble → detect → link → sinks.
+"""The one pipeline every front end wires: assemble → detect → correlate → link → sinks.
 
 Sources push decoded rows in (``accept_spans``, ``accept_logs``) and call
 ``advance()`` when time may have moved; findings leave through the sinks.
@@ -11,12 +11,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 from traceguard.assemble import Clock, TraceAssembler
 from traceguard.config import PipelineConfig
+from traceguard.correlate import IncidentTracker
 from traceguard.detect import LateSpan, completeness_detectors, learned_detectors
-from traceguard.link import LogIndex, link_logs
+from traceguard.link import LogIndex, link_logs, select_logs
 from traceguard.metrics import Metrics
 from traceguard.models import Models
 from traceguard.models import store as model_store
-from traceguard.records import Anomaly, LogRow, Span, SpanRow, Trace
+from traceguard.records import Anomaly, Incident, LogRow, Span, SpanRow, Trace
 from traceguard.sinks import Sink
 
 
@@ -41,11 +42,16 @@ class Pipeline:
         self._completeness = completeness_detectors(config.structural)
         self._timing = []
         if config.learned.enabled:
-            learned_completeness, self._timing = learned_detectors(self.models, config.learned)
+            learned_completeness, self._timing = learned_detectors(self.models, config.learned, config.structural)
             self._completeness += learned_completeness
         self._learners = [d for d in (*self._completeness, *self._timing) if hasattr(d, "learn")]
         self.metrics.gauge("traceguard_latency_untracked_samples", lambda: self.models.latency.untracked_samples_)
+        for detector in self._completeness:
+            if hasattr(detector, "held_dropped_"):
+                self.metrics.gauge(f"traceguard_{detector.kind.value}_held_dropped", lambda d=detector: d.held_dropped_)
         self._late = LateSpan()
+        self.incidents = IncidentTracker(config.incidents, self._emit_incident)
+        self.metrics.gauge("traceguard_incidents_open", lambda: len(self.incidents.open_))
         self.logs = LogIndex(config.logs, clock.now, self.metrics)
         self.assembler = TraceAssembler(config.assembler, clock, self._on_trace, self._on_late, self.metrics)
         self._on_decided = on_decided
@@ -64,6 +70,7 @@ class Pipeline:
         for learner in self._learners:
             for anomaly in learner.advance(now):
                 self._emit(anomaly, self._logs_of(anomaly))
+        self.incidents.advance(now)
         return more
 
     @property
@@ -118,6 +125,7 @@ class Pipeline:
             for learner in self._learners:
                 for anomaly in learner.flush(now):
                     self._emit(anomaly, self._logs_of(anomaly))
+            self.incidents.flush(now)
         for sink in self._sinks:
             sink.close()
 
@@ -130,13 +138,14 @@ class Pipeline:
         if not found:
             for detector in self._timing:
                 found.extend(detector.detect(trace))
+        self.incidents.observe(trace)
         if not found:
             for learner in self._learners:
                 learner.learn(trace)
         else:
             logs = self.logs.get(trace.trace_id)
             for anomaly in found:
-                self._emit(anomaly, logs if anomaly.trace_id else self._logs_of(anomaly))
+                self._emit(anomaly, logs if anomaly.trace_id else self._logs_of(anomaly), trace)
         if self._on_decided is not None:
             self._on_decided(trace)
 
@@ -146,11 +155,22 @@ class Pipeline:
             return self.logs.get(bytes.fromhex(anomaly.trace_id))
         return [log for exemplar in anomaly.exemplars for log in self.logs.get(bytes.fromhex(exemplar))]
 
+    def _emit_incident(self, incident: Incident) -> None:
+        logs = [log for exemplar in incident.exemplars[:3] for log in self.logs.get(bytes.fromhex(exemplar))]
+        incident.logs = select_logs(logs, self.config.logs.max_linked)
+        self.metrics.inc("traceguard_incident_updates_total", state=incident.state)
+        for sink in self._sinks:
+            sink.emit_incident(incident)
+
     def _on_late(self, trace_id: bytes, span: Span, decided_at: int) -> None:
         anomaly = self._late.detect_late(trace_id, span, decided_at, self._clock.now())
         self._emit(anomaly, self.logs.get(trace_id))
 
-    def _emit(self, anomaly: Anomaly, logs: list[LogRow]) -> None:
+    def _emit(self, anomaly: Anomaly, logs: list[LogRow], trace: Trace | None = None) -> None:
+        """Through the incident tracker, which may keep a per-trace finding on its incident instead."""
+        if not self.incidents.route(anomaly, trace):
+            self.metrics.inc("traceguard_findings_attached_total", kind=anomaly.kind.value)
+            return
         link_logs(anomaly, logs, self.config.logs.max_linked)
         self.metrics.inc("traceguard_anomalies_total", kind=anomaly.kind.value, service=anomaly.service or "")
         for sink in self._sinks:

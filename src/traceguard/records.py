@@ -203,4 +203,44 @@ class Anomaly(BaseModel):
     summary: str
     evidence: dict[str, Any]
     exemplars: list[str] = Field(default_factory=list)
+    incident_id: str | None = None
+    logs: list[LinkedLog] = Field(default_factory=list)
+
+
+IncidentState = Literal["open", "resolved"]
+
+
+class IncidentStage(BaseModel):
+    """One stage of an incident: a culprit (its own behaviour changed) or an affected caller."""
+
+    service: str
+    operation: str
+    span_kind: str
+    signal: str = Field(description="what changed: latency, outlived_parent, calls_dropped (culprits); "
+                                    "caller (affected stages)")
+    magnitude: float = Field(description="culprits: current/baseline; callers: traces seen through them")
+    finding_id: str | None = None
+
+
+class Incident(BaseModel):
+    """One fault: the stage-level changes it caused and the per-trace findings it explains.
+
+    Written again (same ``id``) at every state change; the last version wins.
+    """
+
+    id: str
+    state: IncidentState
+    service: str
+    operation: str
+    onset: int = Field(description="unix ns: the end of the first affected sample")
+    opened_at: int
+    updated_at: int
+    resolved_at: int | None = None
+    severity: Severity
+    summary: str
+    culprits: list[IncidentStage]
+    affected: list[IncidentStage] = Field(default_factory=list)
+    attached: dict[str, int] = Field(default_factory=dict, description="per-trace findings explained, by kind")
+    finding_ids: list[str] = Field(default_factory=list, description="its stage-level findings and exemplar findings")
+    exemplars: list[str] = Field(default_factory=list)
     logs: list[LinkedLog] = Field(default_factory=list)

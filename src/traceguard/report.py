@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from traceguard.models.features import self_times
-from traceguard.records import Anomaly, Trace
+from traceguard.records import Anomaly, Incident, Trace
 
 _KINDS = {"internal": 1, "server": 2, "client": 3, "producer": 4, "consumer": 5, "unspecified": 0}
 _MAX_STAGES = 500
@@ -34,6 +34,7 @@ class ReportCollector:
         self.by_kind: Counter = Counter()
         self.by_stage: Counter = Counter()
         self.stage_findings: dict[str, Anomaly] = {}  # by id: a resolved regression replaces its open version
+        self.incidents: dict[str, Incident] = {}       # by id, last state; one per fault
         self.trace_findings: list[Anomaly] = []
         self._samples: dict[tuple, dict[int, list[int]]] = defaultdict(dict)
         self._flagged: set[str] = set()
@@ -52,6 +53,9 @@ class ReportCollector:
         elif len(self.waterfalls) + len(self._flagged) < self.max_waterfalls:
             self._flagged.add(anomaly.trace_id)
             self.trace_findings.append(anomaly)
+
+    def emit_incident(self, incident: Incident) -> None:
+        self.incidents[incident.id] = incident
 
     def _count(self, anomaly: Anomaly) -> None:
         self.by_kind[anomaly.kind.value] += 1
@@ -86,7 +90,7 @@ class ReportCollector:
 
     # -- rendering -------------------------------------------------------------
     def render(self, path: Path) -> None:
-        parts = [_HEAD, "<h1>traceguard replay report</h1>", self._summary()]
+        parts = [_HEAD, "<h1>traceguard replay report</h1>", self._incidents(), self._summary()]
         parts += [self._latency(f) for f in self.stage_findings.values() if f.kind.value == "latency_regression"]
         shown = [f for f in self.trace_findings if f.trace_id in self.waterfalls][: self.max_waterfalls]
         if shown:
@@ -94,6 +98,23 @@ class ReportCollector:
             parts += [self._waterfall(f) for f in shown]
         parts.append("<script>document.body.dataset.rendered = 'yes';</script></body></html>")
         path.write_text("\n".join(parts), encoding="utf-8")
+
+    def _incidents(self) -> str:
+        """Incidents first: one row per fault, the culprit named, what it explains."""
+        if not self.incidents:
+            return "<h2>Incidents: none</h2>"
+        rows = []
+        for incident in sorted(self.incidents.values(), key=lambda i: i.onset):
+            onset = dt.datetime.fromtimestamp(incident.onset / 1e9, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            culprits = "<br>".join(f"{_e(c.service)} '{_e(c.operation)}' ({_e(c.signal)} x{c.magnitude})"
+                                   for c in incident.culprits)
+            affected = "<br>".join(f"{_e(a.service)} '{_e(a.operation)}' ({a.magnitude:g})" for a in incident.affected[:5])
+            explained = ", ".join(f"{k} {n}" for k, n in incident.attached.items())
+            rows.append(f"<tr class=incident><td>{onset}</td><td>{incident.state}</td><td>{culprits}</td>"
+                        f"<td>{affected}</td><td>{_e(explained)}</td><td>{_e(incident.summary)}</td></tr>")
+        return (f"<h2>Incidents: {len(self.incidents)}</h2><table class=summary><tr><th>onset (UTC)</th><th>state</th>"
+                "<th>culprit first</th><th>affected callers</th><th>findings explained</th><th>summary</th></tr>"
+                + "".join(rows) + "</table>")
 
     def _summary(self) -> str:
         rows = "".join(f"<tr><td>{_e(k)}</td><td class=n>{n}</td></tr>" for k, n in sorted(self.by_kind.items()))

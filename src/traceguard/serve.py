@@ -52,6 +52,9 @@ class _TimedStore:
         self._store.emit(anomaly)
         self._metrics.observe("traceguard_finding_store_seconds", (time.time_ns() - anomaly.detected_at) / 1e9)
 
+    def emit_incident(self, incident) -> None:
+        self._store.emit_incident(incident)
+
     def flush(self) -> None:
         self._store.flush()
 

@@ -32,14 +32,15 @@ def completeness_detectors(config: StructuralConfig) -> list[TraceDetector]:
     ]
 
 
-def learned_detectors(models: Models, config: LearnedConfig) -> tuple[list[LearnedDetector], list[LearnedDetector]]:
+def learned_detectors(models: Models, config: LearnedConfig,
+                      structural: StructuralConfig) -> tuple[list[LearnedDetector], list[LearnedDetector]]:
     """(completeness, timing) learned checks. A trace reaches the timing
     checks only if no completeness check, structural or learned, flagged it:
     the timings and shape of an incomplete trace only echo what is missing.
     SlowStage scores a trace before LatencyRegression adds its spans to the
     current window."""
     return (
-        [MissingExpectedSpan(models.structure)],
+        [MissingExpectedSpan(models.structure, structural)],
         [SlowStage(models.latency, config.latency), LatencyRegression(models.latency), TraceOutlier(models.forest)],
     )
 

@@ -8,10 +8,15 @@ re-delivery and replay harmless for idempotent sinks.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
-from typing import Any, Protocol
+import math
+from typing import TYPE_CHECKING, Any, Protocol
 
-from traceguard.records import Anomaly, AnomalyKind, Span, Trace
+from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, Span, Trace
+
+if TYPE_CHECKING:
+    from traceguard.models.rates import RateChange
 
 
 class TraceDetector(Protocol):
@@ -56,6 +61,48 @@ def stage_finding(kind: AnomalyKind, stage: tuple[str, str, int], key: str, **de
     service, operation, span_kind = stage
     return _anomaly(anomaly_id(kind, service, operation, str(span_kind), key), kind, None, None, service, operation,
                     details)
+
+
+def utc(nanos: int) -> str:
+    return dt.datetime.fromtimestamp(nanos / 1e9, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def rate_change_finding(kind: AnomalyKind, change: "RateChange", now: int, *, signal: str, what: str,
+                        evidence: dict[str, Any] | None = None) -> Anomaly:
+    """The stage-level finding of a rate that changed (``models.rates``): opened,
+    updated and resolved under one id. ``evidence.signal`` names what changed,
+    for the incident tracker; the stage is the first three parts of the key."""
+    stage = change.key[:3]
+    resolved = change.resolved_at is not None
+    rose = change.current_rate > change.baseline_rate
+    summary = (
+        f"{what} {'rose' if rose else 'fell'} from {change.baseline_rate:.2%} (norm over {change.baseline_calls} "
+        f"calls) to {change.current_rate:.2%} ({change.current_hits} of {change.current_calls}) since "
+        f"{utc(change.onset)}" + ("; it is back to normal." if resolved else ".")
+    )
+    return stage_finding(
+        kind, stage, f"{signal}|{'|'.join(map(str, change.key[3:]))}|{change.onset}",
+        detected_at=now,
+        event_time=change.onset,
+        severity="critical" if change.magnitude >= 10 else "warning",
+        score=min(1.0, math.log(change.magnitude) / math.log(100)),
+        summary=summary,
+        evidence={
+            "state": "resolved" if resolved else "open",
+            "signal": signal,
+            "stage_kind": KIND_NAMES[stage[2]],
+            "onset_unix_nano": change.onset,
+            "opened_at_unix_nano": change.opened_at,
+            "resolved_at_unix_nano": change.resolved_at,
+            "magnitude": change.magnitude,
+            "baseline_rate": change.baseline_rate,
+            "baseline_calls": change.baseline_calls,
+            "current_rate": change.current_rate,
+            "current_calls": change.current_calls,
+            **(evidence or {}),
+        },
+        exemplars=change.exemplars,
+    )
 
 
 def _anomaly(id_: str, kind: AnomalyKind, trace_hex: str | None, span_hex: str | None, service: str,

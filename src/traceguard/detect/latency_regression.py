@@ -11,7 +11,7 @@ import datetime as dt
 import math
 
 from traceguard.detect.base import stage_finding
-from traceguard.models.features import self_times, stages
+from traceguard.models.features import latency_samples, stages
 from traceguard.models.latency import LatencyModel, Regression
 from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, Trace
 
@@ -25,7 +25,7 @@ class LatencyRegression:
     def detect(self, trace: Trace) -> list[Anomaly]:
         events: list[Regression] = []
         now = trace.decided_at
-        self.model.observe(stages(trace), trace.spans, self_times(trace), trace.trace_id.hex(), now, events)
+        self.model.observe(stages(trace), trace.spans, latency_samples(trace), trace.trace_id.hex(), now, events)
         return [self._anomaly(event, now) for event in events]
 
     def learn(self, trace: Trace) -> None:
@@ -60,6 +60,7 @@ class LatencyRegression:
             summary=summary,
             evidence={
                 "state": "resolved" if resolved else "open",
+                "signal": "latency",
                 "metric": "self_time",
                 "stage_kind": KIND_NAMES[span_kind],
                 "onset_unix_nano": regression.onset,

@@ -12,7 +12,7 @@ import math
 
 from traceguard.config import LatencyConfig
 from traceguard.detect.base import finding, ms
-from traceguard.models.features import self_times, stages
+from traceguard.models.features import latency_samples, stages
 from traceguard.models.latency import LatencyModel
 from traceguard.records import Anomaly, AnomalyKind, Trace
 
@@ -27,7 +27,7 @@ class SlowStage:
     def detect(self, trace: Trace) -> list[Anomaly]:
         baselines = self.model.stages_
         slow = []
-        for key, span, self_ns in zip(stages(trace), trace.spans, self_times(trace)):
+        for key, span, self_ns in zip(stages(trace), trace.spans, latency_samples(trace)):
             if self_ns is None:
                 continue
             stage = baselines.get(key)

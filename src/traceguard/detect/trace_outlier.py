@@ -11,7 +11,12 @@ isolation tree splits only within the range it was trained on, so a value far
 beyond it (30 identical queries where one is normal) isolates no sooner than
 the edge of the normal range does. The finding lists the features that
 deviate most.
-Only traces that no detector flagged, the forest included, join its buffer.
+Deviations count only upwards (slower, bigger, more errors or repeats): a
+fast trace is never an outlier, so a forest warmed up during a slow spell is
+outgrown by the faster traffic that joins its buffer. Each feature's bar is
+the larger of ``min_feature_z`` and its own tail in the buffer, extrapolated
+to the ``learned.alert_rate`` budget. Only traces that no detector flagged and
+that deviate in no feature join the buffer.
 """
 
 from __future__ import annotations
@@ -90,12 +95,12 @@ class TraceOutlier:
         for forest, positions, own in groups.values():
             rows = np.stack([pending[p].row if own else pending[p].shared_row for p in positions])
             scores, z = forest.score(rows)
-            for p, score, row_z, row in zip(positions, scores, z, rows):
-                deviation = np.abs(row_z).max()
-                if deviation < self.config.min_feature_z:
+            relative = z / forest.z_threshold_
+            for p, score, row_z, row, rel in zip(positions, scores, z, rows, relative):
+                if rel.max() < 1.0:
                     continue
                 deviant.add(p)
-                if score < forest.threshold_ or deviation >= self.config.extreme_feature_z:
+                if score < forest.threshold_ or (row_z >= np.maximum(forest.z_threshold_, self.config.extreme_feature_z)).any():
                     flagged[p] = self._anomaly(pending[p], forest, float(score), row_z, row, now, own)
         for position, item in enumerate(pending):
             # Learn only from the normal: not flagged, and not far out in any feature either.

@@ -72,12 +72,17 @@ class LogIndex:
 
 
 def link_logs(anomaly: Anomaly, logs: list[LogRow], limit: int) -> None:
-    """Attaches up to ``limit`` records to ``anomaly``: the anomalous span's own
-    errors first, then its other records, then the trace's errors, then the
-    rest; each group in time order."""
+    """Attaches up to ``limit`` records to ``anomaly`` (see ``select_logs``)."""
     if not logs or limit <= 0:
         return
-    own = bytes.fromhex(anomaly.span_id) if anomaly.span_id else None
+    anomaly.logs = select_logs(logs, limit, bytes.fromhex(anomaly.span_id) if anomaly.span_id else None)
+
+
+def select_logs(logs: list[LogRow], limit: int, own: bytes | None = None) -> list[LinkedLog]:
+    """Up to ``limit`` records: the ``own`` span's errors first, then its other
+    records, then the trace's errors, then the rest; each group in time order."""
+    if not logs or limit <= 0:
+        return []
 
     def rank(log: LogRow) -> tuple[int, int]:
         is_error = log.severity_number >= SEVERITY_ERROR
@@ -87,8 +92,7 @@ def link_logs(anomaly: Anomaly, logs: list[LogRow], limit: int) -> None:
             group = 2 if is_error else 3
         return group, log.time
 
-    chosen = sorted(logs, key=rank)[:limit]
-    anomaly.logs = [
+    return [
         LinkedLog(
             time_unix_nano=log.time,
             span_id=log.span_id.hex() if log.span_id else None,
@@ -97,5 +101,5 @@ def link_logs(anomaly: Anomaly, logs: list[LogRow], limit: int) -> None:
             severity_text=log.severity_text,
             body=log.body,
         )
-        for log in chosen
+        for log in sorted(logs, key=rank)[:limit]
     ]

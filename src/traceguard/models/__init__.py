@@ -23,4 +23,4 @@ class Models:
 
     @classmethod
     def new(cls, config: LearnedConfig) -> "Models":
-        return cls(LatencyModel(config.latency), StructureModel(config.structure), ForestModel(config.forest))
+        return cls(LatencyModel(config.latency, config.alert_rate), StructureModel(config.structure), ForestModel(config.forest, config.alert_rate))

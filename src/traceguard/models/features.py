@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from traceguard.records import STATUS_ERROR, Trace
+from traceguard.records import KIND_CLIENT, KIND_PRODUCER, KIND_SERVER, KIND_CONSUMER, STATUS_ERROR, Trace
 
 Stage = tuple[str, str, int]  # (service, operation, span kind)
 
@@ -44,6 +44,32 @@ def self_times(trace: Trace) -> list[int | None]:
             cursor = end
         out.append(span.end - span.start - covered)
     trace.derived["self_times"] = out
+    return out
+
+
+_CALLEE_KINDS = frozenset({KIND_SERVER, KIND_CONSUMER})
+
+
+def latency_samples(trace: Trace) -> list[int | None]:
+    """Self times as the latency baselines judge them: None where a span is
+    unfinished, or is a CLIENT/PRODUCER span whose callee is instrumented.
+
+    Such a client's self time is the network plus the clock skew between the
+    two services (a few ms either way on real systems), so it shifts whenever
+    the clocks drift; the callee's own SERVER span carries the stage's real
+    latency, and the callee's time counts there.
+    """
+    cached = trace.derived.get("latency_samples")
+    if cached is not None:
+        return cached
+    out = list(self_times(trace))
+    children = trace.children
+    for i, span in enumerate(trace.spans):
+        if span.kind == KIND_CLIENT or span.kind == KIND_PRODUCER:
+            kids = children.get(span.span_id)
+            if kids and any(k.kind in _CALLEE_KINDS and k.service != span.service for k in kids):
+                out[i] = None
+    trace.derived["latency_samples"] = out
     return out
 
 

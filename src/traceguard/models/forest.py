@@ -27,7 +27,7 @@ import numpy as np
 from sklearn.ensemble import IsolationForest
 
 from traceguard.config import ForestConfig
-from traceguard.models.features import Stage, self_times, shape, stages
+from traceguard.models.features import Stage, latency_samples, shape, stages
 from traceguard.records import KIND_NAMES, Trace
 
 GENERIC_FEATURES = ("log_duration_ms", "span_count", "depth", "max_fan_out", "errors", "services", "max_repeated_calls")
@@ -96,8 +96,10 @@ def stage_label(stage: Stage) -> str:
 class RootForest:
     """The forest of one root operation (``with_stages``) or the shared one."""
 
-    def __init__(self, config: ForestConfig, with_stages: bool) -> None:
+    def __init__(self, config: ForestConfig, with_stages: bool, alert_rate: float = 1e-4) -> None:
         self.config = config
+        self.alert_rate = alert_rate
+        self.z_threshold_: np.ndarray | None = None
         self.with_stages = with_stages
         self.stage_index_: dict[Stage, int] = {}
         width = len(GENERIC_FEATURES) + (STAGE_COLUMNS if with_stages else 0)
@@ -127,7 +129,7 @@ class RootForest:
             return np.array(generic)
         totals = [0] * STAGE_COLUMNS
         index = self.stage_index_
-        for stage, self_ns in zip(stages(trace), self_times(trace)):
+        for stage, self_ns in zip(stages(trace), latency_samples(trace)):
             if self_ns is None:
                 continue
             column = index.get(stage)
@@ -187,14 +189,26 @@ class RootForest:
         floor = np.full(features.shape[1], 0.25)
         floor[1:generic] = 1.0
         self.scale_ = np.maximum(mad, floor)
+        # Per-feature deviation threshold from the buffer's own tail (heavy
+        # tails get a higher bar than min_feature_z), as slow_stage does.
+        z = self._one_sided_z(features)
+        q99, q999 = np.quantile(z, (0.99, 0.999), axis=0)
+        spacings = 1.0 + max(0.0, math.log10(1e-3 / self.alert_rate))
+        self.z_threshold_ = np.maximum(q999 + spacings * (q999 - q99), config.min_feature_z)
         self.since_fit_ = 0
+
+    def _one_sided_z(self, features: np.ndarray) -> np.ndarray:
+        """Robust z of each feature, only upwards: every feature is worse when
+        higher (slower, bigger, more errors, more repeats); a fast or small trace
+        is not an anomaly. Absent stages count as no deviation."""
+        z = np.maximum((features - self.median_) / self.scale_, 0.0)
+        z[:, self._generic:] = np.where(features[:, self._generic:] > 0, z[:, self._generic:], 0.0)
+        return z
 
     def score(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(scores, robust z per feature) for rows of this forest's layout."""
         features = rows[:, self.columns_]
-        z = (features - self.median_) / self.scale_
-        z[:, self._generic:] = np.where(features[:, self._generic:] > 0, z[:, self._generic:], 0.0)
-        return self.trees_.score_samples(features), z
+        return self.trees_.score_samples(features), self._one_sided_z(features)
 
     def explain(self, row_z: np.ndarray, row: np.ndarray, top: int = 3) -> list[dict]:
         """The features that deviate most from the training median."""
@@ -215,13 +229,14 @@ class RootForest:
 class ForestModel:
     """All forests: one per root operation (up to ``max_root_operations``) and the shared one."""
 
-    def __init__(self, config: ForestConfig) -> None:
+    def __init__(self, config: ForestConfig, alert_rate: float = 1e-4) -> None:
         self.config = config
+        self.alert_rate = alert_rate
         self.forests_: dict[tuple[str, str], RootForest] = {}
-        self.shared_ = RootForest(config, with_stages=False)
+        self.shared_ = RootForest(config, with_stages=False, alert_rate=alert_rate)
 
     def forest_for(self, key: tuple[str, str]) -> RootForest | None:
         forest = self.forests_.get(key)
         if forest is None and len(self.forests_) < self.config.max_root_operations:
-            forest = self.forests_[key] = RootForest(self.config, with_stages=True)
+            forest = self.forests_[key] = RootForest(self.config, with_stages=True, alert_rate=self.alert_rate)
         return forest

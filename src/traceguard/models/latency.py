@@ -49,18 +49,20 @@ class Regression:
 
 
 class _Window:
-    __slots__ = ("index", "self_ns", "total_ns", "trace_ids", "min_event")
+    __slots__ = ("index", "self_ns", "total_ns", "trace_ids", "ends", "min_event")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.self_ns: list[int] = []
         self.total_ns: list[int] = []
         self.trace_ids: list[str] = []
+        self.ends: list[int] = []
         self.min_event = 0
 
 
 class StageLatency:
-    __slots__ = ("self_hist", "total_hist", "window", "shifted", "calm", "regression", "slow_threshold")
+    __slots__ = ("self_hist", "total_hist", "window", "shifted", "calm", "regression", "slow_threshold",
+                 "last_index")
 
     def __init__(self) -> None:
         self.self_hist = LogHistogram()
@@ -70,6 +72,7 @@ class StageLatency:
         self.calm = 0                      # calm windows in a row while a regression is open
         self.regression: Regression | None = None
         self.slow_threshold: int | None = None  # self time (ns) beyond which a span is a slow_stage
+        self.last_index = -1                # the last window that held samples
 
 
 def _ms_quantiles(logs: np.ndarray) -> dict[str, float]:
@@ -85,8 +88,12 @@ def _hist_ms_quantiles(hist: LogHistogram) -> dict[str, float]:
 class LatencyModel:
     """All stage baselines; ``observe`` feeds samples, closing windows yields regression events."""
 
-    def __init__(self, config: LatencyConfig) -> None:
+    def __init__(self, config: LatencyConfig, alert_rate: float = 1e-4) -> None:
         self.config = config
+        # slow_stage thresholds: an exponential tail in log time fitted through
+        # p99 and p99.9 and followed this many p99→p99.9 spacings past p99.9,
+        # i.e. one decade of probability beyond the alert budget.
+        self._tail_spacings = 1.0 + max(0.0, math.log10(1e-3 / alert_rate))
         self.stages_: dict[Stage, StageLatency] = {}
         self.untracked_samples_ = 0
         self._decay = 0.5 ** (config.window / config.baseline_half_life) if config.baseline_half_life else 1.0
@@ -122,6 +129,7 @@ class LatencyModel:
                 window.self_ns.append(self_ns or 1)
                 window.total_ns.append((span.end - span.start) or 1)
                 window.trace_ids.append(trace_id)
+                window.ends.append(span.end)
                 if span.end < window.min_event:
                     window.min_event = span.end
 
@@ -143,6 +151,9 @@ class LatencyModel:
     def _close(self, key: Stage, stage: StageLatency, events: list[Regression]) -> None:
         window, stage.window = stage.window, None
         config = self.config
+        if window.index - stage.last_index > config.persist_windows:
+            self._forget_run(stage, events)
+        stage.last_index = window.index
         logs = np.log(np.asarray(window.self_ns, dtype=float))
         if stage.self_hist.total < config.warmup_samples:
             self._merge(stage, window, logs)
@@ -154,7 +165,11 @@ class LatencyModel:
         q25, median, q75 = stage.self_hist.quantiles((0.25, 0.5, 0.75))
         scale = max((q75 - q25) / _IQR_TO_SIGMA, _MIN_SCALE)
         shift = float(np.median(logs)) - median
-        shifted = shift >= self._min_shift and shift / (_MEDIAN_SE * scale / math.sqrt(len(logs))) >= config.regression_z
+        # The upper body must move too: a median that creeps while p90 stays
+        # (or falls) is a change of mix, not a slower stage.
+        upper_shift = float(np.quantile(logs, 0.9)) - float(stage.self_hist.quantiles((0.9,))[0])
+        shifted = (shift >= self._min_shift and upper_shift >= self._min_shift
+                   and shift / (_MEDIAN_SE * scale / math.sqrt(len(logs))) >= config.regression_z)
         regression = stage.regression
         if regression is not None:
             if shifted or shift >= self._min_shift:
@@ -178,7 +193,7 @@ class LatencyModel:
             return
         regression = Regression(
             stage=key,
-            onset=stage.shifted[0].min_event,
+            onset=self._onset(stage),
             opened_at=(window.index + 1) * config.window,
             baseline=_hist_ms_quantiles(stage.self_hist),
             baseline_total=_hist_ms_quantiles(stage.total_hist),
@@ -188,6 +203,29 @@ class LatencyModel:
         stage.shifted = []
         stage.slow_threshold = None  # the regression speaks for this stage's slow spans
         events.append(regression)
+
+    def _forget_run(self, stage: StageLatency, events: list[Regression]) -> None:
+        """After a gap of more than ``persist_windows`` windows without samples, the
+        evidence has ended: an open regression is resolved at the end of the last
+        window that showed it, and a run of shifted windows starts again. If the
+        shift is still there when samples return, it opens anew, with an onset in
+        the new data (a stage quiet for an hour is not "still regressed")."""
+        stage.shifted = []
+        stage.calm = 0
+        regression, stage.regression = stage.regression, None
+        if regression is not None:
+            regression.resolved_at = (stage.last_index + 1) * self.config.window
+            self.set_slow_threshold(stage)
+            events.append(regression)
+
+    @staticmethod
+    def _onset(stage: StageLatency) -> int:
+        """The end time of the first sample of the shifted run beyond the baseline p99,
+        so the onset is never earlier than the first affected sample (a window holds
+        traces decided in it, whose spans may have ended a decision wait before)."""
+        p99 = math.exp(float(stage.self_hist.quantiles((0.99,))[0]))
+        affected = [end for window in stage.shifted for value, end in zip(window.self_ns, window.ends) if value > p99]
+        return min(affected) if affected else stage.shifted[0].min_event
 
     def _describe(self, regression: Regression, windows: list[_Window], shift: float) -> None:
         self_ns = np.asarray([v for w in windows for v in w.self_ns], dtype=float)
@@ -209,10 +247,11 @@ class LatencyModel:
 
     def set_slow_threshold(self, stage: StageLatency) -> None:
         config = self.config
-        if stage.self_hist.total < config.warmup_samples or stage.regression is not None:
+        if stage.self_hist.total < config.slow_stage_min_samples or stage.regression is not None:
             stage.slow_threshold = None
             return
-        q25, median, q75, q99 = stage.self_hist.quantiles((0.25, 0.5, 0.75, 0.99))
+        q25, median, q75, q99, q999 = stage.self_hist.quantiles((0.25, 0.5, 0.75, 0.99, 0.999))
         scale = max((q75 - q25) / _IQR_TO_SIGMA, _MIN_SCALE)
-        stage.slow_threshold = int(max(math.exp(median + config.slow_stage_z * scale),
+        tail = q999 + self._tail_spacings * max(q999 - q99, _MIN_SCALE)
+        stage.slow_threshold = int(max(math.exp(median + config.slow_stage_z * scale), math.exp(tail),
                                        math.exp(q99) + config.slow_stage_min_excess))

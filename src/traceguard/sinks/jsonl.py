@@ -1,4 +1,5 @@
-"""JSONL sink: one ``Anomaly`` per line, the format of DESIGN.md's contract."""
+"""JSONL sink: one ``Anomaly`` per line, the format of DESIGN.md's contract;
+or, made with ``incidents=True``, one ``Incident`` state change per line."""
 
 from __future__ import annotations
 
@@ -6,20 +7,21 @@ import os
 from pathlib import Path
 from typing import IO
 
-from traceguard.records import Anomaly
+from traceguard.records import Anomaly, Incident
 
 
 _TAIL = 4 << 20  # far longer than a finding with all its linked logs
 
 
 class JsonlSink:
-    def __init__(self, stream: IO[str], *, owns_stream: bool = False) -> None:
+    def __init__(self, stream: IO[str], *, owns_stream: bool = False, incidents: bool = False) -> None:
         self._stream = stream
+        self._incidents = incidents
         self._owns = owns_stream
         self._closed = False
 
     @classmethod
-    def append_to(cls, path: Path) -> "JsonlSink":
+    def append_to(cls, path: Path, incidents: bool = False) -> "JsonlSink":
         """Appends to ``path``, first cutting off a torn last line that a killed
         process left: it was written after the last commit, so the source
         delivers its finding again."""
@@ -35,11 +37,17 @@ class JsonlSink:
                         existing.truncate(start + cut + 1)
                     else:  # a line longer than any finding: keep it, end it
                         existing.write(b"\n")
-        return cls(open(path, "a", encoding="utf-8"), owns_stream=True)
+        return cls(open(path, "a", encoding="utf-8"), owns_stream=True, incidents=incidents)
 
     def emit(self, anomaly: Anomaly) -> None:
-        self._stream.write(anomaly.model_dump_json())
-        self._stream.write("\n")
+        if not self._incidents:
+            self._stream.write(anomaly.model_dump_json())
+            self._stream.write("\n")
+
+    def emit_incident(self, incident: Incident) -> None:
+        if self._incidents:
+            self._stream.write(incident.model_dump_json())
+            self._stream.write("\n")
 
     def flush(self) -> None:
         self._stream.flush()

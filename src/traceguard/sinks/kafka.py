@@ -1,6 +1,8 @@
 """Kafka topic sink: each finding as its JSON line, keyed by trace id (or by
 stage, ``service/operation``, for stage-level findings) so a trace's findings
-share a partition. Consumers deduplicate by the finding's deterministic ``id``."""
+share a partition. Consumers deduplicate by the finding's deterministic ``id``.
+Incident state changes go to the same topic, keyed ``incident/<id>`` and
+marked by the header ``traceguard.record: incident`` (findings: ``finding``)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import logging
 from kafka import KafkaProducer
 
 from traceguard.metrics import Metrics
-from traceguard.records import Anomaly
+from traceguard.records import Anomaly, Incident
 
 log = logging.getLogger("traceguard.kafka")
 
@@ -24,7 +26,14 @@ class KafkaTopicSink:
 
     def emit(self, anomaly: Anomaly) -> None:
         key = anomaly.trace_id or f"{anomaly.service}/{anomaly.operation}"
-        future = self._producer.send(self._topic, key=key.encode(), value=anomaly.model_dump_json().encode())
+        self._send(key, anomaly.model_dump_json(), b"finding")
+
+    def emit_incident(self, incident: Incident) -> None:
+        self._send(f"incident/{incident.id}", incident.model_dump_json(), b"incident")
+
+    def _send(self, key: str, value: str, record: bytes) -> None:
+        future = self._producer.send(self._topic, key=key.encode(), value=value.encode(),
+                                     headers=[("traceguard.record", record)])
         future.add_errback(self._failed)
 
     def _failed(self, exc: Exception) -> None:

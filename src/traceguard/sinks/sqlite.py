@@ -1,4 +1,4 @@
-"""SqliteStore: the embedded store of ``serve``: findings upserted by their deterministic id.
+"""SqliteStore: the embedded store of ``serve``: findings and incidents upserted by their deterministic ids.
 
 Re-delivery, a replay after a crash, or a resolved regression all write the
 same id again, so the table holds one row per finding, last version wins.
@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from traceguard.link import link_logs
-from traceguard.records import Anomaly, LogRow
+from traceguard.records import Anomaly, Incident, LogRow
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS anomalies (
@@ -30,7 +30,21 @@ CREATE TABLE IF NOT EXISTS anomalies (
 CREATE INDEX IF NOT EXISTS anomalies_trace ON anomalies (trace_id);
 CREATE INDEX IF NOT EXISTS anomalies_kind ON anomalies (kind, seq);
 CREATE INDEX IF NOT EXISTS anomalies_detected ON anomalies (detected_at);
+CREATE TABLE IF NOT EXISTS incidents (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    service TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    onset INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    stages TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS incidents_state ON incidents (state, seq);
 """
+# Stores written before incidents existed lack this column; added on open.
+_MIGRATIONS = (("anomalies", "incident_id", "ALTER TABLE anomalies ADD COLUMN incident_id TEXT"),)
 
 
 class SqliteStore:
@@ -40,18 +54,70 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        for table, column, statement in _MIGRATIONS:
+            if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(statement)
+        self._db.execute("CREATE INDEX IF NOT EXISTS anomalies_incident ON anomalies (incident_id)")
         self._lock = threading.Lock()
         self._closed = False
 
     def emit(self, anomaly: Anomaly) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO anomalies (id, kind, trace_id, service, operation, event_time, detected_at, body) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                "detected_at = excluded.detected_at, body = excluded.body",
+                "INSERT INTO anomalies (id, kind, trace_id, service, operation, event_time, detected_at, body, "
+                "incident_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "detected_at = excluded.detected_at, body = excluded.body, incident_id = excluded.incident_id",
                 (anomaly.id, anomaly.kind.value, anomaly.trace_id, anomaly.service, anomaly.operation,
-                 anomaly.event_time, anomaly.detected_at, anomaly.model_dump_json()),
+                 anomaly.event_time, anomaly.detected_at, anomaly.model_dump_json(), anomaly.incident_id),
             )
+
+    def emit_incident(self, incident: Incident) -> None:
+        stages = "|".join(f"{s.service}\x1f{s.operation}" for s in (*incident.culprits, *incident.affected))
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO incidents (id, state, service, operation, onset, updated_at, stages, body) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET state = excluded.state, "
+                "service = excluded.service, operation = excluded.operation, onset = excluded.onset, "
+                "updated_at = excluded.updated_at, stages = excluded.stages, body = excluded.body",
+                (incident.id, incident.state, incident.service, incident.operation, incident.onset,
+                 incident.updated_at, stages, incident.model_dump_json()),
+            )
+
+    def get_incident(self, incident_id: str) -> tuple[Incident, list[Anomaly]] | None:
+        """The incident and the findings stored with its id (its stage-level ones and exemplars)."""
+        with self._lock:
+            row = self._db.execute("SELECT body FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+            if row is None:
+                return None
+            found = self._db.execute("SELECT body FROM anomalies WHERE incident_id = ? ORDER BY seq",
+                                     (incident_id,)).fetchall()
+        return Incident.model_validate_json(row[0]), [Anomaly.model_validate_json(body) for (body,) in found]
+
+    def incidents(self, *, service: str | None = None, operation: str | None = None, since: int | None = None,
+                  state: str | None = None, limit: int = 100,
+                  cursor: int | None = None) -> tuple[list[Incident], int | None]:
+        """Incidents in the order they opened after ``cursor``. ``service``/``operation``
+        match a culprit or an affected stage; ``since`` the last update."""
+        where, values = ["seq > ?"], [cursor or 0]
+        if state is not None:
+            where.append("state = ?")
+            values.append(state)
+        if since is not None:
+            where.append("updated_at >= ?")
+            values.append(since)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT seq, body, stages FROM incidents WHERE {' AND '.join(where)} ORDER BY seq", values,
+            ).fetchall() if (service or operation) else self._db.execute(
+                f"SELECT seq, body, stages FROM incidents WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
+                (*values, limit + 1),
+            ).fetchall()
+        if service or operation:
+            rows = [r for r in rows if any(
+                (service is None or s == service) and (operation is None or o == operation)
+                for s, _, o in (stage.partition("\x1f") for stage in r[2].split("|")))][: limit + 1]
+        items = [Incident.model_validate_json(body) for _, body, _ in rows[:limit]]
+        return items, (rows[limit - 1][0] if len(rows) > limit else None)
 
     def get(self, anomaly_id: str) -> Anomaly | None:
         with self._lock:

@@ -1,0 +1,324 @@
+"""Incidents: one record per fault, above the findings it explains.
+
+A stage-level change (a ``latency_regression``, a rise of a stage's
+outlived-parent rate, a stage that stopped making a call: any stage-level
+finding whose ``evidence.signal`` is set) opens an incident, or joins the open
+one it belongs to. So does a burst of per-trace ``slow_stage`` findings on one
+stage, which comes before a windowed regression can be sure. Joining follows
+the call graph seen in the traces of the open incident:
+
+- a change on a stage that calls a culprit (an ancestor in those traces) is
+  explained by its child: the stage is listed as *affected*, not as a culprit;
+- a change on a stage that a culprit calls (a descendant) is the deeper
+  cause: it becomes the culprit ranked first, and the culprits that call it
+  become affected;
+- a change on another stage of a culprit's service is the same fault (a CPU
+  or memory fault slows every operation of a process): a further culprit.
+
+While an incident is open, the per-trace findings of the kinds it can explain
+on traces that pass through a culprit stage carry its ``incident_id``, are
+counted on it, and only the first ``exemplar_findings`` of them go to the
+sinks: the on-call engineer gets one incident, not one finding per request.
+An incident resolves when all its stage-level changes have resolved and no
+finding came for ``quiet``. Every state change is written again under the
+same id (the last version wins), as stage-level findings are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, deque
+from typing import Callable
+
+from traceguard.config import IncidentConfig
+from traceguard.detect.base import utc
+from traceguard.models.features import stages
+from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, Incident, IncidentStage, Trace
+
+Stage = tuple[str, str, int]
+
+# Per-trace kinds an incident explains when the trace passes through its culprit.
+EXPLAINED = frozenset({AnomalyKind.SLOW_STAGE, AnomalyKind.TRACE_OUTLIER, AnomalyKind.MISSING_EXPECTED_SPAN,
+                       AnomalyKind.CONTEXT_OUTLIVED_PARENT})
+_SIGNAL_WORDS = {
+    "latency": "self time rose",
+    "slow_spans": "a burst of slow calls",
+    "outlived_parent": "children keep running after it ends more often",
+    "calls_dropped": "stopped making a call it makes",
+}
+_EXEMPLARS = 5
+
+
+class _Culprit:
+    __slots__ = ("stage", "signal", "magnitude", "finding_id", "open")
+
+    def __init__(self, stage: Stage, signal: str, magnitude: float, finding_id: str | None, open_: bool) -> None:
+        self.stage, self.signal, self.magnitude, self.finding_id, self.open = stage, signal, magnitude, finding_id, open_
+
+
+class _Open:
+    """An open incident and what it has seen."""
+
+    def __init__(self, id_: str, onset: int, now: int) -> None:
+        self.id = id_
+        self.onset = onset
+        self.opened_at = now
+        self.culprits: list[_Culprit] = []
+        self.callers: Counter = Counter()   # stage -> traces seen through it, above a culprit
+        self.below: set[Stage] = set()      # stages called by a culprit
+        self.caller_changes: dict[Stage, tuple[str, str]] = {}  # affected stages that changed: signal, finding id
+        self.attached: Counter = Counter()
+        self.finding_ids: list[str] = []
+        self.exemplars: list[str] = []
+        self.last_evidence = now            # pipeline time of the last change or attached finding
+        self.last_event = onset             # event time of the same
+        self.resolved_at: int | None = None
+        self.closed = False
+        self.emitted_at = -1
+        self.dirty = True
+
+    def stages(self) -> set[Stage]:
+        return {c.stage for c in self.culprits}
+
+
+class IncidentTracker:
+    """Groups findings into incidents; ``emit`` receives each incident state change."""
+
+    def __init__(self, config: IncidentConfig, emit: Callable[[Incident], None]) -> None:
+        self.config = config
+        self._emit = emit
+        self.open_: list[_Open] = []
+        self._bursts: dict[Stage, deque] = {}
+        self.attached_total_ = 0
+
+    # -- findings in -----------------------------------------------------------
+    def route(self, anomaly: Anomaly, trace: Trace | None = None) -> bool:
+        """Sets ``anomaly.incident_id`` where an incident explains it; returns
+        whether the finding itself still goes to the sinks."""
+        if anomaly.trace_id is None:
+            signal = anomaly.evidence.get("signal")
+            state = anomaly.evidence.get("state")
+            if signal and state in ("open", "resolved"):
+                self._stage_change(anomaly, signal, state == "open")
+            return True
+        if anomaly.kind not in EXPLAINED or trace is None:
+            return True
+        present = _stage_set(trace)
+        for incident in self.open_:
+            if incident.stages() & present:
+                return self._attach(incident, anomaly)
+        if anomaly.kind is AnomalyKind.SLOW_STAGE:
+            self._burst(anomaly, trace)
+        return True
+
+    def observe(self, trace: Trace) -> None:
+        """A decided trace while incidents are open: who calls the culprits, whom they call."""
+        if not self.open_:
+            return
+        present = _stage_set(trace)
+        for incident in self.open_:
+            culprits = incident.stages() & present
+            if not culprits:
+                continue
+            by_id = trace.by_id
+            callers: set[Stage] = set()
+            for span in trace.spans:
+                stage = (span.service, span.name, span.kind)
+                if stage not in culprits:
+                    continue
+                parent = by_id.get(span.parent_span_id) if span.parent_span_id else None
+                while parent is not None:
+                    callers.add((parent.service, parent.name, parent.kind))
+                    parent = by_id.get(parent.parent_span_id) if parent.parent_span_id else None
+            for span in trace.spans:
+                parent = by_id.get(span.parent_span_id) if span.parent_span_id else None
+                if parent is not None and (parent.service, parent.name, parent.kind) in culprits:
+                    incident.below.add((span.service, span.name, span.kind))
+            for caller in callers - culprits:
+                if caller in incident.callers or len(incident.callers) < self.config.max_affected:
+                    incident.callers[caller] += 1
+            if len(incident.exemplars) < _EXEMPLARS:
+                incident.exemplars.append(trace.trace_id.hex())
+
+    # -- time ------------------------------------------------------------------
+    def advance(self, now: int) -> None:
+        for incident in list(self.open_):
+            quiet = now - incident.last_evidence >= self.config.quiet
+            if quiet and not any(c.open for c in incident.culprits):
+                incident.resolved_at = max(incident.resolved_at or 0, incident.last_event)
+                incident.closed = True
+                self.open_.remove(incident)
+                self._write(incident, now)
+            elif incident.dirty and now - incident.emitted_at >= self.config.update_interval:
+                self._write(incident, now)
+        horizon = now - self.config.burst_window
+        for stage in [s for s, q in self._bursts.items() if not q or q[-1][0] < horizon]:
+            del self._bursts[stage]
+
+    def flush(self, now: int) -> None:
+        """End of input: incidents still open are written as they stand (they stay open)."""
+        for incident in self.open_:
+            if incident.dirty:
+                self._write(incident, now)
+
+    # -- internals -------------------------------------------------------------
+    def _stage_change(self, anomaly: Anomaly, signal: str, opened: bool) -> None:
+        stage = (anomaly.service or "", anomaly.operation or "", KIND_NAMES.index(anomaly.evidence["stage_kind"]))
+        magnitude = float(anomaly.evidence.get("magnitude", 1.0))
+        now = anomaly.detected_at
+        if not opened:
+            for incident in self.open_:
+                for culprit in incident.culprits:
+                    if culprit.finding_id == anomaly.id:
+                        culprit.open = False
+                        incident.resolved_at = max(incident.resolved_at or 0,
+                                                   anomaly.evidence.get("resolved_at_unix_nano") or now)
+                        anomaly.incident_id = incident.id
+                        incident.dirty = True
+                        return
+                if anomaly.id in incident.finding_ids:
+                    anomaly.incident_id = incident.id
+                    return
+            return
+        incident = self._incident_for(stage)
+        if incident is None:
+            if len(self.open_) >= self.config.max_open:
+                return
+            incident = self._new(stage, anomaly.event_time, now)
+        anomaly.incident_id = incident.id
+        if anomaly.id not in incident.finding_ids:
+            incident.finding_ids.append(anomaly.id)
+        incident.onset = min(incident.onset, anomaly.event_time) if incident.culprits else anomaly.event_time
+        incident.last_evidence, incident.last_event = now, max(incident.last_event, anomaly.event_time)
+        incident.dirty = True
+        if stage in incident.callers and stage not in incident.stages():
+            incident.caller_changes[stage] = (signal, anomaly.id)
+            return
+        for culprit in incident.culprits:
+            if culprit.stage == stage and culprit.signal in (signal, "slow_spans"):
+                culprit.signal, culprit.magnitude, culprit.finding_id, culprit.open = signal, magnitude, anomaly.id, True
+                break
+        else:
+            incident.culprits.append(_Culprit(stage, signal, magnitude, anomaly.id, True))
+        if stage in incident.below:
+            self._deepen(incident, stage)
+        self._write(incident, now)
+
+    def _incident_for(self, stage: Stage) -> _Open | None:
+        """The open incident a change on ``stage`` belongs to, by the rules in the module doc."""
+        for test in (lambda i: stage in i.stages(), lambda i: stage in i.callers, lambda i: stage in i.below,
+                     lambda i: any(c.stage[0] == stage[0] for c in i.culprits)):
+            for incident in self.open_:
+                if test(incident):
+                    return incident
+        return None
+
+    def _deepen(self, incident: _Open, stage: Stage) -> None:
+        """``stage`` is called by culprits: it leads, and its callers among the culprits are affected."""
+        lead = [c for c in incident.culprits if c.stage == stage]
+        callers = [c for c in incident.culprits if c.stage != stage and c.stage[0] != stage[0]]
+        for caller in callers:
+            incident.caller_changes[caller.stage] = (caller.signal, caller.finding_id or "")
+            incident.callers[caller.stage] += 0
+        incident.culprits = lead + [c for c in incident.culprits if c not in lead and c not in callers]
+
+    def _new(self, stage: Stage, onset: int, now: int) -> _Open:
+        digest = hashlib.sha256(f"incident|{stage[0]}|{stage[1]}|{stage[2]}|{onset}".encode()).hexdigest()[:32]
+        incident = _Open(digest, onset, now)
+        self.open_.append(incident)
+        return incident
+
+    def _attach(self, incident: _Open, anomaly: Anomaly) -> bool:
+        anomaly.incident_id = incident.id
+        incident.attached[anomaly.kind.value] += 1
+        self.attached_total_ += 1
+        incident.last_evidence = anomaly.detected_at
+        incident.last_event = max(incident.last_event, anomaly.event_time)
+        incident.dirty = True
+        exemplar = sum(incident.attached.values()) <= self.config.exemplar_findings
+        if exemplar:
+            incident.finding_ids.append(anomaly.id)
+        return exemplar
+
+    def _burst(self, anomaly: Anomaly, trace: Trace) -> None:
+        span = trace.by_id.get(bytes.fromhex(anomaly.span_id)) if anomaly.span_id else None
+        if span is None:
+            return
+        stage = (span.service, span.name, span.kind)
+        recent = self._bursts.get(stage)
+        if recent is None:
+            if len(self._bursts) >= self.config.max_open * 10:
+                return
+            recent = self._bursts[stage] = deque(maxlen=self.config.burst)
+        recent.append((anomaly.detected_at, anomaly.event_time, anomaly.id, float(anomaly.score)))
+        if len(recent) < self.config.burst or recent[-1][0] - recent[0][0] > self.config.burst_window:
+            return
+        if len(self.open_) >= self.config.max_open:
+            return
+        del self._bursts[stage]
+        incident = self._incident_for(stage)
+        if incident is None:
+            incident = self._new(stage, min(e for _, e, _, _ in recent), anomaly.detected_at)
+        incident.onset = min(incident.onset, *(e for _, e, _, _ in recent))
+        if stage not in incident.stages():
+            incident.culprits.append(_Culprit(stage, "slow_spans", round(max(s for *_, s in recent) * 10, 3),
+                                              None, False))
+        incident.finding_ids.extend(i for _, _, i, _ in recent if i not in incident.finding_ids)
+        anomaly.incident_id = incident.id
+        incident.last_evidence, incident.last_event = anomaly.detected_at, anomaly.event_time
+        if stage in incident.below:
+            self._deepen(incident, stage)
+        self._write(incident, anomaly.detected_at)
+
+    def _write(self, incident: _Open, now: int) -> None:
+        incident.emitted_at, incident.dirty = now, False
+        self._emit(_record(incident, now))
+
+
+def _stage_set(trace: Trace) -> set[Stage]:
+    cached = trace.derived.get("stage_set")
+    if cached is None:
+        cached = trace.derived["stage_set"] = set(stages(trace))
+    return cached
+
+
+def _record(incident: _Open, now: int) -> Incident:
+    lead = incident.culprits[0]
+    service, operation, _ = lead.stage
+    callers = sorted(incident.callers.items(), key=lambda item: (-item[1], item[0]))
+    affected = [
+        IncidentStage(service=s, operation=o, span_kind=KIND_NAMES[k],
+                      signal=incident.caller_changes.get((s, o, k), ("caller",))[0], magnitude=float(n),
+                      finding_id=incident.caller_changes.get((s, o, k), (None, None))[1] or None)
+        for (s, o, k), n in callers
+    ]
+    resolved = incident.closed
+    explained = sum(incident.attached.values())
+    others = len(incident.culprits) - 1
+    summary = (
+        f"{service} '{operation}': {_SIGNAL_WORDS.get(lead.signal, lead.signal)} (x{lead.magnitude}) since "
+        f"{utc(incident.onset)}"
+        + (f", with {others} more stage{'s' if others > 1 else ''} of the same cause" if others else "")
+        + (f"; {explained} per-trace findings explained" if explained else "")
+        + (f"; callers affected: {', '.join(f'{s} {o!r}' for (s, o, _), _ in callers[:3])}" if callers else "")
+        + ("; resolved." if resolved else ".")
+    )
+    return Incident(
+        id=incident.id,
+        state="resolved" if resolved else "open",
+        service=service,
+        operation=operation,
+        onset=incident.onset,
+        opened_at=incident.opened_at,
+        updated_at=now,
+        resolved_at=incident.resolved_at if resolved else None,
+        severity="critical" if max(c.magnitude for c in incident.culprits) >= 2 else "warning",
+        summary=summary,
+        culprits=[IncidentStage(service=c.stage[0], operation=c.stage[1], span_kind=KIND_NAMES[c.stage[2]],
+                                signal=c.signal, magnitude=c.magnitude, finding_id=c.finding_id)
+                  for c in incident.culprits],
+        affected=affected,
+        attached=dict(sorted(incident.attached.items())),
+        finding_ids=incident.finding_ids[:50],
+        exemplars=incident.exemplars,
+    )

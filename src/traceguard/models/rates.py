@@ -1,0 +1,225 @@
+"""Per-stage event rates: what share of a stage's calls show a behaviour, and when that share changes.
+
+A rate is (calls, hits) of one key: a parent stage and the calls a child
+outlived, or a parent stage and the calls that made an expected child call.
+Each key keeps a baseline (counts that decay with ``half_life`` of event time)
+and the counts of the current window. When a window closes its rate is tested
+against the baseline with a binomial z score; a change in the watched direction
+(``up`` for a behaviour that is bad, ``down`` for one that should be there) opens
+after ``persist_windows`` changed windows in a row and resolves after as many
+calm ones. Only calm windows of a key with no open change join the baseline,
+so a routine behaviour (a Node.js callback that finishes after the response in
+5 % of calls) is learned as the norm while a change is never absorbed.
+
+Windows are keyed by decision time (the pipeline clock), as in ``latency``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Hashable, Literal
+
+Direction = Literal["up", "down"]
+_EXEMPLARS = 5
+
+
+@dataclass
+class RateChange:
+    """An open (or just resolved) change of one key's rate."""
+
+    key: Hashable
+    onset: int
+    opened_at: int
+    baseline_rate: float
+    baseline_calls: int
+    current_rate: float = 0.0
+    current_calls: int = 0
+    current_hits: int = 0
+    exemplars: list[str] = field(default_factory=list)
+    resolved_at: int | None = None
+
+    @property
+    def magnitude(self) -> float:
+        """How many times the baseline rate (up) or how many times fewer (down)."""
+        current = (self.current_hits + 0.5) / (self.current_calls + 1)  # a rate of 0 is "under one in N"
+        low, high = sorted((self.baseline_rate, current))
+        return round(high / max(low, 1e-6), 3)
+
+
+class _Rate:
+    __slots__ = ("calls", "hits", "w_index", "w_calls", "w_hits", "w_first", "w_exemplars", "run", "run_first",
+                 "run_exemplars", "calm", "change", "last_index")
+
+    def __init__(self) -> None:
+        self.calls = 0.0          # baseline, decayed
+        self.hits = 0.0
+        self.w_index = -1
+        self.w_calls = 0
+        self.w_hits = 0
+        self.w_first = 0          # earliest event time of an affected call in the window
+        self.w_exemplars: list[str] = []
+        self.run = 0              # changed windows in a row
+        self.run_first = 0
+        self.run_exemplars: list[str] = []
+        self.calm = 0
+        self.change: RateChange | None = None
+        self.last_index = -1
+
+
+class RateModel:
+    """Rates of many keys in one direction; ``observe`` counts, closing windows yields changes."""
+
+    def __init__(self, direction: Direction, *, window: int, persist_windows: int, half_life: int, z: float,
+                 min_ratio: float, min_calls: int, min_window_calls: int, max_keys: int) -> None:
+        self.direction = direction
+        self.window = window
+        self.persist = persist_windows
+        self.z = z
+        self.min_ratio = min_ratio
+        self.min_calls = min_calls
+        self.min_window_calls = min_window_calls
+        self.max_keys = max_keys
+        self._decay = 0.5 ** (window / half_life) if half_life else 1.0
+        self.keys_: dict[Hashable, _Rate] = {}
+        self.untracked_ = 0
+        self._swept = 0
+
+    def rate(self, key: Hashable) -> tuple[float, float] | None:
+        """(baseline calls, baseline rate) of ``key``, None if never seen."""
+        rate = self.keys_.get(key)
+        if rate is None or not rate.calls:
+            return None
+        return rate.calls, rate.hits / rate.calls
+
+    def evidence(self, key: Hashable) -> tuple[float, float]:
+        """(calls, hits) seen so far, baseline and current window together."""
+        rate = self.keys_.get(key)
+        if rate is None:
+            return 0.0, 0.0
+        return rate.calls + rate.w_calls, rate.hits + rate.w_hits
+
+    def is_open(self, key: Hashable) -> bool:
+        rate = self.keys_.get(key)
+        return rate is not None and rate.change is not None
+
+    def observe(self, key: Hashable, hit: bool, now: int, event_time: int, trace_id: str,
+                events: list[RateChange]) -> None:
+        rate = self.keys_.get(key)
+        if rate is None:
+            if len(self.keys_) >= self.max_keys:
+                self.untracked_ += 1
+                return
+            rate = self.keys_[key] = _Rate()
+        index = now // self.window
+        if rate.w_index != index:
+            if rate.w_index >= 0:
+                self._close(key, rate, events)
+            rate.w_index = index
+        rate.w_calls += 1
+        rate.w_hits += hit
+        if hit == (self.direction == "up"):  # an affected call: the behaviour watched for, or its absence
+            if not rate.w_first or event_time < rate.w_first:
+                rate.w_first = event_time
+            if len(rate.w_exemplars) < _EXEMPLARS:
+                rate.w_exemplars.append(trace_id)
+
+    def advance(self, now: int, events: list[RateChange]) -> None:
+        """Closes every window that ended before ``now``'s window (once per window period)."""
+        index = now // self.window
+        if index <= self._swept:
+            return
+        self._swept = index
+        for key, rate in self.keys_.items():
+            if 0 <= rate.w_index < index:
+                self._close(key, rate, events)
+
+    def flush(self, events: list[RateChange]) -> None:
+        for key, rate in self.keys_.items():
+            if rate.w_index >= 0:
+                self._close(key, rate, events)
+
+    def _changed(self, rate: _Rate) -> bool:
+        """The window's rate moved the watched way: by ``min_ratio`` and ``z`` binomial standard errors."""
+        calls, hits = rate.w_calls, rate.w_hits
+        if rate.calls < self.min_calls or calls < self.min_window_calls:
+            return False
+        # A baseline that never saw the behaviour still allows half a hit.
+        base = min(max(rate.hits, 0.5) / rate.calls, 1.0 - 0.5 / rate.calls)
+        current = hits / calls
+        z = (current - base) / math.sqrt(base * (1.0 - base) / calls)
+        if self.direction == "up":
+            return current >= base * self.min_ratio and z >= self.z and hits >= 3
+        return current * self.min_ratio <= base and -z >= self.z
+
+    def _close(self, key: Hashable, rate: _Rate, events: list[RateChange]) -> None:
+        index = rate.w_index
+        if index - rate.last_index > self.persist and (rate.run or rate.change is not None):
+            self._end(rate, (rate.last_index + 1) * self.window, events)  # the evidence stopped coming
+        rate.last_index = index
+        changed = self._changed(rate)
+        if rate.change is not None:
+            if changed:
+                rate.calm = 0
+                self._describe(rate.change, rate)
+            else:
+                rate.calm += 1
+                if rate.calm >= self.persist:
+                    self._end(rate, (index + 1) * self.window, events)
+        elif changed:
+            if not rate.run:
+                rate.run_first, rate.run_exemplars = rate.w_first, []
+            rate.run += 1
+            rate.run_exemplars = (rate.run_exemplars + rate.w_exemplars)[:_EXEMPLARS]
+            if rate.run >= self.persist:
+                base = min(max(rate.hits, 0.5) / rate.calls, 1.0)
+                rate.change = RateChange(key, rate.run_first or (index * self.window), (index + 1) * self.window,
+                                         round(base, 6), round(rate.calls))
+                self._describe(rate.change, rate)
+                rate.change.exemplars = list(dict.fromkeys(rate.run_exemplars + rate.change.exemplars))[:_EXEMPLARS]
+                rate.run = 0
+                events.append(rate.change)
+        else:
+            rate.run = 0
+            rate.calls = rate.calls * self._decay + rate.w_calls
+            rate.hits = rate.hits * self._decay + rate.w_hits
+        rate.w_index, rate.w_calls, rate.w_hits, rate.w_first, rate.w_exemplars = -1, 0, 0, 0, []
+
+    @staticmethod
+    def _describe(change: RateChange, rate: _Rate) -> None:
+        change.current_calls, change.current_hits = rate.w_calls, rate.w_hits
+        change.current_rate = round(rate.w_hits / rate.w_calls, 6) if rate.w_calls else 0.0
+        if not change.exemplars:
+            change.exemplars = rate.w_exemplars[:_EXEMPLARS]
+
+    @staticmethod
+    def _end(rate: _Rate, at: int, events: list[RateChange]) -> None:
+        rate.run, rate.calm = 0, 0
+        change, rate.change = rate.change, None
+        if change is not None:
+            change.resolved_at = at
+            events.append(change)
+
+    def state(self) -> list:
+        """Baselines as JSON-ready rows (windows in progress are not kept)."""
+        return [[list(key) if isinstance(key, tuple) else key, round(r.calls, 3), round(r.hits, 3)]
+                for key, r in self.keys_.items()]
+
+    def restore(self, rows: list) -> None:
+        for key, calls, hits in rows:
+            rate = self.keys_[_tuple(key)] = _Rate()
+            rate.calls, rate.hits = float(calls), float(hits)
+
+
+def wilson_lower(hits: float, calls: float, z: float = 3.0) -> float:
+    """Lower confidence bound of a binomial rate: how low it can be, given what was seen."""
+    if calls <= 0:
+        return 0.0
+    p = hits / calls
+    centre = p + z * z / (2 * calls)
+    spread = z * math.sqrt(p * (1 - p) / calls + z * z / (4 * calls * calls))
+    return max(0.0, (centre - spread) / (1 + z * z / calls))
+
+
+def _tuple(value):
+    return tuple(_tuple(v) for v in value) if isinstance(value, list) else value
