@@ -100,7 +100,7 @@ class StructuralConfig(_Section):
 
 
 class LatencyConfig(_Section):
-    window: DurationNs = Field(parse_duration("60s"), description="Event-time window whose stage latencies are compared with the baseline.")
+    window: DurationNs = Field(parse_duration("30s"), description="Event-time window whose stage latencies are compared with the baseline (a regression opens after persist_windows of them).")
     min_window_samples: int = Field(8, ge=1, description="Samples a window needs to be judged.")
     max_window_samples: int = Field(4096, ge=16, description="Samples kept per stage and window (a reservoir beyond).")
     warmup_samples: int = Field(200, ge=10, description="Baseline samples before a stage is judged at all.")

@@ -4,11 +4,14 @@ A stage-level change (a ``latency_regression``, a rise of a stage's
 outlived-parent rate, a stage that stopped making a call: any stage-level
 finding whose ``evidence.signal`` is set) opens an incident, or joins the open
 one it belongs to. So does a burst of per-trace ``slow_stage`` findings on one
-stage, which comes before a windowed regression can be sure. Joining follows
+stage (or ``trace_outlier`` findings led by one stage's time), which comes
+before a windowed regression can be sure. Joining follows
 the call graph seen in the traces of the open incident:
 
-- a change on a stage that calls a culprit (an ancestor in those traces) is
-  explained by its child: the stage is listed as *affected*, not as a culprit;
+- a stage that calls a culprit (an ancestor in those traces) and stopped
+  making a call is explained by its child: it is listed as *affected*, not as
+  a culprit (a caller whose own self time rose is a culprit of its own: self
+  time excludes the time spent in children);
 - a change on a stage that a culprit calls (a descendant) is the deeper
   cause: it becomes the culprit ranked first, and the culprits that call it
   become affected;
@@ -27,7 +30,7 @@ same id (the last version wins), as stage-level findings are.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from typing import Callable
 
 from traceguard.config import IncidentConfig
@@ -47,6 +50,9 @@ _SIGNAL_WORDS = {
     "calls_dropped": "stopped making a call it makes",
 }
 _EXEMPLARS = 5
+# Stage sets of recently decided traces, for findings that come after their
+# trace was decided (the forest scores in batches of at most forest.batch).
+_RECENT_TRACES = 4096
 
 
 class _Culprit:
@@ -89,6 +95,7 @@ class IncidentTracker:
         self._emit = emit
         self.open_: list[_Open] = []
         self._bursts: dict[Stage, deque] = {}
+        self._recent: OrderedDict[str, frozenset] = OrderedDict()
         self.attached_total_ = 0
 
     # -- findings in -----------------------------------------------------------
@@ -101,21 +108,29 @@ class IncidentTracker:
             if signal and state in ("open", "resolved"):
                 self._stage_change(anomaly, signal, state == "open")
             return True
-        if anomaly.kind not in EXPLAINED or trace is None:
+        if anomaly.kind not in EXPLAINED:
             return True
-        present = _stage_set(trace)
+        present = _stage_set(trace) if trace is not None else self._recent.get(anomaly.trace_id)
+        if present is None:
+            return True
         for incident in self.open_:
             if incident.stages() & present:
                 return self._attach(incident, anomaly)
-        if anomaly.kind is AnomalyKind.SLOW_STAGE:
-            self._burst(anomaly, trace)
+        stage = _burst_stage(anomaly, trace)
+        if stage is not None:
+            self._burst(anomaly, stage)
         return True
 
     def observe(self, trace: Trace) -> None:
-        """A decided trace while incidents are open: who calls the culprits, whom they call."""
+        """Every decided trace: its stages are remembered for a while; while
+        incidents are open, who calls the culprits and whom they call."""
+        present = _stage_set(trace)
+        recent = self._recent
+        recent[trace.trace_id.hex()] = present
+        if len(recent) > _RECENT_TRACES:
+            recent.popitem(last=False)
         if not self.open_:
             return
-        present = _stage_set(trace)
         for incident in self.open_:
             culprits = incident.stages() & present
             if not culprits:
@@ -130,10 +145,12 @@ class IncidentTracker:
                 while parent is not None:
                     callers.add((parent.service, parent.name, parent.kind))
                     parent = by_id.get(parent.parent_span_id) if parent.parent_span_id else None
-            for span in trace.spans:
-                parent = by_id.get(span.parent_span_id) if span.parent_span_id else None
-                if parent is not None and (parent.service, parent.name, parent.kind) in culprits:
-                    incident.below.add((span.service, span.name, span.kind))
+            below = [s for s in trace.spans if (s.service, s.name, s.kind) in culprits]
+            while below:  # every stage under a culprit, however deep
+                span = below.pop()
+                for child in trace.children.get(span.span_id, ()):
+                    incident.below.add((child.service, child.name, child.kind))
+                    below.append(child)
             for caller in callers - culprits:
                 if caller in incident.callers or len(incident.callers) < self.config.max_affected:
                     incident.callers[caller] += 1
@@ -180,7 +197,7 @@ class IncidentTracker:
                     anomaly.incident_id = incident.id
                     return
             return
-        incident = self._incident_for(stage)
+        incident = self._incident_for(stage, signal)
         if incident is None:
             if len(self.open_) >= self.config.max_open:
                 return
@@ -191,8 +208,9 @@ class IncidentTracker:
         incident.onset = min(incident.onset, anomaly.event_time) if incident.culprits else anomaly.event_time
         incident.last_evidence, incident.last_event = now, max(incident.last_event, anomaly.event_time)
         incident.dirty = True
-        if stage in incident.callers and stage not in incident.stages():
+        if signal == "calls_dropped" and stage in incident.callers and stage not in incident.stages():
             incident.caller_changes[stage] = (signal, anomaly.id)
+            self._write(incident, now)
             return
         for culprit in incident.culprits:
             if culprit.stage == stage and culprit.signal in (signal, "slow_spans"):
@@ -204,10 +222,11 @@ class IncidentTracker:
             self._deepen(incident, stage)
         self._write(incident, now)
 
-    def _incident_for(self, stage: Stage) -> _Open | None:
+    def _incident_for(self, stage: Stage, signal: str) -> _Open | None:
         """The open incident a change on ``stage`` belongs to, by the rules in the module doc."""
-        for test in (lambda i: stage in i.stages(), lambda i: stage in i.callers, lambda i: stage in i.below,
-                     lambda i: any(c.stage[0] == stage[0] for c in i.culprits)):
+        explained_by_child = signal == "calls_dropped"
+        for test in (lambda i: stage in i.stages(), lambda i: explained_by_child and stage in i.callers,
+                     lambda i: stage in i.below, lambda i: any(c.stage[0] == stage[0] for c in i.culprits)):
             for incident in self.open_:
                 if test(incident):
                     return incident
@@ -240,29 +259,24 @@ class IncidentTracker:
             incident.finding_ids.append(anomaly.id)
         return exemplar
 
-    def _burst(self, anomaly: Anomaly, trace: Trace) -> None:
-        span = trace.by_id.get(bytes.fromhex(anomaly.span_id)) if anomaly.span_id else None
-        if span is None:
-            return
-        stage = (span.service, span.name, span.kind)
+    def _burst(self, anomaly: Anomaly, stage: Stage) -> None:
         recent = self._bursts.get(stage)
         if recent is None:
             if len(self._bursts) >= self.config.max_open * 10:
                 return
             recent = self._bursts[stage] = deque(maxlen=self.config.burst)
-        recent.append((anomaly.detected_at, anomaly.event_time, anomaly.id, float(anomaly.score)))
+        recent.append((anomaly.detected_at, anomaly.event_time, anomaly.id, _magnitude(anomaly)))
         if len(recent) < self.config.burst or recent[-1][0] - recent[0][0] > self.config.burst_window:
             return
         if len(self.open_) >= self.config.max_open:
             return
         del self._bursts[stage]
-        incident = self._incident_for(stage)
+        incident = self._incident_for(stage, "slow_spans")
         if incident is None:
             incident = self._new(stage, min(e for _, e, _, _ in recent), anomaly.detected_at)
         incident.onset = min(incident.onset, *(e for _, e, _, _ in recent))
         if stage not in incident.stages():
-            incident.culprits.append(_Culprit(stage, "slow_spans", round(max(s for *_, s in recent) * 10, 3),
-                                              None, False))
+            incident.culprits.append(_Culprit(stage, "slow_spans", round(max(m for *_, m in recent), 3), None, False))
         incident.finding_ids.extend(i for _, _, i, _ in recent if i not in incident.finding_ids)
         anomaly.incident_id = incident.id
         incident.last_evidence, incident.last_event = anomaly.detected_at, anomaly.event_time
@@ -275,11 +289,34 @@ class IncidentTracker:
         self._emit(_record(incident, now))
 
 
-def _stage_set(trace: Trace) -> set[Stage]:
+def _stage_set(trace: Trace) -> frozenset[Stage]:
     cached = trace.derived.get("stage_set")
     if cached is None:
-        cached = trace.derived["stage_set"] = set(stages(trace))
+        cached = trace.derived["stage_set"] = frozenset(stages(trace))
     return cached
+
+
+def _magnitude(anomaly: Anomaly) -> float:
+    """How many times its normal the blamed stage's time was (median of the baseline)."""
+    evidence = anomaly.evidence
+    if anomaly.kind is AnomalyKind.SLOW_STAGE:
+        return evidence["self_time_ms"] / max(evidence["baseline_p50_ms"], 1e-3)
+    feature = (evidence.get("features") or [{}])[0]
+    return feature.get("value", 1.0) / max(feature.get("median", 1.0), 1e-3)
+
+
+def _burst_stage(anomaly: Anomaly, trace: Trace | None) -> Stage | None:
+    """The stage a per-trace timing finding blames: a slow_stage's span, a
+    trace_outlier's most deviating stage (none when a whole-trace feature leads)."""
+    if anomaly.kind is AnomalyKind.SLOW_STAGE and trace is not None and anomaly.span_id:
+        span = trace.by_id.get(bytes.fromhex(anomaly.span_id))
+        return (span.service, span.name, span.kind) if span is not None else None
+    if anomaly.kind is AnomalyKind.TRACE_OUTLIER:
+        features = anomaly.evidence.get("features") or [{}]
+        stage = features[0].get("stage")
+        if stage:
+            return stage["service"], stage["operation"], KIND_NAMES.index(stage["kind"])
+    return None
 
 
 def _record(incident: _Open, now: int) -> Incident:

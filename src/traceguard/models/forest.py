@@ -194,7 +194,8 @@ class RootForest:
         z = self._one_sided_z(features)
         q99, q999 = np.quantile(z, (0.99, 0.999), axis=0)
         spacings = 1.0 + max(0.0, math.log10(1e-3 / self.alert_rate))
-        self.z_threshold_ = np.maximum(q999 + spacings * (q999 - q99), config.min_feature_z)
+        # Nor is anything the buffer of normal traces already holds.
+        self.z_threshold_ = np.maximum(np.maximum(q999 + spacings * (q999 - q99), z.max(axis=0)), config.min_feature_z)
         self.since_fit_ = 0
 
     def _one_sided_z(self, features: np.ndarray) -> np.ndarray:
@@ -217,12 +218,16 @@ class RootForest:
         for column in np.argsort(-np.abs(row_z), kind="stable")[:top]:
             name = self.feature_names_[column]
             value, median = float(features[column]), float(self.median_[column])
+            stage = None
             if name == "log_duration_ms":
                 name, value, median = "duration_ms", math.exp(value), math.exp(median)
             elif name.startswith("self_time_ms"):
                 value, median = math.expm1(value) / 1e3, math.expm1(median) / 1e3
+                stage = next((s for s in self.stage_index_ if stage_label(s) == name), None)
             out.append({"feature": name, "value": round(value, 3), "median": round(median, 3),
-                        "robust_z": round(float(row_z[column]), 2)})
+                        "robust_z": round(float(row_z[column]), 2),
+                        **({"stage": {"service": stage[0], "operation": stage[1], "kind": KIND_NAMES[stage[2]]}}
+                           if stage else {})})
         return out
 
 

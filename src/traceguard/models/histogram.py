@@ -47,3 +47,9 @@ class LogHistogram:
         within = np.divide(targets - before, self.counts_[index], out=np.zeros_like(targets),
                            where=self.counts_[index] > 0)
         return LOG_LOW + (index + np.clip(within, 0, 1)) * BIN_WIDTH
+
+    def top(self, floor: float = 0.5) -> float:
+        """Upper edge, in ln(ns), of the highest bin holding at least ``floor``
+        (decayed) samples: the most this distribution has done; NaN when empty."""
+        filled = np.flatnonzero(self.counts_ >= floor)
+        return float(LOG_LOW + (filled[-1] + 1) * BIN_WIDTH) if filled.size else float("nan")
