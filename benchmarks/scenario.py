@@ -115,6 +115,10 @@ class ScenarioConfig:
     # last traffic, when event time no longer moves, so it is not late in replay.
     cooldown_s: float = 300.0
     max_skew_ms: float = 4.0
+    # What real latency has besides a log-normal body, drawn from a random
+    # stream of its own (the requests, faults and labels stay as they are):
+    # a heavy Pareto tail (alpha 1.5) on this share of single calls.
+    tail_rate: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -287,11 +291,15 @@ class Shop:
         self.fault: str | None = None
         self.outlier: str | None = None
         self.trace_factor = 1.0
+        self.noise = random.Random(config.seed ^ 0x5EED)
         self.counts: dict[str, int] = {}
 
     # -- building blocks -------------------------------------------------
     def dur(self, median_ms: float, sigma: float = 0.35) -> int:
-        return int(median_ms * MS * self.trace_factor * math.exp(self.rng.gauss(0.0, sigma)))
+        value = median_ms * MS * self.trace_factor * math.exp(self.rng.gauss(0.0, sigma))
+        if self.noise.random() < self.config.tail_rate:
+            value *= self.noise.paretovariate(1.5)
+        return int(value)
 
     def net(self) -> int:
         return int(self.rng.uniform(0.3, 1.5) * MS * self.trace_factor)
