@@ -31,8 +31,12 @@ invalid_end               unfinished_span              a leaf ends at 0 or befor
 
 Normal traffic that must not be flagged: Kafka consumers finishing after the
 request, per-service clock skew of a few ms, cache hits that skip the
-database, retries after connection errors and after 503s, calls to an
-external payment API and an SMTP server that have no server spans.
+database, retries after connection errors and after 503s (natural errors),
+calls to an external payment API and an SMTP server that have no server
+spans, a heavy Pareto tail on single calls, stalls that hold one service for
+50–200 ms in a request (a GC pause, CPU starvation), and a cart step that
+routinely finishes 1–80 ms after its handler returned (12 % of calls, like
+a Node.js callback).
 
 Run ``python -m benchmarks.scenario --out DIR --traces 10000``.
 """
@@ -115,10 +119,14 @@ class ScenarioConfig:
     # last traffic, when event time no longer moves, so it is not late in replay.
     cooldown_s: float = 300.0
     max_skew_ms: float = 4.0
-    # What real latency has besides a log-normal body, drawn from a random
+    # What real traffic has besides a log-normal body, drawn from a random
     # stream of its own (the requests, faults and labels stay as they are):
-    # a heavy Pareto tail (alpha 1.5) on this share of single calls.
+    # a heavy Pareto tail (alpha 1.5) on this share of single calls; stalls
+    # of one service for a whole request in this share of requests; the share
+    # of cart reads whose TTL refresh outlives the handler (routine, not a leak).
     tail_rate: float = 0.01
+    stall_rate: float = 0.003
+    routine_outlive_rate: float = 0.12
 
 
 @dataclass(frozen=True)
@@ -292,6 +300,7 @@ class Shop:
         self.outlier: str | None = None
         self.trace_factor = 1.0
         self.noise = random.Random(config.seed ^ 0x5EED)
+        self.stalled: str | None = None  # the service stalling in this request
         self.counts: dict[str, int] = {}
 
     # -- building blocks -------------------------------------------------
@@ -331,6 +340,8 @@ class Shop:
         svc = self.svc[service]
         span = svc.start(name, kind, parent, t, attributes)
         end = t + int(self.dur(median_ms) * self.slowdown(service, name, t))
+        if service == self.stalled:
+            end += int(self.noise.uniform(50, 200) * MS)
         if can_fail_end and self.fault == "invalid_end":
             self.fault = None
             self.label(span, "invalid_end")
@@ -406,7 +417,14 @@ class Shop:
 
     # -- services ----------------------------------------------------------
     def cart_get(self, server, t: int) -> int:
-        return self.db("cart", server, "GET cart:*", "redis", t, 0.6) + self.dur(0.2)
+        t = self.db("cart", server, "GET cart:*", "redis", t, 0.6)
+        t_end = t + self.dur(0.2)
+        if self.noise.random() < self.config.routine_outlive_rate:  # fire-and-forget TTL refresh
+            cart = self.svc["cart"]
+            refresh = cart.start("refresh cart ttl", SpanKind.INTERNAL, server, t)
+            cart.end(refresh, t_end + int(self.noise.uniform(1, 80) * MS))
+            self.count("decoy_routine_outlive")
+        return t_end
 
     def catalog_get(self, server, t: int) -> int:
         def lookup(span, t: int) -> int:
@@ -573,6 +591,7 @@ def generate(config: ScenarioConfig, write_traces: Callable[[str, list], None],
         shop.fault = shop.pick_fault(index, t)
         shop.outlier = shop.pick_outlier(index, t) if shop.fault is None else None
         shop.trace_factor = 20.0 if shop.outlier == "slowdown_20x" else 1.0
+        shop.stalled = shop.noise.choice(SERVICES) if shop.noise.random() < config.stall_rate else None
         shop.request(t)
         if shop.fault is not None:  # this request had no place for it (e.g. drop on a product page)
             shop.count(f"fault_not_placed_{shop.fault}")

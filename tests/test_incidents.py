@@ -59,7 +59,7 @@ def _slow(trace, span_id: int):
     span = trace.by_id[span_id.to_bytes(8, "big")]
     return finding(AnomalyKind.SLOW_STAGE, trace.trace_id, span, detected_at=span.end, event_time=span.end,
                    severity="warning", score=0.5, summary="slow",
-                   evidence={"self_time_ms": 100.0, "baseline_p50_ms": 1.0})
+                   evidence={"stage_kind": "internal", "self_time_ms": 100.0, "baseline_p50_ms": 1.0})
 
 
 def _request(n: int, at_ms: float):

@@ -50,7 +50,8 @@ class Pipeline:
             if hasattr(detector, "held_dropped_"):
                 self.metrics.gauge(f"traceguard_{detector.kind.value}_held_dropped", lambda d=detector: d.held_dropped_)
         self._late = LateSpan()
-        self.incidents = IncidentTracker(config.incidents, self._emit_incident)
+        self.incidents = IncidentTracker(config.incidents, self._emit_incident,
+                                         remember_traces=config.learned.enabled)
         self.metrics.gauge("traceguard_incidents_open", lambda: len(self.incidents.open_))
         self.logs = LogIndex(config.logs, clock.now, self.metrics)
         self.assembler = TraceAssembler(config.assembler, clock, self._on_trace, self._on_late, self.metrics)

@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # OTLP enum values (opentelemetry/proto/trace/v1/trace.proto).
 KIND_UNSPECIFIED, KIND_INTERNAL, KIND_SERVER, KIND_CLIENT, KIND_PRODUCER, KIND_CONSUMER = range(6)
-KIND_NAMES = ("unspecified", "internal", "server", "client", "producer", "consumer")
+# Not an OTLP kind: the stage of a call's network path (a CLIENT span's time
+# outside its callee's SERVER span), judged as a stage of the callee.
+KIND_NETWORK = 6
+KIND_NAMES = ("unspecified", "internal", "server", "client", "producer", "consumer", "network")
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = range(3)
 
 # Bits of ``SpanRow`` flags.

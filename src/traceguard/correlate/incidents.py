@@ -16,7 +16,11 @@ the call graph seen in the traces of the open incident:
   cause: it becomes the culprit ranked first, and the culprits that call it
   become affected;
 - a change on another stage of a culprit's service is the same fault (a CPU
-  or memory fault slows every operation of a process): a further culprit.
+  or memory fault slows every operation of a process): a further culprit;
+- the network path into a service (``KIND_NETWORK``: a call's time outside
+  its callee's span) is explained by its calling service when that service
+  has a change of its own (a starved process reads its responses late): it is
+  affected, and the caller's stage leads.
 
 While an incident is open, the per-trace findings of the kinds it can explain
 on traces that pass through a culprit stage carry its ``incident_id``, are
@@ -35,7 +39,7 @@ from typing import Callable
 
 from traceguard.config import IncidentConfig
 from traceguard.detect.base import utc
-from traceguard.models.features import stages
+from traceguard.models.features import latency_keys, network_parts, stages
 from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, Incident, IncidentStage, Trace
 
 Stage = tuple[str, str, int]
@@ -90,12 +94,17 @@ class _Open:
 class IncidentTracker:
     """Groups findings into incidents; ``emit`` receives each incident state change."""
 
-    def __init__(self, config: IncidentConfig, emit: Callable[[Incident], None]) -> None:
+    def __init__(self, config: IncidentConfig, emit: Callable[[Incident], None], *,
+                 remember_traces: bool = True) -> None:
+        """``remember_traces``: keep the stages of recent traces for findings that come
+        after their trace was decided (the forest's); off when no such detector runs."""
         self.config = config
         self._emit = emit
+        self._remember = remember_traces
         self.open_: list[_Open] = []
         self._bursts: dict[Stage, deque] = {}
         self._recent: OrderedDict[str, frozenset] = OrderedDict()
+        self._swept = 0  # when stale bursts were last dropped
         self.attached_total_ = 0
 
     # -- findings in -----------------------------------------------------------
@@ -124,28 +133,28 @@ class IncidentTracker:
     def observe(self, trace: Trace) -> None:
         """Every decided trace: its stages are remembered for a while; while
         incidents are open, who calls the culprits and whom they call."""
-        present = _stage_set(trace)
-        recent = self._recent
-        recent[trace.trace_id.hex()] = present
-        if len(recent) > _RECENT_TRACES:
-            recent.popitem(last=False)
+        if self._remember:
+            recent = self._recent
+            recent[trace.trace_id.hex()] = _stage_set(trace)
+            if len(recent) > _RECENT_TRACES:
+                recent.popitem(last=False)
         if not self.open_:
             return
+        present = _stage_set(trace)
         for incident in self.open_:
             culprits = incident.stages() & present
             if not culprits:
                 continue
             by_id = trace.by_id
             callers: set[Stage] = set()
-            for span in trace.spans:
-                stage = (span.service, span.name, span.kind)
-                if stage not in culprits:
-                    continue
+            measured = [s for s, key in zip(trace.spans, latency_keys(trace))
+                        if key in culprits or (s.service, s.name, s.kind) in culprits]
+            for span in measured:
                 parent = by_id.get(span.parent_span_id) if span.parent_span_id else None
                 while parent is not None:
                     callers.add((parent.service, parent.name, parent.kind))
                     parent = by_id.get(parent.parent_span_id) if parent.parent_span_id else None
-            below = [s for s in trace.spans if (s.service, s.name, s.kind) in culprits]
+            below = measured
             while below:  # every stage under a culprit, however deep
                 span = below.pop()
                 for child in trace.children.get(span.span_id, ()):
@@ -159,7 +168,7 @@ class IncidentTracker:
 
     # -- time ------------------------------------------------------------------
     def advance(self, now: int) -> None:
-        for incident in list(self.open_):
+        for incident in list(self.open_) if self.open_ else ():
             quiet = now - incident.last_evidence >= self.config.quiet
             if quiet and not any(c.open for c in incident.culprits):
                 incident.resolved_at = max(incident.resolved_at or 0, incident.last_event)
@@ -168,9 +177,11 @@ class IncidentTracker:
                 self._write(incident, now)
             elif incident.dirty and now - incident.emitted_at >= self.config.update_interval:
                 self._write(incident, now)
-        horizon = now - self.config.burst_window
-        for stage in [s for s, q in self._bursts.items() if not q or q[-1][0] < horizon]:
-            del self._bursts[stage]
+        if self._bursts and now - self._swept >= self.config.burst_window:
+            self._swept = now
+            horizon = now - self.config.burst_window
+            for stage in [s for s, q in self._bursts.items() if not q or q[-1][0] < horizon]:
+                del self._bursts[stage]
 
     def flush(self, now: int) -> None:
         """End of input: incidents still open are written as they stand (they stay open)."""
@@ -208,8 +219,11 @@ class IncidentTracker:
         incident.onset = min(incident.onset, anomaly.event_time) if incident.culprits else anomaly.event_time
         incident.last_evidence, incident.last_event = now, max(incident.last_event, anomaly.event_time)
         incident.dirty = True
-        if signal == "calls_dropped" and stage in incident.callers and stage not in incident.stages():
+        explained = (signal == "calls_dropped" and stage in incident.callers) or (
+            network_parts(stage) is not None and any(c.stage[0] == network_parts(stage)[1] for c in incident.culprits))
+        if explained and stage not in incident.stages():
             incident.caller_changes[stage] = (signal, anomaly.id)
+            incident.callers[stage] += 0
             self._write(incident, now)
             return
         for culprit in incident.culprits:
@@ -218,14 +232,35 @@ class IncidentTracker:
                 break
         else:
             incident.culprits.append(_Culprit(stage, signal, magnitude, anomaly.id, True))
-        if stage in incident.below:
+        if stage in incident.below and network_parts(stage) is None:
             self._deepen(incident, stage)
+        self._demote_networks_of(incident, stage[0])
         self._write(incident, now)
+
+    def _demote_networks_of(self, incident: _Open, service: str) -> None:
+        """Network culprits whose calls come from ``service``, now a culprit itself, are affected."""
+        if network_parts(incident.culprits[0].stage) is None and all(network_parts(c.stage) is None
+                                                                   for c in incident.culprits):
+            return
+        explained = [c for c in incident.culprits
+                     if network_parts(c.stage) is not None and network_parts(c.stage)[1] == service]
+        if not explained or len(explained) == len(incident.culprits):
+            return
+        for culprit in explained:
+            incident.caller_changes[culprit.stage] = (culprit.signal, culprit.finding_id or "")
+            incident.callers[culprit.stage] += 0
+        incident.culprits = [c for c in incident.culprits if c not in explained]
 
     def _incident_for(self, stage: Stage, signal: str) -> _Open | None:
         """The open incident a change on ``stage`` belongs to, by the rules in the module doc."""
         explained_by_child = signal == "calls_dropped"
-        for test in (lambda i: stage in i.stages(), lambda i: explained_by_child and stage in i.callers,
+        network = network_parts(stage)
+        caller = network[1] if network is not None else None
+        for test in (lambda i: stage in i.stages(),
+                     lambda i: caller is not None and any(c.stage[0] == caller for c in i.culprits),
+                     lambda i: caller is None and any(network_parts(c.stage) is not None
+                                                      and network_parts(c.stage)[1] == stage[0] for c in i.culprits),
+                     lambda i: explained_by_child and stage in i.callers,
                      lambda i: stage in i.below, lambda i: any(c.stage[0] == stage[0] for c in i.culprits)):
             for incident in self.open_:
                 if test(incident):
@@ -290,9 +325,10 @@ class IncidentTracker:
 
 
 def _stage_set(trace: Trace) -> frozenset[Stage]:
+    """The stages a trace passes through, network paths of its calls included."""
     cached = trace.derived.get("stage_set")
     if cached is None:
-        cached = trace.derived["stage_set"] = frozenset(stages(trace))
+        cached = trace.derived["stage_set"] = frozenset(stages(trace)) | frozenset(latency_keys(trace))
     return cached
 
 
@@ -308,9 +344,8 @@ def _magnitude(anomaly: Anomaly) -> float:
 def _burst_stage(anomaly: Anomaly, trace: Trace | None) -> Stage | None:
     """The stage a per-trace timing finding blames: a slow_stage's span, a
     trace_outlier's most deviating stage (none when a whole-trace feature leads)."""
-    if anomaly.kind is AnomalyKind.SLOW_STAGE and trace is not None and anomaly.span_id:
-        span = trace.by_id.get(bytes.fromhex(anomaly.span_id))
-        return (span.service, span.name, span.kind) if span is not None else None
+    if anomaly.kind is AnomalyKind.SLOW_STAGE:
+        return anomaly.service or "", anomaly.operation or "", KIND_NAMES.index(anomaly.evidence["stage_kind"])
     if anomaly.kind is AnomalyKind.TRACE_OUTLIER:
         features = anomaly.evidence.get("features") or [{}]
         stage = features[0].get("stage")

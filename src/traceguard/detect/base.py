@@ -46,13 +46,17 @@ def anomaly_id(kind: AnomalyKind, *parts: str) -> str:
     return digest[:32]
 
 
-def finding(kind: AnomalyKind, trace_id: bytes, span: Span, **details: Any) -> Anomaly:
-    """A trace-level finding about ``span``; one per (kind, trace, span).
+def finding(kind: AnomalyKind, trace_id: bytes, span: Span, stage: tuple[str, str, int] | None = None,
+            **details: Any) -> Anomaly:
+    """A trace-level finding about ``span``; one per (kind, trace, span). Its
+    service and operation are the span's, or ``stage``'s when the finding is
+    about a stage the span measures (a network path into another service).
 
     ``details``: detected_at, event_time, severity, score, summary, evidence.
     """
     trace_hex, span_hex = trace_id.hex(), span.span_id.hex()
-    return _anomaly(anomaly_id(kind, trace_hex, span_hex), kind, trace_hex, span_hex, span.service, span.name, details)
+    service, operation = (stage[0], stage[1]) if stage is not None else (span.service, span.name)
+    return _anomaly(anomaly_id(kind, trace_hex, span_hex), kind, trace_hex, span_hex, service, operation, details)
 
 
 def stage_finding(kind: AnomalyKind, stage: tuple[str, str, int], key: str, **details: Any) -> Anomaly:

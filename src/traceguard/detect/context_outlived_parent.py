@@ -16,7 +16,8 @@ occurrence is a finding. Either way a significant rise of the rate opens a
 stage-level finding (``evidence.signal = "outlived_parent"``) that the
 incident tracker turns into an incident: a leak that a deploy starts is found
 on a clean stage and on a routine one. Occurrences on a stage with fewer than
-``norm_min_calls`` calls are held (bounded) until its norm is known.
+``norm_min_calls`` calls are held (bounded) until its norm is known; calls
+are counted from a stage's first occurrence on (before it, its rate is 0).
 """
 
 from __future__ import annotations
@@ -48,30 +49,70 @@ class ContextOutlivedParent:
             min_calls=config.norm_min_calls, min_window_calls=config.norm_min_window_calls,
             max_keys=config.norm_max_stages,
         )
+        self._max_stages = config.norm_max_stages
+        self._candidates: set[Stage] = set()      # stages a child has outlived at least once
+        self._candidate_names: set[str] = set()
+        self._name_calls: dict[str, int] = {}     # spans seen per operation name, all stages
         self.routine_: dict[Stage, bool] = {}      # stages whose norm is decided
         self._held: dict[Stage, list[Anomaly]] = {}
         self.held_dropped_ = 0
         self._released: list[Anomaly] = []
 
     def detect(self, trace: Trace) -> list[Anomaly]:
-        overruns: dict[bytes, list] = {}
-        for child, parent, overrun, tolerance in self._overruns(trace):
-            overruns.setdefault(parent.span_id, []).append((child, parent, overrun, tolerance))
-        now, trace_hex = trace.decided_at, trace.trace_id.hex()
-        by_id = trace.by_id
-        events: list[RateChange] = []
-        findings = []
-        for parent_id in trace.children:
-            parent = by_id.get(parent_id)
-            if parent is None:
+        overruns: dict[bytes, list] | None = None
+        calls: dict[Stage, list] | None = None
+        by_id, least, names = trace.by_id, self._least_tolerance, self._candidate_names
+        seen = self._name_calls
+        for span in trace.spans:
+            count = seen.get(span.name)
+            if count is not None:
+                seen[span.name] = count + 1
+            elif len(seen) < self._max_stages:
+                seen[span.name] = 1
+            if span.name in names:  # a call of a stage a child has outlived before: counted for its rate
+                key = (span.service, span.name, span.kind)
+                if key in self._candidates:
+                    if calls is None:
+                        calls = {}
+                    calls.setdefault(key, []).append(span.span_id)
+            if span.parent_span_id is None or span.kind in _ASYNC_KINDS or span.has_links:
                 continue
+            parent = by_id.get(span.parent_span_id)
+            # nearly every child ends in time: one comparison rules it out
+            if parent is None or span.end - parent.end <= least or not parent.finished or not span.finished:
+                continue
+            overrun = span.end - parent.end
+            tolerance = self._min_overrun if parent.service == span.service else self._skew
+            if overrun > tolerance:
+                if overruns is None:
+                    overruns = {}
+                overruns.setdefault(parent.span_id, []).append((span, parent, overrun, tolerance))
+        if overruns is None and calls is None:
+            return []
+        overruns = overruns or {}
+        calls = calls or {}
+        for found in overruns.values():
+            parent = found[0][1]
             key = (parent.service, parent.name, parent.kind)
-            found = overruns.get(parent_id)
-            self.rates_.observe(key, found is not None, now, parent.end, trace_hex, events)
-            if found is None:
-                continue
+            if key not in self._candidates and len(self._candidates) < self._max_stages:
+                # First occurrence: from now on its calls are counted exactly. The calls
+                # before, none of them outlived, are the spans seen under its name.
+                self._candidates.add(key)
+                names.add(parent.name)
+                self.rates_.seed(key, seen.get(parent.name, 1) - 1)
+                calls.setdefault(key, []).append(parent.span_id)
+        now, trace_hex = trace.decided_at, trace.trace_id.hex()
+        events: list[RateChange] = []
+        for key, span_ids in calls.items():
+            hit = [overruns[s] for s in span_ids if s in overruns]
+            first = min(child.end for found in hit for child, *_ in found) if hit else 0
+            self.rates_.observe(key, len(span_ids), len(hit), now, first, trace_hex, events)
+        findings = []
+        for found in overruns.values():
+            parent = found[0][1]
+            key = (parent.service, parent.name, parent.kind)
             anomalies = [self._anomaly(trace, *item) for item in found]
-            routine = self._judge(key, now)
+            routine = self._judge(key, now) if key in self._candidates else False
             if routine is None:
                 held = self._held.setdefault(key, [])
                 room = _MAX_HELD - len(held)
@@ -79,7 +120,8 @@ class ContextOutlivedParent:
                 self.held_dropped_ += max(0, len(anomalies) - room)
             elif not routine or self.rates_.is_open(key):
                 findings.extend(anomalies)  # an open rise: the incident tracker attaches them
-        self._released.extend(self._changes(events, now))
+        if events:
+            self._released.extend(self._changes(events, now))
         return findings
 
     def _anomaly(self, trace: Trace, child, parent, overrun: int, tolerance: int) -> Anomaly:
@@ -101,22 +143,6 @@ class ContextOutlivedParent:
                 "tolerance_ms": ms(tolerance),
             },
         )
-
-    def _overruns(self, trace: Trace):
-        by_id = trace.by_id
-        for child in trace.spans:
-            if child.parent_span_id is None or child.kind in _ASYNC_KINDS or child.has_links:
-                continue
-            parent = by_id.get(child.parent_span_id)
-            if parent is None:
-                continue
-            overrun = child.end - parent.end
-            # nearly every child ends in time: one comparison rules it out
-            if overrun <= self._least_tolerance or not parent.finished or not child.finished:
-                continue
-            tolerance = self._min_overrun if parent.service == child.service else self._skew
-            if overrun > tolerance:
-                yield child, parent, overrun, tolerance
 
     def _judge(self, key: Stage, now: int, final: bool = False) -> bool | None:
         """Whether outliving is ``key``'s norm; None while the evidence cannot tell.
@@ -178,9 +204,12 @@ class ContextOutlivedParent:
     def advance(self, now: int) -> list[Anomaly]:
         events: list[RateChange] = []
         self.rates_.advance(now, events)
-        self._released.extend(self._changes(events, now))
-        for key in list(self._held):
+        if events:
+            self._released.extend(self._changes(events, now))
+        for key in list(self._held) if self._held else ():
             self._judge(key, now)
+        if not self._released:
+            return []
         released, self._released = self._released, []
         return released
 
@@ -199,5 +228,8 @@ class ContextOutlivedParent:
 
     def restore(self, state: dict) -> None:
         self.rates_.restore(state.get("rates", []))
+        for key in self.rates_.keys_:
+            self._candidates.add(key)
+            self._candidate_names.add(key[1])
         for service, operation, span_kind, routine in state.get("routine", []):
             self.routine_[(str(service), str(operation), int(span_kind))] = bool(routine)

@@ -7,11 +7,10 @@ When latency returns, the same finding (same id) is emitted again with
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 
-from traceguard.detect.base import stage_finding
-from traceguard.models.features import latency_samples, stages
+from traceguard.detect.base import stage_finding, utc
+from traceguard.models.features import latency_keys, latency_samples, network_parts
 from traceguard.models.latency import LatencyModel, Regression
 from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, Trace
 
@@ -25,7 +24,7 @@ class LatencyRegression:
     def detect(self, trace: Trace) -> list[Anomaly]:
         events: list[Regression] = []
         now = trace.decided_at
-        self.model.observe(stages(trace), trace.spans, latency_samples(trace), trace.trace_id.hex(), now, events)
+        self.model.observe(latency_keys(trace), trace.spans, latency_samples(trace), trace.trace_id.hex(), now, events)
         return [self._anomaly(event, now) for event in events]
 
     def learn(self, trace: Trace) -> None:
@@ -44,10 +43,13 @@ class LatencyRegression:
     def _anomaly(self, regression: Regression, now: int) -> Anomaly:
         service, operation, span_kind = regression.stage
         resolved = regression.resolved_at is not None
-        onset = dt.datetime.fromtimestamp(regression.onset / 1e9, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+        onset = utc(regression.onset)
         base, current = regression.baseline, regression.current
+        network = network_parts(regression.stage)
+        what = (f"the network from {network[1]} into {service} '{network[0]}'"
+                if network is not None else f"{service} '{operation}' self time")
         summary = (
-            f"{service} '{operation}' self time {'was' if resolved else 'is'} {regression.magnitude}x its baseline "
+            f"{what} {'was' if resolved else 'is'} {regression.magnitude}x its baseline "
             f"since {onset} (p50 {base['p50_ms']} → {current['p50_ms']} ms, p99 {base['p99_ms']} → {current['p99_ms']} ms)"
             + ("; it is back to normal." if resolved else ".")
         )
@@ -61,7 +63,7 @@ class LatencyRegression:
             evidence={
                 "state": "resolved" if resolved else "open",
                 "signal": "latency",
-                "metric": "self_time",
+                "metric": "network_time" if network is not None else "self_time",
                 "stage_kind": KIND_NAMES[span_kind],
                 "onset_unix_nano": regression.onset,
                 "opened_at_unix_nano": regression.opened_at,

@@ -39,9 +39,12 @@ class MissingExpectedSpan:
             min_calls=config.norm_min_calls, min_window_calls=config.norm_min_window_calls,
             max_keys=config.norm_max_stages,
         )
-        self._edges: dict[tuple, list[tuple]] = {}  # parent stage -> child stages it has called
+        self._edges: dict[tuple, dict[tuple, tuple]] = {}  # parent stage -> child stage -> rate key
         self._max_edges = config.norm_max_stages
+        self._min_calls = config.norm_min_calls
         self._n_edges = 0
+        self._optional: set[tuple] = set()  # call pairs too rare to be expected (bounded by norm_max_stages)
+        self._pruned = -1  # the window in which optional calls were last taken out
         self._changes: list[Anomaly] = []
 
     def detect(self, trace: Trace) -> list[Anomaly]:
@@ -74,35 +77,48 @@ class MissingExpectedSpan:
 
     def _observe_calls(self, trace: Trace) -> None:
         """Every call of every stage in a complete trace: which of its stage's
-        usual child calls it made."""
-        by_id = trace.by_id
-        made: dict[bytes, set] = {}
-        edges = self._edges
+        usual child calls it made (counted per trace, then once per call pair).
+        A call that its stage turns out to make in under half of
+        ``norm_min_calls`` calls is optional: it is no longer counted."""
+        edges, children, optional = self._edges, trace.children, self._optional
+        counts: dict[tuple, list[int]] = {}
         for span in trace.spans:
-            parent = by_id.get(span.parent_span_id) if span.parent_span_id is not None else None
-            if parent is None:
-                continue
-            child = (span.service, span.name, span.kind)
-            made.setdefault(parent.span_id, set()).add(child)
-            known = edges.get((parent.service, parent.name, parent.kind))
+            stage = (span.service, span.name, span.kind)
+            known = edges.get(stage)
+            kids = children.get(span.span_id)
+            present = {(k.service, k.name, k.kind) for k in kids} if kids else ()
             if known is None:
-                if self._n_edges >= self._max_edges:
+                if not present or self._n_edges >= self._max_edges:
                     continue
-                known = edges[(parent.service, parent.name, parent.kind)] = []
-            if child not in known and self._n_edges < self._max_edges:
-                known.append(child)
-                self._n_edges += 1
-        now, trace_hex, rates = trace.decided_at, trace.trace_id.hex(), self.calls_
+                known = edges[stage] = {}
+            for child in present:
+                if child not in known and self._n_edges < self._max_edges and (*stage, *child) not in optional:
+                    known[child] = (*stage, *child)
+                    self._n_edges += 1
+            for child, key in known.items():
+                entry = counts.get(key)
+                if entry is None:
+                    entry = counts[key] = [0, 0, 0]
+                entry[0] += 1
+                if child in present:
+                    entry[1] += 1
+                elif not entry[2] or span.end < entry[2]:
+                    entry[2] = span.end
+        now, rates = trace.decided_at, self.calls_
         events: list[RateChange] = []
-        for span in trace.spans:
-            key = (span.service, span.name, span.kind)
-            known = edges.get(key)
-            if not known:
-                continue
-            children = made.get(span.span_id, ())
-            for child in known:
-                rates.observe((*key, *child), child in children, now, span.end, trace_hex, events)
-        self._changes.extend(self._findings(events, now))
+        rates.observe_all(counts, now, trace.trace_id.hex(), events)
+        if events:
+            self._changes.extend(self._findings(events, now))
+        if now // rates.window != self._pruned:  # once a window: calls too rare to be expected
+            self._pruned = now // rates.window
+            for key, rate in list(rates.keys_.items()):
+                if key in optional or rate.calls < self._min_calls or rate.change is not None:
+                    continue
+                if rate.hits / rate.calls < _EXPECTED_CALL_RATE and key[3:] in edges.get(key[:3], {}):
+                    del edges[key[:3]][key[3:]]
+                    self._n_edges -= 1
+                    if len(optional) < self._max_edges:
+                        optional.add(key)
 
     def _findings(self, events: list[RateChange], now: int) -> list[Anomaly]:
         """Only calls that were usual: an optional call made less often is not a fault."""
@@ -136,5 +152,5 @@ class MissingExpectedSpan:
     def restore(self, state: dict) -> None:
         self.calls_.restore(state.get("calls", []))
         for key in self.calls_.keys_:
-            self._edges.setdefault(key[:3], []).append(key[3:])
+            self._edges.setdefault(key[:3], {})[key[3:]] = key
             self._n_edges += 1

@@ -12,9 +12,9 @@ import math
 
 from traceguard.config import LatencyConfig
 from traceguard.detect.base import finding, ms
-from traceguard.models.features import latency_samples, stages
+from traceguard.models.features import latency_keys, latency_samples, network_parts
 from traceguard.models.latency import LatencyModel
-from traceguard.records import Anomaly, AnomalyKind, Trace
+from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, Trace
 
 
 class SlowStage:
@@ -27,29 +27,32 @@ class SlowStage:
     def detect(self, trace: Trace) -> list[Anomaly]:
         baselines = self.model.stages_
         slow = []
-        for key, span, self_ns in zip(stages(trace), trace.spans, latency_samples(trace)):
+        for key, span, self_ns in zip(latency_keys(trace), trace.spans, latency_samples(trace)):
             if self_ns is None:
                 continue
             stage = baselines.get(key)
             if stage is None or stage.slow_threshold is None or self_ns <= stage.slow_threshold:
                 continue
-            slow.append((self_ns / stage.slow_threshold, span, self_ns, stage))
+            slow.append((self_ns / stage.slow_threshold, span, self_ns, stage, key))
         slow.sort(key=lambda item: (-item[0], item[1].span_id))
         findings = []
-        for ratio, span, self_ns, stage in slow[: self._max]:
+        for ratio, span, self_ns, stage, key in slow[: self._max]:
             p50, p99 = (float(v) for v in stage.self_hist.quantiles((0.5, 0.99)))
+            network = network_parts(key)
+            what = (f"the network from {network[1]} into {key[0]} '{network[0]}' took {ms(self_ns)} ms"
+                    if network is not None else f"{span.service} '{span.name}' spent {ms(self_ns)} ms in itself")
             findings.append(finding(
-                self.kind, trace.trace_id, span,
+                self.kind, trace.trace_id, span, key,
                 detected_at=trace.decided_at,
                 event_time=span.end,
                 severity="warning",
                 score=min(1.0, ratio / 10),
                 summary=(
-                    f"{span.service} '{span.name}' spent {ms(self_ns)} ms in itself, "
-                    f"{ratio:.1f}x beyond the slow threshold of its baseline (p50 {ms(int(math.exp(p50)))} ms, "
+                    f"{what}, {ratio:.1f}x beyond the slow threshold of its baseline (p50 {ms(int(math.exp(p50)))} ms, "
                     f"p99 {ms(int(math.exp(p99)))} ms)."
                 ),
                 evidence={
+                    "stage_kind": KIND_NAMES[key[2]],
                     "self_time_ms": ms(self_ns),
                     "duration_ms": ms(span.end - span.start),
                     "threshold_ms": ms(stage.slow_threshold),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from traceguard.records import KIND_CLIENT, KIND_PRODUCER, KIND_SERVER, KIND_CONSUMER, STATUS_ERROR, Trace
+from traceguard.records import KIND_CLIENT, KIND_NETWORK, KIND_SERVER, STATUS_ERROR, Trace
 
 Stage = tuple[str, str, int]  # (service, operation, span kind)
 
@@ -47,30 +47,61 @@ def self_times(trace: Trace) -> list[int | None]:
     return out
 
 
-_CALLEE_KINDS = frozenset({KIND_SERVER, KIND_CONSUMER})
+_NETWORK_FROM = " <- "
+
+
+def network_stage(callee_service: str, callee_operation: str, caller_service: str) -> Stage:
+    """The network path of calls from ``caller_service`` into a callee's operation."""
+    return callee_service, f"{callee_operation}{_NETWORK_FROM}{caller_service}", KIND_NETWORK
+
+
+def network_parts(stage: Stage) -> tuple[str, str] | None:
+    """(callee operation, calling service) of a ``network_stage``; None for any other stage."""
+    if stage[2] != KIND_NETWORK:
+        return None
+    operation, _, caller = stage[1].rpartition(_NETWORK_FROM)
+    return operation, caller
+
+
+def latency_keys(trace: Trace) -> list[Stage]:
+    """The stage each span's ``latency_samples`` value belongs to (see there)."""
+    _latency_view(trace)
+    return trace.derived["latency_keys"]
 
 
 def latency_samples(trace: Trace) -> list[int | None]:
-    """Self times as the latency baselines judge them: None where a span is
-    unfinished, or is a CLIENT/PRODUCER span whose callee is instrumented.
+    """Each span's time as the latency baselines judge it: its self time, except
+    for a CLIENT span whose callee's SERVER span (another service) is in the trace.
 
     Such a client's self time is the network plus the clock skew between the
-    two services (a few ms either way on real systems), so it shifts whenever
-    the clocks drift; the callee's own SERVER span carries the stage's real
-    latency, and the callee's time counts there.
+    two services, so it shifts whenever the clocks drift. Its duration minus
+    the callee's duration is the network and queueing time alone — two
+    durations, each on one clock, so skew cancels — and belongs to the callee:
+    it is judged as the callee's ``network_stage`` (a delayed network to a
+    pod is that pod's fault), while the callee's own time counts on its SERVER
+    stage. None where a span is unfinished.
     """
-    cached = trace.derived.get("latency_samples")
-    if cached is not None:
-        return cached
-    out = list(self_times(trace))
+    _latency_view(trace)
+    return trace.derived["latency_samples"]
+
+
+def _latency_view(trace: Trace) -> None:
+    derived = trace.derived
+    if "latency_samples" in derived:
+        return
+    samples = list(self_times(trace))
+    keys = list(stages(trace))
     children = trace.children
     for i, span in enumerate(trace.spans):
-        if span.kind == KIND_CLIENT or span.kind == KIND_PRODUCER:
-            kids = children.get(span.span_id)
-            if kids and any(k.kind in _CALLEE_KINDS and k.service != span.service for k in kids):
-                out[i] = None
-    trace.derived["latency_samples"] = out
-    return out
+        if span.kind != KIND_CLIENT or samples[i] is None:
+            continue
+        for callee in children.get(span.span_id, ()):
+            if callee.kind == KIND_SERVER and callee.service != span.service and callee.finished:
+                keys[i] = network_stage(callee.service, callee.name, span.service)
+                samples[i] = max(0, (span.end - span.start) - (callee.end - callee.start))
+                break
+    derived["latency_keys"] = keys
+    derived["latency_samples"] = samples
 
 
 def shape(trace: Trace) -> dict[str, float]:

@@ -27,7 +27,8 @@ import numpy as np
 from sklearn.ensemble import IsolationForest
 
 from traceguard.config import ForestConfig
-from traceguard.models.features import Stage, latency_samples, shape, stages
+from traceguard.models.features import Stage, latency_keys, latency_samples, shape
+from traceguard.models.tails import SHARE, exponential_tail
 from traceguard.records import KIND_NAMES, Trace
 
 GENERIC_FEATURES = ("log_duration_ms", "span_count", "depth", "max_fan_out", "errors", "services", "max_repeated_calls")
@@ -129,7 +130,7 @@ class RootForest:
             return np.array(generic)
         totals = [0] * STAGE_COLUMNS
         index = self.stage_index_
-        for stage, self_ns in zip(stages(trace), latency_samples(trace)):
+        for stage, self_ns in zip(latency_keys(trace), latency_samples(trace)):
             if self_ns is None:
                 continue
             column = index.get(stage)
@@ -192,10 +193,11 @@ class RootForest:
         # Per-feature deviation threshold from the buffer's own tail (heavy
         # tails get a higher bar than min_feature_z), as slow_stage does.
         z = self._one_sided_z(features)
-        q99, q999 = np.quantile(z, (0.99, 0.999), axis=0)
-        spacings = 1.0 + max(0.0, math.log10(1e-3 / self.alert_rate))
+        q99 = np.quantile(z, 0.99, axis=0)
+        excess = np.where(z > q99, z - q99, 0.0).sum(axis=0) / np.maximum((z > q99).sum(axis=0), 1)
+        tail = exponential_tail(q99, excess, self.alert_rate / max(SHARE, z.shape[1]))
         # Nor is anything the buffer of normal traces already holds.
-        self.z_threshold_ = np.maximum(np.maximum(q999 + spacings * (q999 - q99), z.max(axis=0)), config.min_feature_z)
+        self.z_threshold_ = np.maximum(np.maximum(tail, z.max(axis=0)), config.min_feature_z)
         self.since_fit_ = 0
 
     def _one_sided_z(self, features: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ import numpy as np
 LOG_LOW = np.log(1_000.0)  # 1 µs in ns
 BIN_WIDTH = 0.1
 BINS = 240
+_CENTRES = LOG_LOW + (np.arange(BINS) + 0.5) * BIN_WIDTH
 
 
 class LogHistogram:
@@ -53,3 +54,12 @@ class LogHistogram:
         (decayed) samples: the most this distribution has done; NaN when empty."""
         filled = np.flatnonzero(self.counts_ >= floor)
         return float(LOG_LOW + (filled[-1] + 1) * BIN_WIDTH) if filled.size else float("nan")
+
+    def mean_excess(self, cut: float) -> float:
+        """Mean of (value − ``cut``) over the samples above ``cut`` (a quantile, in
+        ln(ns)): the scale of the tail beyond it (bin centres; at least one bin width)."""
+        above = _CENTRES > cut
+        weight = self.counts_[above].sum()
+        if weight <= 0:
+            return BIN_WIDTH
+        return max(float((self.counts_[above] * (_CENTRES[above] - cut)).sum() / weight), BIN_WIDTH)

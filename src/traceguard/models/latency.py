@@ -23,11 +23,13 @@ import numpy as np
 from traceguard.config import LatencyConfig
 from traceguard.models.features import Stage
 from traceguard.models.histogram import LogHistogram
+from traceguard.models.tails import SHARE, exponential_tail
 
 # Normal-consistent scale from the interquartile range; median standard error factor.
 _IQR_TO_SIGMA = 1.349
 _MEDIAN_SE = 1.2533
 _MIN_SCALE = 0.05
+_THRESHOLD_EVERY = 10  # calm windows between two settings of a stage's slow_stage bar
 QUANTILES = (0.5, 0.95, 0.99)
 
 
@@ -62,7 +64,7 @@ class _Window:
 
 class StageLatency:
     __slots__ = ("self_hist", "total_hist", "window", "shifted", "calm", "regression", "slow_threshold",
-                 "last_index")
+                 "last_index", "merged")
 
     def __init__(self) -> None:
         self.self_hist = LogHistogram()
@@ -73,6 +75,7 @@ class StageLatency:
         self.regression: Regression | None = None
         self.slow_threshold: int | None = None  # self time (ns) beyond which a span is a slow_stage
         self.last_index = -1                # the last window that held samples
+        self.merged = 0                     # windows merged since slow_threshold was set
 
 
 def _ms_quantiles(logs: np.ndarray) -> dict[str, float]:
@@ -90,10 +93,8 @@ class LatencyModel:
 
     def __init__(self, config: LatencyConfig, alert_rate: float = 1e-4) -> None:
         self.config = config
-        # slow_stage thresholds: an exponential tail in log time fitted through
-        # p99 and p99.9 and followed this many p99→p99.9 spacings past p99.9,
-        # i.e. one decade of probability beyond the alert budget.
-        self._tail_spacings = 1.0 + max(0.0, math.log10(1e-3 / alert_rate))
+        # slow_stage: a span beyond its stage's tail at this rarity (models.tails).
+        self._sample_rate = alert_rate / SHARE
         self.stages_: dict[Stage, StageLatency] = {}
         self.untracked_samples_ = 0
         self._decay = 0.5 ** (config.window / config.baseline_half_life) if config.baseline_half_life else 1.0
@@ -162,12 +163,13 @@ class LatencyModel:
             if stage.regression is None and not stage.shifted:
                 self._merge(stage, window, logs)
             return
-        q25, median, q75 = stage.self_hist.quantiles((0.25, 0.5, 0.75))
+        q25, median, q75, q90 = stage.self_hist.quantiles((0.25, 0.5, 0.75, 0.9))
         scale = max((q75 - q25) / _IQR_TO_SIGMA, _MIN_SCALE)
-        shift = float(np.median(logs)) - median
+        window_median, window_q90 = np.quantile(logs, (0.5, 0.9))
+        shift = float(window_median) - median
         # The upper body must move too: a median that creeps while p90 stays
         # (or falls) is a change of mix, not a slower stage.
-        upper_shift = float(np.quantile(logs, 0.9)) - float(stage.self_hist.quantiles((0.9,))[0])
+        upper_shift = float(window_q90) - q90
         shifted = (shift >= self._min_shift and upper_shift >= self._min_shift
                    and shift / (_MEDIAN_SE * scale / math.sqrt(len(logs))) >= config.regression_z)
         regression = stage.regression
@@ -220,12 +222,24 @@ class LatencyModel:
 
     @staticmethod
     def _onset(stage: StageLatency) -> int:
-        """The end time of the first sample of the shifted run beyond the baseline p99,
-        so the onset is never earlier than the first affected sample (a window holds
-        traces decided in it, whose spans may have ended a decision wait before)."""
-        p99 = math.exp(float(stage.self_hist.quantiles((0.99,))[0]))
-        affected = [end for window in stage.shifted for value, end in zip(window.self_ns, window.ends) if value > p99]
-        return min(affected) if affected else stage.shifted[0].min_event
+        """When the shifted run began: the change point of "beyond the baseline p95"
+        over its samples in end-time order (a Bernoulli CUSUM: the start of the
+        longest stretch where that is more common than halfway between before and
+        after). Never earlier than the first affected sample, and not pulled early
+        by the few normal samples beyond p95 that came before the change (a window
+        holds traces decided in it, whose spans may have ended a decision wait earlier)."""
+        p95 = math.exp(float(stage.self_hist.quantiles((0.95,))[0]))
+        samples = sorted((end, value) for window in stage.shifted for value, end in zip(window.self_ns, window.ends))
+        affected = [value > p95 for _, value in samples]
+        if not any(affected):
+            return stage.shifted[0].min_event
+        level = (0.05 + sum(affected) / len(affected)) / 2
+        best, total, start = -math.inf, 0.0, 0
+        for i in range(len(samples) - 1, -1, -1):
+            total += affected[i] - level
+            if affected[i] and total >= best:
+                best, start = total, i
+        return samples[start][0]
 
     def _describe(self, regression: Regression, windows: list[_Window], shift: float) -> None:
         self_ns = np.asarray([v for w in windows for v in w.self_ns], dtype=float)
@@ -243,16 +257,22 @@ class LatencyModel:
         stage.total_hist.decay(self._decay)
         stage.self_hist.add_logs(logs)
         stage.total_hist.add_logs(np.log(np.asarray(window.total_ns, dtype=float)))
-        self.set_slow_threshold(stage)
+        stage.merged += 1
+        # The bar moves slowly: set again every few windows, or at once when a
+        # sample went past it (the baseline just learned a new extreme).
+        if (stage.slow_threshold is None or stage.merged >= _THRESHOLD_EVERY
+                or max(window.self_ns) > stage.slow_threshold):
+            self.set_slow_threshold(stage)
 
     def set_slow_threshold(self, stage: StageLatency) -> None:
         config = self.config
+        stage.merged = 0
         if stage.self_hist.total < config.slow_stage_min_samples or stage.regression is not None:
             stage.slow_threshold = None
             return
-        q25, median, q75, q99, q999 = stage.self_hist.quantiles((0.25, 0.5, 0.75, 0.99, 0.999))
+        q25, median, q75, q99 = stage.self_hist.quantiles((0.25, 0.5, 0.75, 0.99))
         scale = max((q75 - q25) / _IQR_TO_SIGMA, _MIN_SCALE)
-        tail = q999 + self._tail_spacings * max(q999 - q99, _MIN_SCALE)
+        tail = float(exponential_tail(q99, stage.self_hist.mean_excess(q99), self._sample_rate))
         # Real stages stall now and then (GC, a cold cache, CPU starvation): a
         # mixture the p99→p99.9 slope does not see. Nothing the baseline has
         # already shown as normal is a per-trace finding.

@@ -99,16 +99,26 @@ class RateModel:
             return 0.0, 0.0
         return rate.calls + rate.w_calls, rate.hits + rate.w_hits
 
+    def seed(self, key: Hashable, calls: float) -> None:
+        """Starts ``key``'s baseline with ``calls`` calls that showed nothing (counted
+        elsewhere before the key was worth a rate of its own)."""
+        if key not in self.keys_ and len(self.keys_) < self.max_keys:
+            self.keys_[key] = rate = _Rate()
+            rate.calls = float(max(calls, 0))
+
     def is_open(self, key: Hashable) -> bool:
         rate = self.keys_.get(key)
         return rate is not None and rate.change is not None
 
-    def observe(self, key: Hashable, hit: bool, now: int, event_time: int, trace_id: str,
+    def observe(self, key: Hashable, calls: int, hits: int, now: int, first_affected: int, trace_id: str,
                 events: list[RateChange]) -> None:
+        """``calls`` of ``key`` in one trace, ``hits`` of them showing the behaviour;
+        ``first_affected``: event time of the first affected call (0 if none: no hit
+        when watching up, every call made when watching down)."""
         rate = self.keys_.get(key)
         if rate is None:
             if len(self.keys_) >= self.max_keys:
-                self.untracked_ += 1
+                self.untracked_ += calls
                 return
             rate = self.keys_[key] = _Rate()
         index = now // self.window
@@ -116,13 +126,29 @@ class RateModel:
             if rate.w_index >= 0:
                 self._close(key, rate, events)
             rate.w_index = index
-        rate.w_calls += 1
-        rate.w_hits += hit
-        if hit == (self.direction == "up"):  # an affected call: the behaviour watched for, or its absence
-            if not rate.w_first or event_time < rate.w_first:
-                rate.w_first = event_time
+        rate.w_calls += calls
+        rate.w_hits += hits
+        if first_affected:
+            if not rate.w_first or first_affected < rate.w_first:
+                rate.w_first = first_affected
             if len(rate.w_exemplars) < _EXEMPLARS:
                 rate.w_exemplars.append(trace_id)
+
+    def observe_all(self, counts: dict, now: int, trace_id: str, events: list[RateChange]) -> None:
+        """``observe`` for each ``key: [calls, hits, first_affected]`` of one trace."""
+        keys, index = self.keys_, now // self.window
+        for key, (calls, hits, first) in counts.items():
+            rate = keys.get(key)
+            if rate is None or rate.w_index != index:
+                self.observe(key, calls, hits, now, first, trace_id, events)
+                continue
+            rate.w_calls += calls
+            rate.w_hits += hits
+            if first:
+                if not rate.w_first or first < rate.w_first:
+                    rate.w_first = first
+                if len(rate.w_exemplars) < _EXEMPLARS:
+                    rate.w_exemplars.append(trace_id)
 
     def advance(self, now: int, events: list[RateChange]) -> None:
         """Closes every window that ended before ``now``'s window (once per window period)."""

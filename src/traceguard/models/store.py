@@ -90,6 +90,9 @@ def _npz(path: Path) -> dict[str, np.ndarray]:
 def _save_latency(models: Models, path: Path) -> None:
     stages = models.latency.stages_
     keys = list(stages)
+    for key in keys:  # bars are set lazily; what is loaded is judged as what is saved
+        if stages[key].regression is None:
+            models.latency.set_slow_threshold(stages[key])
     np.savez_compressed(
         path,
         keys=np.array(json.dumps(keys)),

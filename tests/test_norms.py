@@ -1,0 +1,142 @@
+"""What a stage does routinely is its norm; a change of it is a finding (event time, fixed seeds)."""
+
+import numpy as np
+
+from builders import T0, row
+from test_learned import MINUTE_MS, of_kind, request, stream
+from traceguard.assemble import EventTimeClock
+from traceguard.config import PipelineConfig, StructuralConfig
+from traceguard.models.rates import RateModel
+from traceguard.pipeline import Pipeline
+from traceguard.records import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER
+from traceguard.sinks import MemorySink
+
+SECOND_NS = 10**9
+
+
+def _rates(direction="up", **overrides):
+    settings = dict(window=30 * SECOND_NS, persist_windows=2, half_life=0, z=5.0, min_ratio=2.0, min_calls=200,
+                    min_window_calls=20, max_keys=100)
+    return RateModel(direction, **{**settings, **overrides})
+
+
+def _feed(model, seconds, rate, *, start_s=0, per_s=10, seed=1):
+    """``per_s`` calls a second for ``seconds``, a share ``rate`` of them hits; returns the changes."""
+    rng = np.random.default_rng(seed)
+    events = []
+    for s in range(start_s, start_s + seconds):
+        now = T0 + s * SECOND_NS
+        hits = int(rng.binomial(per_s, rate))
+        model.observe("stage", per_s, hits, now, now if hits else 0, f"{s:032x}", events)
+    return events
+
+
+def test_a_routine_rate_is_the_norm_and_a_rise_opens_and_resolves():
+    model = _rates()
+    assert _feed(model, 600, 0.05) == []  # 5 % of calls, ten minutes: the norm
+    calls, rate = model.rate("stage")
+    assert 0.04 < rate < 0.06 and calls > 5000
+    opened = _feed(model, 120, 0.30, start_s=600, seed=2)
+    assert [e.resolved_at for e in opened] == [None]
+    (change,) = opened
+    assert T0 + 600 * SECOND_NS <= change.onset <= T0 + 630 * SECOND_NS
+    assert change.current_rate > 0.2 and change.magnitude > 4
+    assert 0.04 < model.rate("stage")[1] < 0.06  # the rise is not absorbed
+    resolved = _feed(model, 120, 0.05, start_s=720, seed=3)
+    assert [e.resolved_at is not None for e in resolved] == [True] and resolved[0] is change
+
+
+def test_a_dropped_call_opens_a_change_watching_down():
+    model = _rates("down")
+    assert _feed(model, 300, 0.97) == []
+    (change,) = _feed(model, 90, 0.2, start_s=300, seed=4)
+    assert change.baseline_rate > 0.9 and change.current_rate < 0.3
+
+
+def _outliving(n, t_ms, rng, *, outlive: bool):
+    """api SERVER with an INTERNAL child that ends 5 ms after it when ``outlive``."""
+    end = t_ms + 10
+    return [row(n, 1, start_ms=t_ms, end_ms=end, kind=KIND_SERVER, service="api", name="GET /x"),
+            row(n, 2, 1, start_ms=t_ms + 1, end_ms=end + (5 if outlive else -1), kind=KIND_INTERNAL,
+                service="api", name="refresh")]
+
+
+def _run_outliving(minutes, share, *, leak_from_min=None, leak_share=0.0, seed=1):
+    rng = np.random.default_rng(seed)
+    sink = MemorySink()
+    pipeline = Pipeline(PipelineConfig(), EventTimeClock(5 * SECOND_NS), [sink])
+    for i in range(int(minutes * 60 * 2)):
+        t_ms = i * 500
+        p = leak_share if leak_from_min is not None and t_ms >= leak_from_min * MINUTE_MS else share
+        pipeline.accept_spans(_outliving(i + 1, t_ms, rng, outlive=rng.random() < p))
+        pipeline.advance()
+    pipeline.close()
+    return sink
+
+
+def test_a_stage_that_routinely_outlives_its_parent_is_reported_once_as_its_norm():
+    sink = _run_outliving(30, 0.12)  # 3,600 calls, 12 % of them outlived: Node.js-style callbacks
+    found = of_kind(sink, "context_outlived_parent")
+    assert [(a.trace_id, a.evidence["state"]) for a in found] == [(None, "norm")]
+    assert 0.08 < found[0].evidence["rate"] < 0.16 and found[0].severity == "info"
+    assert sink.incidents == []
+
+
+def test_a_leak_on_a_clean_stage_is_found_per_trace_and_becomes_an_incident():
+    sink = _run_outliving(30, 0.0, leak_from_min=15, leak_share=0.3)
+    found = of_kind(sink, "context_outlived_parent")
+    per_trace = [a for a in found if a.trace_id]
+    stage_level = [a for a in found if a.trace_id is None]
+    assert per_trace and all(a.event_time >= T0 + 15 * MINUTE_MS * 10**6 for a in per_trace)
+    assert [a.evidence["signal"] for a in stage_level if a.evidence["state"] == "open"] == ["outlived_parent"]
+    assert len({i.id for i in sink.incidents}) == 1
+
+
+def test_a_rise_of_a_routine_rate_is_an_incident():
+    sink = _run_outliving(30, 0.05, leak_from_min=15, leak_share=0.5)
+    found = of_kind(sink, "context_outlived_parent")
+    assert [a.evidence["state"] for a in found if a.trace_id is None][:2] == ["norm", "open"]
+    (incident,) = {i.id: i for i in sink.incidents}.values()
+    assert incident.culprits[0].operation == "GET /x" and incident.culprits[0].signal == "outlived_parent"
+
+
+def test_a_stage_absent_in_five_percent_of_requests_is_learned_as_optional():
+    """The feedback loop of learning only from unflagged traces: render is skipped by
+    5 % of requests (the failed ones). Learning only from unflagged traces kept its
+    presence at 1.0 and fired on every one of them, for ever (~180 here)."""
+    skip = np.random.default_rng(8)
+    pipeline, sink = stream(60, render=lambda m: skip.random() >= 0.05, seed=3)
+    pipeline.close()
+    found = of_kind(sink, "missing_expected_span")
+    assert len(found) <= 5, [a.summary for a in found]
+    presence = pipeline.models.structure.roots_[("api", "GET /item")].stages[("api", "render", KIND_INTERNAL)]
+    assert 0.93 < presence / pipeline.models.structure.roots_[("api", "GET /item")].traces < 0.97
+
+
+def test_clock_skew_on_client_spans_opens_no_regression():
+    """A CLIENT span's own time is network plus skew; the server side carries the stage's latency."""
+    rng = np.random.default_rng(2)
+    sink = MemorySink()
+    pipeline = Pipeline(PipelineConfig(), EventTimeClock(5 * SECOND_NS), [sink])
+    for i in range(7200):
+        t_ms = i * 500
+        skew = 4.0 if (t_ms // (10 * MINUTE_MS)) % 2 else -4.0  # the server's clock jumps every 10 minutes
+        server_ms = 3 * float(np.exp(rng.normal(0, 0.3)))
+        pipeline.accept_spans([
+            row(i + 1, 1, start_ms=t_ms, end_ms=t_ms + server_ms + 4, kind=KIND_SERVER, service="web", name="GET /"),
+            row(i + 1, 2, 1, start_ms=t_ms + 1, end_ms=t_ms + server_ms + 3, kind=KIND_CLIENT, service="web",
+                name="db-api.Get"),
+            row(i + 1, 3, 2, start_ms=t_ms + 2 + skew, end_ms=t_ms + 2 + skew + server_ms, kind=KIND_SERVER,
+                service="db-api", name="Get"),
+        ])
+        pipeline.advance()
+    pipeline.close()
+    assert of_kind(sink, "latency_regression") == [] and sink.incidents == []
+
+
+def test_a_fast_trace_is_never_an_outlier_and_a_slow_warm_up_is_outgrown():
+    # warm-up taken during a slow spell (3x), then normal speed for an hour
+    pipeline, sink = stream(15, speed=lambda m: 3.0)
+    stream(60, pipeline=pipeline, start_ms=15 * MINUTE_MS, first_n=10**6, speed=lambda m: 1.0)
+    pipeline.close()
+    assert of_kind(sink, "trace_outlier") == [] and of_kind(sink, "slow_stage") == []
