@@ -111,7 +111,7 @@ def test_the_baseline_does_not_absorb_an_open_regression():
 
 
 def test_slow_stage_points_at_the_guilty_span_not_its_parents():
-    pipeline, sink = stream(30)
+    pipeline, sink = stream(30, rate_per_s=3.0)  # 5,400 traces: slow_stage judges after 5,000 samples
     rng = np.random.default_rng(5)
     pipeline.accept_spans(request(10**7, 30 * MINUTE_MS, rng, db_factor=60.0, cache=False))
     pipeline.close()

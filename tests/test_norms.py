@@ -78,7 +78,8 @@ def test_a_stage_that_routinely_outlives_its_parent_is_reported_once_as_its_norm
     sink = _run_outliving(30, 0.12)  # 3,600 calls, 12 % of them outlived: Node.js-style callbacks
     found = of_kind(sink, "context_outlived_parent")
     assert [(a.trace_id, a.evidence["state"]) for a in found] == [(None, "norm")]
-    assert 0.08 < found[0].evidence["rate"] < 0.16 and found[0].severity == "info"
+    assert found[0].evidence["calls"] >= 50 and 0.03 < found[0].evidence["rate"] < 0.3  # an early estimate
+    assert found[0].severity == "info"
     assert sink.incidents == []
 
 

@@ -75,7 +75,7 @@ class StructuralConfig(_Section):
     norm_min_calls: int = Field(
         200, ge=0,
         description="Calls of a stage before its routine rates (children outliving it, calls it makes) are "
-                    "trusted; single occurrences on a stage not yet judged are held until then. 0: no warm-up.",
+                    "trusted; single occurrences on a stage not yet judged are held until then. 0: no norms, every stage is clean.",
     )
     norm_routine_rate: float = Field(
         1e-3, gt=0, le=1,
@@ -115,7 +115,9 @@ class LatencyConfig(_Section):
                     "within clock skew and scheduling noise, and nobody acts on it.",
     )
     slow_stage_min_samples: int = Field(
-        1000, ge=10, description="Baseline samples before slow_stage judges a stage (its p99.9 must be measured, not guessed)."
+        5000, ge=10,
+        description="Baseline samples before slow_stage reports a stage's spans: its tail must be measured (a "
+                    "once-in-10^4 stall seen), not guessed. Its bar (also trace_outlier's) exists from 1,000.",
     )
     slow_stage_max_per_trace: int = Field(3, ge=1)
     max_stages: int = Field(20_000, ge=1, description="Stages with a baseline; further stages are not tracked and are counted.")

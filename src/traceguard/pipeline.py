@@ -123,7 +123,9 @@ class Pipeline:
             self.advance()
             self.assembler.flush()
             now = self._clock.now()
-            for learner in self._learners:
+            # Last declared first: a trace still waiting for its forest batch is scored
+            # before the latency baselines take in the windows it was decided in.
+            for learner in reversed(self._learners):
                 for anomaly in learner.flush(now):
                     self._emit(anomaly, self._logs_of(anomaly))
             self.incidents.flush(now)
@@ -132,7 +134,7 @@ class Pipeline:
 
     def _on_trace(self, trace: Trace) -> None:
         """Completeness checks first; only a complete trace reaches the timing
-        checks, and only a trace nothing flagged teaches the learned ones."""
+        checks; then every learner hears what was found in it."""
         found: list[Anomaly] = []
         for detector in self._completeness:
             found.extend(detector.detect(trace))
@@ -140,10 +142,10 @@ class Pipeline:
             for detector in self._timing:
                 found.extend(detector.detect(trace))
         self.incidents.observe(trace)
-        if not found:
-            for learner in self._learners:
-                learner.learn(trace)
-        else:
+        flagged = frozenset(anomaly.kind for anomaly in found)
+        for learner in self._learners:
+            learner.learn(trace, flagged)
+        if found:
             logs = self.logs.get(trace.trace_id)
             for anomaly in found:
                 self._emit(anomaly, logs if anomaly.trace_id else self._logs_of(anomaly), trace)

@@ -41,7 +41,7 @@ def learned_detectors(models: Models, config: LearnedConfig,
     current window."""
     return (
         [MissingExpectedSpan(models.structure, structural)],
-        [SlowStage(models.latency, config.latency), LatencyRegression(models.latency), TraceOutlier(models.forest)],
+        [SlowStage(models.latency, config.latency), LatencyRegression(models.latency), TraceOutlier(models.forest, models.latency)],
     )
 
 

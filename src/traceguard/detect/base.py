@@ -28,11 +28,15 @@ class TraceDetector(Protocol):
 
 class LearnedDetector(TraceDetector, Protocol):
     """A detector with learned state. Besides ``detect`` it may find things
-    later (a window closing, a batch scored) and it learns only from traces
-    that no detector flagged."""
+    later (a window closing, a batch scored) and it learns from decided traces."""
 
-    def learn(self, trace: Trace) -> None:
-        """``trace`` raised no finding at all: it may shape the model."""
+    def learn(self, trace: Trace, flagged: frozenset[AnomalyKind]) -> None:
+        """Every decided trace, after detection; ``flagged``: the kinds found in it.
+
+        Each model chooses what it learns from. Frequencies must be learned from
+        flagged traces too, or a behaviour that is flagged but routine is flagged
+        for ever (a feedback loop); what a model keeps out is only what its own
+        evidence calls extreme, and traces whose spans did not all arrive intact."""
 
     def advance(self, now: int) -> list[Anomaly]:
         """Findings that became due at ``now`` (pipeline clock)."""

@@ -147,13 +147,15 @@ class ContextOutlivedParent:
     def _judge(self, key: Stage, now: int, final: bool = False) -> bool | None:
         """Whether outliving is ``key``'s norm; None while the evidence cannot tell.
 
-        Routine as soon as the rate is surely above ``norm_routine_rate``; clean
+        Routine once a quarter of ``norm_min_calls`` calls show the rate surely above
+        ``norm_routine_rate``; clean
         once ``norm_min_calls`` calls show it is not (or at the end of input)."""
         decided = self.routine_.get(key)
         if decided is not None:
             return decided
         calls, hits = self.rates_.evidence(key)
-        if self._min_calls and hits >= 3 and wilson_lower(hits, calls) >= self._routine_rate:
+        if self._min_calls and calls >= self._min_calls / 4 and hits >= 3 \
+                and wilson_lower(hits, calls) >= self._routine_rate:
             routine = True
         elif calls >= self._min_calls or final:
             routine = False
@@ -198,7 +200,7 @@ class ContextOutlivedParent:
             what=f"calls whose children kept running after {event.key[0]} '{event.key[1]}' ended",
         ) for event in events]
 
-    def learn(self, trace: Trace) -> None:
+    def learn(self, trace: Trace, flagged: frozenset[AnomalyKind]) -> None:
         """The norms count every trace in ``detect``, flagged or not."""
 
     def advance(self, now: int) -> list[Anomaly]:

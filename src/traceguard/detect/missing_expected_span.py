@@ -1,10 +1,11 @@
 """``missing_expected_span``: a stage (almost) every normal trace of this root operation has is absent.
 
 One finding per trace, on its root span, listing every absent stage. Every
-complete trace (rooted, no orphan) teaches the model, flagged or not: a model
-that learned only from unflagged traces could never learn that a stage is
-legitimately absent in 5 % of requests, and would flag every one of them
-forever. Incomplete traces stay out: their absences are lost spans.
+complete trace (rooted, no orphan, no span lost) teaches the model, flagged
+or not: a model that learned only from unflagged traces could never learn
+that a stage is legitimately absent in 5 % of requests, and would flag every
+one of them forever. Traces that lost spans stay out: their absences are
+the lost spans.
 
 Stage-level: each parent stage learns the share of its calls that make each
 child call it normally makes (``models.rates``, direction down). When a stage
@@ -26,6 +27,9 @@ from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, Trace
 # A call is expected of a parent stage, and its absence judged, once it is made
 # in at least this share of the stage's calls.
 _EXPECTED_CALL_RATE = 0.5
+# Kinds that say a span of the trace was lost or broke: its absences are not evidence.
+_LOST_SPANS = frozenset({AnomalyKind.MISSING_ROOT, AnomalyKind.MISSING_PARENT, AnomalyKind.UNFINISHED_SPAN,
+                         AnomalyKind.UNPAIRED_CLIENT_SPAN})
 
 
 class MissingExpectedSpan:
@@ -49,9 +53,6 @@ class MissingExpectedSpan:
 
     def detect(self, trace: Trace) -> list[Anomaly]:
         structure, missing = self.model.missing(trace)
-        if trace.root is not None and not trace.orphans:
-            self.model.learn(trace)
-            self._observe_calls(trace)
         if not missing:
             return []
         root = trace.root
@@ -129,8 +130,13 @@ class MissingExpectedSpan:
                                         "kind": KIND_NAMES[event.key[5]]}},
         ) for event in events if event.baseline_rate >= _EXPECTED_CALL_RATE]
 
-    def learn(self, trace: Trace) -> None:
-        """The structure learns from every complete trace in ``detect``."""
+    def learn(self, trace: Trace, flagged: frozenset[AnomalyKind]) -> None:
+        """Presence and call rates learn from every trace that is rooted, has no
+        orphan and lost no span (no structural kind says a span went missing or
+        broke) — also from traces this detector flagged."""
+        if trace.root is not None and not trace.orphans and not flagged & _LOST_SPANS:
+            self.model.learn(trace)
+            self._observe_calls(trace)
 
     def advance(self, now: int) -> list[Anomaly]:
         events: list[RateChange] = []

@@ -23,6 +23,7 @@ class SlowStage:
     def __init__(self, model: LatencyModel, config: LatencyConfig) -> None:
         self.model = model
         self._max = config.slow_stage_max_per_trace
+        self._min_samples = config.slow_stage_min_samples
 
     def detect(self, trace: Trace) -> list[Anomaly]:
         baselines = self.model.stages_
@@ -31,7 +32,8 @@ class SlowStage:
             if self_ns is None:
                 continue
             stage = baselines.get(key)
-            if stage is None or stage.slow_threshold is None or self_ns <= stage.slow_threshold:
+            if stage is None or stage.slow_threshold is None or self_ns <= stage.slow_threshold \
+                    or stage.self_hist.total < self._min_samples:
                 continue
             slow.append((self_ns / stage.slow_threshold, span, self_ns, stage, key))
         slow.sort(key=lambda item: (-item[0], item[1].span_id))
@@ -63,7 +65,7 @@ class SlowStage:
             ))
         return findings
 
-    def learn(self, trace: Trace) -> None:
+    def learn(self, trace: Trace, flagged: frozenset[AnomalyKind]) -> None:
         """The shared LatencyModel learns through LatencyRegression."""
 
     def advance(self, now: int) -> list[Anomaly]:

@@ -21,10 +21,13 @@ that deviate in no feature join the buffer.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from traceguard.detect.base import finding
 from traceguard.models.forest import ForestModel, RootForest
+from traceguard.models.latency import LatencyModel
 from traceguard.models.structure import StructureModel
 from traceguard.records import Anomaly, AnomalyKind, Span, Trace
 
@@ -46,8 +49,9 @@ class _Pending:
 class TraceOutlier:
     kind = AnomalyKind.TRACE_OUTLIER
 
-    def __init__(self, model: ForestModel) -> None:
+    def __init__(self, model: ForestModel, latency: LatencyModel) -> None:
         self.model = model
+        self.latency = latency
         self.config = model.config
         self._pending: list[_Pending] = []
         self._by_trace: dict[bytes, _Pending] = {}
@@ -69,9 +73,11 @@ class TraceOutlier:
         self._by_trace[trace.trace_id] = pending
         return []
 
-    def learn(self, trace: Trace) -> None:
+    def learn(self, trace: Trace, flagged: frozenset[AnomalyKind]) -> None:
+        """Its buffer of normal traces takes only traces nothing flagged (and, when
+        scored, that deviate in no feature): it learns shapes, not frequencies."""
         pending = self._by_trace.get(trace.trace_id)
-        if pending is not None:
+        if pending is not None and not flagged:
             pending.normal = True
 
     def advance(self, now: int) -> list[Anomaly]:
@@ -95,13 +101,20 @@ class TraceOutlier:
         for forest, positions, own in groups.values():
             rows = np.stack([pending[p].row if own else pending[p].shared_row for p in positions])
             scores, z = forest.score(rows)
-            relative = z / forest.z_threshold_
-            for p, score, row_z, row, rel in zip(positions, scores, z, rows, relative):
-                if rel.max() < 1.0:
+            beyond = z >= forest.z_threshold_
+            confirmed = beyond & (rows[:, forest.columns_] > self._history_bars(forest, pending[positions[0]].root))
+            # A stall is one process: stages of two services out at once are not one.
+            services = [stage[0] if stage is not None else None for stage in forest.column_stages_]
+            for i in range(len(positions)):
+                if len({services[c] for c in np.flatnonzero(beyond[i]) if services[c] is not None}) >= 2:
+                    confirmed[i] |= beyond[i]
+            extreme = (z >= np.maximum(forest.z_threshold_, self.config.extreme_feature_z)) & confirmed
+            for i, p in enumerate(positions):
+                if not beyond[i].any():
                     continue
                 deviant.add(p)
-                if score < forest.threshold_ or (row_z >= np.maximum(forest.z_threshold_, self.config.extreme_feature_z)).any():
-                    flagged[p] = self._anomaly(pending[p], forest, float(score), row_z, row, now, own)
+                if confirmed[i].any() and (scores[i] < forest.threshold_ or extreme[i].any()):
+                    flagged[p] = self._anomaly(pending[p], forest, float(scores[i]), z[i], rows[i], now, own)
         for position, item in enumerate(pending):
             # Learn only from the normal: not flagged, and not far out in any feature either.
             if item.normal and position not in deviant:
@@ -110,6 +123,26 @@ class TraceOutlier:
                 else:
                     self.model.shared_.add(item.shared_row)
         return [flagged[p] for p in sorted(flagged)]
+
+    def _history_bars(self, forest: RootForest, root: Span) -> np.ndarray:
+        """Per feature, what a deviation must also pass: the forest's buffer is a
+        few thousand recent traces, too few to have seen what a stage does once in
+        ten thousand calls (a GC stall), while each stage's latency baseline has
+        seen all traffic. A stage's time must be beyond its slow_stage bar, the
+        trace's duration beyond twice the longest its root stage has taken (not
+        judged until they are known); counts are judged by the forest alone, and so
+        are stage times out in two services or more at once."""
+        bars = np.full(len(forest.columns_), -np.inf)
+        latency = self.latency.stages_
+        for column, stage in enumerate(forest.column_stages_):
+            if stage is not None:
+                entry = latency.get(stage)
+                bar = entry.slow_threshold if entry is not None else None
+                bars[column] = math.log1p(bar / 1e3) if bar else np.inf
+        if forest.with_stages:
+            longest = self.latency.extreme_duration((root.service, root.name, root.kind))
+            bars[0] = math.log(longest / 1e6) if longest else np.inf
+        return bars
 
     def _anomaly(self, item: _Pending, forest: RootForest, score: float, row_z, row, now: int, own: bool) -> Anomaly:
         reasons = forest.explain(row_z, row)

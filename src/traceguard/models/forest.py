@@ -28,7 +28,7 @@ from sklearn.ensemble import IsolationForest
 
 from traceguard.config import ForestConfig
 from traceguard.models.features import Stage, latency_keys, latency_samples, shape
-from traceguard.models.tails import SHARE, exponential_tail
+from traceguard.models.tails import SHARE, exponential_tail, tail_reference
 from traceguard.records import KIND_NAMES, Trace
 
 GENERIC_FEATURES = ("log_duration_ms", "span_count", "depth", "max_fan_out", "errors", "services", "max_repeated_calls")
@@ -112,6 +112,7 @@ class RootForest:
         self.trees_: _StackedTrees | None = None
         self.columns_: np.ndarray | None = None
         self.feature_names_: list[str] = []
+        self.column_stages_: list[Stage | None] = []  # the stage of each stage feature (None: generic)
         self.threshold_ = -math.inf
         self.median_: np.ndarray | None = None
         self.scale_: np.ndarray | None = None
@@ -158,6 +159,7 @@ class RootForest:
         data = self.reservoir_[: self.filled_]
         columns = list(range(len(GENERIC_FEATURES)))
         names = list(GENERIC_FEATURES)
+        column_stages: list[Stage | None] = [None] * len(columns)
         if self.with_stages and config.top_stages:
             base = len(GENERIC_FEATURES)
             by_index = {column: stage for stage, column in self.stage_index_.items()}
@@ -165,8 +167,10 @@ class RootForest:
             for column in np.argsort(-weight, kind="stable")[: config.top_stages]:
                 columns.append(base + int(column))
                 names.append(stage_label(by_index[int(column)]))
+                column_stages.append(by_index[int(column)])
         self.columns_ = np.asarray(columns)
         self.feature_names_ = names
+        self.column_stages_ = column_stages
         features = data[:, self.columns_]
         self.estimator_ = IsolationForest(
             n_estimators=config.n_estimators, max_samples=min(256, len(features)), random_state=config.seed,
@@ -193,11 +197,13 @@ class RootForest:
         # Per-feature deviation threshold from the buffer's own tail (heavy
         # tails get a higher bar than min_feature_z), as slow_stage does.
         z = self._one_sided_z(features)
-        q99 = np.quantile(z, 0.99, axis=0)
-        excess = np.where(z > q99, z - q99, 0.0).sum(axis=0) / np.maximum((z > q99).sum(axis=0), 1)
-        tail = exponential_tail(q99, excess, self.alert_rate / max(SHARE, z.shape[1]))
-        # Nor is anything the buffer of normal traces already holds.
-        self.z_threshold_ = np.maximum(np.maximum(tail, z.max(axis=0)), config.min_feature_z)
+        reference = tail_reference(len(z))
+        q_ref = np.quantile(z, reference, axis=0)
+        excess = np.where(z > q_ref, z - q_ref, 0.0).sum(axis=0) / np.maximum((z > q_ref).sum(axis=0), 1)
+        tail = exponential_tail(q_ref, excess, self.alert_rate / max(SHARE, z.shape[1]), reference)
+        # Nor is anything within half again of what the buffer of normal traces
+        # already holds (its largest value is beaten with chance 1/n per trace).
+        self.z_threshold_ = np.maximum(np.maximum(tail, 1.5 * z.max(axis=0)), config.min_feature_z)
         self.since_fit_ = 0
 
     def _one_sided_z(self, features: np.ndarray) -> np.ndarray:

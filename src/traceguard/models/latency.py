@@ -23,12 +23,13 @@ import numpy as np
 from traceguard.config import LatencyConfig
 from traceguard.models.features import Stage
 from traceguard.models.histogram import LogHistogram
-from traceguard.models.tails import SHARE, exponential_tail
+from traceguard.models.tails import MIN_TAIL_SAMPLES, SHARE, exponential_tail, tail_reference
 
 # Normal-consistent scale from the interquartile range; median standard error factor.
 _IQR_TO_SIGMA = 1.349
 _MEDIAN_SE = 1.2533
 _MIN_SCALE = 0.05
+_LN2, _LN10 = math.log(2.0), math.log(10.0)
 _THRESHOLD_EVERY = 10  # calm windows between two settings of a stage's slow_stage bar
 QUANTILES = (0.5, 0.95, 0.99)
 
@@ -264,18 +265,32 @@ class LatencyModel:
                 or max(window.self_ns) > stage.slow_threshold):
             self.set_slow_threshold(stage)
 
+    def extreme_duration(self, key: Stage) -> int | None:
+        """Twice the longest duration the stage's baseline holds (ns), once it is
+        judged at all: beyond it a whole trace rooted there is unlike all its history."""
+        stage = self.stages_.get(key)
+        if stage is None or stage.total_hist.total < MIN_TAIL_SAMPLES:
+            return None
+        return int(math.exp(stage.total_hist.top() + _LN2))
+
     def set_slow_threshold(self, stage: StageLatency) -> None:
         config = self.config
         stage.merged = 0
-        if stage.self_hist.total < config.slow_stage_min_samples or stage.regression is not None:
+        if stage.self_hist.total < MIN_TAIL_SAMPLES or stage.regression is not None:
             stage.slow_threshold = None
             return
-        q25, median, q75, q99 = stage.self_hist.quantiles((0.25, 0.5, 0.75, 0.99))
+        reference = tail_reference(stage.self_hist.total)
+        q25, median, q75, q99, q_ref = stage.self_hist.quantiles((0.25, 0.5, 0.75, 0.99, reference))
         scale = max((q75 - q25) / _IQR_TO_SIGMA, _MIN_SCALE)
-        tail = float(exponential_tail(q99, stage.self_hist.mean_excess(q99), self._sample_rate))
+        tail = float(exponential_tail(q_ref, stage.self_hist.mean_excess(q_ref), self._sample_rate, reference))
         # Real stages stall now and then (GC, a cold cache, CPU starvation): a
-        # mixture the p99→p99.9 slope does not see. Nothing the baseline has
-        # already shown as normal is a per-trace finding.
+        # mixture the tail beyond p99 does not show. Nothing within twice what
+        # the baseline has already shown as normal is a per-trace finding: the
+        # largest of n samples is beaten by the next one with chance 1/n, far
+        # above the budget, but rarely by double.
         seen = stage.self_hist.top()
-        stage.slow_threshold = int(max(math.exp(median + config.slow_stage_z * scale), math.exp(tail), math.exp(seen),
-                                       math.exp(q99) + config.slow_stage_min_excess))
+        # A far component (stalls) inflates the excess the tail is extrapolated
+        # from; ten times the largest ever seen is beyond any budget already.
+        tail = min(tail, seen + _LN10)
+        stage.slow_threshold = int(max(math.exp(median + config.slow_stage_z * scale), math.exp(tail),
+                                       math.exp(seen + _LN2), math.exp(q99) + config.slow_stage_min_excess))
