@@ -163,7 +163,7 @@ class LearnedConfig(_Section):
 class IncidentConfig(_Section):
     """How findings are grouped into incidents (``correlate.incidents``)."""
 
-    burst: int = Field(3, ge=2, description="slow_stage findings on one stage within burst_window that open an incident.")
+    burst: int = Field(3, ge=2, description="Per-trace findings blaming one stage within burst_window that open an incident.")
     burst_window: DurationNs = Field(parse_duration("60s"))
     quiet: DurationNs = Field(
         parse_duration("2m"),

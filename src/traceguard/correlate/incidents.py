@@ -3,9 +3,10 @@
 A stage-level change (a ``latency_regression``, a rise of a stage's
 outlived-parent rate, a stage that stopped making a call: any stage-level
 finding whose ``evidence.signal`` is set) opens an incident, or joins the open
-one it belongs to. So does a burst of per-trace ``slow_stage`` findings on one
-stage (or ``trace_outlier`` findings led by one stage's time), which comes
-before a windowed regression can be sure. Joining follows
+one it belongs to. So does a burst of per-trace findings blaming one stage
+(``slow_stage``, ``trace_outlier`` led by the stage's time,
+``context_outlived_parent`` on the stage), which comes before a windowed
+test can be sure. Joining follows
 the call graph seen in the traces of the open incident:
 
 - a stage that calls a culprit (an ancestor in those traces) and stopped
@@ -22,10 +23,13 @@ the call graph seen in the traces of the open incident:
   has a change of its own (a starved process reads its responses late): it is
   affected, and the caller's stage leads.
 
-While an incident is open, the per-trace findings of the kinds it can explain
-on traces that pass through a culprit stage carry its ``incident_id``, are
-counted on it, and only the first ``exemplar_findings`` of them go to the
-sinks: the on-call engineer gets one incident, not one finding per request.
+While an incident is open, the per-trace findings it explains — a slow span
+of a culprit stage, a trace outlier led by a culprit stage (or led by its
+duration, through a culprit that got slower), an outlived context on a
+culprit stage, a missing call a culprit stopped making — carry its
+``incident_id``, are counted on it, and only the first ``exemplar_findings``
+of them go to the sinks: the on-call engineer gets one incident, not one
+finding per request.
 An incident resolves when all its stage-level changes have resolved and no
 finding came for ``quiet``. Every state change is written again under the
 same id (the last version wins), as stage-level findings are.
@@ -53,6 +57,9 @@ _SIGNAL_WORDS = {
     "outlived_parent": "children keep running after it ends more often",
     "calls_dropped": "stopped making a call it makes",
 }
+_SLOWER = frozenset({"latency", "slow_spans"})
+_BURST_SIGNALS = {AnomalyKind.SLOW_STAGE: "slow_spans", AnomalyKind.TRACE_OUTLIER: "slow_spans",
+                  AnomalyKind.CONTEXT_OUTLIVED_PARENT: "outlived_parent"}
 _EXEMPLARS = 5
 # Stage sets of recently decided traces, for findings that come after their
 # trace was decided (the forest scores in batches of at most forest.batch).
@@ -60,10 +67,12 @@ _RECENT_TRACES = 4096
 
 
 class _Culprit:
-    __slots__ = ("stage", "signal", "magnitude", "finding_id", "open")
+    __slots__ = ("stage", "signal", "magnitude", "finding_id", "open", "dropped")
 
-    def __init__(self, stage: Stage, signal: str, magnitude: float, finding_id: str | None, open_: bool) -> None:
+    def __init__(self, stage: Stage, signal: str, magnitude: float, finding_id: str | None, open_: bool,
+                 dropped: Stage | None = None) -> None:
         self.stage, self.signal, self.magnitude, self.finding_id, self.open = stage, signal, magnitude, finding_id, open_
+        self.dropped = dropped  # calls_dropped: the call the stage stopped making
 
 
 class _Open:
@@ -120,14 +129,12 @@ class IncidentTracker:
         if anomaly.kind not in EXPLAINED:
             return True
         present = _stage_set(trace) if trace is not None else self._recent.get(anomaly.trace_id)
-        if present is None:
-            return True
         for incident in self.open_:
-            if incident.stages() & present:
+            if _explains(incident, anomaly, present):
                 return self._attach(incident, anomaly)
-        stage = _burst_stage(anomaly, trace)
+        stage = _blamed_stage(anomaly)
         if stage is not None:
-            self._burst(anomaly, stage)
+            self._burst(anomaly, stage, _BURST_SIGNALS[anomaly.kind])
         return True
 
     def observe(self, trace: Trace) -> None:
@@ -226,12 +233,14 @@ class IncidentTracker:
             incident.callers[stage] += 0
             self._write(incident, now)
             return
+        missing = anomaly.evidence.get("missing_stage")
+        dropped = (missing["service"], missing["operation"], KIND_NAMES.index(missing["kind"])) if missing else None
         for culprit in incident.culprits:
-            if culprit.stage == stage and culprit.signal in (signal, "slow_spans"):
+            if culprit.stage == stage and culprit.signal in (signal, "slow_spans") and culprit.dropped == dropped:
                 culprit.signal, culprit.magnitude, culprit.finding_id, culprit.open = signal, magnitude, anomaly.id, True
                 break
         else:
-            incident.culprits.append(_Culprit(stage, signal, magnitude, anomaly.id, True))
+            incident.culprits.append(_Culprit(stage, signal, magnitude, anomaly.id, True, dropped))
         if stage in incident.below and network_parts(stage) is None:
             self._deepen(incident, stage)
         self._demote_networks_of(incident, stage[0])
@@ -294,7 +303,9 @@ class IncidentTracker:
             incident.finding_ids.append(anomaly.id)
         return exemplar
 
-    def _burst(self, anomaly: Anomaly, stage: Stage) -> None:
+    def _burst(self, anomaly: Anomaly, stage: Stage, signal: str) -> None:
+        """Per-trace timing findings blaming one stage, ``burst`` of them within
+        ``burst_window``: the stage changed before a windowed test can be sure."""
         recent = self._bursts.get(stage)
         if recent is None:
             if len(self._bursts) >= self.config.max_open * 10:
@@ -306,12 +317,12 @@ class IncidentTracker:
         if len(self.open_) >= self.config.max_open:
             return
         del self._bursts[stage]
-        incident = self._incident_for(stage, "slow_spans")
+        incident = self._incident_for(stage, signal)
         if incident is None:
             incident = self._new(stage, min(e for _, e, _, _ in recent), anomaly.detected_at)
         incident.onset = min(incident.onset, *(e for _, e, _, _ in recent))
         if stage not in incident.stages():
-            incident.culprits.append(_Culprit(stage, "slow_spans", round(max(m for *_, m in recent), 3), None, False))
+            incident.culprits.append(_Culprit(stage, signal, round(max(m for *_, m in recent), 3), None, False))
         incident.finding_ids.extend(i for _, _, i, _ in recent if i not in incident.finding_ids)
         anomaly.incident_id = incident.id
         incident.last_evidence, incident.last_event = anomaly.detected_at, anomaly.event_time
@@ -333,25 +344,50 @@ def _stage_set(trace: Trace) -> frozenset[Stage]:
 
 
 def _magnitude(anomaly: Anomaly) -> float:
-    """How many times its normal the blamed stage's time was (median of the baseline)."""
+    """How many times its normal the blamed stage's time was (median of the
+    baseline); for an outlived context, how many times the tolerance it overran."""
     evidence = anomaly.evidence
     if anomaly.kind is AnomalyKind.SLOW_STAGE:
         return evidence["self_time_ms"] / max(evidence["baseline_p50_ms"], 1e-3)
+    if anomaly.kind is AnomalyKind.CONTEXT_OUTLIVED_PARENT:
+        return evidence["overrun_ms"] / max(evidence["tolerance_ms"], 1e-3)
     feature = (evidence.get("features") or [{}])[0]
     return feature.get("value", 1.0) / max(feature.get("median", 1.0), 1e-3)
 
 
-def _burst_stage(anomaly: Anomaly, trace: Trace | None) -> Stage | None:
-    """The stage a per-trace timing finding blames: a slow_stage's span, a
-    trace_outlier's most deviating stage (none when a whole-trace feature leads)."""
+def _blamed_stage(anomaly: Anomaly) -> Stage | None:
+    """The stage a per-trace finding is about: a slow_stage's own, a
+    trace_outlier's most deviating stage (none when a whole-trace feature leads),
+    the parent stage a context outlived."""
+    evidence = anomaly.evidence
     if anomaly.kind is AnomalyKind.SLOW_STAGE:
-        return anomaly.service or "", anomaly.operation or "", KIND_NAMES.index(anomaly.evidence["stage_kind"])
+        return anomaly.service or "", anomaly.operation or "", KIND_NAMES.index(evidence["stage_kind"])
     if anomaly.kind is AnomalyKind.TRACE_OUTLIER:
-        features = anomaly.evidence.get("features") or [{}]
-        stage = features[0].get("stage")
-        if stage:
-            return stage["service"], stage["operation"], KIND_NAMES.index(stage["kind"])
+        stage = (evidence.get("features") or [{}])[0].get("stage")
+        return (stage["service"], stage["operation"], KIND_NAMES.index(stage["kind"])) if stage else None
+    if anomaly.kind is AnomalyKind.CONTEXT_OUTLIVED_PARENT:
+        return evidence["parent_service"], evidence["parent_operation"], KIND_NAMES.index(evidence["parent_kind"])
     return None
+
+
+def _explains(incident: _Open, anomaly: Anomaly, present: frozenset[Stage] | None) -> bool:
+    """Whether the incident's change accounts for this per-trace finding: a slow
+    span of a culprit stage, a trace unlike its normal ones through a slow
+    culprit (or led by a culprit stage), a rise of outliving on a culprit
+    stage, a missing call a culprit stopped making."""
+    culprits = incident.culprits
+    if anomaly.kind is AnomalyKind.MISSING_EXPECTED_SPAN:
+        missing = {(m["service"], m["operation"]) for m in anomaly.evidence["missing_stages"]}
+        return any(c.dropped is not None and c.dropped[:2] in missing for c in culprits)
+    blamed = _blamed_stage(anomaly)
+    if blamed is not None:
+        # the stage itself, another stage of a culprit's process, or a network
+        # path into or out of a culprit's service
+        network = network_parts(blamed)
+        services = {blamed[0], network[1]} if network is not None else {blamed[0]}
+        return any(c.stage == blamed or (c.signal in _SLOWER and c.stage[0] in services) for c in culprits)
+    # a trace_outlier led by its duration or shape: through a culprit that got slower
+    return present is not None and any(c.signal in _SLOWER and c.stage in present for c in culprits)
 
 
 def _record(incident: _Open, now: int) -> Incident:

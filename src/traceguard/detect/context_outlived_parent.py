@@ -139,6 +139,7 @@ class ContextOutlivedParent:
                 "parent_span_id": parent.span_id.hex(),
                 "parent_operation": parent.name,
                 "parent_service": parent.service,
+                "parent_kind": KIND_NAMES[parent.kind],
                 "overrun_ms": ms(overrun),
                 "tolerance_ms": ms(tolerance),
             },

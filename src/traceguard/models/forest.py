@@ -201,9 +201,11 @@ class RootForest:
         q_ref = np.quantile(z, reference, axis=0)
         excess = np.where(z > q_ref, z - q_ref, 0.0).sum(axis=0) / np.maximum((z > q_ref).sum(axis=0), 1)
         tail = exponential_tail(q_ref, excess, self.alert_rate / max(SHARE, z.shape[1]), reference)
-        # Nor is anything within half again of what the buffer of normal traces
-        # already holds (its largest value is beaten with chance 1/n per trace).
-        self.z_threshold_ = np.maximum(np.maximum(tail, 1.5 * z.max(axis=0)), config.min_feature_z)
+        # Stage times get min_feature_z only: a stall or two in the buffer would
+        # inflate their tail, and what a stage does too rarely for this buffer to
+        # show is judged against its latency history instead (TraceOutlier).
+        self.z_threshold_ = np.maximum(tail, config.min_feature_z)
+        self.z_threshold_[generic:] = config.min_feature_z
         self.since_fit_ = 0
 
     def _one_sided_z(self, features: np.ndarray) -> np.ndarray:

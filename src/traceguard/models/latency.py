@@ -2,12 +2,14 @@
 
 A stage is (service, operation, span kind). Each keeps two ``LogHistogram``
 baselines, of self time and of total duration, and the raw samples of the
-current event-time window (bounded). When a window closes its median self time
-is compared with the baseline median in log space: a shift is at least
-``regression_min_ratio`` and ``regression_z`` standard errors. A regression
-opens after ``persist_windows`` shifted windows in a row and closes after as
-many calm ones. Only calm windows of a stage with no open regression are
-merged into the baseline, so the baseline never learns what it flags.
+current event-time window (bounded). When a window closes its median and p90
+self time are compared with the baseline's in log space: a window leans when
+both moved up by ``regression_min_ratio``. A regression opens when at least
+``persist_windows`` leaning windows in a row have, pooled, moved their median
+``regression_z`` standard errors, and closes after as many calm windows. Only
+calm windows of a stage with no open regression are merged into the
+baseline, so the baseline never learns what it flags. A CLIENT call with its
+callee in the trace is judged as the callee's network stage (``features``).
 
 Windows are keyed by the trace's decision time (the pipeline clock), which
 only moves forward; the onset is reported in span event time.
@@ -30,7 +32,8 @@ _IQR_TO_SIGMA = 1.349
 _MEDIAN_SE = 1.2533
 _MIN_SCALE = 0.05
 _LN2, _LN10 = math.log(2.0), math.log(10.0)
-_THRESHOLD_EVERY = 10  # calm windows between two settings of a stage's slow_stage bar
+_THRESHOLD_EVERY = 10
+_MAX_RUN = 20  # windows of a run of shifted ones kept for the pooled test  # calm windows between two settings of a stage's slow_stage bar
 QUANTILES = (0.5, 0.95, 0.99)
 
 
@@ -171,11 +174,10 @@ class LatencyModel:
         # The upper body must move too: a median that creeps while p90 stays
         # (or falls) is a change of mix, not a slower stage.
         upper_shift = float(window_q90) - q90
-        shifted = (shift >= self._min_shift and upper_shift >= self._min_shift
-                   and shift / (_MEDIAN_SE * scale / math.sqrt(len(logs))) >= config.regression_z)
+        leaning = shift >= self._min_shift and upper_shift >= self._min_shift
         regression = stage.regression
         if regression is not None:
-            if shifted or shift >= self._min_shift:
+            if leaning or shift >= self._min_shift:
                 stage.calm = 0
                 self._describe(regression, [window], shift)
                 return
@@ -187,12 +189,20 @@ class LatencyModel:
                 self.set_slow_threshold(stage)
                 events.append(regression)
             return
-        if not shifted:
+        if not leaning:
             stage.shifted = []
             self._merge(stage, window, logs)
             return
-        stage.shifted.append(window)
+        # Every window of the run moved by the minimal ratio; the run's samples
+        # together must also have moved significantly. Pooling lets a quiet stage
+        # (a dozen samples a window) show a modest shift in a few windows, and a
+        # run keeps growing (its last _MAX_RUN windows) until it is significant.
+        stage.shifted = stage.shifted[-(_MAX_RUN - 1):] + [window]
         if len(stage.shifted) < config.persist_windows:
+            return
+        pooled = np.log(np.asarray([v for w in stage.shifted for v in w.self_ns], dtype=float))
+        pooled_shift = float(np.median(pooled)) - median
+        if pooled_shift / (_MEDIAN_SE * scale / math.sqrt(len(pooled))) < config.regression_z:
             return
         regression = Regression(
             stage=key,
@@ -201,7 +211,7 @@ class LatencyModel:
             baseline=_hist_ms_quantiles(stage.self_hist),
             baseline_total=_hist_ms_quantiles(stage.total_hist),
         )
-        self._describe(regression, stage.shifted, shift)
+        self._describe(regression, stage.shifted, pooled_shift)
         stage.regression = regression
         stage.shifted = []
         stage.slow_threshold = None  # the regression speaks for this stage's slow spans
