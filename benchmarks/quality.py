@@ -48,7 +48,10 @@ def _ratio(hits: int, total: int, empty: float) -> float:
 
 
 def score(anomalies: list[Anomaly], labels: list[dict], kinds=STRUCTURAL_KINDS + TRACE_KINDS) -> dict[str, dict]:
-    found = {subject(a) for a in anomalies}
+    """Per-trace findings against per-trace labels. Stage-level findings of these
+    kinds (a stage's routine pattern, a change of its rate) are not per-trace
+    findings and are counted apart (``stage_level``)."""
+    found = {subject(a) for a in anomalies if a.trace_id is not None}
     truth = {(label["kind"], label["trace_id"], label["span_id"]) for label in labels if label["trace_id"]}
     table = {}
     for kind in kinds:
@@ -58,6 +61,16 @@ def score(anomalies: list[Anomaly], labels: list[dict], kinds=STRUCTURAL_KINDS +
         table[kind] = {"labels": len(t), "findings": len(f), "true_positives": hits,
                        "precision": _ratio(hits, len(f), 1.0 if not t else 0.0), "recall": _ratio(hits, len(t), 1.0)}
     return table
+
+
+def _stage_level(anomalies: list[Anomaly]) -> dict[str, int]:
+    """Stage-level findings by kind and state (an id written again counts once)."""
+    latest = {a.id: a for a in anomalies if a.trace_id is None}
+    counts: dict[str, int] = {}
+    for a in latest.values():
+        key = f"{a.kind.value}/{a.evidence.get('state', '')}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def score_regressions(anomalies: list[Anomaly], labels: list[dict]) -> dict:
@@ -124,6 +137,7 @@ def evaluate(directory: Path, config: PipelineConfig | None = None) -> dict:
         "anomalies": len(sink.anomalies),
         "anomalies_with_logs": sum(1 for a in sink.anomalies if a.logs),
         "incidents": len({i.id for i in sink.incidents}),
+        "stage_level": _stage_level(sink.anomalies),
         "metrics": result.metrics.snapshot(),
     }
 

@@ -50,6 +50,36 @@ def replay(traces: Path, out: Path, incidents: Path) -> dict:
     }
 
 
+def incident_figures(incidents: list[dict], labels: list[dict], window_s: float = 180.0) -> dict:
+    """One incident per fault? Per fault with data after injection: the incidents
+    whose onset lies in [inject, inject + window] and whether the first of them
+    names the injected service first; incidents whose onset lies in the data
+    before an injection (nominally fault-free) are false."""
+    window = int(window_s * 1e9)
+    per_fault, false = [], []
+    for fault in labels:
+        if not fault.get("data_after_injection_s"):
+            continue
+        inject = fault["inject_time"]
+        opened = sorted((i for i in incidents if inject <= i["onset"] <= inject + window), key=lambda i: i["onset"])
+        per_fault.append({"id": fault["id"], "service": fault["service"], "type": fault["type"],
+                          "incidents": len(opened),
+                          "first_culprit": opened[0]["culprit"] if opened else None,
+                          "culprit_right": bool(opened) and opened[0]["culprit"].split(" ")[0] == fault["service"]})
+        for start, end in fault.get("data_intervals", []):
+            false += [i for i in incidents if start <= i["onset"] < min(end, inject)]
+    observable = len(per_fault)
+    return {
+        "observable_faults": observable,
+        "faults_with_an_incident": sum(1 for f in per_fault if f["incidents"]),
+        "faults_whose_first_incident_names_the_service": sum(1 for f in per_fault if f["culprit_right"]),
+        "incidents_per_fault_with_one": round(sum(f["incidents"] for f in per_fault)
+                                             / max(1, sum(1 for f in per_fault if f["incidents"])), 2),
+        "false_incidents_before_injection": len({i["onset"] for i in false}),
+        "per_fault": per_fault,
+    }
+
+
 def _count(values) -> dict[str, int]:
     counts: dict[str, int] = {}
     for value in values:
@@ -80,7 +110,10 @@ def main() -> None:
         )
         if score.returncode != 0:
             raise SystemExit(f"score.py failed: {score.stderr[-2000:]}")
+        labels = json.loads((args.data / "labels.json").read_text())
+        labels = labels if isinstance(labels, list) else labels.get("faults", [])
         print(json.dumps({"benchmark": "real_onlineboutique", "replays": runs,
+                          "incidents": incident_figures(runs["faults"]["incidents_list"], labels),
                           "score": json.loads(scored.read_text()), "score_text": score.stdout.splitlines()},
                          indent=1))
 

@@ -65,12 +65,15 @@ FOUND = ("id", "kind", "trace_id", "span_id", "service", "operation", "event_tim
 
 
 def findings(path: Path) -> dict[str, dict]:
-    """What was found, by finding id; a finding written twice (re-read after a crash) must say the same."""
+    """What was found, by finding id; a finding written twice (re-read after a crash) must say the same,
+    except for the incident it was grouped into (incidents are not checkpointed): the last one counts."""
     by_id: dict[str, dict] = {}
     for line in path.read_text().splitlines():
         finding = json.loads(line)
         found = {key: finding[key] for key in FOUND}
-        assert by_id.setdefault(finding["id"], found) == found
+        first = by_id.setdefault(finding["id"], found)
+        assert {**first, "incident_id": None} == {**found, "incident_id": None}
+        first["incident_id"] = found["incident_id"]
     return by_id
 
 

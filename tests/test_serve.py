@@ -53,7 +53,9 @@ def send_scenario(server: ServeProcess, transport: str, traces: int = 1500):
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])
 def test_findings_from_sdk_exporters_match_the_labels(tmp_path, transport):
-    server = ServeProcess(tmp_path / "state", *FAST)
+    # Every per-trace finding is stored, also those an incident explains: what is
+    # checked is detection through the live path, not how many an incident pages.
+    server = ServeProcess(tmp_path / "state", *FAST, env={"TRACEGUARD_INCIDENTS__EXEMPLAR_FINDINGS": "1000000000"})
     try:
         generated = send_scenario(server, transport)
         labels = [label.__dict__ for label in generated.labels]
