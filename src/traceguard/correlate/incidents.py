@@ -44,7 +44,7 @@ from typing import Callable
 from traceguard.config import IncidentConfig
 from traceguard.detect.base import utc
 from traceguard.models.features import latency_keys, network_parts, stages
-from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, Incident, IncidentStage, Trace
+from traceguard.records import KIND_NAMES, KIND_NETWORK, Anomaly, AnomalyKind, Incident, IncidentStage, Trace
 
 Stage = tuple[str, str, int]
 
@@ -64,6 +64,7 @@ _EXEMPLARS = 5
 # Stage sets of recently decided traces, for findings that come after their
 # trace was decided (the forest scores in batches of at most forest.batch).
 _RECENT_TRACES = 4096
+_OBSERVE_ALL, _OBSERVE_EVERY = 500, 16
 
 
 class _Culprit:
@@ -95,6 +96,7 @@ class _Open:
         self.closed = False
         self.emitted_at = -1
         self.dirty = True
+        self.observed = 0                   # traces through a culprit seen so far
 
     def stages(self) -> set[Stage]:
         return {c.stage for c in self.culprits}
@@ -147,10 +149,17 @@ class IncidentTracker:
                 recent.popitem(last=False)
         if not self.open_:
             return
-        present = _stage_set(trace)
         for incident in self.open_:
-            culprits = incident.stages() & present
+            culprits = incident.stages()
+            # network culprits are seen only in latency keys, which cost more to make
+            culprits = culprits.intersection(
+                latency_keys(trace) if any(c[2] == KIND_NETWORK for c in culprits) else stages(trace))
             if not culprits:
+                continue
+            # The call graph around the culprits is known after a few hundred
+            # traces through them; later ones are sampled.
+            incident.observed += 1
+            if incident.observed > _OBSERVE_ALL and incident.observed % _OBSERVE_EVERY:
                 continue
             by_id = trace.by_id
             callers: set[Stage] = set()
@@ -339,7 +348,8 @@ def _stage_set(trace: Trace) -> frozenset[Stage]:
     """The stages a trace passes through, network paths of its calls included."""
     cached = trace.derived.get("stage_set")
     if cached is None:
-        cached = trace.derived["stage_set"] = frozenset(stages(trace)) | frozenset(latency_keys(trace))
+        spans, keys = stages(trace), latency_keys(trace)
+        cached = trace.derived["stage_set"] = frozenset(spans) if keys is spans else frozenset(spans).union(keys)
     return cached
 
 

@@ -16,11 +16,15 @@ occurrence is a finding. Either way a significant rise of the rate opens a
 stage-level finding (``evidence.signal = "outlived_parent"``) that the
 incident tracker turns into an incident: a leak that a deploy starts is found
 on a clean stage and on a routine one. Occurrences on a stage with fewer than
-``norm_min_calls`` calls are held (bounded) until its norm is known; calls
-are counted from a stage's first occurrence on (before it, its rate is 0).
+``norm_min_calls`` calls are held (bounded) until its norm is known. A stage's
+calls are counted exactly from its first occurrence on; the calls before, none
+outlived, are taken from a count of spans per operation name.
 """
 
 from __future__ import annotations
+
+from collections import Counter
+from operator import attrgetter
 
 from traceguard.config import StructuralConfig
 from traceguard.detect.base import finding, ms, rate_change_finding, stage_finding
@@ -28,6 +32,7 @@ from traceguard.models.rates import RateChange, RateModel, wilson_lower
 from traceguard.records import KIND_CONSUMER, KIND_NAMES, KIND_PRODUCER, Anomaly, AnomalyKind, Trace
 
 _ASYNC_KINDS = frozenset({KIND_PRODUCER, KIND_CONSUMER})
+_NAME = attrgetter("name")
 _MAX_HELD = 20
 _EXEMPLARS = 5
 
@@ -52,7 +57,7 @@ class ContextOutlivedParent:
         self._max_stages = config.norm_max_stages
         self._candidates: set[Stage] = set()      # stages a child has outlived at least once
         self._candidate_names: set[str] = set()
-        self._name_calls: dict[str, int] = {}     # spans seen per operation name, all stages
+        self._name_calls: Counter[str] = Counter()  # spans seen per operation name, all stages (bounded)
         self.routine_: dict[Stage, bool] = {}      # stages whose norm is decided
         self._held: dict[Stage, list[Anomaly]] = {}
         self.held_dropped_ = 0
@@ -63,12 +68,9 @@ class ContextOutlivedParent:
         calls: dict[Stage, list] | None = None
         by_id, least, names = trace.by_id, self._least_tolerance, self._candidate_names
         seen = self._name_calls
+        if len(seen) < self._max_stages:
+            seen.update(map(_NAME, trace.spans))  # counted in C
         for span in trace.spans:
-            count = seen.get(span.name)
-            if count is not None:
-                seen[span.name] = count + 1
-            elif len(seen) < self._max_stages:
-                seen[span.name] = 1
             if span.name in names:  # a call of a stage a child has outlived before: counted for its rate
                 key = (span.service, span.name, span.kind)
                 if key in self._candidates:

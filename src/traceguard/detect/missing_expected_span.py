@@ -8,7 +8,7 @@ one of them forever. Traces that lost spans stay out: their absences are
 the lost spans.
 
 Stage-level: each parent stage learns the share of its calls that make each
-child call it normally makes (``models.rates``, direction down). When a stage
+child call it normally makes (counted on a quarter of the traces) (``models.rates``, direction down). When a stage
 stops making a call it made in most of its calls (a handler that returns
 early, a cache that stopped missing), a stage-level finding opens with
 ``evidence.signal = "calls_dropped"`` and the parent stage as the culprit:
@@ -27,6 +27,9 @@ from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, Trace
 # A call is expected of a parent stage, and its absence judged, once it is made
 # in at least this share of the stage's calls.
 _EXPECTED_CALL_RATE = 0.5
+# Call rates are counted on one trace in this many (by trace id, so replays agree):
+# a rate needs samples, not every trace, and counting is the costly part.
+_CALL_SAMPLE = 4
 # Kinds that say a span of the trace was lost or broke: its absences are not evidence.
 _LOST_SPANS = frozenset({AnomalyKind.MISSING_ROOT, AnomalyKind.MISSING_PARENT, AnomalyKind.UNFINISHED_SPAN,
                          AnomalyKind.UNPAIRED_CLIENT_SPAN})
@@ -136,7 +139,8 @@ class MissingExpectedSpan:
         broke) — also from traces this detector flagged."""
         if trace.root is not None and not trace.orphans and not flagged & _LOST_SPANS:
             self.model.learn(trace)
-            self._observe_calls(trace)
+            if trace.trace_id[-1] % _CALL_SAMPLE == 0:
+                self._observe_calls(trace)
 
     def advance(self, now: int) -> list[Anomaly]:
         events: list[RateChange] = []

@@ -64,9 +64,33 @@ def network_parts(stage: Stage) -> tuple[str, str] | None:
 
 
 def latency_keys(trace: Trace) -> list[Stage]:
-    """The stage each span's ``latency_samples`` value belongs to (see there)."""
-    _latency_view(trace)
-    return trace.derived["latency_keys"]
+    """The stage each span's ``latency_samples`` value belongs to (see there):
+    its own, or for a CLIENT span with its callee in the trace, the callee's
+    ``network_stage``. Cheap: no self time is computed."""
+    cached = trace.derived.get("latency_keys")
+    if cached is not None:
+        return cached
+    keys = stages(trace)
+    children = trace.children
+    network: dict[int, int] = {}  # span index -> the callee's duration
+    for i, span in enumerate(trace.spans):
+        if span.kind == KIND_CLIENT and span.finished:
+            callee = _callee(span, children)
+            if callee is not None:
+                if keys is trace.derived["stages"]:
+                    keys = list(keys)
+                keys[i] = network_stage(callee.service, callee.name, span.service)
+                network[i] = callee.end - callee.start
+    trace.derived["latency_keys"] = keys
+    trace.derived["callee_ns"] = network
+    return keys
+
+
+def _callee(span, children):
+    for child in children.get(span.span_id, ()):
+        if child.kind == KIND_SERVER and child.service != span.service and child.finished:
+            return child
+    return None
 
 
 def latency_samples(trace: Trace) -> list[int | None]:
@@ -81,27 +105,21 @@ def latency_samples(trace: Trace) -> list[int | None]:
     pod is that pod's fault), while the callee's own time counts on its SERVER
     stage. None where a span is unfinished.
     """
-    _latency_view(trace)
-    return trace.derived["latency_samples"]
+    cached = trace.derived.get("latency_samples")
+    if cached is not None:
+        return cached
+    samples = self_times(trace)
+    latency_keys(trace)
+    network = trace.derived["callee_ns"]
+    if network:
+        samples = list(samples)
+        spans = trace.spans
+        for i, callee_ns in network.items():
+            samples[i] = max(0, (spans[i].end - spans[i].start) - callee_ns)
+    trace.derived["latency_samples"] = samples
+    return samples
 
 
-def _latency_view(trace: Trace) -> None:
-    derived = trace.derived
-    if "latency_samples" in derived:
-        return
-    samples = list(self_times(trace))
-    keys = list(stages(trace))
-    children = trace.children
-    for i, span in enumerate(trace.spans):
-        if span.kind != KIND_CLIENT or samples[i] is None:
-            continue
-        for callee in children.get(span.span_id, ()):
-            if callee.kind == KIND_SERVER and callee.service != span.service and callee.finished:
-                keys[i] = network_stage(callee.service, callee.name, span.service)
-                samples[i] = max(0, (span.end - span.start) - (callee.end - callee.start))
-                break
-    derived["latency_keys"] = keys
-    derived["latency_samples"] = samples
 
 
 def shape(trace: Trace) -> dict[str, float]:

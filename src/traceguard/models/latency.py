@@ -169,11 +169,12 @@ class LatencyModel:
             return
         q25, median, q75, q90 = stage.self_hist.quantiles((0.25, 0.5, 0.75, 0.9))
         scale = max((q75 - q25) / _IQR_TO_SIGMA, _MIN_SCALE)
-        window_median, window_q90 = np.quantile(logs, (0.5, 0.9))
-        shift = float(window_median) - median
+        ordered = np.sort(logs)  # small arrays: sorting is far cheaper than np.quantile
+        window_median, window_q90 = float(ordered[len(ordered) // 2]), float(ordered[int(0.9 * (len(ordered) - 1))])
+        shift = window_median - median
         # The upper body must move too: a median that creeps while p90 stays
         # (or falls) is a change of mix, not a slower stage.
-        upper_shift = float(window_q90) - q90
+        upper_shift = window_q90 - q90
         leaning = shift >= self._min_shift and upper_shift >= self._min_shift
         regression = stage.regression
         if regression is not None:
@@ -200,8 +201,8 @@ class LatencyModel:
         stage.shifted = stage.shifted[-(_MAX_RUN - 1):] + [window]
         if len(stage.shifted) < config.persist_windows:
             return
-        pooled = np.log(np.asarray([v for w in stage.shifted for v in w.self_ns], dtype=float))
-        pooled_shift = float(np.median(pooled)) - median
+        pooled = np.sort(np.log(np.asarray([v for w in stage.shifted for v in w.self_ns], dtype=float)))
+        pooled_shift = float(pooled[len(pooled) // 2]) - median
         if pooled_shift / (_MEDIAN_SE * scale / math.sqrt(len(pooled))) < config.regression_z:
             return
         regression = Regression(
