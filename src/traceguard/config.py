@@ -164,7 +164,12 @@ class IncidentConfig(_Section):
     """How findings are grouped into incidents (``correlate.incidents``)."""
 
     burst: int = Field(3, ge=2, description="Per-trace findings blaming one stage within burst_window that open an incident.")
-    burst_window: DurationNs = Field(parse_duration("60s"))
+    burst_window: DurationNs = Field(parse_duration("60s"), description="Window of a burst of slow spans or outliers.")
+    outlived_burst_window: DurationNs = Field(
+        parse_duration("10s"),
+        description="Window of a burst of outlived contexts on one clean stage: each is a finding of its own, so "
+                    "only a dense burst (a callee past its callers' deadlines) is one incident.",
+    )
     quiet: DurationNs = Field(
         parse_duration("2m"),
         description="An incident whose stage-level changes all resolved closes after this long with no finding.",

@@ -321,7 +321,8 @@ class IncidentTracker:
                 return
             recent = self._bursts[stage] = deque(maxlen=self.config.burst)
         recent.append((anomaly.detected_at, anomaly.event_time, anomaly.id, _magnitude(anomaly)))
-        if len(recent) < self.config.burst or recent[-1][0] - recent[0][0] > self.config.burst_window:
+        window = self.config.outlived_burst_window if signal == "outlived_parent" else self.config.burst_window
+        if len(recent) < self.config.burst or recent[-1][0] - recent[0][0] > window:
             return
         if len(self.open_) >= self.config.max_open:
             return
@@ -390,12 +391,14 @@ def _explains(incident: _Open, anomaly: Anomaly, present: frozenset[Stage] | Non
         missing = {(m["service"], m["operation"]) for m in anomaly.evidence["missing_stages"]}
         return any(c.dropped is not None and c.dropped[:2] in missing for c in culprits)
     blamed = _blamed_stage(anomaly)
+    if anomaly.kind is AnomalyKind.CONTEXT_OUTLIVED_PARENT:
+        return any(c.signal == "outlived_parent" and c.stage == blamed for c in culprits)
     if blamed is not None:
-        # the stage itself, another stage of a culprit's process, or a network
-        # path into or out of a culprit's service
+        # a slower culprit: the stage itself, another stage of its process, or a
+        # network path into or out of its service
         network = network_parts(blamed)
         services = {blamed[0], network[1]} if network is not None else {blamed[0]}
-        return any(c.stage == blamed or (c.signal in _SLOWER and c.stage[0] in services) for c in culprits)
+        return any(c.signal in _SLOWER and (c.stage == blamed or c.stage[0] in services) for c in culprits)
     # a trace_outlier led by its duration or shape: through a culprit that got slower
     return present is not None and any(c.signal in _SLOWER and c.stage in present for c in culprits)
 
