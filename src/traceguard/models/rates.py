@@ -126,29 +126,18 @@ class RateModel:
             if rate.w_index >= 0:
                 self._close(key, rate, events)
             rate.w_index = index
-        rate.w_calls += calls
-        rate.w_hits += hits
-        if first_affected:
-            if not rate.w_first or first_affected < rate.w_first:
-                rate.w_first = first_affected
-            if len(rate.w_exemplars) < _EXEMPLARS:
-                rate.w_exemplars.append(trace_id)
+        _add(rate, calls, hits, first_affected, trace_id)
 
     def observe_all(self, counts: dict, now: int, trace_id: str, events: list[RateChange]) -> None:
-        """``observe`` for each ``key: [calls, hits, first_affected]`` of one trace."""
+        """``observe`` for each ``key: [calls, hits, first_affected]`` of one trace
+        (keys whose window is current skip the call)."""
         keys, index = self.keys_, now // self.window
         for key, (calls, hits, first) in counts.items():
             rate = keys.get(key)
             if rate is None or rate.w_index != index:
                 self.observe(key, calls, hits, now, first, trace_id, events)
-                continue
-            rate.w_calls += calls
-            rate.w_hits += hits
-            if first:
-                if not rate.w_first or first < rate.w_first:
-                    rate.w_first = first
-                if len(rate.w_exemplars) < _EXEMPLARS:
-                    rate.w_exemplars.append(trace_id)
+            else:
+                _add(rate, calls, hits, first, trace_id)
 
     def advance(self, now: int, events: list[RateChange]) -> None:
         """Closes every window that ended before ``now``'s window (once per window period)."""
@@ -235,6 +224,16 @@ class RateModel:
         for key, calls, hits in rows:
             rate = self.keys_[_tuple(key)] = _Rate()
             rate.calls, rate.hits = float(calls), float(hits)
+
+
+def _add(rate: _Rate, calls: int, hits: int, first_affected: int, trace_id: str) -> None:
+    rate.w_calls += calls
+    rate.w_hits += hits
+    if first_affected:
+        if not rate.w_first or first_affected < rate.w_first:
+            rate.w_first = first_affected
+        if len(rate.w_exemplars) < _EXEMPLARS:
+            rate.w_exemplars.append(trace_id)
 
 
 def wilson_lower(hits: float, calls: float, z: float = 3.0) -> float:
