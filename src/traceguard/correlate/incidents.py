@@ -116,7 +116,6 @@ class IncidentTracker:
         self._bursts: dict[Stage, deque] = {}
         self._recent: OrderedDict[str, frozenset] = OrderedDict()
         self._swept = 0  # when stale bursts were last dropped
-        self.attached_total_ = 0
 
     # -- findings in -----------------------------------------------------------
     def route(self, anomaly: Anomaly, trace: Trace | None = None) -> bool:
@@ -303,7 +302,6 @@ class IncidentTracker:
     def _attach(self, incident: _Open, anomaly: Anomaly) -> bool:
         anomaly.incident_id = incident.id
         incident.attached[anomaly.kind.value] += 1
-        self.attached_total_ += 1
         incident.last_evidence = anomaly.detected_at
         incident.last_event = max(incident.last_event, anomaly.event_time)
         incident.dirty = True
