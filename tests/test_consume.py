@@ -50,8 +50,17 @@ def start(args: list[str]) -> subprocess.Popen:
                             env={**os.environ, **FAST})
 
 
-def finish(process: subprocess.Popen, timeout: float = 180) -> str:
-    _, stderr = process.communicate(timeout=timeout)
+def finish(process: subprocess.Popen, timeout: float = 600) -> str:
+    """Waits generously (a busy CI machine is slow); a process still running then
+    is stuck, and its threads' stacks (SIGUSR1, see cli.main) say where."""
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(2)  # not for correctness: gives faulthandler its moment before the kill
+        process.kill()
+        _, stderr = process.communicate()
+        pytest.fail(f"still running after {timeout} s; its stderr and stacks:\n{stderr[-12000:]}")
     assert process.returncode == 0, stderr[-3000:]
     return stderr
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import faulthandler
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -82,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # An operator (or a test that gave up waiting) can ask a stuck process where it is.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if args.command in ("replay", "train"):
         tune_gc()
     flags = {
