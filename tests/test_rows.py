@@ -23,8 +23,10 @@ from traceguard.decode.common import KEPT_ATTRIBUTES, UNKNOWN_SERVICE, Decoded, 
 from traceguard.decode.otlp_json import _walk_traces
 from traceguard.assemble.assembler import _expand_rows
 from traceguard.decode.otlp_proto import _decode_native, decode_traces_message
+from traceguard.detect.context_outlived_parent import _ended_after_parent
 from traceguard.native import rows as native
 from traceguard.native import wire_schema
+from traceguard.records import KIND_PRODUCER
 from builders import row
 
 CONFIG = DecodeConfig(max_name_length=16)
@@ -262,8 +264,9 @@ def spans_view(spans) -> list[tuple]:
 
 
 def expanded_view(result) -> tuple:
-    spans, by_id, children, orphans, duplicates, root = result
+    spans, by_id, children, orphans, duplicates, root, stages = result
     assert all(by_id[s.span_id] is s for s in spans)
+    assert stages == [(s.service, s.name, s.kind) for s in spans]
     return (spans_view(spans), sorted(by_id), {p: spans_view(g) for p, g in children.items()}, spans_view(orphans),
             duplicates, spans_view([root]) if root is not None else None)
 
@@ -286,11 +289,35 @@ def test_expand_edge_cases():
             row(1, 4, 9, start_ms=6, end_ms=7, status=2)]
     result = native.expand(rows)
     assert expanded_view(result) == expanded_view(_expand_rows(rows))
-    spans, _, children, orphans, duplicates, root = result
+    spans, _, children, orphans, duplicates, root, _ = result
     assert duplicates == 1 and root.span_id == spans[2].span_id and not spans[1].finished and not root.finished
     assert orphans == [spans[3]]
     assert expanded_view(native.expand(rows[4:])) == expanded_view(_expand_rows(rows[4:]))
-    assert native.expand([]) == ([], {}, {}, [], 0, None)
+    assert native.expand([]) == ([], {}, {}, [], 0, None, [])
+
+
+def test_ended_after_parent_matches_the_reference(scenario_proto):
+    """The outlived-parent scan in C against its Python reference: the scenario's
+    traces (routine and injected outliving), and every way a pair is ruled out."""
+    rows = [r for data in read_messages(scenario_proto / "traces.pb")
+            for r in decode_traces_message(ExportTraceServiceRequest.FromString(data), CONFIG).rows]
+    by_trace: dict[bytes, list] = {}
+    for r in rows:
+        by_trace.setdefault(r.trace_id, []).append(r)
+    found = 0
+    for trace_rows in by_trace.values():
+        spans, by_id, *_ = _expand_rows(trace_rows)
+        for least in (0, 5_000_000):
+            pairs = native.ended_after_parent(spans, by_id, least)
+            assert pairs == _ended_after_parent(spans, by_id, least)
+            found += len(pairs)
+    assert found > 100
+    edge = [row(1, 1, end_ms=100), row(1, 2, 1, end_ms=106), row(1, 3, 1, end_ms=105),  # 6 ms out, 5 ms exactly
+            row(1, 4, 1, end_ms=400, kind=KIND_PRODUCER), row(1, 5, 1, end_ms=400, links=True),
+            row(1, 6, 1, end_ms=None), row(1, 7, 6, end_ms=400), row(1, 8, 9, end_ms=400)]  # unfinished parent, orphan
+    spans, by_id, *_ = _expand_rows(edge)
+    assert native.ended_after_parent(spans, by_id, 5_000_000) == _ended_after_parent(spans, by_id, 5_000_000)
+    assert [(c.span_id[-1], p.span_id[-1]) for c, p in native.ended_after_parent(spans, by_id, 5_000_000)] == [(2, 1)]
 
 
 def test_a_replay_without_the_extension_writes_the_same_bytes(scenario_proto, tmp_path):

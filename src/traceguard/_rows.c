@@ -750,10 +750,11 @@ done:
 }
 
 PyDoc_STRVAR(expand_doc,
-"expand(rows) -> (spans, by_id, children, orphans, duplicates, root)\n\n"
+"expand(rows) -> (spans, by_id, children, orphans, duplicates, root, stages)\n\n"
 "The Span objects of a decided trace's rows in arrival order (a repeated span id\n"
 "after the first is skipped and counted), by span id, children by parent id,\n"
-"the spans whose parent is not in the trace, and the parentless span that started first.");
+"the spans whose parent is not in the trace, the parentless span that started first,\n"
+"and each span's (service, name, kind).");
 
 static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
     if (span_slots.type == NULL) {
@@ -767,10 +768,11 @@ static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
     /* A copy holds a reference to every row while spans are made (which may run the GC). */
     PyObject *own = PyList_GetSlice(rows, 0, PyList_GET_SIZE(rows));
     PyObject *spans = PyList_New(0), *by_id = PyDict_New(), *children = PyDict_New(), *orphans = NULL, *result = NULL;
+    PyObject *stages = PyList_New(0);
     PyObject *root = Py_None;
     uint64_t root_start = 0;
     Py_ssize_t duplicates = 0;
-    if (own == NULL || spans == NULL || by_id == NULL || children == NULL)
+    if (own == NULL || spans == NULL || by_id == NULL || children == NULL || stages == NULL)
         goto done;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(own); i++) {
         PyObject *row = PyList_GET_ITEM(own, i);
@@ -828,7 +830,10 @@ static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
                               PyBool_FromLong(c[26] & 1), Py_NewRef(service), Py_NewRef(name), Py_NewRef(attrs),
                               PyBool_FromLong(finished)};
         PyObject *span = fill(&span_slots, values);
-        int failed = span == NULL || PyList_Append(spans, span) < 0 || PyDict_SetItem(by_id, span_id, span) < 0;
+        PyObject *stage = span == NULL ? NULL : PyTuple_Pack(3, service, name, kind); /* the span holds kind */
+        int failed = stage == NULL || PyList_Append(spans, span) < 0 || PyDict_SetItem(by_id, span_id, span) < 0
+                     || PyList_Append(stages, stage) < 0;
+        Py_XDECREF(stage);
         if (!failed && is_root) {
             if (root == Py_None || start < root_start) {
                 root = span;
@@ -861,14 +866,86 @@ static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
         if (known < 0 || (!known && PyList_SetSlice(orphans, end, end, group) < 0))
             goto done;
     }
-    result = Py_BuildValue("(OOOOnO)", spans, by_id, children, orphans, duplicates, root);
+    result = Py_BuildValue("(OOOOnOO)", spans, by_id, children, orphans, duplicates, root, stages);
 done:
+    Py_XDECREF(stages);
     Py_XDECREF(orphans);
     Py_XDECREF(own);
     Py_XDECREF(spans);
     Py_XDECREF(by_id);
     Py_XDECREF(children);
     return result;
+}
+
+enum { SPAN_PARENT = 1, SPAN_END = 3, SPAN_KIND = 4, SPAN_HAS_LINKS = 6, SPAN_FINISHED = 10 };
+
+PyDoc_STRVAR(ended_after_parent_doc,
+"ended_after_parent(spans, by_id, least) -> [(child, parent), ...]\n\n"
+"The synchronous children (not PRODUCER or CONSUMER, no links) that ended more\n"
+"than ``least`` ns after their parent, both finished: nearly every child ends in\n"
+"time, and this is the scan over every span of every trace.");
+
+static PyObject *ended_after_parent(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *spans, *by_id;
+    long long least;
+    if (!PyArg_ParseTuple(args, "O!O!L", &PyList_Type, &spans, &PyDict_Type, &by_id, &least))
+        return NULL;
+    if (span_slots.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() first");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(spans); i++) {
+        PyObject *span = PyList_GET_ITEM(spans, i);
+        if (Py_TYPE(span) != span_slots.type) {
+            PyErr_SetString(PyExc_TypeError, "ended_after_parent() takes Span objects");
+            goto fail;
+        }
+        PyObject *parent_id = SLOT(span_slots, span, SPAN_PARENT), *kind = SLOT(span_slots, span, SPAN_KIND);
+        if (parent_id == NULL || parent_id == Py_None || SLOT(span_slots, span, SPAN_HAS_LINKS) == Py_True
+            || SLOT(span_slots, span, SPAN_FINISHED) != Py_True || kind == NULL || !PyLong_Check(kind))
+            continue;
+        long k = PyLong_AsLong(kind);
+        if (k == KIND_PRODUCER || k == KIND_CONSUMER)
+            continue;
+        PyObject *parent = PyDict_GetItemWithError(by_id, parent_id);
+        if (parent == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            continue;
+        }
+        if (Py_TYPE(parent) != span_slots.type || SLOT(span_slots, parent, SPAN_FINISHED) != Py_True)
+            continue;
+        PyObject *end = SLOT(span_slots, span, SPAN_END), *parent_end = SLOT(span_slots, parent, SPAN_END);
+        if (end == NULL || parent_end == NULL || !PyLong_Check(end) || !PyLong_Check(parent_end))
+            continue;
+        long long e = PyLong_AsLongLong(end), pe = PyLong_AsLongLong(parent_end);
+        if ((e == -1 || pe == -1) && PyErr_Occurred()) { /* past int64: left to the Python reference */
+            PyErr_Clear();
+            PyObject *over = PyNumber_Subtract(end, parent_end), *bar = PyLong_FromLongLong(least);
+            int beyond = over != NULL && bar != NULL ? PyObject_RichCompareBool(over, bar, Py_GT) : -1;
+            Py_XDECREF(over);
+            Py_XDECREF(bar);
+            if (beyond < 0)
+                goto fail;
+            if (!beyond)
+                continue;
+        } else if (e - pe <= least) { /* finished ends are positive: no overflow */
+            continue;
+        }
+        PyObject *pair = PyTuple_Pack(2, span, parent);
+        if (pair == NULL || PyList_Append(out, pair) < 0) {
+            Py_XDECREF(pair);
+            goto fail;
+        }
+        Py_DECREF(pair);
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
 }
 
 /* ---- OTLP/JSON: the same rows from the objects orjson parsed -------------------------
@@ -1222,6 +1299,7 @@ static PyMethodDef methods[] = {
     {"decode_spans", decode_spans, METH_VARARGS, decode_spans_doc},
     {"decode_json_spans", decode_json_spans, METH_VARARGS, decode_json_spans_doc},
     {"expand", expand, METH_O, expand_doc},
+    {"ended_after_parent", ended_after_parent, METH_VARARGS, ended_after_parent_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -21,6 +21,9 @@ from traceguard.records import Anomaly, Incident, LogRow, Span, SpanRow, Trace
 from traceguard.sinks import Sink
 
 
+_NOTHING: frozenset = frozenset()
+
+
 class Pipeline:
     def __init__(
         self,
@@ -142,7 +145,7 @@ class Pipeline:
             for detector in self._timing:
                 found.extend(detector.detect(trace))
         self.incidents.observe(trace)
-        flagged = frozenset(anomaly.kind for anomaly in found)
+        flagged = frozenset(anomaly.kind for anomaly in found) if found else _NOTHING
         for learner in self._learners:
             learner.learn(trace, flagged)
         if found:

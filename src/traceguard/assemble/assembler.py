@@ -227,9 +227,10 @@ def to_span(row: SpanRow, unpack=SPAN_CORE.unpack) -> Span:
 
 
 def _expand_rows(rows: list[SpanRow]) -> tuple[list[Span], dict[bytes, Span], dict[bytes, list[Span]], list[Span],
-                                               int, Span | None]:
-    """(spans, by id, children by parent id, orphans, duplicates skipped, root): the
-    reference for ``_rows.expand``, which does the same in C."""
+                                               int, Span | None, list[tuple[str, str, int]]]:
+    """(spans, by id, children by parent id, orphans, duplicates skipped, root, each
+    span's stage): the reference for ``_rows.expand``, which does the same in C. The
+    stages are made here because nearly every detector keys its state by them."""
     spans: list[Span] = []
     by_id: dict[bytes, Span] = {}
     children: dict[bytes, list[Span]] = {}
@@ -250,14 +251,16 @@ def _expand_rows(rows: list[SpanRow]) -> tuple[list[Span], dict[bytes, Span], di
         else:
             children.setdefault(parent, []).append(span)
     orphans = [span for parent, group in children.items() if parent not in by_id for span in group]
-    return spans, by_id, children, orphans, duplicates, root
+    return spans, by_id, children, orphans, duplicates, root, [(s.service, s.name, s.kind) for s in spans]
 
 
 expand_rows = native.expand if native is not None else _expand_rows
 
 
 def _expand(trace_id: bytes, pending: _Pending, reason: DecisionReason, now: int, metrics: Metrics) -> Trace:
-    spans, by_id, children, orphans, duplicates, root = expand_rows(pending.rows)
+    spans, by_id, children, orphans, duplicates, root, stages = expand_rows(pending.rows)
     if duplicates:
         metrics.inc("traceguard_duplicate_spans_total", duplicates)
-    return Trace(trace_id, spans, by_id, children, orphans, root, reason, now, pending.first_seen)
+    trace = Trace(trace_id, spans, by_id, children, orphans, root, reason, now, pending.first_seen)
+    trace.derived["stages"] = stages  # see models.features.stages
+    return trace

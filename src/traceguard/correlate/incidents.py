@@ -114,7 +114,7 @@ class IncidentTracker:
         self._remember = remember_traces
         self.open_: list[_Open] = []
         self._bursts: dict[Stage, deque] = {}
-        self._recent: OrderedDict[str, frozenset] = OrderedDict()
+        self._recent: OrderedDict[str, list[Stage]] = OrderedDict()  # trace id -> its latency keys
         self._swept = 0  # when stale bursts were last dropped
 
     # -- findings in -----------------------------------------------------------
@@ -129,7 +129,7 @@ class IncidentTracker:
             return True
         if anomaly.kind not in EXPLAINED:
             return True
-        present = _stage_set(trace) if trace is not None else self._recent.get(anomaly.trace_id)
+        present = latency_keys(trace) if trace is not None else self._recent.get(anomaly.trace_id)
         for incident in self.open_:
             if _explains(incident, anomaly, present):
                 return self._attach(incident, anomaly)
@@ -143,7 +143,7 @@ class IncidentTracker:
         incidents are open, who calls the culprits and whom they call."""
         if self._remember:
             recent = self._recent
-            recent[trace.trace_id.hex()] = _stage_set(trace)
+            recent[trace.trace_id.hex()] = latency_keys(trace)  # made by the latency detectors already
             if len(recent) > _RECENT_TRACES:
                 recent.popitem(last=False)
         if not self.open_:
@@ -343,15 +343,6 @@ class IncidentTracker:
         self._emit(_record(incident, now))
 
 
-def _stage_set(trace: Trace) -> frozenset[Stage]:
-    """The stages a trace passes through, network paths of its calls included."""
-    cached = trace.derived.get("stage_set")
-    if cached is None:
-        spans, keys = stages(trace), latency_keys(trace)
-        cached = trace.derived["stage_set"] = frozenset(spans) if keys is spans else frozenset(spans).union(keys)
-    return cached
-
-
 def _magnitude(anomaly: Anomaly) -> float:
     """How many times its normal the blamed stage's time was (median of the
     baseline); for an outlived context, how many times the tolerance it overran."""
@@ -379,11 +370,12 @@ def _blamed_stage(anomaly: Anomaly) -> Stage | None:
     return None
 
 
-def _explains(incident: _Open, anomaly: Anomaly, present: frozenset[Stage] | None) -> bool:
+def _explains(incident: _Open, anomaly: Anomaly, present: list[Stage] | None) -> bool:
     """Whether the incident's change accounts for this per-trace finding: a slow
     span of a culprit stage, a trace unlike its normal ones through a slow
     culprit (or led by a culprit stage), a rise of outliving on a culprit
-    stage, a missing call a culprit stopped making."""
+    stage, a missing call a culprit stopped making. ``present``: the trace's
+    latency keys, where every slower culprit's stage would be."""
     culprits = incident.culprits
     if anomaly.kind is AnomalyKind.MISSING_EXPECTED_SPAN:
         missing = {(m["service"], m["operation"]) for m in anomaly.evidence["missing_stages"]}

@@ -15,28 +15,45 @@ and its single occurrences are not. Any other stage is clean and each
 occurrence is a finding. Either way a significant rise of the rate opens a
 stage-level finding (``evidence.signal = "outlived_parent"``) that the
 incident tracker turns into an incident: a leak that a deploy starts is found
-on a clean stage and on a routine one. Occurrences on a stage with fewer than
-``norm_min_calls`` calls are held (bounded) until its norm is known. A stage's
-calls are counted exactly from its first occurrence on; the calls before, none
-outlived, are taken from a count of spans per operation name.
+on a clean stage and on a routine one. Occurrences on a stage whose norm is not known yet are held (bounded); norms
+are judged when a rate window ends, on whole windows. A stage's rate starts at
+its first occurrence, seeded with its earlier calls (none outlived; counted on
+a sample of traces), and from then on its calls are counted exactly per window.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from operator import attrgetter
-
 from traceguard.config import StructuralConfig
 from traceguard.detect.base import finding, ms, rate_change_finding, stage_finding
+from traceguard.models.features import stages
 from traceguard.models.rates import RateChange, RateModel, wilson_lower
-from traceguard.records import KIND_CONSUMER, KIND_NAMES, KIND_PRODUCER, Anomaly, AnomalyKind, Trace
+from traceguard.native import rows as native
+from traceguard.records import KIND_CONSUMER, KIND_NAMES, KIND_PRODUCER, Anomaly, AnomalyKind, Span, Trace
 
 _ASYNC_KINDS = frozenset({KIND_PRODUCER, KIND_CONSUMER})
-_NAME = attrgetter("name")
 _MAX_HELD = 20
+_SEED_SAMPLE = 4  # one trace in this many counts every stage's calls, for seeds
 _EXEMPLARS = 5
 
 Stage = tuple[str, str, int]
+
+
+def _ended_after_parent(spans: list[Span], by_id: dict[bytes, Span], least: int) -> list[tuple[Span, Span]]:
+    """(child, parent) of the synchronous children (no messaging kind, no links)
+    that ended more than ``least`` after their parent, both finished: the
+    reference for ``_rows.ended_after_parent``, which scans in C."""
+    out = []
+    for span in spans:
+        if span.parent_span_id is None or span.kind in _ASYNC_KINDS or span.has_links or not span.finished:
+            continue
+        parent = by_id.get(span.parent_span_id)
+        if parent is not None and parent.finished and span.end - parent.end > least:
+            out.append((span, parent))
+    return out
+
+
+ended_after_parent = native.ended_after_parent if native is not None else _ended_after_parent
 
 
 class ContextOutlivedParent:
@@ -55,9 +72,10 @@ class ContextOutlivedParent:
             max_keys=config.norm_max_stages,
         )
         self._max_stages = config.norm_max_stages
-        self._candidates: set[Stage] = set()      # stages a child has outlived at least once
-        self._candidate_names: set[str] = set()
-        self._name_calls: Counter[str] = Counter()  # spans seen per operation name, all stages (bounded)
+        self._candidates: set[Stage] = set()      # stages a child has outlived at least once: they have a rate
+        self._stage_calls: Counter[Stage] = Counter()  # spans per stage on sampled traces (bounded)
+        self._window_calls: Counter[Stage] = Counter()  # calls of the candidates in the current window
+        self._window_index = -1
         self.routine_: dict[Stage, bool] = {}      # stages whose norm is decided
         self._held: dict[Stage, list[Anomaly]] = {}
         self.held_dropped_ = 0
@@ -65,57 +83,33 @@ class ContextOutlivedParent:
 
     def detect(self, trace: Trace) -> list[Anomaly]:
         overruns: dict[bytes, list] | None = None
-        calls: dict[Stage, list] | None = None
-        by_id, least, names = trace.by_id, self._least_tolerance, self._candidate_names
-        seen = self._name_calls
-        if len(seen) < self._max_stages:
-            seen.update(map(_NAME, trace.spans))  # counted in C
-        for span in trace.spans:
-            if span.name in names:  # a call of a stage a child has outlived before: counted for its rate
-                key = (span.service, span.name, span.kind)
-                if key in self._candidates:
-                    if calls is None:
-                        calls = {}
-                    calls.setdefault(key, []).append(span.span_id)
-            if span.parent_span_id is None or span.kind in _ASYNC_KINDS or span.has_links:
-                continue
-            parent = by_id.get(span.parent_span_id)
-            # nearly every child ends in time: one comparison rules it out
-            if parent is None or span.end - parent.end <= least or not parent.finished or not span.finished:
-                continue
+        for span, parent in ended_after_parent(trace.spans, trace.by_id, self._least_tolerance):
             overrun = span.end - parent.end
             tolerance = self._min_overrun if parent.service == span.service else self._skew
             if overrun > tolerance:
                 if overruns is None:
                     overruns = {}
                 overruns.setdefault(parent.span_id, []).append((span, parent, overrun, tolerance))
-        if overruns is None and calls is None:
+        self._roll_window(trace.decided_at)
+        if overruns is None:
+            self._count_calls(trace)
             return []
-        overruns = overruns or {}
-        calls = calls or {}
-        for found in overruns.values():
-            parent = found[0][1]
-            key = (parent.service, parent.name, parent.kind)
-            if key not in self._candidates and len(self._candidates) < self._max_stages:
-                # First occurrence: from now on its calls are counted exactly. The calls
-                # before, none of them outlived, are the spans seen under its name.
-                self._candidates.add(key)
-                names.add(parent.name)
-                self.rates_.seed(key, seen.get(parent.name, 1) - 1)
-                calls.setdefault(key, []).append(parent.span_id)
-        now, trace_hex = trace.decided_at, trace.trace_id.hex()
+        candidates, now, trace_hex = self._candidates, trace.decided_at, trace.trace_id.hex()
         events: list[RateChange] = []
-        for key, span_ids in calls.items():
-            hit = [overruns[s] for s in span_ids if s in overruns]
-            first = min(child.end for found in hit for child, *_ in found) if hit else 0
-            self.rates_.observe(key, len(span_ids), len(hit), now, first, trace_hex, events)
         findings = []
         for found in overruns.values():
             parent = found[0][1]
             key = (parent.service, parent.name, parent.kind)
+            if key not in candidates and len(candidates) < self._max_stages:
+                # First occurrence: from now on its calls are counted for its rate; the
+                # calls before, none of them outlived, are its seed (as sampled).
+                candidates.add(key)
+                self.rates_.seed(key, self._stage_calls.get(key, 0) * _SEED_SAMPLE)
+            first = min(child.end for child, *_ in found)
+            self.rates_.observe(key, 0, 1, now, first, trace_hex, events)  # its calls come at the window's end
             anomalies = [self._anomaly(trace, *item) for item in found]
-            routine = self._judge(key, now) if key in self._candidates else False
-            if routine is None:
+            routine = self.routine_.get(key, False)
+            if key in candidates and key not in self.routine_ and self._min_calls:  # norms on, this one unknown
                 held = self._held.setdefault(key, [])
                 room = _MAX_HELD - len(held)
                 held.extend(anomalies[:room])
@@ -124,7 +118,42 @@ class ContextOutlivedParent:
                 findings.extend(anomalies)  # an open rise: the incident tracker attaches them
         if events:
             self._released.extend(self._changes(events, now))
+        self._count_calls(trace)
         return findings
+
+    def _roll_window(self, now: int) -> None:
+        index = now // self.rates_.window
+        if index != self._window_index:
+            self._end_window(now)
+            self._window_index = index
+
+    def _count_calls(self, trace: Trace) -> None:
+        """Calls of the stages with a rate, counted for the window and handed to
+        their rates when it ends; every stage's calls on one trace in
+        ``_SEED_SAMPLE`` (by trace id), to seed a stage's rate when it first shows
+        up: counting every stage of every trace was the cost of this detector."""
+        staged = stages(trace)
+        if trace.trace_id[-1] % _SEED_SAMPLE == 0 and len(self._stage_calls) < self._max_stages:
+            self._stage_calls.update(staged)
+        if self._candidates:
+            calls = self._window_calls
+            for key in self._candidates.intersection(staged):
+                calls[key] += staged.count(key)
+
+    def _end_window(self, now: int) -> None:
+        """The window's calls go to the stages' rates, then every stage's norm not
+        yet known is judged on the whole window."""
+        calls, self._window_calls = self._window_calls, Counter()
+        if not calls:
+            return
+        at = self._window_index * self.rates_.window
+        events: list[RateChange] = []
+        for key in sorted(calls):  # sorted: replays agree
+            self.rates_.observe(key, calls[key], 0, at, 0, "", events)
+        if events:
+            self._released.extend(self._changes(events, now))
+        for key in list(self._held):
+            self._judge(key, now)
 
     def _anomaly(self, trace: Trace, child, parent, overrun: int, tolerance: int) -> Anomaly:
         return finding(
@@ -207,12 +236,13 @@ class ContextOutlivedParent:
         """The norms count every trace in ``detect``, flagged or not."""
 
     def advance(self, now: int) -> list[Anomaly]:
+        """Time passes without traces too: a window that ended is handed over and closed."""
+        if now // self.rates_.window > self._window_index:
+            self._roll_window(now)
         events: list[RateChange] = []
         self.rates_.advance(now, events)
         if events:
             self._released.extend(self._changes(events, now))
-        for key in list(self._held) if self._held else ():
-            self._judge(key, now)
         if not self._released:
             return []
         released, self._released = self._released, []
@@ -220,6 +250,7 @@ class ContextOutlivedParent:
 
     def flush(self, now: int) -> list[Anomaly]:
         """End of input: stages still undecided are judged on what was seen."""
+        self._end_window(now)
         events: list[RateChange] = []
         self.rates_.flush(events)
         self._released.extend(self._changes(events, now))
@@ -233,8 +264,6 @@ class ContextOutlivedParent:
 
     def restore(self, state: dict) -> None:
         self.rates_.restore(state.get("rates", []))
-        for key in self.rates_.keys_:
-            self._candidates.add(key)
-            self._candidate_names.add(key[1])
+        self._candidates.update(self.rates_.keys_)
         for service, operation, span_kind, routine in state.get("routine", []):
             self.routine_[(str(service), str(operation), int(span_kind))] = bool(routine)

@@ -96,10 +96,14 @@ class TraceOutlier:
         for position, item in enumerate(pending):
             own = item.row is not None  # past max_root_operations a root operation has no forest of its own
             chosen = self.model.forests_[item.key] if own else self.model.shared_
-            if chosen.fitted:
-                groups.setdefault(id(chosen), (chosen, [], own))[1].append(position)
+            groups.setdefault(id(chosen), (chosen, [], own))[1].append(position)
+        vectors: list[np.ndarray | None] = [None] * len(pending)
         for forest, positions, own in groups.values():
-            rows = np.stack([pending[p].row if own else pending[p].shared_row for p in positions])
+            rows = forest.matrix([pending[p].row if own else pending[p].shared_row for p in positions])
+            for i, p in enumerate(positions):
+                vectors[p] = rows[i]
+            if not forest.fitted:
+                continue
             scores, z = forest.score(rows)
             beyond = z >= forest.z_threshold_
             confirmed = beyond & (rows[:, forest.columns_] > self._history_bars(forest, pending[positions[0]].root))
@@ -118,10 +122,8 @@ class TraceOutlier:
         for position, item in enumerate(pending):
             # Learn only from the normal: not flagged, and not far out in any feature either.
             if item.normal and position not in deviant:
-                if item.row is not None:
-                    self.model.forests_[item.key].add(item.row)
-                else:
-                    self.model.shared_.add(item.shared_row)
+                forest = self.model.forests_[item.key] if item.row is not None else self.model.shared_
+                forest.add(vectors[position])
         return [flagged[p] for p in sorted(flagged)]
 
     def _history_bars(self, forest: RootForest, root: Span) -> np.ndarray:

@@ -8,7 +8,8 @@ Stage = tuple[str, str, int]  # (service, operation, span kind)
 
 
 def stages(trace: Trace) -> list[Stage]:
-    """Each span's stage, in span order (computed once per trace)."""
+    """Each span's stage, in span order: made when the trace is expanded (in C);
+    computed here for a trace built another way."""
     cached = trace.derived.get("stages")
     if cached is None:
         cached = trace.derived["stages"] = [(s.service, s.name, s.kind) for s in trace.spans]

@@ -122,13 +122,14 @@ class RootForest:
     def fitted(self) -> bool:
         return self.estimator_ is not None
 
-    def row(self, trace: Trace) -> np.ndarray:
-        """The trace's feature vector in this forest's layout (built in Python, one array at the end)."""
+    def row(self, trace: Trace) -> list[float]:
+        """The trace's raw feature values in this forest's layout (stage times in ns):
+        a plain list, made into arrays a batch at a time by ``matrix``."""
         root = trace.root
         features = shape(trace)
         generic = [math.log(max(root.end - root.start, 1) / 1e6)] + [features[name] for name in GENERIC_FEATURES[1:]]
         if not self.with_stages:
-            return np.array(generic)
+            return generic
         totals = [0] * STAGE_COLUMNS
         index = self.stage_index_
         for stage, self_ns in zip(latency_keys(trace), latency_samples(trace)):
@@ -140,9 +141,16 @@ class RootForest:
                     continue
                 column = index[stage] = len(index)
             totals[column] += self_ns
-        row = np.array(generic + totals, dtype=float)
-        row[len(generic):] = np.log1p(row[len(generic):] / 1e3)  # log of µs
-        return row
+        generic.extend(totals)
+        return generic
+
+    def matrix(self, rows: list[list[float]]) -> np.ndarray:
+        """Raw rows (``row``) as this forest's feature vectors, one per line."""
+        out = np.array(rows, dtype=float)
+        if self.with_stages:
+            generic = len(GENERIC_FEATURES)
+            out[:, generic:] = np.log1p(out[:, generic:] / 1e3)  # log of µs
+        return out
 
     def add(self, row: np.ndarray) -> None:
         """A normal trace joins the buffer; fits when warm, refits periodically."""
