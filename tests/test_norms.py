@@ -53,25 +53,36 @@ def test_a_dropped_call_opens_a_change_watching_down():
     assert change.baseline_rate > 0.9 and change.current_rate < 0.3
 
 
-def _outliving(n, t_ms, rng, *, outlive: bool):
+def _outliving(n, t_ms, rng, *, outlive: bool, name="GET /x"):
     """api SERVER with an INTERNAL child that ends 5 ms after it when ``outlive``."""
     end = t_ms + 10
-    return [row(n, 1, start_ms=t_ms, end_ms=end, kind=KIND_SERVER, service="api", name="GET /x"),
+    return [row(n, 1, start_ms=t_ms, end_ms=end, kind=KIND_SERVER, service="api", name=name),
             row(n, 2, 1, start_ms=t_ms + 1, end_ms=end + (5 if outlive else -1), kind=KIND_INTERNAL,
                 service="api", name="refresh")]
 
 
-def _run_outliving(minutes, share, *, leak_from_min=None, leak_share=0.0, seed=1):
+def _run_outliving(minutes, share, *, leak_from_min=None, leak_share=0.0, seed=1, names=("GET /x",),
+                   with_pipeline=False):
     rng = np.random.default_rng(seed)
     sink = MemorySink()
     pipeline = Pipeline(PipelineConfig(), EventTimeClock(5 * SECOND_NS), [sink])
     for i in range(int(minutes * 60 * 2)):
         t_ms = i * 500
         p = leak_share if leak_from_min is not None and t_ms >= leak_from_min * MINUTE_MS else share
-        pipeline.accept_spans(_outliving(i + 1, t_ms, rng, outlive=rng.random() < p))
+        pipeline.accept_spans(_outliving(i + 1, t_ms, rng, outlive=rng.random() < p, name=names[i % len(names)]))
         pipeline.advance()
     pipeline.close()
-    return sink
+    return (sink, pipeline) if with_pipeline else sink
+
+
+def test_a_service_whose_stages_are_routine_gets_one_pattern_finding():
+    """Two handlers of one service whose callbacks finish after the response: one
+    finding for the service's routine, no occurrence, and both stages learned."""
+    sink, pipeline = _run_outliving(30, 0.12, names=("GET /x", "GET /y"), with_pipeline=True)
+    (norm,) = of_kind(sink, "context_outlived_parent")
+    assert norm.trace_id is None and norm.evidence["state"] == "norm" and norm.service == "api"
+    assert [s["operation"] for s in norm.evidence["stages"]] in (["GET /x"], ["GET /y"], ["GET /x", "GET /y"])
+    assert pipeline.metrics.gauges()["traceguard_context_outlived_parent_routine_stages"] == 2
 
 
 def test_a_stage_that_routinely_outlives_its_parent_is_reported_once_as_its_norm():

@@ -52,6 +52,9 @@ class Pipeline:
         for detector in self._completeness:
             if hasattr(detector, "held_dropped_"):
                 self.metrics.gauge(f"traceguard_{detector.kind.value}_held_dropped", lambda d=detector: d.held_dropped_)
+            if hasattr(detector, "routine_"):
+                self.metrics.gauge(f"traceguard_{detector.kind.value}_routine_stages",
+                                   lambda d=detector: sum(d.routine_.values()))
         self._late = LateSpan()
         self.incidents = IncidentTracker(config.incidents, self._emit_incident,
                                          remember_traces=config.learned.enabled)

@@ -10,12 +10,15 @@ What a stage does routinely is its norm, not a stream of findings. Every
 parent stage (the handler whose context was kept) has a learned rate: the
 share of its calls that a child outlived (``models.rates``). A stage at or
 above ``norm_routine_rate`` does it by design (Node.js callbacks that finish
-after the response): it is reported once, as a stage-level pattern finding,
-and its single occurrences are not. Any other stage is clean and each
-occurrence is a finding. Either way a significant rise of the rate opens a
-stage-level finding (``evidence.signal = "outlived_parent"``) that the
-incident tracker turns into an incident: a leak that a deploy starts is found
-on a clean stage and on a routine one. Occurrences on a stage whose norm is not known yet are held (bounded); norms
+after the response): it is reported once, as a stage-level pattern finding
+(one per service: the service's stages found routine later join it), and its
+single occurrences are not. Any other stage is clean and each occurrence is a
+finding. Either way a significant rise of the rate opens a stage-level
+finding (``evidence.signal = "outlived_parent"``) that the incident tracker
+turns into an incident: a leak that a deploy starts is found on a clean stage
+and on a routine one.
+
+Occurrences on a stage whose norm is not known yet are held (bounded); norms
 are judged when a rate window ends, on whole windows. A stage's rate starts at
 its first occurrence, seeded with its earlier calls (none outlived; counted on
 a sample of traces), and from then on its calls are counted exactly per window.
@@ -77,6 +80,7 @@ class ContextOutlivedParent:
         self._window_calls: Counter[Stage] = Counter()  # calls of the candidates in the current window
         self._window_index = -1
         self.routine_: dict[Stage, bool] = {}      # stages whose norm is decided
+        self._reported_services: set[str] = set()  # services whose routine was reported
         self._held: dict[Stage, list[Anomaly]] = {}
         self.held_dropped_ = 0
         self._released: list[Anomaly] = []
@@ -152,8 +156,7 @@ class ContextOutlivedParent:
             self.rates_.observe(key, calls[key], 0, at, 0, "", events)
         if events:
             self._released.extend(self._changes(events, now))
-        for key in list(self._held):
-            self._judge(key, now)
+        self._judge_held(now)
 
     def _anomaly(self, trace: Trace, child, parent, overrun: int, tolerance: int) -> Anomaly:
         return finding(
@@ -176,15 +179,28 @@ class ContextOutlivedParent:
             },
         )
 
-    def _judge(self, key: Stage, now: int, final: bool = False) -> bool | None:
-        """Whether outliving is ``key``'s norm; None while the evidence cannot tell.
+    def _judge_held(self, now: int, final: bool = False) -> None:
+        """Judges the norms of the held stages. A service's routine is one pattern
+        finding, of the stages found routine first: such a routine is usually the
+        service's runtime (callbacks that finish after the response), not each
+        handler's own, so its stages found routine later join that norm without
+        a finding (``traceguard_context_outlived_parent_routine_stages`` counts them all)."""
+        routine: dict[str, list[tuple[Stage, float, float, list[Anomaly]]]] = {}
+        for key in list(self._held):
+            judged = self._judge(key, final)
+            if judged is not None:
+                routine.setdefault(key[0], []).append(judged)
+        for service, found in routine.items():
+            if service not in self._reported_services:
+                self._reported_services.add(service)
+                self._released.append(self._pattern(found, now))
 
-        Routine once a quarter of ``norm_min_calls`` calls show the rate surely above
-        ``norm_routine_rate``; clean
-        once ``norm_min_calls`` calls show it is not (or at the end of input)."""
-        decided = self.routine_.get(key)
-        if decided is not None:
-            return decided
+    def _judge(self, key: Stage, final: bool) -> tuple[Stage, float, float, list[Anomaly]] | None:
+        """Decides whether outliving is ``key``'s norm, when the evidence can tell:
+        routine once a quarter of ``norm_min_calls`` calls show the rate surely above
+        ``norm_routine_rate``; clean once ``norm_min_calls`` calls show it is not (or
+        at the end of input), and then its held occurrences are findings after all.
+        Returns the evidence of a stage found routine."""
         calls, hits = self.rates_.evidence(key)
         if self._min_calls and calls >= self._min_calls / 4 and hits >= 3 \
                 and wilson_lower(hits, calls) >= self._routine_rate:
@@ -196,24 +212,28 @@ class ContextOutlivedParent:
         self.routine_[key] = routine
         held = self._held.pop(key, [])
         if routine:
-            self._released.append(self._pattern(key, calls, hits, held, now))
-        else:
-            self._released.extend(held)
-        return routine
+            return key, calls, hits, held
+        self._released.extend(held)
+        return None
 
-    def _pattern(self, key: Stage, calls: float, hits: float, held: list[Anomaly], now: int) -> Anomaly:
-        service, operation, span_kind = key
+    def _pattern(self, found: list[tuple[Stage, float, float, list[Anomaly]]], now: int) -> Anomaly:
+        """One service's stages found routine at once; led by the one with most calls."""
+        found = sorted(found, key=lambda f: (-f[1], f[0]))
+        (service, operation, span_kind), calls, hits, _ = found[0]
+        held = [a for *_, occurrences in found for a in occurrences]
         rate = hits / calls
+        described = ", ".join(f"'{key[1]}' ({round(h)} of {round(c)} calls, {h / c:.2%})" for key, c, h, _ in found)
         return stage_finding(
-            self.kind, key, "norm",
+            self.kind, (service, operation, span_kind), "norm",
             detected_at=now,
             event_time=min((a.event_time for a in held), default=now),
             severity="info",
             score=min(1.0, rate * 10),
             summary=(
-                f"children of {service} '{operation}' routinely keep running after it ends "
-                f"({round(hits)} of {round(calls)} calls, {rate:.2%}): learned as this stage's norm; single "
-                "occurrences are not reported, a rise of the rate is."
+                f"children of {service} {described} routinely keep running after "
+                f"{'it ends' if len(found) == 1 else 'they end'}: learned as the norm of "
+                f"{'this stage' if len(found) == 1 else 'these stages'}; single occurrences are not reported, "
+                "a rise of the rate is."
             ),
             evidence={
                 "state": "norm",
@@ -221,6 +241,8 @@ class ContextOutlivedParent:
                 "calls": round(calls),
                 "outlived": round(hits),
                 "rate": round(rate, 6),
+                "stages": [{"operation": key[1], "kind": KIND_NAMES[key[2]], "calls": round(c), "outlived": round(h),
+                            "rate": round(h / c, 6)} for key, c, h, _ in found],
                 "max_overrun_ms": max((a.evidence["overrun_ms"] for a in held), default=None),
             },
             exemplars=list(dict.fromkeys(a.trace_id for a in held))[:_EXEMPLARS],
@@ -254,8 +276,7 @@ class ContextOutlivedParent:
         events: list[RateChange] = []
         self.rates_.flush(events)
         self._released.extend(self._changes(events, now))
-        for key in list(self._held):
-            self._judge(key, now, final=True)
+        self._judge_held(now, final=True)
         released, self._released = self._released, []
         return released
 
@@ -267,3 +288,4 @@ class ContextOutlivedParent:
         self._candidates.update(self.rates_.keys_)
         for service, operation, span_kind, routine in state.get("routine", []):
             self.routine_[(str(service), str(operation), int(span_kind))] = bool(routine)
+        self._reported_services.update(key[0] for key, routine in self.routine_.items() if routine)
