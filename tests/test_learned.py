@@ -143,10 +143,12 @@ def test_no_learned_finding_during_warm_up():
 
 
 def test_n_plus_one_and_whole_trace_slowdowns_are_outliers_with_their_reasons():
-    pipeline, sink = stream(20)  # 1,200 normal traces: the forest is fitted
+    # 5,400 normal traces: the forest is fitted, and the latency history that
+    # confirms a slow trace has measured its tail (slow_stage_min_samples)
+    pipeline, sink = stream(90)
     rng = np.random.default_rng(4)
-    pipeline.accept_spans(request(10**7, 20 * MINUTE_MS, rng, repeats=30, cache=False))
-    pipeline.accept_spans(request(10**7 + 1, 20 * MINUTE_MS + 500, rng, speed=20.0))
+    pipeline.accept_spans(request(10**7, 90 * MINUTE_MS, rng, repeats=30, cache=False))
+    pipeline.accept_spans(request(10**7 + 1, 90 * MINUTE_MS + 500, rng, speed=20.0))
     pipeline.close()
     outliers = {a.trace_id: a for a in of_kind(sink, "trace_outlier")}
     n_plus_one = outliers[f"{10**7:032x}"]

@@ -117,7 +117,7 @@ class LatencyConfig(_Section):
     slow_stage_min_samples: int = Field(
         5000, ge=10,
         description="Baseline samples before slow_stage reports a stage's spans: its tail must be measured (a "
-                    "once-in-10^4 stall seen), not guessed. Its bar (also trace_outlier's) exists from 1,000.",
+                    "once-in-10^4 stall seen), not guessed; trace_outlier's stage and duration bars wait as long.",
     )
     slow_stage_max_per_trace: int = Field(3, ge=1)
     max_stages: int = Field(20_000, ge=1, description="Stages with a baseline; further stages are not tracked and are counted.")

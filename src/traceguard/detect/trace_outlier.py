@@ -135,11 +135,12 @@ class TraceOutlier:
         judged until they are known); counts are judged by the forest alone, and so
         are stage times out in two services or more at once."""
         bars = np.full(len(forest.columns_), -np.inf)
-        latency = self.latency.stages_
+        latency, measured = self.latency.stages_, self.latency.config.slow_stage_min_samples
         for column, stage in enumerate(forest.column_stages_):
             if stage is not None:
                 entry = latency.get(stage)
-                bar = entry.slow_threshold if entry is not None else None
+                # as mature as slow_stage's own reports: a stall seen, not guessed
+                bar = entry.slow_threshold if entry is not None and entry.self_hist.total >= measured else None
                 bars[column] = math.log1p(bar / 1e3) if bar else np.inf
         if forest.with_stages:
             longest = self.latency.extreme_duration((root.service, root.name, root.kind))

@@ -32,8 +32,11 @@ _IQR_TO_SIGMA = 1.349
 _MEDIAN_SE = 1.2533
 _MIN_SCALE = 0.05
 _LN2, _LN10 = math.log(2.0), math.log(10.0)
-_THRESHOLD_EVERY = 10
-_MAX_RUN = 20  # windows of a run of shifted ones kept for the pooled test  # calm windows between two settings of a stage's slow_stage bar
+_THRESHOLD_EVERY = 10  # calm windows between two settings of a stage's slow_stage bar
+_MAX_RUN = 20  # windows of a run of shifted ones kept for the pooled test
+# Windows before a run kept for its onset: a quiet stage's first shifted window
+# may not lean far enough by chance, and the run then starts a window late.
+_LOOKBACK = 2
 QUANTILES = (0.5, 0.95, 0.99)
 
 
@@ -67,7 +70,7 @@ class _Window:
 
 
 class StageLatency:
-    __slots__ = ("self_hist", "total_hist", "window", "shifted", "calm", "regression", "slow_threshold",
+    __slots__ = ("self_hist", "total_hist", "window", "shifted", "before", "calm", "regression", "slow_threshold",
                  "last_index", "merged")
 
     def __init__(self) -> None:
@@ -75,6 +78,7 @@ class StageLatency:
         self.total_hist = LogHistogram()
         self.window: _Window | None = None
         self.shifted: list[_Window] = []   # the current run of shifted windows
+        self.before: list[tuple[list[int], list[int]]] = []  # (self times, ends) of the last merged windows
         self.calm = 0                      # calm windows in a row while a regression is open
         self.regression: Regression | None = None
         self.slow_threshold: int | None = None  # self time (ns) beyond which a span is a slow_stage
@@ -214,7 +218,7 @@ class LatencyModel:
         )
         self._describe(regression, stage.shifted, pooled_shift)
         stage.regression = regression
-        stage.shifted = []
+        stage.shifted, stage.before = [], []
         stage.slow_threshold = None  # the regression speaks for this stage's slow spans
         events.append(regression)
 
@@ -224,7 +228,7 @@ class LatencyModel:
         window that showed it, and a run of shifted windows starts again. If the
         shift is still there when samples return, it opens anew, with an onset in
         the new data (a stage quiet for an hour is not "still regressed")."""
-        stage.shifted = []
+        stage.shifted, stage.before = [], []
         stage.calm = 0
         regression, stage.regression = stage.regression, None
         if regression is not None:
@@ -239,9 +243,11 @@ class LatencyModel:
         longest stretch where that is more common than halfway between before and
         after). Never earlier than the first affected sample, and not pulled early
         by the few normal samples beyond p95 that came before the change (a window
-        holds traces decided in it, whose spans may have ended a decision wait earlier)."""
+        holds traces decided in it, whose spans may have ended a decision wait earlier).
+        The windows just before the run are searched too (``_LOOKBACK``)."""
         p95 = math.exp(float(stage.self_hist.quantiles((0.95,))[0]))
-        samples = sorted((end, value) for window in stage.shifted for value, end in zip(window.self_ns, window.ends))
+        windows = stage.before + [(window.self_ns, window.ends) for window in stage.shifted]
+        samples = sorted((end, value) for self_ns, ends in windows for value, end in zip(self_ns, ends))
         affected = [value > p95 for _, value in samples]
         if not any(affected):
             return stage.shifted[0].min_event
@@ -265,6 +271,7 @@ class LatencyModel:
         regression.exemplars = list(dict.fromkeys(traces[i] for i in slowest))
 
     def _merge(self, stage: StageLatency, window: _Window, logs: np.ndarray) -> None:
+        stage.before = stage.before[1 - _LOOKBACK:] + [(window.self_ns, window.ends)]
         stage.self_hist.decay(self._decay)
         stage.total_hist.decay(self._decay)
         stage.self_hist.add_logs(logs)
@@ -277,10 +284,11 @@ class LatencyModel:
             self.set_slow_threshold(stage)
 
     def extreme_duration(self, key: Stage) -> int | None:
-        """Twice the longest duration the stage's baseline holds (ns), once it is
-        judged at all: beyond it a whole trace rooted there is unlike all its history."""
+        """Twice the longest duration the stage's baseline holds (ns), once its tail
+        is measured (``slow_stage_min_samples``): beyond it a whole trace rooted
+        there is unlike all its history."""
         stage = self.stages_.get(key)
-        if stage is None or stage.total_hist.total < MIN_TAIL_SAMPLES:
+        if stage is None or stage.total_hist.total < self.config.slow_stage_min_samples:
             return None
         return int(math.exp(stage.total_hist.top() + _LN2))
 
