@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from builders import T0, row
+from builders import MS, T0, row
 from traceguard.assemble import EventTimeClock
 from traceguard.config import PipelineConfig
 from traceguard.models import store
@@ -235,3 +235,18 @@ def test_contract_learned_state_is_bounded():
     assert all(len(root.stages) <= 2 for root in models.structure.roots_.values())
     assert len(models.forest.forests_) == 1
     assert all(f.reservoir_.shape[0] == 60 for f in models.forest.forests_.values())
+
+
+def test_self_time_counts_only_what_children_cover_within_the_span():
+    """Children are clipped to their parent: one that starts after the parent
+    ended (async work) covers nothing, overlapping ones count once."""
+    from test_detectors import decide
+    from traceguard.models.features import self_times
+
+    lone = decide(row(1, 1, start_ms=0, end_ms=10), row(1, 2, 1, start_ms=12, end_ms=20))
+    assert self_times(lone)[0] == 10 * MS
+    several = decide(row(2, 1, start_ms=0, end_ms=10), row(2, 2, 1, start_ms=11, end_ms=15),
+                     row(2, 3, 1, start_ms=2, end_ms=6), row(2, 4, 1, start_ms=4, end_ms=8))
+    assert self_times(several)[0] == 4 * MS  # 2..8 covered; 11..15 is after the end
+    one_inside = decide(row(3, 1, start_ms=0, end_ms=10), row(3, 2, 1, start_ms=3, end_ms=14))
+    assert self_times(one_inside)[0] == 3 * MS

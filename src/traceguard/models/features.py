@@ -36,10 +36,15 @@ def self_times(trace: Trace) -> list[int | None]:
         if not kids:
             out.append(span.end - span.start)
             continue
+        if len(kids) == 1:  # the common case, without the sort
+            kid = kids[0]
+            covered = min(kid.end, span.end) - max(kid.start, span.start) if kid.finished else 0
+            out.append(span.end - span.start - max(covered, 0))
+            continue
         covered = 0
         cursor = span.start
         for start, end in sorted((max(c.start, span.start), min(c.end, span.end)) for c in kids if c.finished):
-            if end <= cursor:
+            if end <= cursor or start >= end:  # nothing left of it within the span
                 continue
             covered += end - max(start, cursor)
             cursor = end
