@@ -18,8 +18,8 @@ finding (``evidence.signal = "outlived_parent"``) that the incident tracker
 turns into an incident: a leak that a deploy starts is found on a clean stage
 and on a routine one.
 
-Occurrences on a stage whose norm is not known yet are held (bounded); norms
-are judged when a rate window ends, on whole windows. A stage's rate starts at
+Occurrences on a stage whose norm is not known yet are held (bounded, and
+for at most ten windows: a quiet stage is then judged on what it showed). A stage's rate starts at
 its first occurrence, seeded with its earlier calls (none outlived; counted on
 a sample of traces), and from then on its calls are counted exactly per window.
 """
@@ -37,6 +37,7 @@ from traceguard.records import KIND_CONSUMER, KIND_NAMES, KIND_PRODUCER, Anomaly
 _ASYNC_KINDS = frozenset({KIND_PRODUCER, KIND_CONSUMER})
 _MAX_HELD = 20
 _SEED_SAMPLE = 4  # one trace in this many counts every stage's calls, for seeds
+_MAX_HOLD_WINDOWS = 10  # windows an occurrence waits for its stage's norm (5 min of 30 s windows)
 _EXEMPLARS = 5
 
 Stage = tuple[str, str, int]
@@ -82,6 +83,7 @@ class ContextOutlivedParent:
         self.routine_: dict[Stage, bool] = {}      # stages whose norm is decided
         self._reported_services: set[str] = set()  # services whose routine was reported
         self._held: dict[Stage, list[Anomaly]] = {}
+        self._held_since: dict[Stage, int] = {}  # window in which a stage's first occurrence was held
         self.held_dropped_ = 0
         self._released: list[Anomaly] = []
 
@@ -99,8 +101,6 @@ class ContextOutlivedParent:
             self._count_calls(trace)
             return []
         candidates, now, trace_hex = self._candidates, trace.decided_at, trace.trace_id.hex()
-        events: list[RateChange] = []
-        findings = []
         for found in overruns.values():
             parent = found[0][1]
             key = (parent.service, parent.name, parent.kind)
@@ -109,11 +109,21 @@ class ContextOutlivedParent:
                 # calls before, none of them outlived, are its seed (as sampled).
                 candidates.add(key)
                 self.rates_.seed(key, self._stage_calls.get(key, 0) * _SEED_SAMPLE)
+        self._count_calls(trace)
+        events: list[RateChange] = []
+        findings = []
+        for found in overruns.values():
+            parent = found[0][1]
+            key = (parent.service, parent.name, parent.kind)
             first = min(child.end for child, *_ in found)
             self.rates_.observe(key, 0, 1, now, first, trace_hex, events)  # its calls come at the window's end
             anomalies = [self._anomaly(trace, *item) for item in found]
-            routine = self.routine_.get(key, False)
-            if key in candidates and key not in self.routine_ and self._min_calls:  # norms on, this one unknown
+            judged = key in candidates and self._min_calls  # norms on, and this stage has a rate
+            if judged and key not in self.routine_:
+                self._report_routine(self._judge(key), now)
+            routine = self.routine_.get(key)
+            if judged and routine is None:
+                self._held_since.setdefault(key, self._window_index)
                 held = self._held.setdefault(key, [])
                 room = _MAX_HELD - len(held)
                 held.extend(anomalies[:room])
@@ -122,7 +132,6 @@ class ContextOutlivedParent:
                 findings.extend(anomalies)  # an open rise: the incident tracker attaches them
         if events:
             self._released.extend(self._changes(events, now))
-        self._count_calls(trace)
         return findings
 
     def _roll_window(self, now: int) -> None:
@@ -148,15 +157,15 @@ class ContextOutlivedParent:
         """The window's calls go to the stages' rates, then every stage's norm not
         yet known is judged on the whole window."""
         calls, self._window_calls = self._window_calls, Counter()
-        if not calls:
-            return
-        at = self._window_index * self.rates_.window
-        events: list[RateChange] = []
-        for key in sorted(calls):  # sorted: replays agree
-            self.rates_.observe(key, calls[key], 0, at, 0, "", events)
-        if events:
-            self._released.extend(self._changes(events, now))
-        self._judge_held(now)
+        if calls:
+            at = self._window_index * self.rates_.window
+            events: list[RateChange] = []
+            for key in sorted(calls):  # sorted: replays agree
+                self.rates_.observe(key, calls[key], 0, at, 0, "", events)
+            if events:
+                self._released.extend(self._changes(events, now))
+        if self._held:
+            self._judge_held(now)
 
     def _anomaly(self, trace: Trace, child, parent, overrun: int, tolerance: int) -> Anomaly:
         return finding(
@@ -180,41 +189,52 @@ class ContextOutlivedParent:
         )
 
     def _judge_held(self, now: int, final: bool = False) -> None:
-        """Judges the norms of the held stages. A service's routine is one pattern
-        finding, of the stages found routine first: such a routine is usually the
-        service's runtime (callbacks that finish after the response), not each
-        handler's own, so its stages found routine later join that norm without
-        a finding (``traceguard_context_outlived_parent_routine_stages`` counts them all)."""
-        routine: dict[str, list[tuple[Stage, float, float, list[Anomaly]]]] = {}
+        """Judges the norms of the held stages (when a window ends, and at the end
+        of input)."""
+        found = []
         for key in list(self._held):
-            judged = self._judge(key, final)
-            if judged is not None:
-                routine.setdefault(key[0], []).append(judged)
-        for service, found in routine.items():
+            # a quiet stage is not held for ever: after _MAX_HOLD_WINDOWS it is judged on what was seen
+            overdue = self._window_index - self._held_since.get(key, self._window_index) >= _MAX_HOLD_WINDOWS
+            found.extend(self._judge(key, final or overdue))
+        self._report_routine(found, now)
+
+    def _report_routine(self, found: list[tuple[Stage, float, float, list[Anomaly]]], now: int) -> None:
+        """A service's routine is one pattern finding, of its stages found routine
+        first: such a routine is usually the service's runtime (callbacks that
+        finish after the response), not each handler's own, so its stages found
+        routine later join that norm without a finding
+        (``traceguard_context_outlived_parent_routine_stages`` counts them all)."""
+        by_service: dict[str, list] = {}
+        for item in found:
+            by_service.setdefault(item[0][0], []).append(item)
+        for service, stages_found in by_service.items():
             if service not in self._reported_services:
                 self._reported_services.add(service)
-                self._released.append(self._pattern(found, now))
+                self._released.append(self._pattern(stages_found, now))
 
-    def _judge(self, key: Stage, final: bool) -> tuple[Stage, float, float, list[Anomaly]] | None:
+    def _judge(self, key: Stage, final: bool = False) -> list[tuple[Stage, float, float, list[Anomaly]]]:
         """Decides whether outliving is ``key``'s norm, when the evidence can tell:
         routine once a quarter of ``norm_min_calls`` calls show the rate surely above
         ``norm_routine_rate``; clean once ``norm_min_calls`` calls show it is not (or
         at the end of input), and then its held occurrences are findings after all.
-        Returns the evidence of a stage found routine."""
+        The calls of the current window count (its hits already do). Returns the
+        evidence of a stage found routine, as a list of none or one."""
         calls, hits = self.rates_.evidence(key)
+        calls += self._window_calls.get(key, 0)
         if self._min_calls and calls >= self._min_calls / 4 and hits >= 3 \
                 and wilson_lower(hits, calls) >= self._routine_rate:
             routine = True
         elif calls >= self._min_calls or final:
             routine = False
         else:
-            return None
+            return []
         self.routine_[key] = routine
         held = self._held.pop(key, [])
+        self._held_since.pop(key, None)
         if routine:
-            return key, calls, hits, held
+            return [(key, calls, hits, held)]
         self._released.extend(held)
-        return None
+        return []
 
     def _pattern(self, found: list[tuple[Stage, float, float, list[Anomaly]]], now: int) -> Anomaly:
         """One service's stages found routine at once; led by the one with most calls."""
