@@ -19,14 +19,16 @@ turns into an incident: a leak that a deploy starts is found on a clean stage
 and on a routine one.
 
 Occurrences on a stage whose norm is not known yet are held (bounded, and
-for at most ten windows: a quiet stage is then judged on what it showed). A stage's rate starts at
-its first occurrence, seeded with its earlier calls (none outlived; counted on
-a sample of traces), and from then on its calls are counted exactly per window.
+for at most ten windows: a quiet stage is then judged on what it showed). A
+stage's rate starts at its first occurrence, seeded with its earlier calls
+(none outlived; counted on a sample of traces), and from then on its calls
+are counted exactly per window.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+
 from traceguard.config import StructuralConfig
 from traceguard.detect.base import finding, ms, rate_change_finding, stage_finding
 from traceguard.models.features import stages
