@@ -152,3 +152,18 @@ def test_a_fast_trace_is_never_an_outlier_and_a_slow_warm_up_is_outgrown():
     stream(60, pipeline=pipeline, start_ms=15 * MINUTE_MS, first_n=10**6, speed=lambda m: 1.0)
     pipeline.close()
     assert of_kind(sink, "trace_outlier") == [] and of_kind(sink, "slow_stage") == []
+
+
+def test_an_occurrence_on_a_quiet_stage_is_not_held_for_ever():
+    """A stage with too few calls for a norm: its leak is reported once it has
+    waited ten windows, while the input goes on (a live sidecar never ends it)."""
+    rng = np.random.default_rng(3)
+    sink = MemorySink()
+    pipeline = Pipeline(PipelineConfig(), EventTimeClock(5 * SECOND_NS), [sink])
+    for i in range(150):  # one call every 5 s for 12.5 minutes: 150 calls, under norm_min_calls
+        pipeline.accept_spans(_outliving(i + 1, i * 5000, rng, outlive=i == 10))
+        pipeline.advance()
+        if i * 5000 < 5 * MINUTE_MS:
+            assert of_kind(sink, "context_outlived_parent") == []  # held: the norm is not known yet
+    (leak,) = of_kind(sink, "context_outlived_parent")
+    assert leak.trace_id == f"{11:032x}"
