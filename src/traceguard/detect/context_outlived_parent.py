@@ -103,9 +103,8 @@ class ContextOutlivedParent:
             self._count_calls(trace)
             return []
         candidates, now, trace_hex = self._candidates, trace.decided_at, trace.trace_id.hex()
-        for found in overruns.values():
-            parent = found[0][1]
-            key = (parent.service, parent.name, parent.kind)
+        by_stage = [((found[0][1].service, found[0][1].name, found[0][1].kind), found) for found in overruns.values()]
+        for key, _ in by_stage:
             if key not in candidates and len(candidates) < self._max_stages:
                 # First occurrence: from now on its calls are counted for its rate; the
                 # calls before, none of them outlived, are its seed (as sampled).
@@ -114,15 +113,15 @@ class ContextOutlivedParent:
         self._count_calls(trace)
         events: list[RateChange] = []
         findings = []
-        for found in overruns.values():
-            parent = found[0][1]
-            key = (parent.service, parent.name, parent.kind)
+        for key, found in by_stage:
             first = min(child.end for child, *_ in found)
             self.rates_.observe(key, 0, 1, now, first, trace_hex, events)  # its calls come at the window's end
             anomalies = [self._anomaly(trace, *item) for item in found]
             judged = key in candidates and self._min_calls  # norms on, and this stage has a rate
             if judged and key not in self.routine_:
-                self._report_routine(self._judge(key), now)
+                routine_evidence = self._judge(key)
+                if routine_evidence is not None:
+                    self._report_routine([routine_evidence], now)
             routine = self.routine_.get(key)
             if judged and routine is None:
                 self._held_since.setdefault(key, self._window_index)
@@ -137,8 +136,9 @@ class ContextOutlivedParent:
         return findings
 
     def _roll_window(self, now: int) -> None:
+        """Ends the current window once ``now`` is past it (never backwards)."""
         index = now // self.rates_.window
-        if index != self._window_index:
+        if index > self._window_index:
             self._end_window(now)
             self._window_index = index
 
@@ -197,7 +197,9 @@ class ContextOutlivedParent:
         for key in list(self._held):
             # a quiet stage is not held for ever: after _MAX_HOLD_WINDOWS it is judged on what was seen
             overdue = self._window_index - self._held_since.get(key, self._window_index) >= _MAX_HOLD_WINDOWS
-            found.extend(self._judge(key, final or overdue))
+            routine_evidence = self._judge(key, final or overdue)
+            if routine_evidence is not None:
+                found.append(routine_evidence)
         self._report_routine(found, now)
 
     def _report_routine(self, found: list[tuple[Stage, float, float, list[Anomaly]]], now: int) -> None:
@@ -214,13 +216,13 @@ class ContextOutlivedParent:
                 self._reported_services.add(service)
                 self._released.append(self._pattern(stages_found, now))
 
-    def _judge(self, key: Stage, final: bool = False) -> list[tuple[Stage, float, float, list[Anomaly]]]:
+    def _judge(self, key: Stage, final: bool = False) -> tuple[Stage, float, float, list[Anomaly]] | None:
         """Decides whether outliving is ``key``'s norm, when the evidence can tell:
         routine once a quarter of ``norm_min_calls`` calls show the rate surely above
         ``norm_routine_rate``; clean once ``norm_min_calls`` calls show it is not (or
         at the end of input), and then its held occurrences are findings after all.
         The calls of the current window count (its hits already do). Returns the
-        evidence of a stage found routine, as a list of none or one."""
+        evidence of a stage found routine (calls, outlived, held occurrences)."""
         calls, hits = self.rates_.evidence(key)
         calls += self._window_calls.get(key, 0)
         if self._min_calls and calls >= self._min_calls / 4 and hits >= 3 \
@@ -229,14 +231,14 @@ class ContextOutlivedParent:
         elif calls >= self._min_calls or final:
             routine = False
         else:
-            return []
+            return None
         self.routine_[key] = routine
         held = self._held.pop(key, [])
         self._held_since.pop(key, None)
         if routine:
-            return [(key, calls, hits, held)]
+            return key, calls, hits, held
         self._released.extend(held)
-        return []
+        return None
 
     def _pattern(self, found: list[tuple[Stage, float, float, list[Anomaly]]], now: int) -> Anomaly:
         """One service's stages found routine at once; led by the one with most calls."""
@@ -281,8 +283,7 @@ class ContextOutlivedParent:
 
     def advance(self, now: int) -> list[Anomaly]:
         """Time passes without traces too: a window that ended is handed over and closed."""
-        if now // self.rates_.window > self._window_index:
-            self._roll_window(now)
+        self._roll_window(now)
         events: list[RateChange] = []
         self.rates_.advance(now, events)
         if events:
