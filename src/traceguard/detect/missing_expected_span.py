@@ -90,7 +90,8 @@ class MissingExpectedSpan:
             stage = (span.service, span.name, span.kind)
             known = edges.get(stage)
             kids = children.get(span.span_id)
-            present = {(k.service, k.name, k.kind) for k in kids} if kids else ()
+            # ordered (not a set): new call pairs get their rates in the same order in every run
+            present = dict.fromkeys((k.service, k.name, k.kind) for k in kids) if kids else ()
             if known is None:
                 if not present or self._n_edges >= self._max_edges:
                     continue
