@@ -52,13 +52,11 @@ def start(args: list[str]) -> subprocess.Popen:
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> str:
     """Waits generously (a busy CI machine is slow); a process still running then
-    is stuck, and its threads' stacks (SIGUSR1, see cli.main) say where."""
+    is stuck: SIGABRT makes it print its threads' stacks and end (see cli.main)."""
     try:
         _, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGUSR1)
-        time.sleep(2)  # not for correctness: gives faulthandler its moment before the kill
-        process.kill()
+        process.send_signal(signal.SIGABRT)
         _, stderr = process.communicate()
         pytest.fail(f"still running after {timeout} s; its stderr and stacks:\n{stderr[-12000:]}")
     assert process.returncode == 0, stderr[-3000:]

@@ -84,7 +84,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # An operator (or a test that gave up waiting) can ask a stuck process where it is.
+    # Where a stuck process is: SIGUSR1 prints every thread's stack and goes on
+    # (an operator's question); SIGABRT prints them and ends it (a test that gave up).
+    faulthandler.enable(all_threads=True)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     if args.command in ("replay", "train"):
         tune_gc()
