@@ -105,7 +105,7 @@ class LatencyConfig(_Section):
     max_window_samples: int = Field(4096, ge=16, description="Samples kept per stage and window (a reservoir beyond).")
     warmup_samples: int = Field(200, ge=10, description="Baseline samples before a stage is judged at all.")
     regression_min_ratio: float = Field(1.2, gt=1, description="Smallest median shift (current/baseline) that counts.")
-    regression_z: float = Field(4.0, gt=0, description="How many standard errors the window median must move.")
+    regression_z: float = Field(4.0, gt=0, description="How many standard errors the pooled median of a run must move (and the chance level, as a normal tail, of its count of samples above the baseline median × regression_min_ratio).")
     persist_windows: int = Field(2, ge=1, description="Consecutive shifted windows before a regression opens (and calm ones before it closes).")
     baseline_half_life: DurationNs = Field(parse_duration("24h"), description="Weight of old baseline samples halves over this much event time.")
     slow_stage_z: float = Field(8.0, gt=0, description="Robust z (log space) of one span's self time beyond which it is a slow_stage.")

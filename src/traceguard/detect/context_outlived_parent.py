@@ -20,14 +20,13 @@ and on a routine one.
 
 Occurrences on a stage whose norm is not known yet are held (bounded, and
 for at most ten windows: a quiet stage is then judged on what it showed). A
-stage's rate starts at its first occurrence, seeded with its earlier calls
-(none outlived; counted on a sample of traces), and from then on its calls
-are counted exactly per window.
+stage's rate starts at its first occurrence, seeded with its calls in the
+windows before (none outlived); every stage's calls are counted per window.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, _count_elements  # type: ignore[attr-defined]
 
 from traceguard.config import StructuralConfig
 from traceguard.detect.base import finding, ms, rate_change_finding, stage_finding
@@ -38,7 +37,6 @@ from traceguard.records import KIND_CONSUMER, KIND_NAMES, KIND_PRODUCER, Anomaly
 
 _ASYNC_KINDS = frozenset({KIND_PRODUCER, KIND_CONSUMER})
 _MAX_HELD = 20
-_SEED_SAMPLE = 4  # one trace in this many counts every stage's calls, for seeds
 _MAX_HOLD_WINDOWS = 10  # windows an occurrence waits for its stage's norm (5 min of 30 s windows)
 _EXEMPLARS = 5
 
@@ -79,8 +77,8 @@ class ContextOutlivedParent:
         )
         self._max_stages = config.norm_max_stages
         self._candidates: set[Stage] = set()      # stages a child has outlived at least once: they have a rate
-        self._stage_calls: Counter[Stage] = Counter()  # spans per stage on sampled traces (bounded)
-        self._window_calls: Counter[Stage] = Counter()  # calls of the candidates in the current window
+        self._stage_calls: Counter[Stage] = Counter()  # calls per stage in the windows before (bounded)
+        self._window_calls: dict[Stage, int] = {}  # calls per stage in the current window (bounded)
         self._window_index = -1
         self.routine_: dict[Stage, bool] = {}      # stages whose norm is decided
         self._reported_services: set[str] = set()  # services whose routine was reported
@@ -99,24 +97,22 @@ class ContextOutlivedParent:
                     overruns = {}
                 overruns.setdefault(parent.span_id, []).append((span, parent, overrun, tolerance))
         self._roll_window(trace.decided_at)
+        self._count_calls(trace)
         if overruns is None:
-            self._count_calls(trace)
             return []
         candidates, now, trace_hex = self._candidates, trace.decided_at, trace.trace_id.hex()
         by_stage = [((found[0][1].service, found[0][1].name, found[0][1].kind), found) for found in overruns.values()]
         for key, _ in by_stage:
             if key not in candidates and len(candidates) < self._max_stages:
-                # First occurrence: from now on its calls are counted for its rate; the
-                # calls before, none of them outlived, are its seed (as sampled).
+                # First occurrence: from now on it has a rate, seeded with its calls in
+                # the windows before (none outlived); this window's come at its end.
                 candidates.add(key)
-                self.rates_.seed(key, self._stage_calls.get(key, 0) * _SEED_SAMPLE)
-        self._count_calls(trace)
+                self.rates_.seed(key, self._stage_calls.pop(key, 0))
         events: list[RateChange] = []
         findings = []
         for key, found in by_stage:
             first = min(child.end for child, *_ in found)
             self.rates_.observe(key, 0, 1, now, first, trace_hex, events)  # its calls come at the window's end
-            anomalies = [self._anomaly(trace, *item) for item in found]
             judged = key in candidates and self._min_calls  # norms on, and this stage has a rate
             if judged and key not in self.routine_:
                 routine_evidence = self._judge(key)
@@ -127,10 +123,11 @@ class ContextOutlivedParent:
                 self._held_since.setdefault(key, self._window_index)
                 held = self._held.setdefault(key, [])
                 room = _MAX_HELD - len(held)
-                held.extend(anomalies[:room])
-                self.held_dropped_ += max(0, len(anomalies) - room)
+                held.extend(self._anomaly(trace, *item) for item in found[:room])
+                self.held_dropped_ += max(0, len(found) - room)
             elif not routine or self.rates_.is_open(key):
-                findings.extend(anomalies)  # an open rise: the incident tracker attaches them
+                # an open rise: the incident tracker attaches them
+                findings.extend(self._anomaly(trace, *item) for item in found)
         if events:
             self._released.extend(self._changes(events, now))
         return findings
@@ -143,27 +140,28 @@ class ContextOutlivedParent:
             self._window_index = index
 
     def _count_calls(self, trace: Trace) -> None:
-        """Calls of the stages with a rate, counted for the window and handed to
-        their rates when it ends; every stage's calls on one trace in
-        ``_SEED_SAMPLE`` (by trace id), to seed a stage's rate when it first shows
-        up: counting every stage of every trace was the cost of this detector."""
-        staged = stages(trace)
-        if trace.trace_id[-1] % _SEED_SAMPLE == 0 and len(self._stage_calls) < self._max_stages:
-            self._stage_calls.update(staged)
-        if self._candidates:
-            calls = self._window_calls
-            for key in self._candidates.intersection(staged):
-                calls[key] += staged.count(key)
+        """Every stage's calls, counted for the window (in C): a stage's rate gets
+        its window's calls when the window ends, and a stage that shows up is
+        seeded with its calls of the windows before."""
+        calls = self._window_calls
+        _count_elements(calls, stages(trace))
+        if len(calls) > 4 * self._max_stages:  # bounded: stages that are neither candidates nor seeds go
+            keep = self._candidates.union(self._stage_calls)
+            self._window_calls = {key: n for key, n in calls.items() if key in keep}
 
     def _end_window(self, now: int) -> None:
         """The window's calls go to the stages' rates, then every stage's norm not
         yet known is judged on the whole window."""
-        calls, self._window_calls = self._window_calls, Counter()
+        calls, self._window_calls = self._window_calls, {}
         if calls:
             at = self._window_index * self.rates_.window
             events: list[RateChange] = []
-            for key in sorted(calls):  # sorted: replays agree
+            seeds, candidates = self._stage_calls, self._candidates
+            for key in sorted(candidates.intersection(calls)):  # sorted: replays agree
                 self.rates_.observe(key, calls[key], 0, at, 0, "", events)
+            for key, n in calls.items():
+                if key not in candidates and (key in seeds or len(seeds) < self._max_stages):
+                    seeds[key] += n
             if events:
                 self._released.extend(self._changes(events, now))
         if self._held:

@@ -49,6 +49,16 @@ class LogHistogram:
                            where=self.counts_[index] > 0)
         return LOG_LOW + (index + np.clip(within, 0, 1)) * BIN_WIDTH
 
+    def share_above(self, cut: float) -> float:
+        """Share of the samples above ``cut`` (in ln(ns)), uniform within a bin."""
+        total = self.counts_.sum()
+        if total <= 0:
+            return float("nan")
+        position = min(max((cut - LOG_LOW) / BIN_WIDTH, 0.0), float(BINS))
+        index = int(position)
+        above = self.counts_[index + 1:].sum() + (self.counts_[index] * (1 + index - position) if index < BINS else 0.0)
+        return float(above / total)
+
     def top(self, floor: float = 0.5) -> float:
         """Upper edge, in ln(ns), of the highest bin holding at least ``floor``
         (decayed) samples: the most this distribution has done; NaN when empty."""

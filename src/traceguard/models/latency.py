@@ -6,7 +6,9 @@ current event-time window (bounded). When a window closes its median and p90
 self time are compared with the baseline's in log space: a window leans when
 both moved up by ``regression_min_ratio``. A regression opens when at least
 ``persist_windows`` leaning windows in a row have, pooled, moved their median
-``regression_z`` standard errors, and closes after as many calm windows. Only
+``regression_z`` standard errors and hold more samples above the baseline
+median × ``regression_min_ratio`` than the baseline makes at that level of
+chance; it closes after as many calm windows. Only
 calm windows of a stage with no open regression are merged into the
 baseline, so the baseline never learns what it flags. A CLIENT call with its
 callee in the trace is judged as the callee's network stage (``features``).
@@ -21,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.stats import binom, norm
 
 from traceguard.config import LatencyConfig
 from traceguard.models.features import Stage
@@ -107,6 +110,7 @@ class LatencyModel:
         self.untracked_samples_ = 0
         self._decay = 0.5 ** (config.window / config.baseline_half_life) if config.baseline_half_life else 1.0
         self._min_shift = math.log(config.regression_min_ratio)
+        self._chance = float(norm.sf(config.regression_z))
         self._swept = 0
 
     def stage(self, key: Stage) -> StageLatency | None:
@@ -209,6 +213,8 @@ class LatencyModel:
         pooled_shift = float(pooled[len(pooled) // 2]) - median
         if pooled_shift / (_MEDIAN_SE * scale / math.sqrt(len(pooled))) < config.regression_z:
             return
+        if not self._beyond_chance(stage, pooled, median):
+            return
         regression = Regression(
             stage=key,
             onset=self._onset(stage),
@@ -221,6 +227,20 @@ class LatencyModel:
         stage.shifted, stage.before = [], []
         stage.slow_threshold = None  # the regression speaks for this stage's slow spans
         events.append(regression)
+
+    def _beyond_chance(self, stage: StageLatency, pooled: np.ndarray, median: float) -> bool:
+        """Whether the run's samples above the baseline median × ``regression_min_ratio``
+        are too many for the baseline itself to have made them: a binomial tail at
+        the baseline's own share above that cut, against the normal tail of
+        ``regression_z``. The z test of the median assumes the body of the
+        distribution is normal in log space; real stages have heavy, lumpy tails
+        (retries, stalls), and a run is made of windows already picked for
+        leaning high, so two windows of a quiet stage pass it by chance every
+        few hours. Counting needs no shape."""
+        cut = median + self._min_shift
+        share = stage.self_hist.share_above(cut)
+        above = int(np.count_nonzero(pooled > cut))
+        return float(binom.sf(above - 1, len(pooled), share)) <= self._chance
 
     def _forget_run(self, stage: StageLatency, events: list[Regression]) -> None:
         """After a gap of more than ``persist_windows`` windows without samples, the
