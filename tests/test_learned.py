@@ -250,3 +250,27 @@ def test_self_time_counts_only_what_children_cover_within_the_span():
     assert self_times(several)[0] == 4 * MS  # 2..8 covered; 11..15 is after the end
     one_inside = decide(row(3, 1, start_ms=0, end_ms=10), row(3, 2, 1, start_ms=3, end_ms=14))
     assert self_times(one_inside)[0] == 3 * MS
+
+
+def test_a_run_of_windows_needs_more_samples_above_the_baseline_than_its_own_tail_makes():
+    """The count test behind a regression: a quiet stage's two windows picked for
+    leaning high (the false incident of a healthy run: 11 of 18 samples above
+    the cut, where the baseline puts a quarter) are chance; a real 1.5x shift
+    (18 of 23) is not."""
+    from traceguard.config import LatencyConfig
+    from traceguard.models.latency import LatencyModel, StageLatency
+
+    model = LatencyModel(LatencyConfig())
+    stage = StageLatency()
+    rng = np.random.default_rng(3)
+    baseline = np.log(0.5 * MS) + rng.normal(0.0, 0.4, 20_000)
+    stage.self_hist.add_logs(baseline)
+    median = float(np.median(baseline))
+    cut = median + np.log(LatencyConfig().regression_min_ratio)
+    assert stage.self_hist.share_above(cut) == pytest.approx(float(np.mean(baseline > cut)), abs=0.02)
+
+    def run(above: int, n: int) -> np.ndarray:
+        return np.sort(np.r_[np.full(above, cut + 0.2), np.full(n - above, median)])
+
+    assert not model._beyond_chance(stage, run(11, 18), median)
+    assert model._beyond_chance(stage, run(18, 23), median)
