@@ -278,6 +278,14 @@ class _Service:
     def end(self, span, t) -> None:
         span.end(end_time=t + self.skew)
 
+    def exception(self, span, t, kind: str, message: str, frames: tuple[str, ...]) -> None:
+        """An exception recorded on the span as the SDKs record one: an ``exception`` event."""
+        stack = "\n".join(["Traceback (most recent call last):"] + [
+            f'  File "shop/{self.name}/{frame}.py", line {10 + 7 * i}, in {frame}' for i, frame in enumerate(frames)
+        ] + [f"{kind}: {message}"])
+        span.add_event("exception", {"exception.type": kind, "exception.message": message,
+                                     "exception.stacktrace": stack}, timestamp=t + self.skew)
+
     def log(self, span, t, level: int, message: str) -> None:
         """A log record at simulated time ``t`` inside ``span``, through the logging bridge."""
         record = self.logger.makeRecord(self.logger.name, level, f"shop/{self.name}.py", 0, message, None, None)
@@ -475,6 +483,8 @@ class Shop:
                                                 {**attributes, "peer.service": "payment"})
             failed.set_status(Status(StatusCode.ERROR, "connection refused"))
             t += self.dur(1.0)
+            self.svc["checkout"].exception(failed, t, "ConnectionRefusedError", "[Errno 111] Connection refused",
+                                           ("place_order", "charge", "post"))
             self.svc["checkout"].end(failed, t)
             self.svc["checkout"].log(parent, t, logging.WARNING, "payment unreachable, retrying")
             self.count("decoy_retry_connect_error")

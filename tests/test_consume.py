@@ -120,6 +120,8 @@ def test_consume_finds_what_replay_finds(kafka_bootstrap, scenario_proto, replay
     got = findings(out)
     assert got == replayed  # same ids, same spans and stages, same linked logs
     assert len({f["kind"] for f in got.values()}) >= 6
+    assert any(log["body"].startswith("ConnectionRefusedError") for f in got.values() for log in f["logs"]), \
+        "span events (exception events here) came through Kafka as their findings' logs"
 
     reader = KafkaConsumer(anomalies_topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
                            consumer_timeout_ms=3000)

@@ -32,6 +32,20 @@ def test_findings_are_anomaly_jsonl_and_summary_goes_to_stderr(baseline):
     assert "traceguard replay:" in baseline.stderr and "missing_root" in baseline.stderr
 
 
+def test_every_finding_on_a_trace_with_span_events_carries_them(scenario, baseline):
+    """The generator records refused connections as ``exception`` events and
+    exports no log record for them; the protobuf replay is byte-identical
+    (``test_protobuf_files_give_the_same_findings``), so both encodings do this."""
+    evented = {span["traceId"] for line in (scenario / "traces.jsonl").read_text().splitlines()
+               for resource in json.loads(line).get("resourceSpans", ()) for scope in resource["scopeSpans"]
+               for span in scope["spans"] if span.get("events")}
+    on_them = [a for a in map(Anomaly.model_validate_json, baseline.stdout.splitlines()) if a.trace_id in evented]
+    assert on_them, "the scenario has findings on traces with span events"
+    for anomaly in on_them:
+        assert any(log.body.startswith("ConnectionRefusedError: [Errno 111] Connection refused\nTraceback")
+                   and log.severity_text == "ERROR" for log in anomaly.logs), anomaly
+
+
 def test_two_replays_are_byte_identical(scenario, baseline, tmp_path):
     out = tmp_path / "again.jsonl"
     replay(scenario / "traces.jsonl", "--logs", scenario / "logs.jsonl", "--out", out)

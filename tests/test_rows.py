@@ -20,7 +20,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 
 from traceguard.config import DecodeConfig
 from traceguard.decode.common import KEPT_ATTRIBUTES, UNKNOWN_SERVICE, Decoded, DecodeError, StageAttributes
-from traceguard.decode.otlp_json import _walk_traces
+from traceguard.decode.otlp_json import _event_logs, _walk_traces
 from traceguard.assemble.assembler import _expand_rows
 from traceguard.decode.otlp_proto import _decode_native, decode_traces_message
 from traceguard.detect.context_outlived_parent import _ended_after_parent
@@ -48,8 +48,13 @@ def same(fast, reference) -> None:
     def rows(decoded):
         return [(r.trace_id, r.core, r.end, r.service, r.name, r.attrs) for r in decoded.rows]
 
+    def events(decoded):
+        return [(e.trace_id, e.span_id, e.time, e.severity_number, e.severity_text, e.body, e.service)
+                for e in decoded.events]
+
     assert rows(fast) == rows(reference)
     assert (fast.rejected, fast.errors) == (reference.rejected, reference.errors)
+    assert events(fast) == events(reference)
 
 
 def read_messages(path):
@@ -346,12 +351,13 @@ def json_c_walk(document: dict):
     """The C walk's rows (attributes settled), or None where it leaves the document to the reference."""
     stages = StageAttributes()
     try:
-        rows, pending = native.decode_json_spans(document, stages.known, KEPT_ATTRIBUTES, CONFIG.max_name_length,
-                                                 CONFIG.max_attribute_length, UNKNOWN_SERVICE)
+        rows, pending, evented = native.decode_json_spans(
+            document, stages.known, KEPT_ATTRIBUTES, CONFIG.max_name_length, CONFIG.max_attribute_length,
+            UNKNOWN_SERVICE)
     except native.Unsupported:
         return None
     stages.settle(pending)
-    return Decoded(rows)
+    return Decoded(rows, events=[log for r, span in evented for log in _event_logs(r, span, CONFIG.max_log_body_length)])
 
 
 def json_reference(document: dict):

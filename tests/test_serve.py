@@ -230,6 +230,42 @@ def test_a_span_after_its_trace_was_decided_is_a_late_span(server):
     assert (finding["trace_id"], finding["span_id"]) == (tid(40).hex(), sid(2).hex())
 
 
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_span_events_are_the_logs_of_the_findings_on_their_trace(server, transport):
+    """An SDK that logs through span events (and records exceptions as events)
+    exports no OTLP logs: the events are the logs its findings carry."""
+    from opentelemetry import trace as trace_api
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    spans, _ = exporters(transport, server)
+    provider = TracerProvider(resource=Resource.create({"service.name": "shop"}))
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracer = provider.get_tracer("test")
+    parent = tracer.start_span("POST /checkout", kind=trace_api.SpanKind.SERVER)  # never ended: never exported
+    with tracer.start_as_current_span("charge card", context=trace_api.set_span_in_context(parent)) as child:
+        child.add_event("log", {"log.message": "retrying charge", "log.severity": "WARN"})
+        try:
+            raise ValueError("card declined")
+        except ValueError as exc:
+            child.record_exception(exc)
+    provider.shutdown()
+    trace_id = f"{child.get_span_context().trace_id:032x}"
+    span_id = f"{child.get_span_context().span_id:016x}"
+
+    def finding():
+        return [a for a in server.anomalies(kind="missing_root") if a["trace_id"] == trace_id]
+
+    found = server.wait_for(finding, timeout=120, what="the orphan's finding")[0]
+    logs = server.client.get(f"/api/anomalies/{found['id']}").raise_for_status().json()["logs"]
+    assert sorted((log["span_id"], log["service"], log["severity_text"], log["body"].splitlines()[0])
+                  for log in logs) == [(span_id, "shop", "ERROR", "ValueError: card declined"),
+                                       (span_id, "shop", "WARN", "retrying charge")]
+    assert any("Traceback" in log["body"] for log in logs), "the stack trace comes with the exception"
+    assert "traceguard_span_events_total 2" in server.client.get("/metrics").text
+
+
 def test_a_log_that_arrives_after_the_finding_is_attached(server):
     url = f"http://127.0.0.1:{server.http}"
     protobuf = {"content-type": "application/x-protobuf"}
@@ -270,7 +306,8 @@ def test_tls_and_bearer_token_on_both_protocols(tmp_path):
             assert client.post(url, content=body, headers=headers).status_code == 401
             ok = client.post(url, content=body, headers={**headers, "authorization": "Bearer s3cret"})
             assert ok.status_code == 200
-        with pytest.raises((httpx.ConnectError, httpx.RemoteProtocolError)):  # plain HTTP gets no answer
+        # plain HTTP gets no answer: refused, closed or reset, as the TLS stack meets it
+        with pytest.raises((httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError)):
             httpx.post(url.replace("https", "http"), content=body, headers=headers, timeout=5)
         credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         with grpc.secure_channel(f"127.0.0.1:{server.grpc}", credentials,

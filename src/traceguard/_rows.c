@@ -480,7 +480,20 @@ static void hex(char *out, const uint8_t *data, Py_ssize_t size) {
 typedef struct {
     PyObject *rows, *errors, *pending, *stages, *kept_keys, *service;
     Py_ssize_t name_limit, value_limit, max_errors, rejected;
+    PyObject *evented; /* (row, the span's message bytes or JSON object) of the spans that have events */
 } Out;
+
+/* Lists the row just added with its span's ``source`` (a new reference, stolen),
+ * whose events the caller turns into log records. */
+static int add_evented(Out *o, PyObject *source) {
+    if (source == NULL)
+        return -1;
+    PyObject *item = PyTuple_Pack(2, PyList_GET_ITEM(o->rows, PyList_GET_SIZE(o->rows) - 1), source);
+    Py_DECREF(source);
+    int rc = item == NULL ? -1 : PyList_Append(o->evented, item);
+    Py_XDECREF(item);
+    return rc;
+}
 
 /* The reference decoder's rejection messages, word for word. */
 static int reject(Out *o, const uint8_t *trace, Py_ssize_t trace_size, const uint8_t *span, Py_ssize_t span_size,
@@ -614,7 +627,7 @@ static int span(Out *o, Reader r) {
     Py_ssize_t trace_size = 0, span_size = 0, parent_size = 0, name_size = 0;
     uint64_t start = 0, end = 0;
     int64_t kind = 0, code = 0;
-    int links = 0;
+    int links = 0, events = 0;
     Field f, s;
     int status, s2;
     FOR_FIELDS(r, f, status) {
@@ -626,6 +639,7 @@ static int span(Out *o, Reader r) {
         case 6: if (f.wire == VARINT) kind = (int32_t)f.value; break;
         case 7: if (f.wire == I64) start = f.value; break;
         case 8: if (f.wire == I64) end = f.value; break;
+        case 11: if (f.wire == LEN) events = 1; break;
         case 13: if (f.wire == LEN) links = 1; break;
         case 15:
             if (f.wire == LEN) {
@@ -661,7 +675,9 @@ static int span(Out *o, Reader r) {
     PyObject *name_obj = clipped_interned(name, name_size, o->name_limit);
     if (name_obj == NULL)
         return -1;
-    return add_row(o, trace, core, end, name_obj, proto_kept_attributes, &whole);
+    if (add_row(o, trace, core, end, name_obj, proto_kept_attributes, &whole) < 0)
+        return -1;
+    return events ? add_evented(o, PyBytes_FromStringAndSize((const char *)whole.p, whole.end - whole.p)) : 0;
 }
 
 static int resource_spans(Out *o, Reader r, PyObject *unknown_service) {
@@ -699,7 +715,8 @@ done:
 
 PyDoc_STRVAR(decode_spans_doc,
 "decode_spans(data, stages, kept_keys, name_limit, value_limit, max_errors, unknown_service)\n"
-"-> (rows, rejected, errors, pending)\n\n"
+"-> (rows, rejected, errors, pending, evented)\n\n"
+"``evented`` lists (row, the span's message bytes) of the spans that have events.\n"
 "``pending`` lists (row, kind, status code, service, kept attributes) of the rows whose\n"
 "attributes the stage cache ``stages`` does not give (a stage not in it yet, or an error\n"
 "span); the kept attributes are [(key, value)] of the keys in ``kept_keys``. Raises\n"
@@ -723,9 +740,9 @@ static PyObject *decode_spans(PyObject *Py_UNUSED(self), PyObject *args) {
         return NULL;
     }
     Out o = {PyList_New(0), PyList_New(0), PyList_New(0), stages, kept_keys, NULL, name_limit, value_limit,
-             max_errors, 0};
+             max_errors, 0, PyList_New(0)};
     PyObject *result = NULL;
-    if (o.rows == NULL || o.errors == NULL || o.pending == NULL)
+    if (o.rows == NULL || o.errors == NULL || o.pending == NULL || o.evented == NULL)
         goto done;
     Reader r = {data.buf, (const uint8_t *)data.buf + data.len};
     Field f;
@@ -740,11 +757,12 @@ static PyObject *decode_spans(PyObject *Py_UNUSED(self), PyObject *args) {
         unsupported();
         goto done;
     }
-    result = Py_BuildValue("(OnOO)", o.rows, o.rejected, o.errors, o.pending);
+    result = Py_BuildValue("(OnOOO)", o.rows, o.rejected, o.errors, o.pending, o.evented);
 done:
     Py_XDECREF(o.rows);
     Py_XDECREF(o.errors);
     Py_XDECREF(o.pending);
+    Py_XDECREF(o.evented);
     PyBuffer_Release(&data);
     return result;
 }
@@ -962,7 +980,7 @@ enum { J_RESOURCE_SPANS, J_RESOURCE, J_ATTRIBUTES, J_KEY, J_VALUE, J_SCOPE_SPANS
 static const char *JSON_KEY_NAMES[] = {"resourceSpans", "resource", "attributes", "key", "value", "scopeSpans",
                                        "spans", "traceId", "spanId", "parentSpanId", "kind", "status", "code",
                                        "startTimeUnixNano", "endTimeUnixNano"};
-static PyObject *J_NAME, *J_LINKS, *SERVICE_NAME, *VALUE_KEYS[4];
+static PyObject *J_NAME, *J_LINKS, *J_EVENTS, *SERVICE_NAME, *VALUE_KEYS[4];
 
 /* dict[key] or NULL when absent; -1 on an error. */
 static int json_get(PyObject *dict, PyObject *key, PyObject **out) {
@@ -1243,12 +1261,16 @@ static int json_span(Out *o, PyObject *span) {
     core[24] = (uint8_t)kind;
     core[25] = (uint8_t)code;
     core[26] = links ? 1 : 0;
-    return add_row(o, trace, core, end, name, json_kept_attributes, span);
+    if (add_row(o, trace, core, end, name, json_kept_attributes, span) < 0 || json_get(span, J_EVENTS, &value) < 0)
+        return -1;
+    int events = value == NULL ? 0 : PyObject_IsTrue(value);
+    return events <= 0 ? events : add_evented(o, Py_NewRef(span));
 }
 
 PyDoc_STRVAR(decode_json_spans_doc,
 "decode_json_spans(document, stages, kept_keys, name_limit, value_limit, unknown_service)\n"
-"-> (rows, pending)\n\n"
+"-> (rows, pending, evented)\n\n"
+"``evented`` lists (row, span object) of the spans that have events.\n"
 "decode_spans for a TracesData object parsed from OTLP/JSON; raises Unsupported\n"
 "for anything but the Collector's own form, or anything the reference would reject.");
 
@@ -1262,9 +1284,10 @@ static PyObject *decode_json_spans(PyObject *Py_UNUSED(self), PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!O!O!nnU", &PyDict_Type, &document, &PyDict_Type, &stages, &PyFrozenSet_Type,
                           &kept_keys, &name_limit, &value_limit, &unknown_service))
         return NULL;
-    Out o = {PyList_New(0), NULL, PyList_New(0), stages, kept_keys, NULL, name_limit, value_limit, 0, 0};
+    Out o = {PyList_New(0), NULL, PyList_New(0), stages, kept_keys, NULL, name_limit, value_limit, 0, 0,
+             PyList_New(0)};
     PyObject *result = NULL, *resources = NULL;
-    if (o.rows == NULL || o.pending == NULL || (resources = json_list(document, JSON_KEYS[J_RESOURCE_SPANS])) == NULL)
+    if (o.rows == NULL || o.pending == NULL || o.evented == NULL || (resources = json_list(document, JSON_KEYS[J_RESOURCE_SPANS])) == NULL)
         goto done;
     for (Py_ssize_t r = 0; r < PyList_GET_SIZE(resources); r++) {
         PyObject *resource_spans = PyList_GET_ITEM(resources, r), *scopes;
@@ -1285,10 +1308,11 @@ static PyObject *decode_json_spans(PyObject *Py_UNUSED(self), PyObject *args) {
         if (failed)
             goto done;
     }
-    result = PyTuple_Pack(2, o.rows, o.pending);
+    result = PyTuple_Pack(3, o.rows, o.pending, o.evented);
 done:
     Py_XDECREF(o.rows);
     Py_XDECREF(o.pending);
+    Py_XDECREF(o.evented);
     return result;
 }
 
@@ -1329,6 +1353,7 @@ PyMODINIT_FUNC PyInit__rows(void) {
         if ((VALUE_KEYS[i] = PyUnicode_InternFromString(value_keys[i])) == NULL)
             return NULL;
     if ((J_NAME = PyUnicode_InternFromString("name")) == NULL || (J_LINKS = PyUnicode_InternFromString("links")) == NULL
+        || (J_EVENTS = PyUnicode_InternFromString("events")) == NULL
         || (SERVICE_NAME = PyUnicode_InternFromString("service.name")) == NULL)
         return NULL;
     return m;

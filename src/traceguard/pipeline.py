@@ -64,7 +64,11 @@ class Pipeline:
         self._on_decided = on_decided
         self._closed = False
 
-    def accept_spans(self, rows: Iterable[SpanRow]) -> None:
+    def accept_spans(self, rows: Iterable[SpanRow], events: Sequence[LogRow] = ()) -> None:
+        """Spans, and their events as log records (in the index before the spans can decide a trace)."""
+        if events:
+            self.metrics.inc("traceguard_span_events_total", len(events))
+            self.logs.add(events)
         self.assembler.add(rows)
 
     def accept_logs(self, rows: Iterable[LogRow]) -> None:

@@ -80,7 +80,7 @@ def run_replay(
                 rejected += batch.rejected
                 metrics.inc(f"traceguard_{'spans' if batch.signal == 'traces' else 'logs'}_rejected_total", batch.rejected)
             if batch.signal == "traces":
-                pipeline.accept_spans(batch.rows)
+                pipeline.accept_spans(batch.rows, batch.events)
             else:
                 pipeline.accept_logs(batch.rows)
             pipeline.advance()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Callable, Generic, TypeVar
 
-from traceguard.records import KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER, STATUS_ERROR, SpanRow
+from traceguard.records import KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER, STATUS_ERROR, LogRow, SpanRow
 
 Row = TypeVar("Row")
 
@@ -40,6 +40,7 @@ class Decoded(Generic[Row]):
     rows: list[Row] = field(default_factory=list)
     rejected: int = 0
     errors: list[str] = field(default_factory=list)
+    events: list[LogRow] = field(default_factory=list)  # traces: the spans' events as log records
 
     def reject(self, message: str) -> None:
         self.rejected += 1

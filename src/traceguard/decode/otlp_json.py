@@ -29,6 +29,7 @@ from traceguard.decode.common import (
     clip_value,
     intern_name,
 )
+from traceguard.decode.events import event_logs
 from traceguard.native import rows as native
 from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, LogRow, SpanRow
 
@@ -131,10 +132,12 @@ def decode_traces_json(
     if native is not None:
         # the Collector's own form is walked in C; anything else, or anything to reject, here
         with contextlib.suppress(native.Unsupported):
-            rows, pending = native.decode_json_spans(document, stages.known, KEPT_ATTRIBUTES, config.max_name_length,
-                                                     config.max_attribute_length, UNKNOWN_SERVICE)
+            rows, pending, evented = native.decode_json_spans(
+                document, stages.known, KEPT_ATTRIBUTES, config.max_name_length, config.max_attribute_length,
+                UNKNOWN_SERVICE)
             stages.settle(pending)
-            return Decoded(rows)
+            limit = config.max_log_body_length
+            return Decoded(rows, events=[log for row, span in evented for log in _event_logs(row, span, limit)])
     try:
         return _walk_traces(document, config, stages)
     except (AttributeError, TypeError) as exc:
@@ -214,7 +217,7 @@ def _walk_traces(document: dict, config: DecodeConfig, stages: StageAttributes) 
                         for kv in span.get("attributes") or ()
                         if isinstance(kv, dict) and kv.get("key") in KEPT_ATTRIBUTES
                     ])
-                append(SpanRow(
+                row = SpanRow(
                     trace_id,
                     pack(span_id, parent or NO_PARENT, start, kind, code,
                          FLAG_HAS_LINKS if span.get("links") else 0),
@@ -222,8 +225,28 @@ def _walk_traces(document: dict, config: DecodeConfig, stages: StageAttributes) 
                     service,
                     name,
                     attrs,
-                ))
+                )
+                append(row)
+                if span.get("events"):
+                    out.events += _event_logs(row, span, config.max_log_body_length)
     return out
+
+
+def _event_logs(row: SpanRow, span: dict, limit: int) -> list[LogRow]:
+    """A span's events (malformed parts are read leniently: an event without a
+    valid time is at its span's end, an attribute without a key is left out)."""
+    events = span["events"]
+    return event_logs(row, ((_event_time(event), str(event.get("name") or ""), {
+        kv["key"]: _any_value(kv.get("value")) for kv in event.get("attributes") or ()
+        if isinstance(kv, dict) and isinstance(kv.get("key"), str)
+    }) for event in (events if isinstance(events, list) else ()) if isinstance(event, dict)), limit)
+
+
+def _event_time(event: dict) -> int:
+    try:
+        return _nanos(event.get("timeUnixNano"), "timeUnixNano")
+    except _BadField:
+        return 0
 
 
 def decode_logs_json(document: dict, config: DecodeConfig) -> Decoded[LogRow]:

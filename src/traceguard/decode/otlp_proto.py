@@ -19,6 +19,7 @@ import sys
 from google.protobuf.message import DecodeError as ProtoDecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from traceguard.config import DecodeConfig
 from traceguard.decode.common import (
@@ -33,6 +34,7 @@ from traceguard.decode.common import (
     clip_value,
     intern_name,
 )
+from traceguard.decode.events import event_logs
 from traceguard.native import rows as native
 from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, LogRow, SpanRow
 
@@ -81,11 +83,18 @@ def _parse_traces(data: bytes) -> ExportTraceServiceRequest:
 
 def _decode_native(data: bytes, config: DecodeConfig, stages: StageAttributes) -> Decoded[SpanRow]:
     """The C walk; the stage cache is given the kept attributes of the spans it does not answer for."""
-    rows, rejected, errors, pending = native.decode_spans(
+    rows, rejected, errors, pending, evented = native.decode_spans(
         data, stages.known, KEPT_ATTRIBUTES, config.max_name_length, config.max_attribute_length,
         MAX_ERROR_MESSAGES, UNKNOWN_SERVICE)
     stages.settle(pending)
-    return Decoded(rows, rejected, errors)
+    limit = config.max_log_body_length
+    return Decoded(rows, rejected, errors, [log for row, message in evented
+                                            for log in _event_logs(row, Span.FromString(message), limit)])
+
+
+def _event_logs(row: SpanRow, span: Span, limit: int) -> list[LogRow]:
+    return event_logs(row, ((event.time_unix_nano, event.name, {kv.key: _any_value(kv.value) for kv in event.attributes})
+                            for event in span.events), limit)
 
 
 def decode_traces_message(
@@ -127,7 +136,7 @@ def decode_traces_message(
                 if kind in ATTRIBUTE_KINDS:
                     attrs = stage_attributes(service, kind, name, code,
                                              lambda: _kept_attributes(span, value_limit))
-                append(SpanRow(
+                row = SpanRow(
                     trace_id,
                     pack(span_id, parent or NO_PARENT, span.start_time_unix_nano, kind,
                          code, FLAG_HAS_LINKS if span.links else 0),
@@ -135,7 +144,10 @@ def decode_traces_message(
                     service,
                     name,
                     attrs,
-                ))
+                )
+                append(row)
+                if span.events:
+                    out.events += _event_logs(row, span, config.max_log_body_length)
     return out
 
 

@@ -9,12 +9,11 @@ from typing import Any
 
 from traceguard.config import DecodeConfig
 from traceguard.decode.common import Decoded, StageAttributes
+from traceguard.decode.events import SEVERITIES
 from traceguard.decode.otlp_json import decode_logs_json, decode_traces_json
 
 KINDS = {"internal": 1, "server": 2, "client": 3, "producer": 4, "consumer": 5}
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
-# Log levels as the OTel SDK's logging bridge maps them.
-SEVERITIES = {"trace": 1, "debug": 5, "info": 9, "warn": 13, "warning": 13, "error": 17, "fatal": 21, "critical": 21}
 
 
 def any_value(value: Any) -> dict:

@@ -175,7 +175,7 @@ class KafkaSource:
         except DecodeError as exc:
             self._poison(partition, message, str(exc))
             return _Record(signal, where, corrupt=True, partition=partition, offset=message.offset)
-        record = _Record(signal, where, decoded.rows, decoded.rejected, decoded.errors,
+        record = _Record(signal, where, decoded.rows, decoded.rejected, decoded.errors, events=decoded.events,
                          partition=partition, offset=message.offset)
         record.head_time = record.event_time()
         return record
@@ -272,7 +272,7 @@ class KafkaSource:
             self.metrics.inc(f"traceguard_{kind}_rejected_total", record.rejected, transport="kafka")
             log.warning("%s: %d %s rejected: %s", record.where, record.rejected, kind, "; ".join(record.errors))
         if record.signal == "traces":
-            self.pipeline.accept_spans(record.rows)
+            self.pipeline.accept_spans(record.rows, record.events)
         else:
             self.pipeline.accept_logs(record.rows)
             if self._relink is not None:

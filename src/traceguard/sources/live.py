@@ -73,7 +73,7 @@ class LiveIngest:
                              transport=transport)
             if decoded.rejected:
                 self.metrics.inc("traceguard_spans_rejected_total", decoded.rejected, transport=transport)
-            self.pipeline.accept_spans(decoded.rows)
+            self.pipeline.accept_spans(decoded.rows, decoded.events)
         self.metrics.observe("traceguard_export_processing_seconds", time.perf_counter() - started)
         return decoded.rejected, "; ".join(decoded.errors)
 

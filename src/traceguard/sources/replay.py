@@ -62,6 +62,7 @@ class Batch:
     errors: list[str] = field(default_factory=list)
     corrupt: bool = False
     out_of_order: int = 0
+    events: list = field(default_factory=list)  # traces: the spans' events as log records
 
     def event_time(self) -> int:
         """The earliest event in the batch: the key that merges files in event time."""
@@ -251,7 +252,7 @@ class _EndTimeOrder:
 
 
 def _batch(signal: Signal, where: str, decoded) -> Batch:
-    return Batch(signal, where, decoded.rows, decoded.rejected, decoded.errors)
+    return Batch(signal, where, decoded.rows, decoded.rejected, decoded.errors, events=decoded.events)
 
 
 def replay_batches(
