@@ -3,7 +3,7 @@
 Trace-level labels name the span a finding must be about: the missing root or
 parent for ``missing_root``/``missing_parent`` (the span that never arrived),
 the span itself for the other structural kinds; ``missing_expected_span`` and
-``trace_outlier`` labels name the trace only. A latency regression label names
+``trace_outlier`` labels name the trace only. A latency or error regression label names
 a stage and its onset: a finding for that stage whose onset lies between two
 minutes before the label's onset and its end is a hit, detected after
 ``detected_at - onset``; any other regression finding is a false alarm.
@@ -73,11 +73,11 @@ def _stage_level(anomalies: list[Anomaly]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def score_regressions(anomalies: list[Anomaly], labels: list[dict]) -> dict:
-    """Per labelled regression: found or not, and the delay; plus false alarms."""
-    wanted = [label for label in labels if label["kind"] == "latency_regression"]
-    opened = {a.id: a for a in anomalies if a.kind.value == "latency_regression" and a.evidence["state"] == "open"}
-    resolved = {a.id for a in anomalies if a.kind.value == "latency_regression" and a.evidence["state"] == "resolved"}
+def score_regressions(anomalies: list[Anomaly], labels: list[dict], kind: str = "latency_regression") -> dict:
+    """Per labelled regression of ``kind``: found or not, and the delay; plus false alarms."""
+    wanted = [label for label in labels if label["kind"] == kind]
+    opened = {a.id: a for a in anomalies if a.kind.value == kind and a.evidence["state"] == "open"}
+    resolved = {a.id for a in anomalies if a.kind.value == kind and a.evidence["state"] == "resolved"}
     matched: set[str] = set()
     rows = []
     for label in wanted:
@@ -132,6 +132,7 @@ def evaluate(directory: Path, config: PipelineConfig | None = None) -> dict:
     return {
         "per_kind": score(sink.anomalies, labels),
         "latency_regression": score_regressions(sink.anomalies, labels),
+        "error_regression": score_regressions(sink.anomalies, labels, "error_regression"),
         "slow_stage": slow_stage_summary(sink.anomalies, labels),
         "replay_seconds": round(elapsed, 2),
         "anomalies": len(sink.anomalies),

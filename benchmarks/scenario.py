@@ -31,8 +31,10 @@ invalid_end               unfinished_span              a leaf ends at 0 or befor
 
 Normal traffic that must not be flagged: Kafka consumers finishing after the
 request, per-service clock skew of a few ms, cache hits that skip the
-database, retries after connection errors and after 503s (natural errors),
-calls to an external payment API and an SMTP server that have no server
+database, retries after connection errors and after 503s (natural errors,
+recorded as exception events), product lookups that time out in 5 % of
+calls and fail their request with a 500 (errors propagate up every span to
+the root, and the page is not rendered), calls to an external payment API and an SMTP server that have no server
 spans, a heavy Pareto tail on single calls, stalls that hold one service for
 50–200 ms in a request (a GC pause, CPU starvation), and a cart step that
 routinely finishes 1–80 ms after its handler returned (12 % of calls, like
@@ -99,6 +101,26 @@ LATE_EXPORT_DELAY = (90 * SECOND, 180 * SECOND)
 FLUSH_HORIZON = 10 * 60 * SECOND
 
 
+@dataclass(frozen=True)
+class ErrorFault:
+    """From ``start_s`` to ``end_s`` a leaf stage fails in a share ``rate`` of its
+    calls with an exception of a type it never raised before; the failure
+    propagates: every span above it fails and the request answers 500 without
+    rendering its page."""
+
+    service: str
+    operation: str
+    start_s: float
+    end_s: float
+    rate: float
+    exception: str = "redis.exceptions.ResponseError"
+    message: str = "MOVED 3999 10.0.7.{node}:6379"
+
+    @property
+    def name(self) -> str:
+        return f"errors_{self.rate:.0%}"
+
+
 @dataclass
 class ScenarioConfig:
     traces: int = 10_000
@@ -114,6 +136,10 @@ class ScenarioConfig:
     # are an N+1 query pattern or 20x slower throughout: trace_outlier labels.
     outlier_rate: float = 0.0
     latency_faults: tuple["LatencyFault", ...] = ()
+    error_faults: tuple["ErrorFault", ...] = ()
+    # steady natural failures: product lookups time out now and then all day
+    natural_errors: tuple["ErrorFault", ...] = (
+        ErrorFault("catalog", "GET product:*", 0.0, float("inf"), 0.05, "TimeoutError", "timed out after 500 ms"),)
     faults: tuple[str, ...] = tuple(FAULTS)  # which structural faults to place
     # No faults in the last minutes: a late export there would arrive after the
     # last traffic, when event time no longer moves, so it is not late in replay.
@@ -160,7 +186,8 @@ class Label:
 
 def latency_scenario(traces_per_s: float = 2.0, hours: float = 4.0, seed: int = 7) -> ScenarioConfig:
     """Two stationary hours, then a 3x DB slowdown, a 1.5x one and a slow leak,
-    with N+1 and 20x-slow requests sprinkled throughout."""
+    with N+1 and 20x-slow requests sprinkled throughout; during the leak, the
+    product cache lookup fails 30 % of its calls (a new exception) for 15 min."""
     hour = 3600.0
     return ScenarioConfig(
         traces=int(traces_per_s * hours * hour), seed=seed, duration_s=hours * hour, outlier_rate=0.01,
@@ -169,6 +196,7 @@ def latency_scenario(traces_per_s: float = 2.0, hours: float = 4.0, seed: int = 
             LatencyFault("checkout", "INSERT orders", 2.75 * hour, 3.25 * hour, 1.5),
             LatencyFault("cart", "GET cart:*", 3.33 * hour, hours * hour - 300, 3.0, ramp=True),
         ),
+        error_faults=(ErrorFault("catalog", "GET product:*", 3.45 * hour, 3.7 * hour, 0.3),),
     )
 
 
@@ -308,6 +336,8 @@ class Shop:
         self.outlier: str | None = None
         self.trace_factor = 1.0
         self.noise = random.Random(config.seed ^ 0x5EED)
+        self.errors = random.Random(config.seed ^ 0xE770)  # error faults draw here: the other streams stay as they were
+        self.failing = False  # a span of this request failed and the failure propagates up
         self.stalled: str | None = None  # the service stalling in this request
         self.counts: dict[str, int] = {}
 
@@ -330,6 +360,15 @@ class Shop:
                 progress = (offset - fault.start_s) / (fault.end_s - fault.start_s) if fault.ramp else 1.0
                 factor *= 1.0 + (fault.factor - 1.0) * progress
         return factor
+
+    def failure(self, service: str, operation: str, t: int) -> ErrorFault | None:
+        """The natural failure or injected error fault that makes this call fail, if one does."""
+        offset = t / SECOND - self.config.start_unix_s
+        for fault in (*self.config.natural_errors, *self.config.error_faults):
+            if fault.service == service and fault.operation == operation and fault.start_s <= offset < fault.end_s \
+                    and self.errors.random() < fault.rate:
+                return fault
+        return None
 
     def label(self, span, fault: str) -> None:
         ctx = span.get_span_context()
@@ -360,6 +399,13 @@ class Shop:
             self.fault = None
             self.label(span, "late_export")
             self.spans.delay[span.get_span_context().span_id] = self.rng.randrange(*LATE_EXPORT_DELAY)
+        fault = self.failure(service, name, t)
+        if fault is not None:
+            message = fault.message.format(node=self.errors.randrange(2, 250))
+            span.set_status(Status(StatusCode.ERROR, message))
+            svc.exception(span, end, fault.exception, message, ("handle", "lookup", "execute_command"))
+            self.failing = True
+            self.count(f"failed_{fault.exception}")
         svc.end(span, end)
         return end
 
@@ -392,6 +438,8 @@ class Shop:
             self.spans.dropped.add((client.get_span_context().trace_id, callee))
         server_svc.log(server, t_server + MS // 10, logging.INFO, f"handling {name}")
         t_end = handler(server, t_server + self.dur(0.2))
+        if self.failing:
+            status = 500
         if status >= 500:
             server.set_status(Status(StatusCode.ERROR))
             server_svc.log(server, t_end, logging.ERROR, f"{name} failed: upstream unavailable ({status})")
@@ -399,6 +447,9 @@ class Shop:
         if "http.request.method" in attributes:
             client.set_attribute("http.response.status_code", status)
             server.set_attribute("http.response.status_code", status)
+        elif "rpc.system" in attributes:  # INTERNAL from a failing server
+            client.set_attribute("rpc.grpc.status_code", 13 if status >= 500 else 0)
+            server.set_attribute("rpc.grpc.status_code", 13 if status >= 500 else 0)
         server_svc.end(server, t_end)
         t_back = t_end + self.net()
         self.svc[caller].end(client, t_back)
@@ -409,6 +460,8 @@ class Shop:
         svc = self.svc[service]
         span = svc.start(name, SpanKind.INTERNAL, parent, t)
         t_end = body(span, t + self.dur(0.1)) + self.dur(0.1)
+        if self.failing:
+            span.set_status(Status(StatusCode.ERROR))
         if self.fault == "never_ended_span":
             self.fault = None
             self.label(span, "never_ended_span")
@@ -507,6 +560,7 @@ class Shop:
     # -- root operations -----------------------------------------------------
     def request(self, t0: int) -> None:
         frontend = self.svc["frontend"]
+        self.failing = False
         roll = self.rng.random()
         if self.outlier == "n_plus_one":
             roll = 0.0  # the N+1 pattern lives on the product page
@@ -538,7 +592,8 @@ class Shop:
                           {"http.request.method": "GET", "server.address": "cart"})
             t = self.call("frontend", "checkout", root, "POST /checkout", t, self.checkout_post,
                           {"http.request.method": "POST", "server.address": "checkout"})
-        t = self.leaf("frontend", root, "render page", SpanKind.INTERNAL, t, 1.0, can_fail_end=True)
+        if not self.failing:  # a failed request answers 500 without its page
+            t = self.leaf("frontend", root, "render page", SpanKind.INTERNAL, t, 1.0, can_fail_end=True)
         t_done = t + self.dur(0.2)
         if self.fault == "background_work":
             self.fault = None
@@ -547,7 +602,10 @@ class Shop:
             self.fault = None
             self.label(root, "never_ended_root")
             return
-        root.set_attribute("http.response.status_code", 200)
+        if self.failing:
+            root.set_status(Status(StatusCode.ERROR))
+            frontend.log(root, t_done, logging.ERROR, f"{method} {route} answered 500")
+        root.set_attribute("http.response.status_code", 500 if self.failing else 200)
         frontend.end(root, t_done)
 
     def _quiet(self, index: int, t: int) -> bool:
@@ -613,10 +671,11 @@ def generate(config: ScenarioConfig, write_traces: Callable[[str, list], None],
         service.provider.shutdown()
         service.log_provider.shutdown()
     shop.counts["exporter_dropped_spans"] = shop.spans.dropped_count
-    for fault in config.latency_faults:
-        shop.labels.append(Label("latency_regression", fault.name, None, None, fault.service, fault.operation,
-                                 int((config.start_unix_s + fault.start_s) * SECOND),
-                                 int((config.start_unix_s + fault.end_s) * SECOND)))
+    for kind, faults in (("latency_regression", config.latency_faults), ("error_regression", config.error_faults)):
+        for fault in faults:
+            shop.labels.append(Label(kind, fault.name, None, None, fault.service, fault.operation,
+                                     int((config.start_unix_s + fault.start_s) * SECOND),
+                                     int((config.start_unix_s + fault.end_s) * SECOND)))
     return Generated(config.traces, spans, logs, shop.labels, shop.counts, time.perf_counter() - started)
 
 

@@ -5,7 +5,7 @@ import pytest
 from builders import row, sid, tid
 from traceguard.assemble import EventTimeClock, TraceAssembler
 from traceguard.assemble.assembler import to_span
-from traceguard.config import AssemblerConfig, StructuralConfig
+from traceguard.config import AssemblerConfig, ErrorsConfig, StructuralConfig
 from traceguard.detect import LateSpan, completeness_detectors
 from traceguard.detect.context_outlived_parent import ContextOutlivedParent
 from traceguard.detect.missing_parent import MissingParent
@@ -19,6 +19,8 @@ from traceguard.records import (
 
 # No norm warm-up: each detector's own fault must be found on first sight.
 CONFIG = StructuralConfig(unpaired_min_samples=3, norm_min_calls=0)
+# the detectors whose findings are about one trace (error_regression's are about a stage: test_norms)
+PER_TRACE = [d for d in completeness_detectors(CONFIG, ErrorsConfig()) if d.kind != AnomalyKind.ERROR_REGRESSION]
 
 
 def decide(*rows):
@@ -73,13 +75,13 @@ def _warm(detector):
     return detector
 
 
-@pytest.mark.parametrize("detector", completeness_detectors(CONFIG), ids=lambda d: d.kind.value)
+@pytest.mark.parametrize("detector", PER_TRACE, ids=lambda d: d.kind.value)
 def test_contract_clean_traces_raise_nothing(detector):
     _warm(detector)
     assert detector.detect(clean_trace()) == []
 
 
-@pytest.mark.parametrize("detector", completeness_detectors(CONFIG), ids=lambda d: d.kind.value)
+@pytest.mark.parametrize("detector", PER_TRACE, ids=lambda d: d.kind.value)
 def test_contract_finds_its_own_fault_with_the_exact_span(detector):
     _warm(detector)
     trace = _fault_traces()[detector.kind]
@@ -91,7 +93,7 @@ def test_contract_finds_its_own_fault_with_the_exact_span(detector):
     assert anomaly.summary and anomaly.evidence
 
 
-@pytest.mark.parametrize("detector", completeness_detectors(CONFIG), ids=lambda d: d.kind.value)
+@pytest.mark.parametrize("detector", PER_TRACE, ids=lambda d: d.kind.value)
 def test_contract_is_deterministic(detector):
     first = _warm(type(detector)(CONFIG) if detector.kind == AnomalyKind.UNPAIRED_CLIENT_SPAN else detector)
     second = _warm(type(detector)(CONFIG) if detector.kind == AnomalyKind.UNPAIRED_CLIENT_SPAN else detector)
@@ -173,13 +175,18 @@ def test_unpaired_exemptions(client, history):
     assert detector.detect(_client_call(99, paired=False, **client)) == []
 
 
-def test_unpaired_error_with_a_response_status_is_still_expected_to_pair():
+@pytest.mark.parametrize("response, paired_expected", [
+    (("http.response.status_code", 503), True),
+    (("rpc.grpc.status_code", 13), True),    # INTERNAL: a server answered
+    (("rpc.grpc.status_code", 14), False),   # UNAVAILABLE: no server was reached
+    (("rpc.grpc.status_code", 4), False),    # DEADLINE_EXCEEDED: none answered in time
+])
+def test_unpaired_error_with_a_response_status_is_still_expected_to_pair(response, paired_expected):
     detector = UnpairedClientSpan(StructuralConfig(unpaired_min_samples=3))
     for n in range(2, 10):
         detector.detect(_client_call(n))
-    found = detector.detect(_client_call(99, paired=False, status=STATUS_ERROR,
-                                         attrs=(("http.response.status_code", 503),)))
-    assert len(found) == 1
+    found = detector.detect(_client_call(99, paired=False, status=STATUS_ERROR, attrs=(response,)))
+    assert len(found) == int(paired_expected)
 
 
 def test_unpaired_state_is_bounded_by_its_window():

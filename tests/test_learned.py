@@ -19,8 +19,10 @@ DB = ("db.system", "postgresql"),
 DB_STAGE = ("api", "SELECT item", KIND_CLIENT)
 
 
-def request(n: int, t_ms: float, rng, *, db_factor=1.0, speed=1.0, repeats=1, cache=None, render=True):
-    """One request: api SERVER → lookup (INTERNAL) → [cache GET] + SELECT item × repeats, then render."""
+def request(n: int, t_ms: float, rng, *, db_factor=1.0, speed=1.0, repeats=1, cache=None, render=True,
+            status=0):
+    """One request: api SERVER → lookup (INTERNAL) → [cache GET] + SELECT item × repeats, then render;
+    ``status``: the SERVER span's."""
     def d(median_ms):
         return median_ms * speed * float(np.exp(rng.normal(0, 0.3)))
 
@@ -43,7 +45,8 @@ def request(n: int, t_ms: float, rng, *, db_factor=1.0, speed=1.0, repeats=1, ca
         end = cursor + d(1.0)
         rows.append(row(n, 3, 1, start_ms=cursor, end_ms=end, kind=KIND_INTERNAL, service="api", name="render"))
         cursor = end
-    rows.append(row(n, 1, start_ms=t_ms, end_ms=cursor + d(0.2), kind=KIND_SERVER, service="api", name="GET /item"))
+    rows.append(row(n, 1, start_ms=t_ms, end_ms=cursor + d(0.2), kind=KIND_SERVER, service="api", name="GET /item",
+                    status=status))
     return rows
 
 
@@ -125,6 +128,8 @@ def test_optional_branches_are_not_expected_but_constant_stages_are():
     assert of_kind(sink, "missing_expected_span") == []
     rng = np.random.default_rng(9)
     pipeline.accept_spans(request(10**7, 10 * MINUTE_MS, rng, cache=False, render=False))
+    # a failed request skips what comes after its failure: not a missing span
+    pipeline.accept_spans(request(10**7 + 1, 10 * MINUTE_MS + 1, rng, cache=False, render=False, status=2))
     pipeline.close()
     (missing,) = of_kind(sink, "missing_expected_span")
     assert [s["operation"] for s in missing.evidence["missing_stages"]] == ["render"]
@@ -161,7 +166,7 @@ def test_n_plus_one_and_whole_trace_slowdowns_are_outliers_with_their_reasons():
 def _trained(tmp_path):
     pipeline, _ = stream(20)
     pipeline.close()
-    store.save(pipeline.models, tmp_path)
+    store.save(pipeline.models_for_saving(), tmp_path)
     return pipeline.models
 
 
@@ -178,6 +183,10 @@ def test_model_files_round_trip(tmp_path):
     rows = before.reservoir_[:50]
     np.testing.assert_allclose(after.score(rows)[0], before.score(rows)[0])
     assert after.threshold_ == pytest.approx(before.threshold_)
+    # the rate detectors' learned rates, keyed by kind, start the next pipeline
+    assert loaded.rates == json.loads(json.dumps(models.rates)) and "error_regression" in loaded.rates
+    again = Pipeline(PipelineConfig(), EventTimeClock(5 * 10**9), [MemorySink()], models=loaded)
+    assert again.checkpoint()["detectors"] == loaded.rates
 
 
 def test_tampered_old_and_missing_model_files_are_refused(tmp_path):
@@ -189,7 +198,7 @@ def test_tampered_old_and_missing_model_files_are_refused(tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["version"] = 0
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelFileError, match="version 0, this traceguard reads version 1"):
+    with pytest.raises(ModelFileError, match="version 0, this traceguard reads version 2"):
         store.load(tmp_path, PipelineConfig().learned)
     with pytest.raises(ModelFileError, match="no manifest.json"):
         store.load(tmp_path / "nowhere", PipelineConfig().learned)

@@ -167,3 +167,54 @@ def test_an_occurrence_on_a_quiet_stage_is_not_held_for_ever():
             assert of_kind(sink, "context_outlived_parent") == []  # held: the norm is not known yet
     (leak,) = of_kind(sink, "context_outlived_parent")
     assert leak.trace_id == f"{11:032x}"
+
+
+def _failing(n, t_ms, *, fails: bool):
+    """web SERVER → web CLIENT → orders SERVER → orders CLIENT (the database); a
+    failing database call fails every span above it, as a propagated error does."""
+    status = 2 if fails else 0
+    return [row(n, 1, start_ms=t_ms, end_ms=t_ms + 20, kind=KIND_SERVER, service="web", name="GET /", status=status),
+            row(n, 2, 1, start_ms=t_ms + 1, end_ms=t_ms + 19, kind=KIND_CLIENT, service="web", name="POST /order",
+                status=status),
+            row(n, 3, 2, start_ms=t_ms + 2, end_ms=t_ms + 18, kind=KIND_SERVER, service="orders",
+                name="POST /order", status=status),
+            row(n, 4, 3, start_ms=t_ms + 3, end_ms=t_ms + 10, kind=KIND_CLIENT, service="orders",
+                name="INSERT orders", status=status)]
+
+
+def _run_failing(minutes, share, *, fault_from_min=None, fault_until_min=None, fault_share=0.0, seed=1):
+    rng = np.random.default_rng(seed)
+    sink = MemorySink()
+    pipeline = Pipeline(PipelineConfig(), EventTimeClock(5 * SECOND_NS), [sink])
+    for i in range(int(minutes * 60 * 4)):
+        t_ms = i * 250
+        faulty = fault_from_min is not None and fault_from_min * MINUTE_MS <= t_ms < fault_until_min * MINUTE_MS
+        pipeline.accept_spans(_failing(i + 1, t_ms, fails=rng.random() < (fault_share if faulty else share)))
+        pipeline.advance()
+    pipeline.close()
+    return sink
+
+
+def test_errors_at_their_normal_rate_are_no_finding():
+    """A stage that fails 5 % of the time by design, for an hour: nothing."""
+    sink = _run_failing(60, 0.05)
+    assert of_kind(sink, "error_regression") == [] and sink.incidents == []
+
+
+def test_a_rise_of_errors_is_one_incident_on_the_deepest_failing_stage():
+    """The database call starts failing 40 % of the time for five minutes; every
+    caller fails with it. One change, on the database call (its callers' own
+    failures did not rise: theirs come from below), one incident, resolved."""
+    sink = _run_failing(30, 0.05, fault_from_min=15, fault_until_min=20, fault_share=0.4)
+    found = of_kind(sink, "error_regression")
+    assert {(a.service, a.operation) for a in found} == {("orders", "INSERT orders")}
+    assert [a.evidence["state"] for a in found] == ["open", "resolved"]
+    opened = found[0]
+    assert 15 * MINUTE_MS <= (opened.event_time - T0) / 1e6 <= 16 * MINUTE_MS  # onset: the first failure after
+    assert opened.detected_at - opened.event_time <= 2 * 60 * SECOND_NS  # within two minutes
+    assert opened.evidence["baseline_rate"] < 0.08 and opened.evidence["current_rate"] > 0.25
+    assert opened.exemplars and opened.evidence["signal"] == "errors"
+    incidents = {i.id: i for i in sink.incidents}
+    assert len(incidents) == 1
+    (incident,) = incidents.values()
+    assert incident.culprits[0].service == "orders" and incident.state == "resolved"

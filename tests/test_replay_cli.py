@@ -126,7 +126,9 @@ def test_train_writes_a_model_dir_that_replay_starts_from(scenario, tmp_path):
     trained = _traceguard("train", scenario / "traces.jsonl", "--model-dir", models)
     assert trained.returncode == 0, trained.stderr
     assert trained.stdout == ""  # training writes models, not findings
-    assert sorted(p.name for p in models.iterdir()) == ["forest.npz", "latency.npz", "manifest.json", "structure.json"]
+    assert sorted(p.name for p in models.iterdir()) == ["forest.npz", "latency.npz", "manifest.json", "rates.json",
+                                                        "structure.json"]
+    assert "error_regression" in json.loads((models / "rates.json").read_text())
     warm = replay(scenario / "traces.jsonl", "--model-dir", models)
     assert warm.stdout  # same structural findings; the learned ones start warm
     (models / "latency.npz").write_bytes(b"not numpy")

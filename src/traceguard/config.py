@@ -99,6 +99,19 @@ class StructuralConfig(_Section):
     unpaired_max_stages: int = Field(50_000, ge=1, description="Client stages whose pairing history is kept.")
 
 
+class ErrorsConfig(_Section):
+    """Each stage's own failure rate (``error_regression``)."""
+
+    window: DurationNs = Field(parse_duration("30s"), description="Window whose failure rates are compared with the learned norm.")
+    persist_windows: int = Field(2, ge=1, description="Windows with a rise in a row before it opens (calm ones before it resolves).")
+    half_life: DurationNs = Field(parse_duration("24h"), description="Weight of old calls in a norm halves over this much event time.")
+    z: float = Field(5.0, gt=0, description="Binomial standard errors a window's failure rate must rise.")
+    min_ratio: float = Field(2.0, gt=1, description="Factor a window's failure rate must rise by.")
+    min_calls: int = Field(200, ge=1, description="Calls of a stage before its failure rate is trusted.")
+    min_window_calls: int = Field(20, ge=1, description="Calls a window needs to be judged.")
+    max_stages: int = Field(50_000, ge=1, description="Stages whose failure rates are kept.")
+
+
 class LatencyConfig(_Section):
     window: DurationNs = Field(parse_duration("30s"), description="Event-time window whose stage latencies are compared with the baseline (a regression opens after persist_windows of them).")
     min_window_samples: int = Field(8, ge=1, description="Samples a window needs to be judged.")
@@ -280,6 +293,7 @@ class PipelineConfig(_Section):
     decode: DecodeConfig = DecodeConfig()
     assembler: AssemblerConfig = AssemblerConfig()
     structural: StructuralConfig = StructuralConfig()
+    errors: ErrorsConfig = ErrorsConfig()
     learned: LearnedConfig = LearnedConfig()
     incidents: IncidentConfig = IncidentConfig()
     logs: LogConfig = LogConfig()

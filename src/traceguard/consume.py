@@ -94,7 +94,7 @@ class Consumer:
 
     def snapshot(self) -> None:
         if self.state_dir is not None:
-            model_store.save(self.pipeline.models, self.state_dir / "models")
+            model_store.save(self.pipeline.models_for_saving(), self.state_dir / "models")
             self._next_snapshot = time.monotonic() + self.config.consume.snapshot_interval / 1e9
 
     def run(self, stop: threading.Event) -> int:

@@ -42,13 +42,15 @@ class Pipeline:
         self._clock = clock
         self._sinks = list(sinks)
         self.models = models or Models.new(config.learned)
-        self._completeness = completeness_detectors(config.structural)
+        self._completeness = completeness_detectors(config.structural, config.errors)
         self._timing = []
         if config.learned.enabled:
             learned_completeness, self._timing = learned_detectors(self.models, config.learned, config.structural)
             self._completeness += learned_completeness
         self._learners = [d for d in (*self._completeness, *self._timing) if hasattr(d, "learn")]
         self.metrics.gauge("traceguard_latency_untracked_samples", lambda: self.models.latency.untracked_samples_)
+        if self.models.rates:
+            self.restore({"detectors": self.models.rates})
         for detector in self._completeness:
             if hasattr(detector, "held_dropped_"):
                 self.metrics.gauge(f"traceguard_{detector.kind.value}_held_dropped", lambda d=detector: d.held_dropped_)
@@ -108,15 +110,22 @@ class Pipeline:
         data: the structural detectors' pairing history and the learned trace
         structure. (Latency baselines and forests go into model snapshots.)"""
         return {
-            "detectors": {type(d).__name__: d.state() for d in self._completeness if hasattr(d, "state")},
+            "detectors": {d.kind.value: d.state() for d in self._completeness if hasattr(d, "state")},
             "structure": model_store.structure_state(self.models),
         }
+
+    def models_for_saving(self) -> Models:
+        """The models with the rate detectors' current states in them."""
+        self.models.rates = self.checkpoint()["detectors"]
+        return self.models
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         detectors = checkpoint.get("detectors", {})
         for detector in self._completeness:
-            if hasattr(detector, "restore") and type(detector).__name__ in detectors:
-                detector.restore(detectors[type(detector).__name__])
+            # keyed by kind; checkpoints written before were keyed by class name
+            state = detectors.get(detector.kind.value, detectors.get(type(detector).__name__))
+            if hasattr(detector, "restore") and state is not None:
+                detector.restore(state)
         if "structure" in checkpoint:
             model_store.restore_structure(self.models, checkpoint["structure"])
 

@@ -172,6 +172,7 @@ class AnomalyKind(StrEnum):
     LATENCY_REGRESSION = "latency_regression"
     SLOW_STAGE = "slow_stage"
     TRACE_OUTLIER = "trace_outlier"
+    ERROR_REGRESSION = "error_regression"
 
 
 Severity = Literal["info", "warning", "critical"]

@@ -88,4 +88,4 @@ def run_replay(
                 on_batch(len(batch.rows))
     finally:
         pipeline.close()
-    return ReplayResult(metrics, pipeline.models, corrupt, rejected)
+    return ReplayResult(metrics, pipeline.models_for_saving(), corrupt, rejected)

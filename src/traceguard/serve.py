@@ -132,7 +132,7 @@ class Server:
 
     def snapshot(self) -> None:
         with self.ingest.lock:
-            model_store.save(self.pipeline.models, self.model_dir)
+            model_store.save(self.pipeline.models_for_saving(), self.model_dir)
 
     def stop(self) -> None:
         """Stops accepting, decides what is in flight, saves the models and closes the store; idempotent."""
@@ -149,7 +149,7 @@ class Server:
             self.forwarder.close(timeout / 3)
         with self.ingest.lock:
             self.pipeline.close()
-            model_store.save(self.pipeline.models, self.model_dir)
+            model_store.save(self.pipeline.models_for_saving(), self.model_dir)
         self.store.close()
 
 

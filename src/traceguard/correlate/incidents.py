@@ -56,6 +56,7 @@ _SIGNAL_WORDS = {
     "slow_spans": "a burst of slow calls",
     "outlived_parent": "children keep running after it ends more often",
     "calls_dropped": "stopped making a call it makes",
+    "errors": "its own failed calls rose",
 }
 _SLOWER = frozenset({"latency", "slow_spans"})
 _BURST_SIGNALS = {AnomalyKind.SLOW_STAGE: "slow_spans", AnomalyKind.TRACE_OUTLIER: "slow_spans",

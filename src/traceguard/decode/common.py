@@ -21,12 +21,12 @@ UNKNOWN_SERVICE = "unknown_service"
 # their attributes read at all; SERVER spans carry route/method in their name.
 KEPT_ATTRIBUTES = frozenset({
     "db.system", "db.system.name", "messaging.system", "rpc.system", "rpc.method",
-    "http.route", "http.response.status_code", "http.status_code",
+    "http.route", "http.response.status_code", "http.status_code", "rpc.grpc.status_code",
     "server.address", "peer.service",
 })
 ATTRIBUTE_KINDS = frozenset({KIND_CLIENT, KIND_PRODUCER, KIND_CONSUMER})
 # Kept, but only on the span that carries them (see StageAttributes).
-PER_CALL_ATTRIBUTES = frozenset({"http.response.status_code", "http.status_code"})
+PER_CALL_ATTRIBUTES = frozenset({"http.response.status_code", "http.status_code", "rpc.grpc.status_code"})
 
 
 class DecodeError(ValueError):

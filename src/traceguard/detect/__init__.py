@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from traceguard.config import LearnedConfig, StructuralConfig
+from traceguard.config import ErrorsConfig, LearnedConfig, StructuralConfig
 from traceguard.detect.base import LearnedDetector, TraceDetector
 from traceguard.detect.context_outlived_parent import ContextOutlivedParent
+from traceguard.detect.error_regression import ErrorRegression
 from traceguard.detect.late_span import LateSpan
 from traceguard.detect.latency_regression import LatencyRegression
 from traceguard.detect.missing_parent import MissingParent
@@ -17,11 +18,13 @@ from traceguard.detect.unpaired_client_span import UnpairedClientSpan
 from traceguard.models import Models
 
 
-def completeness_detectors(config: StructuralConfig) -> list[TraceDetector]:
+def completeness_detectors(config: StructuralConfig, errors: ErrorsConfig) -> list[TraceDetector]:
     """The structural checks, in the order their findings are emitted per trace.
 
     Order matters only for output order (it is part of byte-identical replay):
     whole-trace problems first, then per-span ones from broken to suspicious.
+    Error rates count every trace, so they run with these (their findings are
+    stage-level and come as windows end).
     """
     return [
         MissingRoot(),
@@ -29,6 +32,7 @@ def completeness_detectors(config: StructuralConfig) -> list[TraceDetector]:
         UnfinishedSpan(),
         ContextOutlivedParent(config),
         UnpairedClientSpan(config),
+        ErrorRegression(errors),
     ]
 
 

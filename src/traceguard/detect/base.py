@@ -45,6 +45,19 @@ class LearnedDetector(TraceDetector, Protocol):
         """End of input: everything still pending."""
 
 
+_RESPONSE_STATUS = frozenset({"http.response.status_code", "http.status_code"})
+# gRPC codes a client sets itself when no server answered (no connection, no answer in time)
+_GRPC_NO_ANSWER = frozenset({4, 14})
+
+
+def answered(span: Span) -> bool:
+    """Whether a server answered this call: an HTTP status, or a gRPC status other
+    than UNAVAILABLE / DEADLINE_EXCEEDED, came back (the kept per-call attributes
+    of an error span; see ``decode.common.StageAttributes``)."""
+    return any(key in _RESPONSE_STATUS or (key == "rpc.grpc.status_code" and value not in _GRPC_NO_ANSWER)
+               for key, value in span.attrs or ())
+
+
 def anomaly_id(kind: AnomalyKind, *parts: str) -> str:
     digest = hashlib.sha256("|".join((kind.value, *parts)).encode()).hexdigest()
     return digest[:32]

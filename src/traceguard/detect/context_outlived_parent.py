@@ -26,12 +26,12 @@ windows before (none outlived); every stage's calls are counted per window.
 
 from __future__ import annotations
 
-from collections import Counter, _count_elements  # type: ignore[attr-defined]
+from collections import Counter
 
 from traceguard.config import StructuralConfig
 from traceguard.detect.base import finding, ms, rate_change_finding, stage_finding
 from traceguard.models.features import stages
-from traceguard.models.rates import RateChange, RateModel, wilson_lower
+from traceguard.models.rates import RateChange, RateModel, WindowCalls, wilson_lower
 from traceguard.native import rows as native
 from traceguard.records import KIND_CONSUMER, KIND_NAMES, KIND_PRODUCER, Anomaly, AnomalyKind, Span, Trace
 
@@ -78,8 +78,7 @@ class ContextOutlivedParent:
         self._max_stages = config.norm_max_stages
         self._candidates: set[Stage] = set()      # stages a child has outlived at least once: they have a rate
         self._stage_calls: Counter[Stage] = Counter()  # calls per stage in the windows before (bounded)
-        self._window_calls: dict[Stage, int] = {}  # calls per stage in the current window (bounded)
-        self._window_index = -1
+        self._calls = WindowCalls(config.norm_window, config.norm_max_stages)  # every stage's, this window
         self.routine_: dict[Stage, bool] = {}      # stages whose norm is decided
         self._reported_services: set[str] = set()  # services whose routine was reported
         self._held: dict[Stage, list[Anomaly]] = {}
@@ -97,7 +96,7 @@ class ContextOutlivedParent:
                     overruns = {}
                 overruns.setdefault(parent.span_id, []).append((span, parent, overrun, tolerance))
         self._roll_window(trace.decided_at)
-        self._count_calls(trace)
+        self._calls.count(stages(trace), self._keep)
         if overruns is None:
             return []
         candidates, now, trace_hex = self._candidates, trace.decided_at, trace.trace_id.hex()
@@ -120,7 +119,7 @@ class ContextOutlivedParent:
                     self._report_routine([routine_evidence], now)
             routine = self.routine_.get(key)
             if judged and routine is None:
-                self._held_since.setdefault(key, self._window_index)
+                self._held_since.setdefault(key, self._calls.index)
                 held = self._held.setdefault(key, [])
                 room = _MAX_HELD - len(held)
                 held.extend(self._anomaly(trace, *item) for item in found[:room])
@@ -134,27 +133,19 @@ class ContextOutlivedParent:
 
     def _roll_window(self, now: int) -> None:
         """Ends the current window once ``now`` is past it (never backwards)."""
-        index = now // self.rates_.window
-        if index > self._window_index:
-            self._end_window(now)
-            self._window_index = index
+        ended = self._calls.roll(now)
+        if ended is not None:
+            self._end_window(*ended, now)
 
-    def _count_calls(self, trace: Trace) -> None:
-        """Every stage's calls, counted for the window (in C): a stage's rate gets
-        its window's calls when the window ends, and a stage that shows up is
-        seeded with its calls of the windows before."""
-        calls = self._window_calls
-        _count_elements(calls, stages(trace))
-        if len(calls) > 4 * self._max_stages:  # bounded: stages that are neither candidates nor seeds go
-            keep = self._candidates.union(self._stage_calls)
-            self._window_calls = {key: n for key, n in calls.items() if key in keep}
+    def _keep(self, key: Stage) -> bool:
+        """Whose calls a full window keeps: the stages with a rate or a seed."""
+        return key in self._candidates or key in self._stage_calls
 
-    def _end_window(self, now: int) -> None:
-        """The window's calls go to the stages' rates, then every stage's norm not
-        yet known is judged on the whole window."""
-        calls, self._window_calls = self._window_calls, {}
+    def _end_window(self, index: int, calls: dict[Stage, int], now: int) -> None:
+        """The window's calls go to the stages' rates (the others' become seeds),
+        then every stage's norm not yet known is judged on the whole window."""
         if calls:
-            at = self._window_index * self.rates_.window
+            at = index * self.rates_.window
             events: list[RateChange] = []
             seeds, candidates = self._stage_calls, self._candidates
             for key in sorted(candidates.intersection(calls)):  # sorted: replays agree
@@ -165,7 +156,7 @@ class ContextOutlivedParent:
             if events:
                 self._released.extend(self._changes(events, now))
         if self._held:
-            self._judge_held(now)
+            self._judge_held(now, index)
 
     def _anomaly(self, trace: Trace, child, parent, overrun: int, tolerance: int) -> Anomaly:
         return finding(
@@ -188,13 +179,13 @@ class ContextOutlivedParent:
             },
         )
 
-    def _judge_held(self, now: int, final: bool = False) -> None:
-        """Judges the norms of the held stages (when a window ends, and at the end
-        of input)."""
+    def _judge_held(self, now: int, index: int, final: bool = False) -> None:
+        """Judges the norms of the held stages when window ``index`` ends, and at
+        the end of input."""
         found = []
         for key in list(self._held):
             # a quiet stage is not held for ever: after _MAX_HOLD_WINDOWS it is judged on what was seen
-            overdue = self._window_index - self._held_since.get(key, self._window_index) >= _MAX_HOLD_WINDOWS
+            overdue = index - self._held_since.get(key, index) >= _MAX_HOLD_WINDOWS
             routine_evidence = self._judge(key, final or overdue)
             if routine_evidence is not None:
                 found.append(routine_evidence)
@@ -222,7 +213,7 @@ class ContextOutlivedParent:
         The calls of the current window count (its hits already do). Returns the
         evidence of a stage found routine (calls, outlived, held occurrences)."""
         calls, hits = self.rates_.evidence(key)
-        calls += self._window_calls.get(key, 0)
+        calls += self._calls.calls.get(key, 0)
         if self._min_calls and calls >= self._min_calls / 4 and hits >= 3 \
                 and wilson_lower(hits, calls) >= self._routine_rate:
             routine = True
@@ -293,11 +284,11 @@ class ContextOutlivedParent:
 
     def flush(self, now: int) -> list[Anomaly]:
         """End of input: stages still undecided are judged on what was seen."""
-        self._end_window(now)
+        self._end_window(*self._calls.take(), now)
         events: list[RateChange] = []
         self.rates_.flush(events)
         self._released.extend(self._changes(events, now))
-        self._judge_held(now, final=True)
+        self._judge_held(now, self._calls.index, final=True)
         released, self._released = self._released, []
         return released
 

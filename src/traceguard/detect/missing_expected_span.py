@@ -1,6 +1,9 @@
 """``missing_expected_span``: a stage (almost) every normal trace of this root operation has is absent.
 
-One finding per trace, on its root span, listing every absent stage. Every
+One finding per trace, on its root span, listing every absent stage but
+those whose caller gave up in this trace (a handler whose call failed skips
+the calls after it; failures have their own kind, ``error_regression``).
+Every
 complete trace (rooted, no orphan, no span lost) teaches the model, flagged
 or not: a model that learned only from unflagged traces could never learn
 that a stage is legitimately absent in 5 % of requests, and would flag every
@@ -19,10 +22,10 @@ are judged against them.
 from __future__ import annotations
 
 from traceguard.config import StructuralConfig
-from traceguard.detect.base import finding, rate_change_finding
+from traceguard.detect.base import answered, finding, rate_change_finding
 from traceguard.models.rates import RateChange, RateModel
 from traceguard.models.structure import StructureModel
-from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, Trace
+from traceguard.records import KIND_CLIENT, KIND_NAMES, STATUS_ERROR, Anomaly, AnomalyKind, Trace
 
 # A call is expected of a parent stage, and its absence judged, once it is made
 # in at least this share of the stage's calls.
@@ -33,6 +36,22 @@ _CALL_SAMPLE = 4
 # Kinds that say a span of the trace was lost or broke: its absences are not evidence.
 _LOST_SPANS = frozenset({AnomalyKind.MISSING_ROOT, AnomalyKind.MISSING_PARENT, AnomalyKind.UNFINISHED_SPAN,
                          AnomalyKind.UNPAIRED_CLIENT_SPAN})
+
+
+def _gave_up(trace: Trace) -> set[tuple]:
+    """Stages of the spans in this trace that failed and so did not make their
+    remaining calls: a span whose failure came from a child that failed (a
+    handler whose retries all failed), or the root. A span that failed with
+    no failed child in the trace may have lost that child (a span that never
+    arrived): its absent calls are still evidence. A client call that a server
+    answered did reach its callee, whose spans should be there."""
+    failed = [s for s in trace.spans if s.status == STATUS_ERROR]
+    if not failed:
+        return set()
+    children, root = trace.children, trace.root
+    return {(s.service, s.name, s.kind) for s in failed
+            if not (s.kind == KIND_CLIENT and answered(s))
+            and (s is root or any(c.status == STATUS_ERROR for c in children.get(s.span_id, ())))}
 
 
 class MissingExpectedSpan:
@@ -56,6 +75,11 @@ class MissingExpectedSpan:
 
     def detect(self, trace: Trace) -> list[Anomaly]:
         structure, missing = self.model.missing(trace)
+        if missing:
+            failed = _gave_up(trace)
+            if failed:
+                missing = [(stage, presence) for stage, presence in missing
+                           if not any(stage in self._edges.get(caller, ()) for caller in failed)]
         if not missing:
             return []
         root = trace.root

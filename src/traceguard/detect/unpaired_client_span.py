@@ -11,11 +11,10 @@ without a response status, and (3) this client stage has paired in at least
 from __future__ import annotations
 
 from traceguard.config import StructuralConfig
-from traceguard.detect.base import finding
+from traceguard.detect.base import answered, finding
 from traceguard.records import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, Anomaly, AnomalyKind, Span, Trace
 
 _UNINSTRUMENTED_PEER = frozenset({"db.system", "db.system.name", "messaging.system"})
-_RESPONSE_STATUS = frozenset({"http.response.status_code", "http.status_code"})
 
 
 class _Stage:
@@ -32,11 +31,6 @@ class _Stage:
     def of(cls, span: Span) -> "_Stage":
         # Kept attributes are a stage fact (decode.common.StageAttributes).
         return cls(any(key in _UNINSTRUMENTED_PEER for key, _ in span.attrs or ()))
-
-
-def _failed_without_response(span: Span) -> bool:
-    """An error span: did the call fail before any response came back?"""
-    return not any(key in _RESPONSE_STATUS for key, _ in span.attrs or ())
 
 
 class UnpairedClientSpan:
@@ -60,7 +54,7 @@ class UnpairedClientSpan:
                 stage = _Stage.of(span)
                 if len(stages) < config.unpaired_max_stages:
                     stages[key] = stage
-            if stage.uninstrumented_peer or (span.status == STATUS_ERROR and _failed_without_response(span)):
+            if stage.uninstrumented_peer or (span.status == STATUS_ERROR and not answered(span)):
                 continue
             paired = False
             for child in children.get(span.span_id, ()):

@@ -7,7 +7,7 @@ and loaded from a model directory (``models.store``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from traceguard.config import LearnedConfig
 from traceguard.models.forest import ForestModel
@@ -20,6 +20,10 @@ class Models:
     latency: LatencyModel
     structure: StructureModel
     forest: ForestModel
+    # the learned rates of the detectors that keep them (a stage's failures, its
+    # outlived children, its calls), JSON-ready and keyed by kind: the pipeline
+    # writes them before a save (``Pipeline.models_for_saving``) and reads them at start
+    rates: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def new(cls, config: LearnedConfig) -> "Models":

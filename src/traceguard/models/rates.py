@@ -17,8 +17,9 @@ Windows are keyed by decision time (the pipeline clock), as in ``latency``.
 from __future__ import annotations
 
 import math
+from collections import _count_elements  # type: ignore[attr-defined]
 from dataclasses import dataclass, field
-from typing import Hashable, Literal
+from typing import Callable, Hashable, Literal
 
 Direction = Literal["up", "down"]
 _EXEMPLARS = 5
@@ -224,6 +225,43 @@ class RateModel:
         for key, calls, hits in rows:
             rate = self.keys_[_tuple(key)] = _Rate()
             rate.calls, rate.hits = float(calls), float(hits)
+
+
+class WindowCalls:
+    """Calls of every key in the current window, counted per trace in C, for
+    rates whose hits are observed as they happen and whose calls join when the
+    window ends: counting every stage of every trace in Python was the cost of
+    the detectors that keep such rates. Bounded: past ``4 * max_keys`` keys in
+    a window, the keys ``keep`` refuses go."""
+
+    __slots__ = ("window", "index", "calls", "_max_keys")
+
+    def __init__(self, window: int, max_keys: int) -> None:
+        self.window = window
+        self.index = -1
+        self.calls: dict[Hashable, int] = {}
+        self._max_keys = max_keys
+
+    def count(self, keys: list, keep: Callable[[Hashable], bool]) -> None:
+        _count_elements(self.calls, keys)
+        if len(self.calls) > 4 * self._max_keys:
+            self.calls = {key: n for key, n in self.calls.items() if keep(key)}
+
+    def roll(self, now: int) -> tuple[int, dict[Hashable, int]] | None:
+        """(index, calls) of the window that ``now`` ended, None while it has not
+        (index -1 before the first window): windows only move forward."""
+        index = now // self.window
+        if index <= self.index:
+            return None
+        ended = self.index, self.calls
+        self.index, self.calls = index, {}
+        return ended
+
+    def take(self) -> tuple[int, dict[Hashable, int]]:
+        """(index, calls) of the current window, which starts again empty (end of input)."""
+        taken = self.index, self.calls
+        self.calls = {}
+        return taken
 
 
 def _add(rate: _Rate, calls: int, hits: int, first_affected: int, trace_id: str) -> None:

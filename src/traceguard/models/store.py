@@ -1,7 +1,8 @@
 """Model directories: the learned state saved without pickle.
 
 A directory holds ``manifest.json`` (format name, version, the SHA-256 of
-every file) plus ``latency.npz``, ``structure.json`` and ``forest.npz``.
+every file) plus ``latency.npz``, ``structure.json``, ``forest.npz`` and
+``rates.json`` (the rate detectors' states, keyed by kind).
 Arrays are read with ``allow_pickle=False``; forests are stored as the
 normal traces they were fitted on and refitted on load, which gives the same
 trees (fixed seed) and leaves nothing executable in the file. A file whose
@@ -26,8 +27,8 @@ from traceguard.models.latency import StageLatency
 from traceguard.models.structure import RootStructure
 
 FORMAT = "traceguard-models"
-VERSION = 1
-FILES = ("latency.npz", "structure.json", "forest.npz")
+VERSION = 2  # 2: rates.json
+FILES = ("latency.npz", "structure.json", "forest.npz", "rates.json")
 
 
 class ModelFileError(ValueError):
@@ -39,6 +40,7 @@ def save(models: Models, directory: Path) -> None:
     _save_latency(models, directory / "latency.npz")
     _save_structure(models, directory / "structure.json")
     _save_forest(models, directory / "forest.npz")
+    (directory / "rates.json").write_text(json.dumps(models.rates, sort_keys=True))
     manifest = {"format": FORMAT, "version": VERSION, "traceguard": __version__,
                 "files": {name: _sha256(directory / name) for name in FILES}}
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -73,6 +75,9 @@ def load(directory: Path, config: LearnedConfig) -> Models:
         _load_latency(models, directory / "latency.npz")
         _load_structure(models, directory / "structure.json")
         _load_forest(models, directory / "forest.npz")
+        models.rates = json.loads((directory / "rates.json").read_text())
+        if not isinstance(models.rates, dict):
+            raise ValueError("rates.json must hold an object")
     except (KeyError, ValueError, TypeError) as exc:
         raise ModelFileError(f"{directory}: malformed model data: {exc}") from None
     return models
