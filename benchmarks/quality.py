@@ -30,7 +30,7 @@ STRUCTURAL_KINDS = (
     "missing_parent", "missing_root", "unfinished_span",
     "context_outlived_parent", "late_span", "unpaired_client_span",
 )
-TRACE_KINDS = ("missing_expected_span", "trace_outlier")
+TRACE_KINDS = ("missing_expected_span", "trace_outlier", "log_anomaly")
 ONSET_SLACK_NS = 120 * 10**9
 
 

@@ -405,6 +405,8 @@ class Shop:
             span.set_status(Status(StatusCode.ERROR, message))
             svc.exception(span, end, fault.exception, message, ("handle", "lookup", "execute_command"))
             self.failing = True
+            if fault in self.config.error_faults:  # an exception the service never raised before: its line is new
+                self.labels.append(Label("log_anomaly", fault.name, f"{span.get_span_context().trace_id:032x}", None))
             self.count(f"failed_{fault.exception}")
         svc.end(span, end)
         return end

@@ -127,7 +127,7 @@ def test_train_writes_a_model_dir_that_replay_starts_from(scenario, tmp_path):
     assert trained.returncode == 0, trained.stderr
     assert trained.stdout == ""  # training writes models, not findings
     assert sorted(p.name for p in models.iterdir()) == ["forest.npz", "latency.npz", "manifest.json", "rates.json",
-                                                        "structure.json"]
+                                                        "structure.json", "templates.json"]
     assert "error_regression" in json.loads((models / "rates.json").read_text())
     warm = replay(scenario / "traces.jsonl", "--model-dir", models)
     assert warm.stdout  # same structural findings; the learned ones start warm

@@ -161,6 +161,20 @@ class ForestConfig(_Section):
     seed: int = 0
 
 
+class TemplatesConfig(_Section):
+    """Log templates per service (``log_anomaly``)."""
+
+    enabled: bool = Field(True, description="Mine log templates and report log_anomaly.")
+    window: DurationNs = Field(parse_duration("30s"), description="Window whose lines join the template baselines (bursts held out).")
+    half_life: DurationNs = Field(parse_duration("24h"), description="Weight of old lines in a template's share halves over this much event time.")
+    accept_after: DurationNs = Field(
+        parse_duration("30m"), description="A template raised above its share this long is the new normal.")
+    min_lines: int = Field(2_000, ge=1, description="Baseline lines of a service before its lines are judged.")
+    max_templates: int = Field(1_000, ge=10, description="Templates kept per service (least recently seen go first).")
+    max_services: int = Field(1_000, ge=1, description="Services whose templates are mined.")
+    max_line: int = Field(300, ge=16, description="Characters of a line's first line that are mined.")
+
+
 class LearnedConfig(_Section):
     enabled: bool = True
     alert_rate: float = Field(
@@ -171,6 +185,7 @@ class LearnedConfig(_Section):
     latency: LatencyConfig = LatencyConfig()
     structure: StructureConfig = StructureConfig()
     forest: ForestConfig = ForestConfig()
+    templates: TemplatesConfig = TemplatesConfig()
 
 
 class IncidentConfig(_Section):

@@ -43,11 +43,12 @@ class Pipeline:
         self._sinks = list(sinks)
         self.models = models or Models.new(config.learned)
         self._completeness = completeness_detectors(config.structural, config.errors)
-        self._timing = []
+        self._timing, self._every = [], []
         if config.learned.enabled:
-            learned_completeness, self._timing = learned_detectors(self.models, config.learned, config.structural)
+            learned_completeness, self._timing, self._every = learned_detectors(
+                self.models, config.learned, config.structural)
             self._completeness += learned_completeness
-        self._learners = [d for d in (*self._completeness, *self._timing) if hasattr(d, "learn")]
+        self._learners = [d for d in (*self._completeness, *self._timing, *self._every) if hasattr(d, "learn")]
         self.metrics.gauge("traceguard_latency_untracked_samples", lambda: self.models.latency.untracked_samples_)
         if self.models.rates:
             self.restore({"detectors": self.models.rates})
@@ -153,19 +154,23 @@ class Pipeline:
 
     def _on_trace(self, trace: Trace) -> None:
         """Completeness checks first; only a complete trace reaches the timing
-        checks; then every learner hears what was found in it."""
+        checks; what it logged is judged whatever was found; then every learner
+        hears what was found in it."""
+        trace.logs = self.logs.get(trace.trace_id)
         found: list[Anomaly] = []
         for detector in self._completeness:
             found.extend(detector.detect(trace))
         if not found:
             for detector in self._timing:
                 found.extend(detector.detect(trace))
+        for detector in self._every:
+            found.extend(detector.detect(trace))
         self.incidents.observe(trace)
         flagged = frozenset(anomaly.kind for anomaly in found) if found else _NOTHING
         for learner in self._learners:
             learner.learn(trace, flagged)
         if found:
-            logs = self.logs.get(trace.trace_id)
+            logs = trace.logs
             for anomaly in found:
                 self._emit(anomaly, logs if anomaly.trace_id else self._logs_of(anomaly), trace)
         if self._on_decided is not None:

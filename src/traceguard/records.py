@@ -111,7 +111,7 @@ class Trace:
     caches values computed from the trace once for several detectors."""
 
     __slots__ = ("trace_id", "spans", "by_id", "children", "orphans", "root", "reason", "decided_at", "first_seen",
-                 "derived")
+                 "derived", "logs")
 
     def __init__(
         self,
@@ -135,6 +135,7 @@ class Trace:
         self.decided_at = decided_at
         self.first_seen = first_seen
         self.derived: dict[str, Any] = {}
+        self.logs: list[LogRow] = []  # its log records (and span events) when it was decided: set by the pipeline
 
 
 class LogRow:
@@ -173,6 +174,7 @@ class AnomalyKind(StrEnum):
     SLOW_STAGE = "slow_stage"
     TRACE_OUTLIER = "trace_outlier"
     ERROR_REGRESSION = "error_regression"
+    LOG_ANOMALY = "log_anomaly"
 
 
 Severity = Literal["info", "warning", "critical"]

@@ -50,7 +50,7 @@ Stage = tuple[str, str, int]
 
 # Per-trace kinds an incident explains when the trace passes through its culprit.
 EXPLAINED = frozenset({AnomalyKind.SLOW_STAGE, AnomalyKind.TRACE_OUTLIER, AnomalyKind.MISSING_EXPECTED_SPAN,
-                       AnomalyKind.CONTEXT_OUTLIVED_PARENT})
+                       AnomalyKind.CONTEXT_OUTLIVED_PARENT, AnomalyKind.LOG_ANOMALY})
 _SIGNAL_WORDS = {
     "latency": "self time rose",
     "slow_spans": "a burst of slow calls",
@@ -375,9 +375,13 @@ def _explains(incident: _Open, anomaly: Anomaly, present: list[Stage] | None) ->
     """Whether the incident's change accounts for this per-trace finding: a slow
     span of a culprit stage, a trace unlike its normal ones through a slow
     culprit (or led by a culprit stage), a rise of outliving on a culprit
-    stage, a missing call a culprit stopped making. ``present``: the trace's
+    stage, a missing call a culprit stopped making, a rare log line of a service
+    whose failures rose. ``present``: the trace's
     latency keys, where every slower culprit's stage would be."""
     culprits = incident.culprits
+    if anomaly.kind is AnomalyKind.LOG_ANOMALY:  # a rare line of a service whose own failures rose
+        services = {template["service"] for template in anomaly.evidence["templates"]}
+        return any(c.signal == "errors" and c.stage[0] in services for c in culprits)
     if anomaly.kind is AnomalyKind.MISSING_EXPECTED_SPAN:
         missing = {(m["service"], m["operation"]) for m in anomaly.evidence["missing_stages"]}
         return any(c.dropped is not None and c.dropped[:2] in missing for c in culprits)

@@ -8,6 +8,7 @@ from traceguard.detect.context_outlived_parent import ContextOutlivedParent
 from traceguard.detect.error_regression import ErrorRegression
 from traceguard.detect.late_span import LateSpan
 from traceguard.detect.latency_regression import LatencyRegression
+from traceguard.detect.log_anomaly import LogAnomaly
 from traceguard.detect.missing_parent import MissingParent
 from traceguard.detect.missing_expected_span import MissingExpectedSpan
 from traceguard.detect.missing_root import MissingRoot
@@ -36,16 +37,18 @@ def completeness_detectors(config: StructuralConfig, errors: ErrorsConfig) -> li
     ]
 
 
-def learned_detectors(models: Models, config: LearnedConfig,
-                      structural: StructuralConfig) -> tuple[list[LearnedDetector], list[LearnedDetector]]:
-    """(completeness, timing) learned checks. A trace reaches the timing
-    checks only if no completeness check, structural or learned, flagged it:
-    the timings and shape of an incomplete trace only echo what is missing.
-    SlowStage scores a trace before LatencyRegression adds its spans to the
-    current window."""
+def learned_detectors(models: Models, config: LearnedConfig, structural: StructuralConfig
+                      ) -> tuple[list[LearnedDetector], list[LearnedDetector], list[LearnedDetector]]:
+    """(completeness, timing, every trace) learned checks. A trace reaches the
+    timing checks only if no completeness check, structural or learned,
+    flagged it: the timings and shape of an incomplete trace only echo what is
+    missing. SlowStage scores a trace before LatencyRegression adds its spans
+    to the current window. What a trace logged is judged on every trace, and
+    gates nothing."""
     return (
         [MissingExpectedSpan(models.structure, structural)],
         [SlowStage(models.latency, config.latency), LatencyRegression(models.latency), TraceOutlier(models.forest, models.latency)],
+        [LogAnomaly(models.templates)] if config.templates.enabled else [],
     )
 
 

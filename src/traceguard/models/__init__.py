@@ -13,6 +13,7 @@ from traceguard.config import LearnedConfig
 from traceguard.models.forest import ForestModel
 from traceguard.models.latency import LatencyModel
 from traceguard.models.structure import StructureModel
+from traceguard.models.templates import TemplateModel
 
 
 @dataclass
@@ -20,6 +21,7 @@ class Models:
     latency: LatencyModel
     structure: StructureModel
     forest: ForestModel
+    templates: TemplateModel
     # the learned rates of the detectors that keep them (a stage's failures, its
     # outlived children, its calls), JSON-ready and keyed by kind: the pipeline
     # writes them before a save (``Pipeline.models_for_saving``) and reads them at start
@@ -27,4 +29,5 @@ class Models:
 
     @classmethod
     def new(cls, config: LearnedConfig) -> "Models":
-        return cls(LatencyModel(config.latency, config.alert_rate), StructureModel(config.structure), ForestModel(config.forest, config.alert_rate))
+        return cls(LatencyModel(config.latency, config.alert_rate), StructureModel(config.structure),
+                   ForestModel(config.forest, config.alert_rate), TemplateModel(config.templates, config.alert_rate))

@@ -1,8 +1,9 @@
 """Model directories: the learned state saved without pickle.
 
 A directory holds ``manifest.json`` (format name, version, the SHA-256 of
-every file) plus ``latency.npz``, ``structure.json``, ``forest.npz`` and
-``rates.json`` (the rate detectors' states, keyed by kind).
+every file) plus ``latency.npz``, ``structure.json``, ``forest.npz``,
+``rates.json`` (the rate detectors' states, keyed by kind) and
+``templates.json`` (each service's log templates and their baselines).
 Arrays are read with ``allow_pickle=False``; forests are stored as the
 normal traces they were fitted on and refitted on load, which gives the same
 trees (fixed seed) and leaves nothing executable in the file. A file whose
@@ -27,8 +28,8 @@ from traceguard.models.latency import StageLatency
 from traceguard.models.structure import RootStructure
 
 FORMAT = "traceguard-models"
-VERSION = 2  # 2: rates.json
-FILES = ("latency.npz", "structure.json", "forest.npz", "rates.json")
+VERSION = 2  # 2: rates.json, templates.json
+FILES = ("latency.npz", "structure.json", "forest.npz", "rates.json", "templates.json")
 
 
 class ModelFileError(ValueError):
@@ -41,6 +42,7 @@ def save(models: Models, directory: Path) -> None:
     _save_structure(models, directory / "structure.json")
     _save_forest(models, directory / "forest.npz")
     (directory / "rates.json").write_text(json.dumps(models.rates, sort_keys=True))
+    (directory / "templates.json").write_text(json.dumps(models.templates.state(), sort_keys=True))
     manifest = {"format": FORMAT, "version": VERSION, "traceguard": __version__,
                 "files": {name: _sha256(directory / name) for name in FILES}}
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -78,6 +80,7 @@ def load(directory: Path, config: LearnedConfig) -> Models:
         models.rates = json.loads((directory / "rates.json").read_text())
         if not isinstance(models.rates, dict):
             raise ValueError("rates.json must hold an object")
+        models.templates.restore(json.loads((directory / "templates.json").read_text()))
     except (KeyError, ValueError, TypeError) as exc:
         raise ModelFileError(f"{directory}: malformed model data: {exc}") from None
     return models

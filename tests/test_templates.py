@@ -1,0 +1,78 @@
+"""Log templates and ``log_anomaly``: masking, rarity, bursts held out, the saved state (event time, fixed seeds)."""
+
+import numpy as np
+
+from builders import MS, T0, row, sid, tid
+from traceguard.assemble import EventTimeClock
+from traceguard.config import PipelineConfig
+from traceguard.models import store
+from traceguard.models.templates import masked_head
+from traceguard.pipeline import Pipeline
+from traceguard.records import KIND_CLIENT, KIND_SERVER, LogRow
+from traceguard.sinks import MemorySink
+
+NEW = "redis.exceptions.ResponseError: MOVED {slot} 10.0.7.{node}:6379\nTraceback (most recent call last):\n  ..."
+
+
+def test_variable_parts_are_masked_and_only_the_first_line_is_mined():
+    lines = ["user 17 logged in from 10.0.0.1:5123 at 2026-12-06T10:00:01.123Z",
+             "user 18 logged in from 10.0.0.2:6000 at 2026-12-06 10:00:02,5",
+             "user 4711 logged in from 192.168.1.9:80 at 2026-12-07T00:00:00+01:00"]
+    assert len({masked_head(line, 300) for line in lines}) == 1
+    assert masked_head("order 0f8fad5b-d9cb-469f-a165-70867728950e for cafebabe12 failed", 300) == \
+        "order <UUID> for <HEX> failed"
+    assert masked_head("ValueError: bad\nTraceback ...\n  File x", 300) == "ValueError: bad"
+
+
+def _request(n: int, t_ms: float, rng, new_line: bool = False):
+    """api SERVER → db CLIENT, with two ordinary lines (ids vary) and maybe the new one on the client span."""
+    rows = [row(n, 1, start_ms=t_ms, end_ms=t_ms + 10, kind=KIND_SERVER, service="api", name="GET /item"),
+            row(n, 2, 1, start_ms=t_ms + 1, end_ms=t_ms + 8, kind=KIND_CLIENT, service="api", name="GET item:*",
+                attrs=(("db.system", "redis"),))]
+    t = T0 + int(t_ms * MS)
+    logs = [LogRow(tid(n), sid(1), t + 1, 0, "", f"handling GET /item/{rng.integers(10**6)}", "api"),
+            LogRow(tid(n), sid(2), t + 2, 0, "", f"cache hit for item {rng.integers(10**6)} in {rng.integers(9)} ms",
+                   "api")]
+    if new_line:  # no severity: it must not matter
+        logs.append(LogRow(tid(n), sid(2), t + 3, 0, "", NEW.format(slot=rng.integers(16384),
+                                                                    node=rng.integers(2, 250)), "api"))
+    return rows, logs
+
+
+def _run(pipeline, start: int, count: int, rng, new_line=lambda i: False):
+    for i in range(start, start + count):
+        rows, logs = _request(i + 1, i * 500.0, rng, new_line(i))
+        pipeline.accept_logs(logs)
+        pipeline.accept_spans(rows)
+        pipeline.advance()
+
+
+def test_a_new_line_is_found_in_every_trace_of_its_burst_and_ordinary_lines_never():
+    rng = np.random.default_rng(1)
+    sink = MemorySink()
+    pipeline = Pipeline(PipelineConfig(), EventTimeClock(5 * 10**9), [sink])
+    _run(pipeline, 0, 3000, rng)  # 25 minutes, 6,000 lines of two templates
+    assert [a for a in sink.anomalies if a.kind.value == "log_anomaly"] == []
+    # five minutes in which one request in four logs an exception the service never raised
+    _run(pipeline, 3000, 600, rng, new_line=lambda i: i % 4 == 0)
+    pipeline.close()
+    found = [a for a in sink.anomalies if a.kind.value == "log_anomaly"]
+    assert len(found) == 150 and all(a.span_id == sid(2).hex() for a in found)
+    (template,) = found[0].evidence["templates"]
+    assert template["service"] == "api" and template["baseline_share"] == 0
+    assert template["template"].startswith("redis.exceptions.ResponseError: MOVED <NUM> <IP>")
+    assert template["lines"][0]["body"].startswith("redis.exceptions.ResponseError: MOVED")
+
+
+def test_templates_and_their_baselines_survive_a_model_directory(tmp_path):
+    rng = np.random.default_rng(2)
+    pipeline = Pipeline(PipelineConfig(), EventTimeClock(5 * 10**9), [MemorySink()])
+    _run(pipeline, 0, 1500, rng)
+    pipeline.close()
+    store.save(pipeline.models_for_saving(), tmp_path)
+    loaded = store.load(tmp_path, PipelineConfig().learned)
+    before, after = pipeline.models.templates, loaded.templates
+    assert after.state() == before.state()
+    line = "cache hit for item 99 in 3 ms"
+    assert after.template("api", line) == before.template("api", line)
+    assert after.share("api", after.template("api", line)[0]) > 0.4
