@@ -2,13 +2,13 @@
 
 import numpy as np
 
-from builders import T0, row
+from builders import T0, row, sid, tid
 from test_learned import MINUTE_MS, of_kind, request, stream
 from traceguard.assemble import EventTimeClock
 from traceguard.config import PipelineConfig, StructuralConfig
 from traceguard.models.rates import RateModel
 from traceguard.pipeline import Pipeline
-from traceguard.records import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER
+from traceguard.records import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, LogRow
 from traceguard.sinks import MemorySink
 
 SECOND_NS = 10**9
@@ -189,7 +189,11 @@ def _run_failing(minutes, share, *, fault_from_min=None, fault_until_min=None, f
     for i in range(int(minutes * 60 * 4)):
         t_ms = i * 250
         faulty = fault_from_min is not None and fault_from_min * MINUTE_MS <= t_ms < fault_until_min * MINUTE_MS
-        pipeline.accept_spans(_failing(i + 1, t_ms, fails=rng.random() < (fault_share if faulty else share)))
+        fails = rng.random() < (fault_share if faulty else share)
+        if fails:  # the database call's exception event: a timeout as usual, a new error during the fault
+            what = "redis.exceptions.ResponseError: MOVED 3999" if faulty else "TimeoutError: timed out"
+            pipeline.accept_logs([LogRow(tid(i + 1), sid(4), T0 + int((t_ms + 10) * 1e6), 17, "ERROR", what, "orders")])
+        pipeline.accept_spans(_failing(i + 1, t_ms, fails=fails))
         pipeline.advance()
     pipeline.close()
     return sink
@@ -214,6 +218,11 @@ def test_a_rise_of_errors_is_one_incident_on_the_deepest_failing_stage():
     assert opened.detected_at - opened.event_time <= 2 * 60 * SECOND_NS  # within two minutes
     assert opened.evidence["baseline_rate"] < 0.08 and opened.evidence["current_rate"] > 0.25
     assert opened.exemplars and opened.evidence["signal"] == "errors"
+    # what rose: the new exception type, never seen in the usual failures; timeouts go on as usual
+    reasons = {r["reason"]: r for r in opened.evidence["reasons"]}
+    assert opened.evidence["reasons"][0]["reason"] == "redis.exceptions.ResponseError"
+    assert reasons["redis.exceptions.ResponseError"]["usual"] == 0 and reasons["redis.exceptions.ResponseError"]["recent"] > 20
+    assert reasons["TimeoutError"]["usual"] > 100
     incidents = {i.id: i for i in sink.incidents}
     assert len(incidents) == 1
     (incident,) = incidents.values()

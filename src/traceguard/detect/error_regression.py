@@ -12,8 +12,10 @@ Every stage learns the share of its calls that fail on their own
 design is normal, and one failed request at that rate is no finding. A
 significant rise opens a stage-level finding (``evidence.signal =
 "errors"``) that the incident tracker turns into an incident, with the
-baseline and current rates, the counts, exemplar traces (and through them
-their logs) and, when it is over, its resolution. Rates learn from every
+baseline and current rates, the counts, what the failures were (exception
+types from the spans' exception events, else status codes: ``reasons``, with
+their recent and usual counts), exemplar traces (and through them their
+logs) and, when it is over, its resolution. Rates learn from every
 trace, flagged or not; a window with a rise is never learned.
 
 Calls are counted per window for every stage (in C); failures are observed
@@ -22,13 +24,69 @@ as they happen, with their trace as an exemplar.
 
 from __future__ import annotations
 
+from collections import Counter, deque
+
 from traceguard.config import ErrorsConfig
 from traceguard.detect.base import rate_change_finding
+from traceguard.link.log_index import SEVERITY_ERROR
 from traceguard.models.features import stages
 from traceguard.models.rates import RateChange, RateModel, WindowCalls
-from traceguard.records import STATUS_ERROR, Anomaly, AnomalyKind, Span, Trace
+from traceguard.records import STATUS_ERROR, Anomaly, AnomalyKind, LogRow, Span, Trace
 
 Stage = tuple[str, str, int]
+_REASONS = 5  # failure reasons listed in a finding
+_RECENT_WINDOWS = 4
+_STATUS_KEYS = ("http.response.status_code", "http.status_code", "rpc.grpc.status_code")
+
+
+def failure_reason(span: Span, logs: list[LogRow]) -> str:
+    """What a failure was: the type of an exception event (or error line) on the
+    span, else its response status code, else "status ERROR"."""
+    for log in logs:
+        if log.span_id == span.span_id and log.severity_number >= SEVERITY_ERROR:
+            head = log.body.split("\n", 1)[0]
+            kind, colon, _ = head.partition(":")
+            return (kind if colon else head)[:120]
+    for key, value in span.attrs or ():
+        if key in _STATUS_KEYS:
+            return f"{key.split('.')[0]} {value}"
+    return "status ERROR"
+
+
+class _Reasons:
+    """A stage's failure reasons: this window's, the last few windows', and the usual ones (calm windows)."""
+
+    __slots__ = ("window", "recent", "usual")
+
+    def __init__(self) -> None:
+        self.window: Counter[str] = Counter()
+        self.recent: deque[Counter[str]] = deque()
+        self.usual: Counter[str] = Counter()
+
+    def add(self, reason: str) -> None:
+        """Counts a failure; bounded: past a few distinct reasons a window counts the rest as "other"."""
+        if reason not in self.window and len(self.window) >= 4 * _REASONS:
+            reason = "other"
+        self.window[reason] += 1
+
+    def roll(self, calm: bool) -> None:
+        """Ends the window. The window leaving the recent ones joins the usual
+        reasons if the stage is ``calm`` now: a rise is known only windows after
+        it began, by then its windows are still recent."""
+        if len(self.recent) == _RECENT_WINDOWS:
+            oldest = self.recent.popleft()
+            if calm:
+                self.usual.update(oldest)
+                if len(self.usual) > 4 * _REASONS:  # bounded: the most frequent stay
+                    self.usual = Counter(dict(self.usual.most_common(2 * _REASONS)))
+        self.recent.append(self.window)
+        self.window = Counter()
+
+    def recent_total(self) -> Counter[str]:
+        total = Counter(self.window)
+        for window in self.recent:
+            total.update(window)
+        return total
 
 
 def own_failures(trace: Trace) -> list[Span]:
@@ -51,6 +109,7 @@ class ErrorRegression:
             min_window_calls=config.min_window_calls, max_keys=config.max_stages,
         )
         self._calls = WindowCalls(config.window, config.max_stages)
+        self._reasons: dict[Stage, _Reasons] = {}  # stages that failed (bounded like the rates)
         self._released: list[Anomaly] = []
 
     def detect(self, trace: Trace) -> list[Anomaly]:
@@ -62,7 +121,13 @@ class ErrorRegression:
             events: list[RateChange] = []
             now, trace_hex = trace.decided_at, trace.trace_id.hex()
             for span in failed:
-                self.rates_.observe((span.service, span.name, span.kind), 0, 1, now, span.end, trace_hex, events)
+                key = (span.service, span.name, span.kind)
+                self.rates_.observe(key, 0, 1, now, span.end, trace_hex, events)
+                reasons = self._reasons.get(key)
+                if reasons is None and len(self._reasons) < self.rates_.max_keys:
+                    reasons = self._reasons[key] = _Reasons()
+                if reasons is not None:
+                    reasons.add(failure_reason(span, trace.logs))
             self._release(events, now)
         return []
 
@@ -75,19 +140,32 @@ class ErrorRegression:
             self._end_window(*ended, now)
 
     def _end_window(self, index: int, calls: dict[Stage, int], now: int) -> None:
-        """The window's calls join the stages' rates (their failures already did)."""
+        """The window's calls join the stages' rates (their failures already did),
+        and its failure reasons the recent ones."""
         at = index * self.rates_.window
         events: list[RateChange] = []
         for key in sorted(calls):  # sorted: replays agree
             self.rates_.observe(key, calls[key], 0, at, 0, "", events)
+        for key, reasons in self._reasons.items():
+            reasons.roll(calm=not self.rates_.is_open(key))
         self._release(events, now)
 
     def _release(self, events: list[RateChange], now: int) -> None:
         self._released.extend(rate_change_finding(
             self.kind, event, now, signal="errors",
             what=f"calls of {event.key[0]} '{event.key[1]}' that failed on their own",
-            evidence={"current_failed": event.current_hits},
+            evidence={"current_failed": event.current_hits, "reasons": self._rose(event.key)},
         ) for event in events)
+
+    def _rose(self, key: Stage) -> list[dict]:
+        """The failure reasons of the recent windows, most frequent first, each with
+        its count there and in the usual failures (what rose is what is new or more)."""
+        reasons = self._reasons.get(key)
+        if reasons is None:
+            return []
+        recent = reasons.recent_total()
+        return [{"reason": reason, "recent": count, "usual": round(reasons.usual.get(reason, 0.0), 1)}
+                for reason, count in sorted(recent.items(), key=lambda item: (-item[1], item[0]))[:_REASONS]]
 
     def learn(self, trace: Trace, flagged: frozenset[AnomalyKind]) -> None:
         """The rates count every trace in ``detect``, flagged or not."""

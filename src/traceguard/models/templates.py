@@ -6,7 +6,8 @@ the variable parts a real log line carries are masked: UUIDs, hex ids,
 IP addresses, URLs' ids, numbers and timestamps, so ``user 17 from
 10.0.0.1`` and ``user 18 from 10.0.0.2`` are one template. Only a line's
 first line is mined (an exception's "type: message", not its stack trace),
-cut to ``max_line``. Severity is never read: it is often missing or wrong.
+cut to ``max_line``; a masked line seen before keeps the template it got
+(the tree search is most of the cost, and most lines repeat once masked). Severity is never read: it is often missing or wrong.
 
 Frequencies are per service: each template's share of the service's lines,
 decayed over ``half_life``. The lines of a rare template, or of one far
@@ -44,9 +45,13 @@ def masked_head(body: str, limit: int) -> str:
     return head
 
 
+_SEEN_LINES = 4096  # masked lines remembered per service with their template: most lines repeat
+
+
 @dataclass
 class ServiceTemplates:
     miner: Drain
+    seen: dict[str, int] = field(default_factory=dict)      # masked line -> template id (bounded)
     counts: dict[int, float] = field(default_factory=dict)  # baseline lines per template (decayed)
     total: float = 0.0                                      # baseline lines of the service
     window: dict[int, int] = field(default_factory=dict)    # lines per template in the current window
@@ -78,7 +83,14 @@ class TemplateModel:
                 self.untracked_lines_ += 1
                 return None
             templates = self.services_[service] = ServiceTemplates(self._miner())
-        cluster, _ = templates.miner.add_log_message(masked_head(body, self.config.max_line))
+        line = masked_head(body, self.config.max_line)
+        cluster_id = templates.seen.get(line)
+        cluster = templates.miner.id_to_cluster.get(cluster_id) if cluster_id is not None else None
+        if cluster is None:  # a line not seen in this form (or whose template the miner forgot): mined
+            cluster, _ = templates.miner.add_log_message(line)
+            if len(templates.seen) >= _SEEN_LINES:
+                templates.seen.clear()
+            templates.seen[line] = cluster.cluster_id
         templates.window[cluster.cluster_id] = templates.window.get(cluster.cluster_id, 0) + 1
         templates.window_total += 1
         return cluster.cluster_id, cluster.get_template()
