@@ -25,6 +25,10 @@ _SHOWN_LINES = 3  # lines quoted per template
 _SHOWN_TEMPLATES = 5
 
 
+def _log_order(log: LogRow) -> tuple:
+    return log.time, log.span_id or b"", log.service, log.body
+
+
 class LogAnomaly:
     kind = AnomalyKind.LOG_ANOMALY
 
@@ -36,7 +40,9 @@ class LogAnomaly:
         model = self.model
         model.advance(trace.decided_at)
         rare: dict[tuple[str, int], list] = {}  # (service, template id) -> [template, share, lines]
-        for log in trace.logs:
+        # mined in a fixed order: logs arrive in any order (a separate topic, stream
+        # or file), and the order in which lines are mined shapes the templates
+        for log in sorted(trace.logs, key=_log_order):
             mined = model.template(log.service, log.body)
             if mined is None:
                 continue

@@ -244,7 +244,7 @@ class KafkaSource:
     def _drained(self, partition: TopicPartition) -> bool:
         """Read up to its end as far as known; it does not hold the others back."""
         position = self.consumer.position(partition)
-        if self.consume.exit_at_end and position >= self._end_at_start.get(partition, 0):
+        if self.consume.exit_at_end and position >= self._end(partition):
             return True
         highwater = self.consumer.highwater(partition)
         return highwater is not None and position >= highwater
@@ -320,8 +320,17 @@ class KafkaSource:
     def _caught_up(self) -> bool:
         if not self._assigned:
             return False
-        return all(not self._buffers[p] and self.consumer.position(p) >= self._end_at_start.get(p, 0)
-                   for p in self._buffers)
+        return all(not self._buffers[p] and self.consumer.position(p) >= self._end(p) for p in self._buffers)
+
+    def _end(self, partition: TopicPartition) -> int:
+        """Where ``exit_at_end`` stops reading ``partition``: its end offset at start.
+        A partition the metadata read at start did not list (not loaded yet) gets
+        its end when first asked, never 0: that read an unread partition as done,
+        and the event-time merge then ran ahead of it."""
+        end = self._end_at_start.get(partition)
+        if end is None:
+            end = self._end_at_start[partition] = self.consumer.end_offsets([partition]).get(partition, 0)
+        return end
 
     # -- commits and rebalances ------------------------------------------------------
     def commit(self, partitions=None, final: bool = False) -> None:
