@@ -48,9 +48,13 @@ def _run(pipeline, start: int, count: int, rng, new_line=lambda i: False):
 
 
 def test_a_new_line_is_found_in_every_trace_of_its_burst_and_ordinary_lines_never():
+    """Every trace of the burst has its finding (all emitted here: ``exemplar_findings``
+    unbounded), and the burst is one incident on the stage whose span logs the line."""
     rng = np.random.default_rng(1)
     sink = MemorySink()
-    pipeline = Pipeline(PipelineConfig(), EventTimeClock(5 * 10**9), [sink])
+    config = PipelineConfig()
+    config = config.model_copy(update={"incidents": config.incidents.model_copy(update={"exemplar_findings": 10**9})})
+    pipeline = Pipeline(config, EventTimeClock(5 * 10**9), [sink])
     _run(pipeline, 0, 3000, rng)  # 25 minutes, 6,000 lines of two templates
     assert [a for a in sink.anomalies if a.kind.value == "log_anomaly"] == []
     # five minutes in which one request in four logs an exception the service never raised
@@ -62,6 +66,9 @@ def test_a_new_line_is_found_in_every_trace_of_its_burst_and_ordinary_lines_neve
     assert template["service"] == "api" and template["baseline_share"] == 0
     assert template["template"].startswith("redis.exceptions.ResponseError: MOVED <NUM> <IP>")
     assert template["lines"][0]["body"].startswith("redis.exceptions.ResponseError: MOVED")
+    (incident,) = {i.id: i for i in sink.incidents}.values()
+    assert [(c.service, c.operation, c.signal) for c in incident.culprits] == [("api", "GET item:*", "log_template")]
+    assert sum(1 for a in found if a.incident_id == incident.id) >= 147  # all but the burst's first three
 
 
 def test_templates_and_their_baselines_survive_a_model_directory(tmp_path):

@@ -5,8 +5,8 @@ outlived-parent rate, a stage that stopped making a call: any stage-level
 finding whose ``evidence.signal`` is set) opens an incident, or joins the open
 one it belongs to. So does a burst of per-trace findings blaming one stage
 (``slow_stage``, ``trace_outlier`` led by the stage's time,
-``context_outlived_parent`` on the stage), which comes before a windowed
-test can be sure. Joining follows
+``context_outlived_parent`` on the stage, ``log_anomaly`` on the span that
+logged the rare line), which comes before a windowed test can be sure. Joining follows
 the call graph seen in the traces of the open incident:
 
 - a stage that calls a culprit (an ancestor in those traces) and stopped
@@ -57,10 +57,12 @@ _SIGNAL_WORDS = {
     "outlived_parent": "children keep running after it ends more often",
     "calls_dropped": "stopped making a call it makes",
     "errors": "its own failed calls rose",
+    "log_template": "a burst of log lines it (almost) never writes",
 }
 _SLOWER = frozenset({"latency", "slow_spans"})
 _BURST_SIGNALS = {AnomalyKind.SLOW_STAGE: "slow_spans", AnomalyKind.TRACE_OUTLIER: "slow_spans",
-                  AnomalyKind.CONTEXT_OUTLIVED_PARENT: "outlived_parent"}
+                  AnomalyKind.CONTEXT_OUTLIVED_PARENT: "outlived_parent", AnomalyKind.LOG_ANOMALY: "log_template"}
+_LOGGED = frozenset({"errors", "log_template"})
 _EXEMPLARS = 5
 # Stage sets of recently decided traces, for findings that come after their
 # trace was decided (the forest scores in batches of at most forest.batch).
@@ -359,7 +361,7 @@ def _magnitude(anomaly: Anomaly) -> float:
 def _blamed_stage(anomaly: Anomaly) -> Stage | None:
     """The stage a per-trace finding is about: a slow_stage's own, a
     trace_outlier's most deviating stage (none when a whole-trace feature leads),
-    the parent stage a context outlived."""
+    the parent stage a context outlived, the stage whose span logged a rare line."""
     evidence = anomaly.evidence
     if anomaly.kind is AnomalyKind.SLOW_STAGE:
         return anomaly.service or "", anomaly.operation or "", KIND_NAMES.index(evidence["stage_kind"])
@@ -368,6 +370,8 @@ def _blamed_stage(anomaly: Anomaly) -> Stage | None:
         return (stage["service"], stage["operation"], KIND_NAMES.index(stage["kind"])) if stage else None
     if anomaly.kind is AnomalyKind.CONTEXT_OUTLIVED_PARENT:
         return evidence["parent_service"], evidence["parent_operation"], KIND_NAMES.index(evidence["parent_kind"])
+    if anomaly.kind is AnomalyKind.LOG_ANOMALY:
+        return anomaly.service or "", anomaly.operation or "", KIND_NAMES.index(evidence["stage_kind"])
     return None
 
 
@@ -379,9 +383,9 @@ def _explains(incident: _Open, anomaly: Anomaly, present: list[Stage] | None) ->
     whose failures rose. ``present``: the trace's
     latency keys, where every slower culprit's stage would be."""
     culprits = incident.culprits
-    if anomaly.kind is AnomalyKind.LOG_ANOMALY:  # a rare line of a service whose own failures rose
+    if anomaly.kind is AnomalyKind.LOG_ANOMALY:  # a rare line of a service that fails or logs a burst of them
         services = {template["service"] for template in anomaly.evidence["templates"]}
-        return any(c.signal == "errors" and c.stage[0] in services for c in culprits)
+        return any(c.signal in _LOGGED and c.stage[0] in services for c in culprits)
     if anomaly.kind is AnomalyKind.MISSING_EXPECTED_SPAN:
         missing = {(m["service"], m["operation"]) for m in anomaly.evidence["missing_stages"]}
         return any(c.dropped is not None and c.dropped[:2] in missing for c in culprits)

@@ -11,15 +11,17 @@ severity (often missing or wrong) nor the variable parts of a line (ids,
 numbers, addresses, timestamps: masked before mining) matter.
 
 A burst of a template is held out of the baseline while it lasts (up to
-``templates.accept_after``), so every trace of a new exception is found, and
-the incident tracker attaches them to the incident of the stage that fails.
+``templates.accept_after``), so every trace of a new exception is found. A
+few such findings on one stage within a minute open an incident on it
+(signal ``log_template``), before a failure rate can be sure; the stage's
+``error_regression`` joins it, and later findings are attached to it.
 """
 
 from __future__ import annotations
 
 from traceguard.detect.base import finding
 from traceguard.models.templates import TemplateModel
-from traceguard.records import Anomaly, AnomalyKind, LogRow, Trace
+from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, LogRow, Trace
 
 _SHOWN_LINES = 3  # lines quoted per template
 _SHOWN_TEMPLATES = 5
@@ -65,7 +67,7 @@ class LogAnomaly:
             score=min(1.0, 1.0 - share / self._rare),
             summary=(f"{service} logged a line it {'never writes' if share == 0 else 'almost never writes'}: "
                      f"'{text}'" + (f" (and {len(templates) - 1} more rare template(s))" if len(templates) > 1 else "")),
-            evidence={"templates": [
+            evidence={"stage_kind": KIND_NAMES[span.kind], "templates": [
                 {"service": svc, "template": template, "template_id": template_id, "baseline_share": round(s, 8),
                  "lines": [{"span_id": log.span_id.hex() if log.span_id else None,
                             "body": log.body.split("\n", 1)[0]} for log in logs[:_SHOWN_LINES]],
