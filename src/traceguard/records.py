@@ -138,6 +138,9 @@ class Trace:
         self.logs: list[LogRow] = []  # its log records (and span events) when it was decided: set by the pipeline
 
 
+SEVERITY_ERROR = 17  # OTLP SeverityNumber ERROR
+
+
 class LogRow:
     """One log record, as held by the log index until its trace is decided."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from traceguard.records import LogRow, SpanRow
+from traceguard.records import SEVERITY_ERROR, LogRow, SpanRow
 
 # the attribute holding the line of a logging event, most specific first
 _MESSAGE_KEYS = ("log.message", "message", "msg", "event", "body")
@@ -23,7 +23,6 @@ _GENERIC_NAMES = frozenset({"", "log", "message", "event", "log.record"})
 # log levels as the OTel SDK's logging bridge maps them
 SEVERITIES = {"trace": 1, "debug": 5, "info": 9, "warn": 13, "warning": 13, "error": 17, "fatal": 21,
               "critical": 21}
-_ERROR = 17
 
 
 def event_logs(row: SpanRow, events: Iterable[tuple[int, str, dict[str, Any]]], body_limit: int) -> list[LogRow]:
@@ -42,7 +41,7 @@ def _event_log(row: SpanRow, span_id: bytes, time: int, name: str, attributes: d
                                                 attributes.get("exception.message")) if part) or "exception"
         stack = attributes.get("exception.stacktrace")
         body = f"{head}\n{stack}" if stack else head
-        severity, severity_text = _ERROR, "ERROR"
+        severity, severity_text = SEVERITY_ERROR, "ERROR"
     else:
         message = next((value for key in _MESSAGE_KEYS
                         if isinstance(value := attributes.get(key), str) and value), None)

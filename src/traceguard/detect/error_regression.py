@@ -27,16 +27,15 @@ from __future__ import annotations
 from collections import Counter, deque
 
 from traceguard.config import ErrorsConfig
+from traceguard.decode.common import PER_CALL_ATTRIBUTES
 from traceguard.detect.base import rate_change_finding
-from traceguard.link.log_index import SEVERITY_ERROR
 from traceguard.models.features import stages
 from traceguard.models.rates import RateChange, RateModel, WindowCalls
-from traceguard.records import STATUS_ERROR, Anomaly, AnomalyKind, LogRow, Span, Trace
+from traceguard.records import SEVERITY_ERROR, STATUS_ERROR, Anomaly, AnomalyKind, LogRow, Span, Trace
 
 Stage = tuple[str, str, int]
 _REASONS = 5  # failure reasons listed in a finding
 _RECENT_WINDOWS = 4
-_STATUS_KEYS = ("http.response.status_code", "http.status_code", "rpc.grpc.status_code")
 
 
 def failure_reason(span: Span, logs: list[LogRow]) -> str:
@@ -48,7 +47,7 @@ def failure_reason(span: Span, logs: list[LogRow]) -> str:
             kind, colon, _ = head.partition(":")
             return (kind if colon else head)[:120]
     for key, value in span.attrs or ():
-        if key in _STATUS_KEYS:
+        if key in PER_CALL_ATTRIBUTES:  # the response status codes
             return f"{key.split('.')[0]} {value}"
     return "status ERROR"
 

@@ -13,9 +13,7 @@ from typing import Callable, Iterable
 
 from traceguard.config import LogConfig
 from traceguard.metrics import Metrics
-from traceguard.records import Anomaly, LinkedLog, LogRow
-
-SEVERITY_ERROR = 17  # OTLP SeverityNumber ERROR
+from traceguard.records import SEVERITY_ERROR, Anomaly, LinkedLog, LogRow
 
 
 class LogIndex:
