@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import struct
+import sys
 
 import orjson
 import pytest
@@ -269,9 +270,10 @@ def spans_view(spans) -> list[tuple]:
 
 
 def expanded_view(result) -> tuple:
-    spans, by_id, children, orphans, duplicates, root, stages = result
+    spans, by_id, children, orphans, duplicates, root, stages, failed = result
     assert all(by_id[s.span_id] is s for s in spans)
     assert stages == [(s.service, s.name, s.kind) for s in spans]
+    assert failed == [s for s in spans if s.status == 2]
     return (spans_view(spans), sorted(by_id), {p: spans_view(g) for p, g in children.items()}, spans_view(orphans),
             duplicates, spans_view([root]) if root is not None else None)
 
@@ -294,11 +296,31 @@ def test_expand_edge_cases():
             row(1, 4, 9, start_ms=6, end_ms=7, status=2)]
     result = native.expand(rows)
     assert expanded_view(result) == expanded_view(_expand_rows(rows))
-    spans, _, children, orphans, duplicates, root, _ = result
+    spans, _, children, orphans, duplicates, root, _, failed = result
+    assert failed == [spans[3]]
     assert duplicates == 1 and root.span_id == spans[2].span_id and not spans[1].finished and not root.finished
     assert orphans == [spans[3]]
     assert expanded_view(native.expand(rows[4:])) == expanded_view(_expand_rows(rows[4:]))
-    assert native.expand([]) == ([], {}, {}, [], 0, None, [])
+    assert native.expand([]) == ([], {}, {}, [], 0, None, [], [])
+
+
+def test_expand_gives_one_tuple_per_stage():
+    """Stage-keyed dicts then find their keys by identity, across traces."""
+    first = native.expand([row(1, 1, None, start_ms=5, end_ms=9), row(1, 2, 1, start_ms=6, end_ms=8)])[6]
+    again = native.expand([row(2, 1, None, start_ms=5, end_ms=9)])[6]
+    reference = _expand_rows([row(3, 1, None, start_ms=5, end_ms=9)])[6]
+    assert first[0] is again[0] and first[0] == first[1] and reference[0] is _expand_rows([row(4, 1, None)])[6][0]
+
+
+def test_expand_starts_its_stage_cache_again_when_full():
+    """Past 65,536 stages the cache is emptied: stages stay right, before and after."""
+    names = [sys.intern(f"op {i}") for i in range(70_000)]
+    kept = native.expand([row(1, 1, None, name=names[0])])[6][0]
+    for start in range(0, len(names), 1000):
+        rows = [row(2, 1 + i, None, name=name) for i, name in enumerate(names[start:start + 1000])]
+        assert native.expand(rows)[6] == [("svc", name, 1) for name in names[start:start + 1000]]
+    assert kept == ("svc", "op 0", 1)
+    assert native.expand([row(1, 1, None, name=names[-1])])[6][0] is native.expand([row(2, 1, None, name=names[-1])])[6][0]
 
 
 def test_ended_after_parent_matches_the_reference(scenario_proto):

@@ -768,11 +768,67 @@ done:
 }
 
 PyDoc_STRVAR(expand_doc,
-"expand(rows) -> (spans, by_id, children, orphans, duplicates, root, stages)\n\n"
+"expand(rows) -> (spans, by_id, children, orphans, duplicates, root, stages, failed)\n\n"
 "The Span objects of a decided trace's rows in arrival order (a repeated span id\n"
 "after the first is skipped and counted), by span id, children by parent id,\n"
 "the spans whose parent is not in the trace, the parentless span that started first,\n"
-"and each span's (service, name, kind).");
+"each span's (service, name, kind) and the spans with status ERROR.\n\n"
+"A stage tuple is the same object for every span of that stage (up to\n"
+"STAGE_CACHE stages, then the cache starts again): stage-keyed dicts then find\n"
+"their key by identity instead of comparing tuples, in every detector.");
+
+#define STAGE_CACHE 65536
+#define STAGE_SLOTS (2 * STAGE_CACHE) /* a power of two: open addressing, at most half full */
+
+/* Stages by the identity of their service and name strings, which the decoders
+ * intern: a slot's tuple holds both strings, so their addresses cannot be taken
+ * by other objects while the slot lives. An equal name that is not the same
+ * object only makes another tuple (still equal). */
+typedef struct {
+    PyObject *service, *name, *tuple;
+    long kind;
+} StageSlot;
+
+static StageSlot *stage_slots = NULL;
+static Py_ssize_t stage_count = 0;
+
+static size_t stage_slot(PyObject *service, PyObject *name, long kind) {
+    uint64_t h = ((uint64_t)(uintptr_t)service >> 4) * 0x9E3779B97F4A7C15ull;
+    h ^= ((uint64_t)(uintptr_t)name >> 4) * 0xC2B2AE3D27D4EB4Full ^ (uint64_t)kind;
+    size_t i = (size_t)(h ^ (h >> 29)) & (STAGE_SLOTS - 1);
+    while (stage_slots[i].tuple != NULL
+           && !(stage_slots[i].service == service && stage_slots[i].name == name && stage_slots[i].kind == kind))
+        i = (i + 1) & (STAGE_SLOTS - 1);
+    return i;
+}
+
+/* The one tuple of a stage (a new reference); the cache starts again when full. */
+static PyObject *interned_stage(PyObject *service, PyObject *name, PyObject *kind_obj, long kind) {
+    if (stage_slots == NULL && (stage_slots = PyMem_Calloc(STAGE_SLOTS, sizeof(StageSlot))) == NULL)
+        return PyErr_NoMemory();
+    size_t i = stage_slot(service, name, kind);
+    if (stage_slots[i].tuple != NULL)
+        return Py_NewRef(stage_slots[i].tuple);
+    PyObject *stage = PyTuple_Pack(3, service, name, kind_obj);
+    if (stage == NULL)
+        return NULL;
+    if (stage_count >= STAGE_CACHE) {
+        StageSlot *old = stage_slots;
+        if ((stage_slots = PyMem_Calloc(STAGE_SLOTS, sizeof(StageSlot))) == NULL) {
+            stage_slots = old;
+            Py_DECREF(stage);
+            return PyErr_NoMemory();
+        }
+        for (size_t j = 0; j < STAGE_SLOTS; j++)
+            Py_XDECREF(old[j].tuple);
+        PyMem_Free(old);
+        stage_count = 0;
+        i = stage_slot(service, name, kind);
+    }
+    stage_slots[i] = (StageSlot){service, name, Py_NewRef(stage), kind};
+    stage_count++;
+    return stage;
+}
 
 static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
     if (span_slots.type == NULL) {
@@ -786,11 +842,11 @@ static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
     /* A copy holds a reference to every row while spans are made (which may run the GC). */
     PyObject *own = PyList_GetSlice(rows, 0, PyList_GET_SIZE(rows));
     PyObject *spans = PyList_New(0), *by_id = PyDict_New(), *children = PyDict_New(), *orphans = NULL, *result = NULL;
-    PyObject *stages = PyList_New(0);
+    PyObject *stages = PyList_New(0), *failed_spans = PyList_New(0);
     PyObject *root = Py_None;
     uint64_t root_start = 0;
     Py_ssize_t duplicates = 0;
-    if (own == NULL || spans == NULL || by_id == NULL || children == NULL || stages == NULL)
+    if (own == NULL || spans == NULL || by_id == NULL || children == NULL || stages == NULL || failed_spans == NULL)
         goto done;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(own); i++) {
         PyObject *row = PyList_GET_ITEM(own, i);
@@ -848,9 +904,10 @@ static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
                               PyBool_FromLong(c[26] & 1), Py_NewRef(service), Py_NewRef(name), Py_NewRef(attrs),
                               PyBool_FromLong(finished)};
         PyObject *span = fill(&span_slots, values);
-        PyObject *stage = span == NULL ? NULL : PyTuple_Pack(3, service, name, kind); /* the span holds kind */
+        PyObject *stage = span == NULL ? NULL : interned_stage(service, name, kind, c[24]); /* the span holds kind */
         int failed = stage == NULL || PyList_Append(spans, span) < 0 || PyDict_SetItem(by_id, span_id, span) < 0
-                     || PyList_Append(stages, stage) < 0;
+                     || PyList_Append(stages, stage) < 0
+                     || (c[25] == STATUS_ERROR && PyList_Append(failed_spans, span) < 0);
         Py_XDECREF(stage);
         if (!failed && is_root) {
             if (root == Py_None || start < root_start) {
@@ -884,9 +941,10 @@ static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
         if (known < 0 || (!known && PyList_SetSlice(orphans, end, end, group) < 0))
             goto done;
     }
-    result = Py_BuildValue("(OOOOnOO)", spans, by_id, children, orphans, duplicates, root, stages);
+    result = Py_BuildValue("(OOOOnOOO)", spans, by_id, children, orphans, duplicates, root, stages, failed_spans);
 done:
     Py_XDECREF(stages);
+    Py_XDECREF(failed_spans);
     Py_XDECREF(orphans);
     Py_XDECREF(own);
     Py_XDECREF(spans);

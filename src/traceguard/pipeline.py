@@ -48,7 +48,9 @@ class Pipeline:
             learned_completeness, self._timing, self._every = learned_detectors(
                 self.models, config.learned, config.structural)
             self._completeness += learned_completeness
-        self._learners = [d for d in (*self._completeness, *self._timing, *self._every) if hasattr(d, "learn")]
+        detectors = (*self._completeness, *self._timing, *self._every)
+        self._learners = [d for d in detectors if hasattr(d, "learn")]
+        self._windowed = [d for d in detectors if hasattr(d, "advance")]
         self.metrics.gauge("traceguard_latency_untracked_samples", lambda: self.models.latency.untracked_samples_)
         if self.models.rates:
             self.restore({"detectors": self.models.rates})
@@ -81,8 +83,8 @@ class Pipeline:
         """Decides due traces (at most ``limit``); returns whether more are due."""
         more = self.assembler.advance(limit)
         now = self._clock.now()
-        for learner in self._learners:
-            for anomaly in learner.advance(now):
+        for detector in self._windowed:
+            for anomaly in detector.advance(now):
                 self._emit(anomaly, self._logs_of(anomaly))
         self.incidents.advance(now)
         return more
@@ -145,8 +147,8 @@ class Pipeline:
             now = self._clock.now()
             # Last declared first: a trace still waiting for its forest batch is scored
             # before the latency baselines take in the windows it was decided in.
-            for learner in reversed(self._learners):
-                for anomaly in learner.flush(now):
+            for detector in reversed(self._windowed):
+                for anomaly in detector.flush(now):
                     self._emit(anomaly, self._logs_of(anomaly))
             self.incidents.flush(now)
         for sink in self._sinks:

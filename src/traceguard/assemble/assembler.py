@@ -17,7 +17,7 @@ from traceguard.assemble.clock import Clock
 from traceguard.config import AssemblerConfig
 from traceguard.metrics import Metrics
 from traceguard.native import rows as native
-from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, DecisionReason, Span, SpanRow, Trace
+from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, STATUS_ERROR, DecisionReason, Span, SpanRow, Trace
 
 
 class _Pending:
@@ -226,11 +226,23 @@ def to_span(row: SpanRow, unpack=SPAN_CORE.unpack) -> Span:
                 bool(flags & FLAG_HAS_LINKS), row.service, row.name, row.attrs)
 
 
+_STAGE_CACHE = 65536
+_stages: dict[tuple[str, str, int], tuple[str, str, int]] = {}
+
+
+def _interned(stage: tuple[str, str, int]) -> tuple[str, str, int]:
+    """The one tuple of a stage, so that stage-keyed dicts find it by identity."""
+    if len(_stages) >= _STAGE_CACHE:
+        _stages.clear()
+    return _stages.setdefault(stage, stage)
+
+
 def _expand_rows(rows: list[SpanRow]) -> tuple[list[Span], dict[bytes, Span], dict[bytes, list[Span]], list[Span],
-                                               int, Span | None, list[tuple[str, str, int]]]:
+                                               int, Span | None, list[tuple[str, str, int]], list[Span]]:
     """(spans, by id, children by parent id, orphans, duplicates skipped, root, each
-    span's stage): the reference for ``_rows.expand``, which does the same in C. The
-    stages are made here because nearly every detector keys its state by them."""
+    span's stage, the failed spans): the reference for ``_rows.expand``, which does
+    the same in C. The stages are made here because nearly every detector keys its
+    state by them, the failed spans because nearly every trace has none."""
     spans: list[Span] = []
     by_id: dict[bytes, Span] = {}
     children: dict[bytes, list[Span]] = {}
@@ -251,16 +263,18 @@ def _expand_rows(rows: list[SpanRow]) -> tuple[list[Span], dict[bytes, Span], di
         else:
             children.setdefault(parent, []).append(span)
     orphans = [span for parent, group in children.items() if parent not in by_id for span in group]
-    return spans, by_id, children, orphans, duplicates, root, [(s.service, s.name, s.kind) for s in spans]
+    stages = [_interned((s.service, s.name, s.kind)) for s in spans]
+    return spans, by_id, children, orphans, duplicates, root, stages, [s for s in spans if s.status == STATUS_ERROR]
 
 
 expand_rows = native.expand if native is not None else _expand_rows
 
 
 def _expand(trace_id: bytes, pending: _Pending, reason: DecisionReason, now: int, metrics: Metrics) -> Trace:
-    spans, by_id, children, orphans, duplicates, root, stages = expand_rows(pending.rows)
+    spans, by_id, children, orphans, duplicates, root, stages, failed = expand_rows(pending.rows)
     if duplicates:
         metrics.inc("traceguard_duplicate_spans_total", duplicates)
     trace = Trace(trace_id, spans, by_id, children, orphans, root, reason, now, pending.first_seen)
     trace.derived["stages"] = stages  # see models.features.stages
+    trace.derived["failed"] = failed  # see models.features.failed
     return trace

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from traceguard.config import ErrorsConfig, LearnedConfig, StructuralConfig
-from traceguard.detect.base import LearnedDetector, TraceDetector
+from traceguard.detect.base import LearnedDetector, TraceDetector, WindowedDetector
 from traceguard.detect.context_outlived_parent import ContextOutlivedParent
 from traceguard.detect.error_regression import ErrorRegression
 from traceguard.detect.late_span import LateSpan
@@ -17,6 +17,7 @@ from traceguard.detect.trace_outlier import TraceOutlier
 from traceguard.detect.unfinished_span import UnfinishedSpan
 from traceguard.detect.unpaired_client_span import UnpairedClientSpan
 from traceguard.models import Models
+from traceguard.models.rates import WindowCalls
 
 
 def completeness_detectors(config: StructuralConfig, errors: ErrorsConfig) -> list[TraceDetector]:
@@ -25,20 +26,22 @@ def completeness_detectors(config: StructuralConfig, errors: ErrorsConfig) -> li
     Order matters only for output order (it is part of byte-identical replay):
     whole-trace problems first, then per-span ones from broken to suspicious.
     Error rates count every trace, so they run with these (their findings are
-    stage-level and come as windows end).
+    stage-level and come as windows end); they and the outlived-parent norms
+    share one count of every stage's calls when their windows agree.
     """
+    calls = WindowCalls(config.norm_window, config.norm_max_stages) if errors.window == config.norm_window else None
     return [
         MissingRoot(),
         MissingParent(),
         UnfinishedSpan(),
-        ContextOutlivedParent(config),
+        ContextOutlivedParent(config, calls),
         UnpairedClientSpan(config),
-        ErrorRegression(errors),
+        ErrorRegression(errors, calls),
     ]
 
 
 def learned_detectors(models: Models, config: LearnedConfig, structural: StructuralConfig
-                      ) -> tuple[list[LearnedDetector], list[LearnedDetector], list[LearnedDetector]]:
+                      ) -> tuple[list[WindowedDetector], list[WindowedDetector], list[WindowedDetector]]:
     """(completeness, timing, every trace) learned checks. A trace reaches the
     timing checks only if no completeness check, structural or learned,
     flagged it: the timings and shape of an incomplete trace only echo what is
@@ -52,4 +55,4 @@ def learned_detectors(models: Models, config: LearnedConfig, structural: Structu
     )
 
 
-__all__ = ["LateSpan", "LearnedDetector", "TraceDetector", "completeness_detectors", "learned_detectors"]
+__all__ = ["LateSpan", "LearnedDetector", "TraceDetector", "WindowedDetector", "completeness_detectors", "learned_detectors"]

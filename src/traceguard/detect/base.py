@@ -26,9 +26,19 @@ class TraceDetector(Protocol):
         """Findings of this detector's kind in one decided trace."""
 
 
-class LearnedDetector(TraceDetector, Protocol):
-    """A detector with learned state. Besides ``detect`` it may find things
-    later (a window closing, a batch scored) and it learns from decided traces."""
+class WindowedDetector(TraceDetector, Protocol):
+    """A detector that also finds things later: a window closing, a batch scored."""
+
+    def advance(self, now: int) -> list[Anomaly]:
+        """Findings that became due at ``now`` (pipeline clock)."""
+
+    def flush(self, now: int) -> list[Anomaly]:
+        """End of input: everything still pending."""
+
+
+class LearnedDetector(WindowedDetector, Protocol):
+    """A detector that learns from each decided trace after detection. (Those
+    that learn by window, from what ``detect`` counted, are only windowed.)"""
 
     def learn(self, trace: Trace, flagged: frozenset[AnomalyKind]) -> None:
         """Every decided trace, after detection; ``flagged``: the kinds found in it.
@@ -37,12 +47,6 @@ class LearnedDetector(TraceDetector, Protocol):
         flagged traces too, or a behaviour that is flagged but routine is flagged
         for ever (a feedback loop); what a model keeps out is only what its own
         evidence calls extreme, and traces whose spans did not all arrive intact."""
-
-    def advance(self, now: int) -> list[Anomaly]:
-        """Findings that became due at ``now`` (pipeline clock)."""
-
-    def flush(self, now: int) -> list[Anomaly]:
-        """End of input: everything still pending."""
 
 
 _RESPONSE_STATUS = frozenset({"http.response.status_code", "http.status_code"})

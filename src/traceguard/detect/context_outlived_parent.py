@@ -63,7 +63,8 @@ ended_after_parent = native.ended_after_parent if native is not None else _ended
 class ContextOutlivedParent:
     kind = AnomalyKind.CONTEXT_OUTLIVED_PARENT
 
-    def __init__(self, config: StructuralConfig) -> None:
+    def __init__(self, config: StructuralConfig, calls: WindowCalls | None = None) -> None:
+        """``calls`` is a stage call counter shared with other detectors whose windows agree."""
         self._skew = config.clock_skew_tolerance
         self._min_overrun = config.min_overrun
         self._least_tolerance = min(self._skew, self._min_overrun)
@@ -78,7 +79,9 @@ class ContextOutlivedParent:
         self._max_stages = config.norm_max_stages
         self._candidates: set[Stage] = set()      # stages a child has outlived at least once: they have a rate
         self._stage_calls: Counter[Stage] = Counter()  # calls per stage in the windows before (bounded)
-        self._calls = WindowCalls(config.norm_window, config.norm_max_stages)  # every stage's, this window
+        self._calls = calls if calls is not None else WindowCalls(config.norm_window, config.norm_max_stages)  # every stage's, per window
+        self._reader = self._calls.reader(self._keep, config.norm_max_stages)
+        self._counting, self._next_at = self._reader == 0, 0
         self.routine_: dict[Stage, bool] = {}      # stages whose norm is decided
         self._reported_services: set[str] = set()  # services whose routine was reported
         self._held: dict[Stage, list[Anomaly]] = {}
@@ -95,8 +98,10 @@ class ContextOutlivedParent:
                 if overruns is None:
                     overruns = {}
                 overruns.setdefault(parent.span_id, []).append((span, parent, overrun, tolerance))
-        self._roll_window(trace.decided_at)
-        self._calls.count(stages(trace), self._keep)
+        if trace.decided_at >= self._next_at:
+            self._roll_window(trace.decided_at)
+        if self._counting:
+            self._calls.count(stages(trace))
         if overruns is None:
             return []
         candidates, now, trace_hex = self._candidates, trace.decided_at, trace.trace_id.hex()
@@ -133,7 +138,8 @@ class ContextOutlivedParent:
 
     def _roll_window(self, now: int) -> None:
         """Ends the current window once ``now`` is past it (never backwards)."""
-        ended = self._calls.roll(now)
+        ended = self._calls.roll(now, self._reader)
+        self._next_at = self._calls.next_at
         if ended is not None:
             self._end_window(*ended, now)
 
@@ -213,7 +219,7 @@ class ContextOutlivedParent:
         The calls of the current window count (its hits already do). Returns the
         evidence of a stage found routine (calls, outlived, held occurrences)."""
         calls, hits = self.rates_.evidence(key)
-        calls += self._calls.calls.get(key, 0)
+        calls += self._calls.current(key)
         if self._min_calls and calls >= self._min_calls / 4 and hits >= 3 \
                 and wilson_lower(hits, calls) >= self._routine_rate:
             routine = True
@@ -267,9 +273,6 @@ class ContextOutlivedParent:
             what=f"calls whose children kept running after {event.key[0]} '{event.key[1]}' ended",
         ) for event in events]
 
-    def learn(self, trace: Trace, flagged: frozenset[AnomalyKind]) -> None:
-        """The norms count every trace in ``detect``, flagged or not."""
-
     def advance(self, now: int) -> list[Anomaly]:
         """Time passes without traces too: a window that ended is handed over and closed."""
         self._roll_window(now)
@@ -284,7 +287,7 @@ class ContextOutlivedParent:
 
     def flush(self, now: int) -> list[Anomaly]:
         """End of input: stages still undecided are judged on what was seen."""
-        self._end_window(*self._calls.take(), now)
+        self._end_window(*self._calls.take(self._reader), now)
         events: list[RateChange] = []
         self.rates_.flush(events)
         self._released.extend(self._changes(events, now))

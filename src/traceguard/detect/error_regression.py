@@ -29,7 +29,7 @@ from collections import Counter, deque
 from traceguard.config import ErrorsConfig
 from traceguard.decode.common import PER_CALL_ATTRIBUTES
 from traceguard.detect.base import rate_change_finding
-from traceguard.models.features import stages
+from traceguard.models.features import failed as spans_failed, stages
 from traceguard.models.rates import RateChange, RateModel, WindowCalls
 from traceguard.records import SEVERITY_ERROR, STATUS_ERROR, Anomaly, AnomalyKind, LogRow, Span, Trace
 
@@ -90,7 +90,7 @@ class _Reasons:
 
 def own_failures(trace: Trace) -> list[Span]:
     """The failed spans none of whose children failed, in span order."""
-    failed = [span for span in trace.spans if span.status == STATUS_ERROR]
+    failed = spans_failed(trace)
     if not failed:
         return failed
     children = trace.children
@@ -101,20 +101,25 @@ def own_failures(trace: Trace) -> list[Span]:
 class ErrorRegression:
     kind = AnomalyKind.ERROR_REGRESSION
 
-    def __init__(self, config: ErrorsConfig) -> None:
+    def __init__(self, config: ErrorsConfig, calls: WindowCalls | None = None) -> None:
+        """``calls`` is a stage call counter shared with other detectors whose windows agree."""
         self.rates_ = RateModel(
             "up", window=config.window, persist_windows=config.persist_windows, half_life=config.half_life,
             z=config.z, min_ratio=config.min_ratio, min_calls=config.min_calls,
             min_window_calls=config.min_window_calls, max_keys=config.max_stages,
         )
-        self._calls = WindowCalls(config.window, config.max_stages)
+        self._calls = calls if calls is not None else WindowCalls(config.window, config.max_stages)
+        self._reader = self._calls.reader(self._keep, config.max_stages)
+        self._counting, self._next_at = self._reader == 0, 0
         self._reasons: dict[Stage, _Reasons] = {}  # stages that failed (bounded like the rates)
         self._released: list[Anomaly] = []
 
     def detect(self, trace: Trace) -> list[Anomaly]:
         """Counts the trace; its findings come when windows end (``advance``)."""
-        self._roll(trace.decided_at)
-        self._calls.count(stages(trace), self._keep)
+        if trace.decided_at >= self._next_at:
+            self._roll(trace.decided_at)
+        if self._counting:
+            self._calls.count(stages(trace))
         failed = own_failures(trace)
         if failed:
             events: list[RateChange] = []
@@ -134,7 +139,8 @@ class ErrorRegression:
         return key in self.rates_.keys_ or len(self.rates_.keys_) < self.rates_.max_keys
 
     def _roll(self, now: int) -> None:
-        ended = self._calls.roll(now)
+        ended = self._calls.roll(now, self._reader)
+        self._next_at = self._calls.next_at
         if ended is not None:
             self._end_window(*ended, now)
 
@@ -166,9 +172,6 @@ class ErrorRegression:
         return [{"reason": reason, "recent": count, "usual": round(reasons.usual.get(reason, 0.0), 1)}
                 for reason, count in sorted(recent.items(), key=lambda item: (-item[1], item[0]))[:_REASONS]]
 
-    def learn(self, trace: Trace, flagged: frozenset[AnomalyKind]) -> None:
-        """The rates count every trace in ``detect``, flagged or not."""
-
     def advance(self, now: int) -> list[Anomaly]:
         """Time passes without traces too: a window that ended is handed over and closed."""
         self._roll(now)
@@ -179,7 +182,7 @@ class ErrorRegression:
         return released
 
     def flush(self, now: int) -> list[Anomaly]:
-        self._end_window(*self._calls.take(), now)
+        self._end_window(*self._calls.take(self._reader), now)
         events: list[RateChange] = []
         self.rates_.flush(events)
         self._release(events, now)

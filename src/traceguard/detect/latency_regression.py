@@ -27,9 +27,6 @@ class LatencyRegression:
         self.model.observe(latency_keys(trace), trace.spans, latency_samples(trace), trace.trace_id.hex(), now, events)
         return [self._anomaly(event, now) for event in events]
 
-    def learn(self, trace: Trace, flagged: frozenset[AnomalyKind]) -> None:
-        """Baselines learn from calm windows, not from single traces (see LatencyModel)."""
-
     def advance(self, now: int) -> list[Anomaly]:
         events: list[Regression] = []
         self.model.advance(now, events)

@@ -75,9 +75,6 @@ class LogAnomaly:
                 for (svc, template_id), (template, s, logs) in templates[:_SHOWN_TEMPLATES]]},
         )]
 
-    def learn(self, trace: Trace, flagged: frozenset[AnomalyKind]) -> None:
-        """Template frequencies learn in ``detect`` from every trace, by window (see TemplateModel)."""
-
     def advance(self, now: int) -> list[Anomaly]:
         self.model.advance(now)
         return []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from traceguard.records import KIND_CLIENT, KIND_NETWORK, KIND_SERVER, STATUS_ERROR, Trace
+from traceguard.records import KIND_CLIENT, KIND_NETWORK, KIND_SERVER, STATUS_ERROR, Span, Trace
 
 Stage = tuple[str, str, int]  # (service, operation, span kind)
 
@@ -13,6 +13,15 @@ def stages(trace: Trace) -> list[Stage]:
     cached = trace.derived.get("stages")
     if cached is None:
         cached = trace.derived["stages"] = [(s.service, s.name, s.kind) for s in trace.spans]
+    return cached
+
+
+def failed(trace: Trace) -> list[Span]:
+    """The spans with status ERROR, in span order: made when the trace is expanded
+    (in C); computed here for a trace built another way."""
+    cached = trace.derived.get("failed")
+    if cached is None:
+        cached = trace.derived["failed"] = [s for s in trace.spans if s.status == STATUS_ERROR]
     return cached
 
 
@@ -151,7 +160,7 @@ def shape(trace: Trace) -> dict[str, float]:
         "span_count": float(len(trace.spans)),
         "depth": float(depth),
         "max_fan_out": float(fan_out),
-        "errors": float(sum(1 for s in trace.spans if s.status == STATUS_ERROR)),
+        "errors": float(len(failed(trace))),
         "services": float(len({s.service for s in trace.spans})),
         "max_repeated_calls": float(repeated),
     }

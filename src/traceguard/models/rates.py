@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections import _count_elements  # type: ignore[attr-defined]
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Callable, Hashable, Literal
 
 Direction = Literal["up", "down"]
@@ -228,40 +229,77 @@ class RateModel:
 
 
 class WindowCalls:
-    """Calls of every key in the current window, counted per trace in C, for
-    rates whose hits are observed as they happen and whose calls join when the
-    window ends: counting every stage of every trace in Python was the cost of
-    the detectors that keep such rates. Bounded: past ``4 * max_keys`` keys in
-    a window, the keys ``keep`` refuses go."""
+    """Calls of every stage in the current window, for rates whose hits are
+    observed as they happen and whose calls join when the window ends.
 
-    __slots__ = ("window", "index", "calls", "_max_keys")
+    Counting every stage of every trace was the cost of the detectors that keep
+    such rates, so it is done once for all of them: detectors whose windows
+    agree share one counter, each as a ``reader`` that is handed every window
+    that ends; the first reader's traces are the ones counted (every reader sees
+    every trace). Traces are counted in C, a batch at a time. Bounded: past
+    ``4 * max_keys`` keys in a window, the keys no reader keeps go."""
+
+    _BATCH = 256
+
+    __slots__ = ("window", "index", "next_at", "_calls", "_pending", "_max_keys", "_keeps", "_handed", "_ended")
 
     def __init__(self, window: int, max_keys: int) -> None:
         self.window = window
         self.index = -1
-        self.calls: dict[Hashable, int] = {}
+        self.next_at = 0
+        self._calls: dict[Hashable, int] = {}
+        self._pending: list[list] = []
         self._max_keys = max_keys
+        self._keeps: list[Callable[[Hashable], bool]] = []
+        self._handed: list[int] = []  # per reader: the index of the last window handed to it
+        self._ended: tuple[int, dict[Hashable, int]] = (-1, {})
 
-    def count(self, keys: list, keep: Callable[[Hashable], bool]) -> None:
-        _count_elements(self.calls, keys)
-        if len(self.calls) > 4 * self._max_keys:
-            self.calls = {key: n for key, n in self.calls.items() if keep(key)}
+    def reader(self, keep: Callable[[Hashable], bool], max_keys: int) -> int:
+        """A new reader, which keeps the keys ``keep`` accepts (bounded by its ``max_keys``)."""
+        self._keeps.append(keep)
+        self._handed.append(-2)
+        self._max_keys = max(self._max_keys, max_keys)
+        return len(self._keeps) - 1
 
-    def roll(self, now: int) -> tuple[int, dict[Hashable, int]] | None:
-        """(index, calls) of the window that ``now`` ended, None while it has not
-        (index -1 before the first window): windows only move forward."""
+    def count(self, keys: list) -> None:
+        """One trace's stages (``models.features.stages``), told by the first reader."""
+        self._pending.append(keys)
+        if len(self._pending) >= self._BATCH:
+            self._settle()
+
+    def current(self, key: Hashable) -> int:
+        """The key's calls so far in the current window."""
+        self._settle()
+        return self._calls.get(key, 0)
+
+    def roll(self, now: int, reader: int) -> tuple[int, dict[Hashable, int]] | None:
+        """(index, calls) of the window that ``now`` ended, once to each reader;
+        None while it has not (index -1 before the first window): windows only
+        move forward."""
         index = now // self.window
-        if index <= self.index:
-            return None
-        ended = self.index, self.calls
-        self.index, self.calls = index, {}
-        return ended
+        if index > self.index:
+            self._settle()
+            self._ended = self.index, self._calls
+            self.index, self._calls, self.next_at = index, {}, (index + 1) * self.window
+        if self._handed[reader] < self._ended[0]:
+            self._handed[reader] = self._ended[0]
+            return self._ended
+        return None
 
-    def take(self) -> tuple[int, dict[Hashable, int]]:
-        """(index, calls) of the current window, which starts again empty (end of input)."""
-        taken = self.index, self.calls
-        self.calls = {}
-        return taken
+    def take(self, reader: int) -> tuple[int, dict[Hashable, int]]:
+        """(index, calls) of the current window (end of input): what each reader
+        is handed last."""
+        self._settle()
+        self._handed[reader] = self.index
+        return self.index, self._calls
+
+    def _settle(self) -> None:
+        if self._pending:
+            _count_elements(self._calls, chain.from_iterable(self._pending))
+            self._pending.clear()
+            if len(self._calls) > 4 * self._max_keys:
+                keeps = self._keeps
+                self._calls = {key: n for key, n in self._calls.items() if any(keep(key) for keep in keeps)}
 
 
 def _add(rate: _Rate, calls: int, hits: int, first_affected: int, trace_id: str) -> None:
