@@ -1,6 +1,6 @@
 import pytest
 
-from traceguard.config import ConfigError, load_config, parse_duration
+from traceguard.config import ConfigError, PipelineConfig, load_config, parse_duration
 
 
 @pytest.mark.parametrize("text, nanos", [("30s", 30 * 10**9), ("250ms", 250 * 10**6), ("5m", 300 * 10**9),
@@ -63,3 +63,11 @@ def test_yaml_config_and_environment_and_flags_in_that_order(tmp_path):
     bad.write_text("serve: [unclosed\n")
     with pytest.raises(ConfigError, match="does not parse"):
         load_config(bad, environ={})
+
+
+def test_a_dumped_config_reads_back_the_same():
+    """Durations are dumped with their unit: a bare number would read back as seconds."""
+    config = PipelineConfig.model_validate({"assembler": {"decision_wait": "250ms"}, "errors": {"window": "1m"}})
+    assert PipelineConfig.model_validate(config.model_dump()) == config
+    assert PipelineConfig.model_validate_json(config.model_dump_json()) == config
+    assert config.model_dump()["assembler"]["decision_wait"] == "250000000ns"

@@ -1,18 +1,20 @@
-"""Every structural detector: one contract over all of them, then each one's own cases."""
+"""The structural per-trace detectors: each finds its fault on the exact span, then each one's own cases.
+(The contract over every registered detector is tests/test_detector_contract.py.)"""
 
 import pytest
 
 from builders import row, sid, tid
 from traceguard.assemble import EventTimeClock, TraceAssembler
 from traceguard.assemble.assembler import to_span
-from traceguard.config import AssemblerConfig, ErrorsConfig, StructuralConfig
-from traceguard.detect import LateSpan, completeness_detectors
+from traceguard.config import AssemblerConfig, PipelineConfig, StructuralConfig
+from traceguard.detect import LateSpan, build
 from traceguard.detect.context_outlived_parent import ContextOutlivedParent
 from traceguard.detect.missing_parent import MissingParent
 from traceguard.detect.missing_root import MissingRoot
 from traceguard.detect.unfinished_span import UnfinishedSpan
 from traceguard.detect.unpaired_client_span import UnpairedClientSpan
 from traceguard.metrics import Metrics
+from traceguard.models import Models
 from traceguard.records import (
     KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER, KIND_SERVER, STATUS_ERROR, AnomalyKind,
 )
@@ -20,7 +22,8 @@ from traceguard.records import (
 # No norm warm-up: each detector's own fault must be found on first sight.
 CONFIG = StructuralConfig(unpaired_min_samples=3, norm_min_calls=0)
 # the detectors whose findings are about one trace (error_regression's are about a stage: test_norms)
-PER_TRACE = [d for d in completeness_detectors(CONFIG, ErrorsConfig()) if d.kind != AnomalyKind.ERROR_REGRESSION]
+PER_TRACE = [d for d in build(PipelineConfig(structural=CONFIG), Models.new(PipelineConfig().learned))["completeness"]
+             if d.kind not in (AnomalyKind.ERROR_REGRESSION, AnomalyKind.MISSING_EXPECTED_SPAN)]
 
 
 def decide(*rows):

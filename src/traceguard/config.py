@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
 
 _UNITS_NS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h)?\s*$")
@@ -31,7 +31,8 @@ def parse_duration(value: Any) -> int:
     return int(float(number) * _UNITS_NS[unit or "s"])
 
 
-DurationNs = Annotated[int, BeforeValidator(parse_duration), Field(ge=0)]
+# Dumped as "<n>ns": a bare number reads as seconds, so a dumped setting must say its unit to read back the same.
+DurationNs = Annotated[int, BeforeValidator(parse_duration), PlainSerializer(lambda ns: f"{ns}ns"), Field(ge=0)]
 
 
 class _Section(BaseModel):

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 from traceguard.assemble import Clock, TraceAssembler
 from traceguard.config import PipelineConfig
 from traceguard.correlate import IncidentTracker
-from traceguard.detect import LateSpan, completeness_detectors, learned_detectors
+from traceguard.detect import LateSpan, build
 from traceguard.link import LogIndex, link_logs, select_logs
 from traceguard.metrics import Metrics
 from traceguard.models import Models
@@ -42,19 +42,15 @@ class Pipeline:
         self._clock = clock
         self._sinks = list(sinks)
         self.models = models or Models.new(config.learned)
-        self._completeness = completeness_detectors(config.structural, config.errors)
-        self._timing, self._every = [], []
-        if config.learned.enabled:
-            learned_completeness, self._timing, self._every = learned_detectors(
-                self.models, config.learned, config.structural)
-            self._completeness += learned_completeness
-        detectors = (*self._completeness, *self._timing, *self._every)
-        self._learners = [d for d in detectors if hasattr(d, "learn")]
-        self._windowed = [d for d in detectors if hasattr(d, "advance")]
+        groups = build(config, self.models)
+        self._completeness, self._timing, self._every = groups["completeness"], groups["timing"], groups["every"]
+        self._detectors = [*self._completeness, *self._timing, *self._every]
+        self._learners = [d for d in self._detectors if hasattr(d, "learn")]
+        self._windowed = [d for d in self._detectors if hasattr(d, "advance")]
         self.metrics.gauge("traceguard_latency_untracked_samples", lambda: self.models.latency.untracked_samples_)
         if self.models.rates:
             self.restore({"detectors": self.models.rates})
-        for detector in self._completeness:
+        for detector in self._detectors:
             if hasattr(detector, "held_dropped_"):
                 self.metrics.gauge(f"traceguard_{detector.kind.value}_held_dropped", lambda d=detector: d.held_dropped_)
             if hasattr(detector, "routine_"):
@@ -113,7 +109,7 @@ class Pipeline:
         data: the structural detectors' pairing history and the learned trace
         structure. (Latency baselines and forests go into model snapshots.)"""
         return {
-            "detectors": {d.kind.value: d.state() for d in self._completeness if hasattr(d, "state")},
+            "detectors": {d.kind.value: d.state() for d in self._detectors if hasattr(d, "state")},
             "structure": model_store.structure_state(self.models),
         }
 
@@ -124,7 +120,7 @@ class Pipeline:
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         detectors = checkpoint.get("detectors", {})
-        for detector in self._completeness:
+        for detector in self._detectors:
             # keyed by kind; checkpoints written before were keyed by class name
             state = detectors.get(detector.kind.value, detectors.get(type(detector).__name__))
             if hasattr(detector, "restore") and state is not None:

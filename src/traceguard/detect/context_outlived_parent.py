@@ -30,7 +30,7 @@ from collections import Counter
 
 from traceguard.config import StructuralConfig
 from traceguard.detect.base import finding, ms, rate_change_finding, stage_finding
-from traceguard.models.features import stages
+from traceguard.detect.stage_rates import Stage, StageRateDetector
 from traceguard.models.rates import RateChange, RateModel, WindowCalls, wilson_lower
 from traceguard.native import rows as native
 from traceguard.records import KIND_CONSUMER, KIND_NAMES, KIND_PRODUCER, Anomaly, AnomalyKind, Span, Trace
@@ -40,7 +40,6 @@ _MAX_HELD = 20
 _MAX_HOLD_WINDOWS = 10  # windows an occurrence waits for its stage's norm (5 min of 30 s windows)
 _EXEMPLARS = 5
 
-Stage = tuple[str, str, int]
 
 
 def _ended_after_parent(spans: list[Span], by_id: dict[bytes, Span], least: int) -> list[tuple[Span, Span]]:
@@ -60,34 +59,29 @@ def _ended_after_parent(spans: list[Span], by_id: dict[bytes, Span], least: int)
 ended_after_parent = native.ended_after_parent if native is not None else _ended_after_parent
 
 
-class ContextOutlivedParent:
+class ContextOutlivedParent(StageRateDetector):
     kind = AnomalyKind.CONTEXT_OUTLIVED_PARENT
 
     def __init__(self, config: StructuralConfig, calls: WindowCalls | None = None) -> None:
-        """``calls`` is a stage call counter shared with other detectors whose windows agree."""
         self._skew = config.clock_skew_tolerance
         self._min_overrun = config.min_overrun
         self._least_tolerance = min(self._skew, self._min_overrun)
         self._min_calls = config.norm_min_calls
         self._routine_rate = config.norm_routine_rate
-        self.rates_ = RateModel(
+        self._max_stages = config.norm_max_stages
+        self._candidates: set[Stage] = set()      # stages a child has outlived at least once: they have a rate
+        self._stage_calls: Counter[Stage] = Counter()  # calls per stage in the windows before (bounded)
+        super().__init__(RateModel(
             "up", window=config.norm_window, persist_windows=config.norm_persist_windows,
             half_life=config.norm_half_life, z=config.norm_z, min_ratio=config.norm_min_ratio,
             min_calls=config.norm_min_calls, min_window_calls=config.norm_min_window_calls,
             max_keys=config.norm_max_stages,
-        )
-        self._max_stages = config.norm_max_stages
-        self._candidates: set[Stage] = set()      # stages a child has outlived at least once: they have a rate
-        self._stage_calls: Counter[Stage] = Counter()  # calls per stage in the windows before (bounded)
-        self._calls = calls if calls is not None else WindowCalls(config.norm_window, config.norm_max_stages)  # every stage's, per window
-        self._reader = self._calls.reader(self._keep, config.norm_max_stages)
-        self._counting, self._next_at = self._reader == 0, 0
+        ), calls)
         self.routine_: dict[Stage, bool] = {}      # stages whose norm is decided
         self._reported_services: set[str] = set()  # services whose routine was reported
         self._held: dict[Stage, list[Anomaly]] = {}
         self._held_since: dict[Stage, int] = {}  # window in which a stage's first occurrence was held
         self.held_dropped_ = 0
-        self._released: list[Anomaly] = []
 
     def detect(self, trace: Trace) -> list[Anomaly]:
         overruns: dict[bytes, list] | None = None
@@ -98,10 +92,7 @@ class ContextOutlivedParent:
                 if overruns is None:
                     overruns = {}
                 overruns.setdefault(parent.span_id, []).append((span, parent, overrun, tolerance))
-        if trace.decided_at >= self._next_at:
-            self._roll_window(trace.decided_at)
-        if self._counting:
-            self._calls.count(stages(trace))
+        self._count(trace)
         if overruns is None:
             return []
         candidates, now, trace_hex = self._candidates, trace.decided_at, trace.trace_id.hex()
@@ -132,16 +123,8 @@ class ContextOutlivedParent:
             elif not routine or self.rates_.is_open(key):
                 # an open rise: the incident tracker attaches them
                 findings.extend(self._anomaly(trace, *item) for item in found)
-        if events:
-            self._released.extend(self._changes(events, now))
+        self._release(events, now)
         return findings
-
-    def _roll_window(self, now: int) -> None:
-        """Ends the current window once ``now`` is past it (never backwards)."""
-        ended = self._calls.roll(now, self._reader)
-        self._next_at = self._calls.next_at
-        if ended is not None:
-            self._end_window(*ended, now)
 
     def _keep(self, key: Stage) -> bool:
         """Whose calls a full window keeps: the stages with a rate or a seed."""
@@ -159,8 +142,7 @@ class ContextOutlivedParent:
             for key, n in calls.items():
                 if key not in candidates and (key in seeds or len(seeds) < self._max_stages):
                     seeds[key] += n
-            if events:
-                self._released.extend(self._changes(events, now))
+            self._release(events, now)
         if self._held:
             self._judge_held(now, index)
 
@@ -273,33 +255,15 @@ class ContextOutlivedParent:
             what=f"calls whose children kept running after {event.key[0]} '{event.key[1]}' ended",
         ) for event in events]
 
-    def advance(self, now: int) -> list[Anomaly]:
-        """Time passes without traces too: a window that ended is handed over and closed."""
-        self._roll_window(now)
-        events: list[RateChange] = []
-        self.rates_.advance(now, events)
-        if events:
-            self._released.extend(self._changes(events, now))
-        if not self._released:
-            return []
-        released, self._released = self._released, []
-        return released
-
-    def flush(self, now: int) -> list[Anomaly]:
+    def _finish(self, now: int) -> None:
         """End of input: stages still undecided are judged on what was seen."""
-        self._end_window(*self._calls.take(self._reader), now)
-        events: list[RateChange] = []
-        self.rates_.flush(events)
-        self._released.extend(self._changes(events, now))
         self._judge_held(now, self._calls.index, final=True)
-        released, self._released = self._released, []
-        return released
 
     def state(self) -> dict:
-        return {"rates": self.rates_.state(), "routine": [[*key, routine] for key, routine in self.routine_.items()]}
+        return {**super().state(), "routine": [[*key, routine] for key, routine in self.routine_.items()]}
 
     def restore(self, state: dict) -> None:
-        self.rates_.restore(state.get("rates", []))
+        super().restore(state)
         self._candidates.update(self.rates_.keys_)
         for service, operation, span_kind, routine in state.get("routine", []):
             self.routine_[(str(service), str(operation), int(span_kind))] = bool(routine)

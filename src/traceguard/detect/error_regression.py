@@ -29,11 +29,11 @@ from collections import Counter, deque
 from traceguard.config import ErrorsConfig
 from traceguard.decode.common import PER_CALL_ATTRIBUTES
 from traceguard.detect.base import rate_change_finding
-from traceguard.models.features import failed as spans_failed, stages
+from traceguard.detect.stage_rates import Stage, StageRateDetector
+from traceguard.models.features import failed as spans_failed
 from traceguard.models.rates import RateChange, RateModel, WindowCalls
 from traceguard.records import SEVERITY_ERROR, STATUS_ERROR, Anomaly, AnomalyKind, LogRow, Span, Trace
 
-Stage = tuple[str, str, int]
 _REASONS = 5  # failure reasons listed in a finding
 _RECENT_WINDOWS = 4
 
@@ -98,28 +98,20 @@ def own_failures(trace: Trace) -> list[Span]:
             if not any(child.status == STATUS_ERROR for child in children.get(span.span_id, ()))]
 
 
-class ErrorRegression:
+class ErrorRegression(StageRateDetector):
     kind = AnomalyKind.ERROR_REGRESSION
 
     def __init__(self, config: ErrorsConfig, calls: WindowCalls | None = None) -> None:
-        """``calls`` is a stage call counter shared with other detectors whose windows agree."""
-        self.rates_ = RateModel(
+        super().__init__(RateModel(
             "up", window=config.window, persist_windows=config.persist_windows, half_life=config.half_life,
             z=config.z, min_ratio=config.min_ratio, min_calls=config.min_calls,
             min_window_calls=config.min_window_calls, max_keys=config.max_stages,
-        )
-        self._calls = calls if calls is not None else WindowCalls(config.window, config.max_stages)
-        self._reader = self._calls.reader(self._keep, config.max_stages)
-        self._counting, self._next_at = self._reader == 0, 0
+        ), calls)
         self._reasons: dict[Stage, _Reasons] = {}  # stages that failed (bounded like the rates)
-        self._released: list[Anomaly] = []
 
     def detect(self, trace: Trace) -> list[Anomaly]:
         """Counts the trace; its findings come when windows end (``advance``)."""
-        if trace.decided_at >= self._next_at:
-            self._roll(trace.decided_at)
-        if self._counting:
-            self._calls.count(stages(trace))
+        self._count(trace)
         failed = own_failures(trace)
         if failed:
             events: list[RateChange] = []
@@ -135,15 +127,6 @@ class ErrorRegression:
             self._release(events, now)
         return []
 
-    def _keep(self, key: Stage) -> bool:
-        return key in self.rates_.keys_ or len(self.rates_.keys_) < self.rates_.max_keys
-
-    def _roll(self, now: int) -> None:
-        ended = self._calls.roll(now, self._reader)
-        self._next_at = self._calls.next_at
-        if ended is not None:
-            self._end_window(*ended, now)
-
     def _end_window(self, index: int, calls: dict[Stage, int], now: int) -> None:
         """The window's calls join the stages' rates (their failures already did),
         and its failure reasons the recent ones."""
@@ -155,12 +138,12 @@ class ErrorRegression:
             reasons.roll(calm=not self.rates_.is_open(key))
         self._release(events, now)
 
-    def _release(self, events: list[RateChange], now: int) -> None:
-        self._released.extend(rate_change_finding(
+    def _changes(self, events: list[RateChange], now: int) -> list[Anomaly]:
+        return [rate_change_finding(
             self.kind, event, now, signal="errors",
             what=f"calls of {event.key[0]} '{event.key[1]}' that failed on their own",
             evidence={"current_failed": event.current_hits, "reasons": self._rose(event.key)},
-        ) for event in events)
+        ) for event in events]
 
     def _rose(self, key: Stage) -> list[dict]:
         """The failure reasons of the recent windows, most frequent first, each with
@@ -171,26 +154,3 @@ class ErrorRegression:
         recent = reasons.recent_total()
         return [{"reason": reason, "recent": count, "usual": round(reasons.usual.get(reason, 0.0), 1)}
                 for reason, count in sorted(recent.items(), key=lambda item: (-item[1], item[0]))[:_REASONS]]
-
-    def advance(self, now: int) -> list[Anomaly]:
-        """Time passes without traces too: a window that ended is handed over and closed."""
-        self._roll(now)
-        events: list[RateChange] = []
-        self.rates_.advance(now, events)
-        self._release(events, now)
-        released, self._released = self._released, []
-        return released
-
-    def flush(self, now: int) -> list[Anomaly]:
-        self._end_window(*self._calls.take(self._reader), now)
-        events: list[RateChange] = []
-        self.rates_.flush(events)
-        self._release(events, now)
-        released, self._released = self._released, []
-        return released
-
-    def state(self) -> dict:
-        return {"rates": self.rates_.state()}
-
-    def restore(self, state: dict) -> None:
-        self.rates_.restore(state.get("rates", []))
