@@ -169,10 +169,12 @@ def test_an_occurrence_on_a_quiet_stage_is_not_held_for_ever():
     assert leak.trace_id == f"{11:032x}"
 
 
-def _failing(n, t_ms, *, fails: bool):
+def _failing(n, t_ms, *, fails: bool, failed_status: int = 2):
     """web SERVER → web CLIENT → orders SERVER → orders CLIENT (the database); a
-    failing database call fails every span above it, as a propagated error does."""
-    status = 2 if fails else 0
+    failing database call fails every span above it, as a propagated error does
+    (with ``failed_status``: 0 is what an instrumentation that records the
+    exception but sets no status leaves)."""
+    status = failed_status if fails else 0
     return [row(n, 1, start_ms=t_ms, end_ms=t_ms + 20, kind=KIND_SERVER, service="web", name="GET /", status=status),
             row(n, 2, 1, start_ms=t_ms + 1, end_ms=t_ms + 19, kind=KIND_CLIENT, service="web", name="POST /order",
                 status=status),
@@ -182,7 +184,8 @@ def _failing(n, t_ms, *, fails: bool):
                 name="INSERT orders", status=status)]
 
 
-def _run_failing(minutes, share, *, fault_from_min=None, fault_until_min=None, fault_share=0.0, seed=1):
+def _run_failing(minutes, share, *, fault_from_min=None, fault_until_min=None, fault_share=0.0, seed=1,
+                 failed_status=2):
     rng = np.random.default_rng(seed)
     sink = MemorySink()
     pipeline = Pipeline(PipelineConfig(), EventTimeClock(5 * SECOND_NS), [sink])
@@ -193,7 +196,7 @@ def _run_failing(minutes, share, *, fault_from_min=None, fault_until_min=None, f
         if fails:  # the database call's exception event: a timeout as usual, a new error during the fault
             what = "redis.exceptions.ResponseError: MOVED 3999" if faulty else "TimeoutError: timed out"
             pipeline.accept_logs([LogRow(tid(i + 1), sid(4), T0 + int((t_ms + 10) * 1e6), 17, "ERROR", what, "orders")])
-        pipeline.accept_spans(_failing(i + 1, t_ms, fails=fails))
+        pipeline.accept_spans(_failing(i + 1, t_ms, fails=fails, failed_status=failed_status))
         pipeline.advance()
     pipeline.close()
     return sink
@@ -227,3 +230,16 @@ def test_a_rise_of_errors_is_one_incident_on_the_deepest_failing_stage():
     assert len(incidents) == 1
     (incident,) = incidents.values()
     assert incident.culprits[0].service == "orders" and incident.state == "resolved"
+
+
+def test_an_exception_event_on_a_span_with_no_status_is_a_failure():
+    """The same rise where no span's status was set, only the database call's
+    exception event recorded (Go's RecordError): found on the database call."""
+    sink = _run_failing(30, 0.05, fault_from_min=15, fault_until_min=20, fault_share=0.4, failed_status=0)
+    assert {(a.service, a.operation) for a in of_kind(sink, "error_regression")} == {("orders", "INSERT orders")}
+
+
+def test_an_exception_event_on_a_span_with_status_ok_is_no_failure():
+    """An instrumentation that sets OK after recording the exception judged it handled."""
+    sink = _run_failing(30, 0.05, fault_from_min=15, fault_until_min=20, fault_share=0.4, failed_status=1)
+    assert of_kind(sink, "error_regression") == []

@@ -2,7 +2,10 @@
 
 A span failed when its status is ERROR (what every OpenTelemetry
 instrumentation sets for an exception, a 5xx on a server, a failed request on
-a client, a gRPC error). Its failure is the stage's *own* when none of its
+a client, a gRPC error), or when its status was left UNSET and it recorded an
+exception event or logged at ERROR or above (Go's ``RecordError`` does not set
+the status; an explicit OK says the instrumentation judged the exception
+handled). Its failure is the stage's *own* when none of its
 children failed: a caller that only passes a failure up is not where it came
 from, so the culprit of a fault is the deepest stage that fails, and its
 callers, whose own failures do not rise, open nothing.
@@ -32,7 +35,7 @@ from traceguard.detect.base import rate_change_finding
 from traceguard.detect.stage_rates import Stage, StageRateDetector
 from traceguard.models.features import failed as spans_failed
 from traceguard.models.rates import RateChange, RateModel, WindowCalls
-from traceguard.records import SEVERITY_ERROR, STATUS_ERROR, Anomaly, AnomalyKind, LogRow, Span, Trace
+from traceguard.records import SEVERITY_ERROR, STATUS_ERROR, STATUS_UNSET, Anomaly, AnomalyKind, LogRow, Span, Trace
 
 _REASONS = 5  # failure reasons listed in a finding
 _RECENT_WINDOWS = 4
@@ -88,14 +91,26 @@ class _Reasons:
         return total
 
 
+def failed_spans(trace: Trace) -> list[Span]:
+    """The spans with status ERROR, and those with status UNSET that logged an
+    error of their own (an exception event is one), in span order."""
+    failed = spans_failed(trace)
+    if trace.logs:
+        logged = {log.span_id for log in trace.logs if log.severity_number >= SEVERITY_ERROR}
+        if logged and any(trace.by_id[span_id].status == STATUS_UNSET for span_id in logged if span_id in trace.by_id):
+            failed = [span for span in trace.spans if span.status == STATUS_ERROR
+                      or (span.status == STATUS_UNSET and span.span_id in logged)]
+    return failed
+
+
 def own_failures(trace: Trace) -> list[Span]:
     """The failed spans none of whose children failed, in span order."""
-    failed = spans_failed(trace)
+    failed = failed_spans(trace)
     if not failed:
         return failed
+    ids = {span.span_id for span in failed}
     children = trace.children
-    return [span for span in failed
-            if not any(child.status == STATUS_ERROR for child in children.get(span.span_id, ()))]
+    return [span for span in failed if not any(child.span_id in ids for child in children.get(span.span_id, ()))]
 
 
 class ErrorRegression(StageRateDetector):
