@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -38,7 +39,12 @@ class ServeProcess:
         if not ports.wait(60):
             self.process.kill()
             raise RuntimeError("serve did not start:\n" + "".join(self.lines))
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.api}", timeout=10)
+        # the API takes the receivers' token and TLS
+        token, cert = environ.get("TRACEGUARD_SERVE__TOKEN"), environ.get("TRACEGUARD_SERVE__TLS_CERT")
+        self.client = httpx.Client(
+            base_url=f"{'https' if cert else 'http'}://127.0.0.1:{self.api}", timeout=10,
+            headers={"authorization": f"Bearer {token}"} if token else None,
+            verify=ssl.create_default_context(cafile=cert) if cert else True)
 
     def anomalies(self, **filters) -> list[dict]:
         """Every stored finding, following the cursor."""

@@ -71,3 +71,32 @@ def test_a_dumped_config_reads_back_the_same():
     assert PipelineConfig.model_validate(config.model_dump()) == config
     assert PipelineConfig.model_validate_json(config.model_dump_json()) == config
     assert config.model_dump()["assembler"]["decision_wait"] == "250000000ns"
+
+
+def test_precedence_is_flags_then_environment_then_file_then_defaults(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[serve]\nstate_dir = "from-file"\napi_listen = "127.0.0.1:1"\ngrpc_listen = "127.0.0.1:2"\n')
+    environ = {"TRACEGUARD_SERVE__STATE_DIR": "from-env", "TRACEGUARD_SERVE__API_LISTEN": "127.0.0.1:3"}
+    # a flag that was not given (None) leaves the environment's value
+    config = load_config(path, {"serve.state_dir": None, "serve.api_listen": "127.0.0.1:4"}, environ=environ)
+    assert str(config.serve.state_dir) == "from-env"  # environment over file
+    assert config.serve.api_listen == "127.0.0.1:4"  # flag over environment
+    assert config.serve.grpc_listen == "127.0.0.1:2"  # file over default
+    assert config.serve.http_listen == PipelineConfig().serve.http_listen  # default
+
+
+def test_an_environment_value_is_validated_and_the_error_names_the_variable():
+    environ = {"TRACEGUARD_ASSEMBLER__DECISION_WAIT": "later"}
+    with pytest.raises(ConfigError, match="assembler.decision_wait .from environment variable "
+                                          "TRACEGUARD_ASSEMBLER__DECISION_WAIT."):
+        load_config(None, {"assembler.decision_wait": None}, environ=environ)
+
+
+def test_variables_that_name_no_setting_are_ignored_with_a_warning():
+    """Kubernetes injects TRACEGUARD_SERVICE_HOST and TRACEGUARD_PORT for a Service named traceguard."""
+    warnings: list[str] = []
+    environ = {"TRACEGUARD_SERVICE_HOST": "10.0.0.1", "TRACEGUARD_PORT": "tcp://10.0.0.1:8080",
+               "TRACEGUARD_SERVE": "x", "TRACEGUARD_SERVE__TICK": "1s"}
+    config = load_config(None, environ=environ, warn=warnings.append)
+    assert config.serve.tick == 10**9
+    assert sorted(w.split()[3].rstrip(":") for w in warnings) == ["TRACEGUARD_PORT", "TRACEGUARD_SERVE", "TRACEGUARD_SERVICE_HOST"]

@@ -179,8 +179,8 @@ def test_overload_pushes_back_and_nothing_accepted_is_lost(server):
     assert sorted(a["trace_id"] for a in found) == [tid(1).hex(), tid(2).hex()]
     assert all(a["evidence"]["span_count"] == 450 for a in found)
     metrics = server.client.get("/metrics").text
-    assert 'traceguard_requests_refused_total{signal="traces",transport="http"} 1.0' in metrics
-    assert 'traceguard_requests_refused_total{signal="traces",transport="grpc"} 1.0' in metrics
+    assert 'traceguard_requests_refused_total{reason="overloaded",signal="traces",transport="http"} 1.0' in metrics
+    assert 'traceguard_requests_refused_total{reason="overloaded",signal="traces",transport="grpc"} 1.0' in metrics
 
 
 def _rss_kib(pid: int) -> int:
@@ -320,6 +320,15 @@ def test_tls_and_bearer_token_on_both_protocols(tmp_path):
         found = server.wait_for(lambda: (lambda items: items if len(items) == 2 else None)(
             server.anomalies(kind="missing_root")), what="the two authorised traces")
         assert sorted(a["trace_id"] for a in found) == [tid(8).hex(), tid(9).hex()]
+        # the API: the same TLS and token; health and readiness open for probes
+        api = f"https://127.0.0.1:{server.api}"
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert))) as client:
+            assert client.get(f"{api}/api/anomalies").status_code == 401
+            assert client.get(f"{api}/metrics").status_code == 401
+            assert client.get(f"{api}/healthz").status_code == 200 and client.get(f"{api}/readyz").status_code == 200
+        metrics = server.client.get("/metrics").text
+        assert 'traceguard_requests_refused_total{reason="unauthenticated",signal="traces",transport="grpc"} 1.0' in metrics
+        assert 'traceguard_requests_refused_total{reason="unauthenticated",signal="traces",transport="http"} 1.0' in metrics
     finally:
         assert server.stop() == 0
 

@@ -3,6 +3,11 @@
 FastAPI serves the OpenAPI document at ``/openapi.json`` (and docs at
 ``/docs``). Paging is by an opaque cursor that does not move when a finding
 is updated (a resolved regression, late logs).
+
+With a token configured, every path needs it (findings carry log bodies;
+Prometheus sends it with ``authorization`` in its scrape config) except
+``/healthz`` and ``/readyz``, which say nothing but up/ready and which the
+kubelet probes without credentials.
 """
 
 from __future__ import annotations
@@ -10,10 +15,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Callable, Literal
 
-from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from traceguard import __version__
+from traceguard.auth import bearer_matches
 from traceguard.metrics import Metrics, prometheus_text
 from traceguard.records import Anomaly, AnomalyKind, Incident
 from traceguard.sinks.sqlite import SqliteStore
@@ -36,19 +43,28 @@ class IncidentDetail(Incident):
     findings: list[Anomaly]
 
 
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+_LARGEST = 2**63 - 1  # what SQLite's INTEGER holds
+_CURSOR = r"^\d{1,18}$"  # below 2**63
+
+
 def _since(value: str | None) -> int | None:
     """Unix nanoseconds, or an ISO 8601 / RFC 3339 time."""
     if value is None or value == "":
         return None
     if value.isdigit():
-        return int(value)
-    try:
-        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise HTTPException(400, f"since={value!r} is neither unix nanoseconds nor an ISO 8601 time") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    return int(moment.timestamp() * 1e9)
+        nanos = int(value)
+    else:
+        try:
+            moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise HTTPException(400, f"since={value!r} is neither unix nanoseconds nor an ISO 8601 time") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.timezone.utc)
+        nanos = int(moment.timestamp() * 1e9)
+    if not 0 <= nanos <= _LARGEST:
+        raise HTTPException(400, f"since={value!r} is out of range (unix nanoseconds up to {_LARGEST})")
+    return nanos
 
 
 def _require(store: SqliteStore | None) -> None:
@@ -56,10 +72,20 @@ def _require(store: SqliteStore | None) -> None:
         raise HTTPException(404, "this instance keeps no findings store (start it with --state-dir)")
 
 
-def create_api(store: SqliteStore | None, metrics: Metrics, ready: Callable[[], bool]) -> FastAPI:
+def create_api(store: SqliteStore | None, metrics: Metrics, ready: Callable[[], bool],
+               token: str | None = None) -> FastAPI:
     """``store`` None (a Kafka consumer without a state dir): the findings endpoints answer 404."""
     app = FastAPI(title="traceguard", version=__version__,
                   description="Findings of the traceguard distributed-trace anomaly detector.")
+
+    if token is not None:
+        @app.middleware("http")
+        async def authenticate(request: Request, call_next):
+            if request.url.path in _OPEN_PATHS or bearer_matches(request.headers.get("authorization"), token):
+                return await call_next(request)
+            metrics.inc("traceguard_api_refused_total", status="401")
+            return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
 
     @app.get("/api/incidents", response_model=IncidentPage)
     def list_incidents(
@@ -68,7 +94,7 @@ def create_api(store: SqliteStore | None, metrics: Metrics, ready: Callable[[], 
         since: str | None = Query(None, description="unix ns or ISO 8601: incidents updated at or after"),
         state: Literal["open", "resolved"] | None = None,
         limit: int = Query(100, ge=1, le=1000),
-        cursor: str | None = Query(None, pattern=r"^\d+$"),
+        cursor: str | None = Query(None, pattern=_CURSOR),
     ) -> IncidentPage:
         _require(store)
         items, following = store.incidents(service=service, operation=operation, since=_since(since), state=state,
@@ -92,7 +118,7 @@ def create_api(store: SqliteStore | None, metrics: Metrics, ready: Callable[[], 
         trace_id: str | None = Query(None, pattern=r"^[0-9a-f]{32}$"),
         since: str | None = Query(None, description="unix ns or ISO 8601: findings detected at or after"),
         limit: int = Query(100, ge=1, le=1000),
-        cursor: str | None = Query(None, pattern=r"^\d+$"),
+        cursor: str | None = Query(None, pattern=_CURSOR),
     ) -> AnomalyPage:
         _require(store)
         items, following = store.query(

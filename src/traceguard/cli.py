@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         flags["assembler.allowed_lateness"] = args.allowed_lateness
     try:
-        config = load_config(args.config, flags)
+        config = load_config(args.config, flags, warn=lambda message: print(f"traceguard: {message}", file=sys.stderr))
     except ConfigError as exc:
         print(f"traceguard: {exc}", file=sys.stderr)
         return 2

@@ -7,12 +7,15 @@ No other module holds a default: stages receive their section of
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
+
+from traceguard.auth import check_token
 
 _UNITS_NS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h)?\s*$")
@@ -233,8 +236,10 @@ class ServeConfig(_Section):
     shutdown_timeout: DurationNs = Field(parse_duration("10s"), description="Bound on the graceful stop.")
     jsonl_out: Path | None = Field(None, description="Also append findings as JSONL here.")
     model_dir: Path | None = Field(None, description="Trained models to start from when the state dir has none yet.")
-    token: str | None = Field(None, description="Bearer token both OTLP receivers require when set.")
-    tls_cert: Path | None = Field(None, description="PEM certificate: serve OTLP over TLS (with tls_key).")
+    token: str | None = Field(
+        None, description="Bearer token the OTLP receivers and the API require when set (not /healthz, /readyz); "
+                          "an empty one is an error.")
+    tls_cert: Path | None = Field(None, description="PEM certificate: serve OTLP and the API over TLS (with tls_key).")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
     forward_to: str | None = Field(None, description="Upstream OTLP/gRPC HOST:PORT that gets every accepted request.")
     forward_queue: int = Field(1000, ge=1, description="Requests waiting to be forwarded; the oldest are dropped past it.")
@@ -245,9 +250,18 @@ class ServeConfig(_Section):
             host, _, port = getattr(self, key).rpartition(":")
             if not host or not port.isdigit() or not 0 <= int(port) < 65536:
                 raise ValueError(f"{key} must be HOST:PORT, got {getattr(self, key)!r}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")
+        _check_listener_security(self.token, self.tls_cert, self.tls_key)
         return self
+
+
+def _check_listener_security(token: str | None, tls_cert: Path | None, tls_key: Path | None) -> None:
+    if token is not None:
+        try:
+            check_token(token)
+        except ValueError as exc:
+            raise ValueError(f"token {exc}") from None
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together")
 
 
 class ConsumeConfig(_Section):
@@ -269,6 +283,9 @@ class ConsumeConfig(_Section):
     state_dir: Path | None = Field(None, description="SQLite store, model snapshots and the detectors' checkpoint.")
     out: Path | None = Field(None, description="Also append findings as JSONL here.")
     api_listen: str | None = Field(None, description="Serve the HTTP API and /metrics here (HOST:PORT).")
+    token: str | None = Field(None, description="Bearer token the API requires when set (not /healthz, /readyz); an empty one is an error.")
+    tls_cert: Path | None = Field(None, description="PEM certificate: serve the API over TLS (with tls_key).")
+    tls_key: Path | None = Field(None, description="PEM private key for tls_cert.")
     exit_at_end: bool = Field(False, description="Stop once caught up with the end offsets seen at start and all is decided.")
     commit_interval: DurationNs = Field(parse_duration("5s"), description="How often decided offsets are committed.")
     late_horizon: DurationNs = Field(
@@ -302,6 +319,7 @@ class ConsumeConfig(_Section):
             host, _, port = self.api_listen.rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"api_listen must be HOST:PORT, got {self.api_listen!r}")
+        _check_listener_security(self.token, self.tls_cert, self.tls_key)
         return self
 
 
@@ -325,36 +343,66 @@ ENV_PREFIX = "TRACEGUARD_"
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None,
-                environ: dict[str, str] | None = None) -> PipelineConfig:
-    """Builds the config from a file, then environment variables, then flags.
+                environ: dict[str, str] | None = None,
+                warn: Callable[[str], None] = logging.getLogger(__name__).warning) -> PipelineConfig:
+    """Builds the config: defaults, then the file, then environment variables,
+    then flags (each overrides the ones before).
 
     Args:
         path: a ``.toml``, ``.yaml``/``.yml`` or ``.json`` file whose tables are the sections.
         overrides: flags, ``{"assembler.decision_wait": "10s"}``; ``None`` values are skipped.
         environ: ``TRACEGUARD_SERVE__GRPC_LISTEN=0.0.0.0:4317`` is ``serve.grpc_listen``
-            (``__`` separates sections); ``os.environ`` if not given.
+            (``__`` separates sections); ``os.environ`` if not given. A ``TRACEGUARD_``
+            variable that names no setting (Kubernetes makes ``TRACEGUARD_PORT`` for a
+            Service named traceguard) is ignored, and ``warn`` names it.
     """
     data: dict[str, Any] = {}
     if path is not None:
         data = _read_file(path)
     environ = os.environ if environ is None else environ
-    from_env = {key[len(ENV_PREFIX):].lower().replace("__", "."): value
-                for key, value in environ.items() if key.startswith(ENV_PREFIX)}
-    for dotted, value in {**from_env, **(overrides or {})}.items():
-        if value is None:
+    sources: dict[str, str] = {}  # dotted key -> where its value came from, for the error message
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
             continue
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+        if not _is_setting(dotted):
+            warn(f"ignoring environment variable {name}: it names no setting")
+            continue
+        _put(data, dotted, value)
+        sources[dotted] = f"environment variable {name}"
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _put(data, dotted, value)
+            sources[dotted] = f"--{dotted.split('.')[-1].replace('_', '-')}"
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"invalid configuration: {problems}") from None
+        problems = []
+        for err in exc.errors():
+            dotted = ".".join(str(p) for p in err["loc"])
+            source = next((f" (from {where})" for key, where in sources.items() if dotted.startswith(key)), "")
+            problems.append(f"{dotted}{source}: {err['msg']}")
+        raise ConfigError(f"invalid configuration: {'; '.join(problems)}") from None
+
+
+def _put(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[leaf] = value
+
+
+def _is_setting(dotted: str) -> bool:
+    model: Any = PipelineConfig
+    for part in dotted.split("."):
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return False
+        model = fields[part].annotation
+    return getattr(model, "model_fields", None) is None  # a leaf, not a whole section
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -135,8 +135,9 @@ def run(config: PipelineConfig) -> tuple[int, Metrics]:
         from traceguard.httpd import HttpServers
 
         http = HttpServers()
-        port = http.add(create_api(consumer.store, consumer.pipeline.metrics, lambda: not stop.is_set()),
-                        config.consume.api_listen)
+        c = config.consume
+        port = http.add(create_api(consumer.store, consumer.pipeline.metrics, lambda: not stop.is_set(), token=c.token),
+                        c.api_listen, c.tls_cert, c.tls_key)
         http.start()
         log.info("API and /metrics on port %d", port)
     c = config.consume

@@ -101,9 +101,10 @@ class Server:
             tls = (serve.tls_key.read_bytes(), serve.tls_cert.read_bytes())
         # Bind the HTTP sockets first, so an address in use fails now, plainly.
         otlp_http = create_otlp_http(self.ingest, max_request_bytes=serve.max_request_bytes, token=serve.token)
-        api = create_api(self.store, self.pipeline.metrics, lambda: self._ready and not self._stopping.is_set())
+        api = create_api(self.store, self.pipeline.metrics, lambda: self._ready and not self._stopping.is_set(),
+                         token=serve.token)
         http_port = self._http.add(otlp_http, serve.http_listen, serve.tls_cert, serve.tls_key)
-        api_port = self._http.add(api, serve.api_listen)
+        api_port = self._http.add(api, serve.api_listen, serve.tls_cert, serve.tls_key)
         try:
             self._grpc, grpc_port = start_grpc(self.ingest, serve.grpc_listen,
                                                max_request_bytes=serve.max_request_bytes, token=serve.token, tls=tls)

@@ -58,6 +58,11 @@ class LiveIngest:
         self.stages = StageAttributes(config.decode.max_stages)
         self.lock = threading.Lock()
 
+    def refused(self, transport: str, signal: str, reason: str) -> None:
+        """Counts a request answered with an error: overloaded, unauthenticated,
+        undecodable, too large, unsupported type or encoding."""
+        self.metrics.inc("traceguard_requests_refused_total", transport=transport, signal=signal, reason=reason)
+
     def traces(self, decoded: Decoded, transport: str) -> tuple[int, str]:
         """Takes decoded spans; returns (rejected, message) for the partial-success answer.
 
@@ -67,7 +72,7 @@ class LiveIngest:
         started = time.perf_counter()
         with self.lock:
             if self.pipeline.assembler.room() < len(decoded.rows):
-                self.metrics.inc("traceguard_requests_refused_total", transport=transport, signal="traces")
+                self.refused(transport, "traces", "overloaded")
                 raise Overloaded(self.config.serve.retry_after / 1e9)
             self.metrics.inc("traceguard_spans_received_total", len(decoded.rows) + decoded.rejected,
                              transport=transport)

@@ -20,6 +20,7 @@ from google.rpc.error_details_pb2 import RetryInfo
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
+from traceguard.auth import bearer_matches
 from traceguard.decode import DecodeError, decode_logs_proto, decode_traces_proto
 from traceguard.decode.common import Decoded
 from traceguard.sources.live import LiveIngest, Overloaded, export_response
@@ -33,14 +34,15 @@ def _refuse(context, overloaded: Overloaded) -> None:
 
 
 class _Auth:
-    def __init__(self, token: str | None) -> None:
-        self._expected = f"Bearer {token}" if token else None
+    def __init__(self, token: str | None, ingest: LiveIngest) -> None:
+        self._token, self._ingest = token, ingest
 
-    def check(self, context) -> None:
-        if self._expected is None:
+    def check(self, context, signal: str) -> None:
+        if self._token is None:
             return
         metadata = dict(context.invocation_metadata())
-        if metadata.get("authorization") != self._expected:
+        if not bearer_matches(metadata.get("authorization"), self._token):
+            self._ingest.refused("grpc", signal, "unauthenticated")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
 
@@ -55,10 +57,11 @@ class _Export:
         self._ingest, self._auth = ingest, auth
 
     def __call__(self, data: bytes, context):
-        self._auth.check(context)
+        self._auth.check(context, self._signal)
         try:
             decoded = self._decode(data)
         except DecodeError as exc:
+            self._ingest.refused("grpc", self._signal, "undecodable")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             rejected, message = self._accept(decoded, "grpc")
@@ -80,7 +83,7 @@ def start_grpc(ingest: LiveIngest, address: str, *, max_request_bytes: int, toke
         futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="otlp-grpc"),
         options=[("grpc.max_receive_message_length", max_request_bytes)],
     )
-    auth = _Auth(token)
+    auth = _Auth(token, ingest)
     decode_config = ingest.config.decode
     traces = _Export("traces", lambda data: decode_traces_proto(data, decode_config, ingest.stages),
                      ingest.traces, ingest, auth)

@@ -18,12 +18,16 @@ from starlette.concurrency import run_in_threadpool
 from google.protobuf.json_format import MessageToDict
 from google.rpc.status_pb2 import Status
 
+from traceguard.auth import bearer_matches
 from traceguard.decode import DecodeError, decode_logs_json, decode_logs_proto, decode_traces_json, decode_traces_proto
 from traceguard.sources.forward import json_to_protobuf
 from traceguard.sources.live import LiveIngest, Overloaded, export_response
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
+
+
+_REASONS = {400: "undecodable", 401: "unauthenticated", 413: "too_large", 415: "unsupported"}
 
 
 class _Refused(Exception):
@@ -65,13 +69,14 @@ async def _body(request: Request, limit: int) -> bytes:
 def create_otlp_http(ingest: LiveIngest, *, max_request_bytes: int, token: str | None = None) -> FastAPI:
     app = FastAPI(title="traceguard OTLP/HTTP receiver", openapi_url=None, docs_url=None, redoc_url=None)
     decode_config = ingest.config.decode
-    expected_auth = f"Bearer {token}" if token else None
 
     def handle(body: bytes, content_type: str, signal: str) -> tuple[int, str]:
         document = None
         try:
             if content_type == JSON:
                 document = orjson.loads(body)
+                if not isinstance(document, dict):
+                    raise DecodeError(f"the top level is {type(document).__name__}, not an object")
             if signal == "traces":
                 decoded = (decode_traces_json(document, decode_config, ingest.stages)
                            if content_type == JSON else decode_traces_proto(body, decode_config, ingest.stages))
@@ -91,7 +96,7 @@ def create_otlp_http(ingest: LiveIngest, *, max_request_bytes: int, token: str |
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         answer_type = JSON if content_type == JSON else PROTOBUF
         try:
-            if expected_auth is not None and request.headers.get("authorization") != expected_auth:
+            if token is not None and not bearer_matches(request.headers.get("authorization"), token):
                 raise _Refused(401, "missing or wrong bearer token")
             if content_type not in (PROTOBUF, JSON):
                 raise _Refused(415, f"content-type {content_type!r} is not supported ({PROTOBUF} or {JSON})")
@@ -99,6 +104,8 @@ def create_otlp_http(ingest: LiveIngest, *, max_request_bytes: int, token: str |
             # decoding and the pipeline lock stay off the event loop
             rejected, message = await run_in_threadpool(handle, body, content_type, signal)
         except _Refused as refused:
+            if refused.status != 429:  # counted where the pipeline refused it
+                ingest.refused("http", signal, _REASONS[refused.status])
             return _answer(Status(code=0, message=refused.message), answer_type, refused.status, refused.headers)
         return _answer(export_response(signal, rejected, message), answer_type)
 

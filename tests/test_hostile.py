@@ -1,0 +1,118 @@
+"""Hostile input and fail-closed settings, the fast cases (issue 15): each
+answered with a clear error and the right status, the process unharmed."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from traceguard.api import create_api
+from traceguard.auth import bearer_matches
+from traceguard.config import ConfigError, PipelineConfig, load_config
+from traceguard.metrics import Metrics, prometheus_text
+from traceguard.sinks.sqlite import SqliteStore
+
+
+@pytest.mark.parametrize("header, ok", [
+    ("Bearer s3cret", True), ("bearer s3cret", True), ("BEARER  s3cret ", True),
+    ("Bearer s3cre", False), ("Bearer s3cret2", False), ("Basic s3cret", False), ("s3cret", False),
+    ("", False), (None, False), ("Bearer", False),
+])
+def test_bearer_scheme_is_case_insensitive_and_the_token_exact(header, ok):
+    assert bearer_matches(header, "s3cret") is ok
+
+
+@pytest.mark.parametrize("section", ["serve", "consume"])
+@pytest.mark.parametrize("token", ["", "  "])
+def test_an_empty_token_is_a_configuration_error_not_no_authentication(section, token):
+    with pytest.raises(ConfigError, match=rf"{section}.*token is empty"):
+        load_config(None, overrides={f"{section}.token": token}, environ={})
+
+
+def test_an_empty_token_from_the_environment_is_refused_too(monkeypatch):
+    monkeypatch.setenv("TRACEGUARD_SERVE__TOKEN", "")
+    with pytest.raises(ConfigError, match="token is empty"):
+        load_config(None)
+
+
+@pytest.fixture
+def api(tmp_path):
+    store = SqliteStore(tmp_path / "anomalies.sqlite")
+    metrics = Metrics()
+    yield TestClient(create_api(store, metrics, lambda: True, token="s3cret")), metrics
+    store.close()
+
+
+def test_the_api_needs_the_token_except_for_health(api):
+    client, metrics = api
+    for path in ("/api/anomalies", "/api/incidents", "/metrics", "/openapi.json"):
+        answer = client.get(path)
+        assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer", path
+        assert client.get(path, headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert client.get(path, headers={"authorization": "bearer s3cret"}).status_code == 200, path
+    assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+    assert 'traceguard_api_refused_total{status="401"} 8.0' in prometheus_text(metrics).decode()
+
+
+@pytest.mark.parametrize("params", [
+    {"cursor": str(2**63)}, {"cursor": "9" * 40}, {"since": str(2**63)},
+    {"since": "9999-12-31T23:59:59"}, {"since": "yesterday"},
+])
+def test_out_of_range_paging_is_a_bad_request(api, params):
+    client, _ = api
+    headers = {"authorization": "Bearer s3cret"}
+    for path in ("/api/anomalies", "/api/incidents"):
+        assert client.get(path, params=params, headers=headers).status_code in (400, 422), (path, params)
+
+
+def test_the_largest_valid_values_still_answer(api):
+    client, _ = api
+    headers = {"authorization": "Bearer s3cret"}
+    for path in ("/api/anomalies", "/api/incidents"):
+        assert client.get(path, params={"cursor": "9" * 18, "since": str(2**63 - 1)},
+                          headers=headers).json()["items"] == []
+
+
+def test_defaults_need_no_token():
+    assert PipelineConfig().serve.token is None and PipelineConfig().consume.token is None
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    """The OTLP/HTTP receiver in process, on a real pipeline and SQLite store, with a token."""
+    from traceguard.assemble import WallClock
+    from traceguard.pipeline import Pipeline
+    from traceguard.sources.live import LiveIngest
+    from traceguard.sources.otlp_http import create_otlp_http
+
+    config = PipelineConfig()
+    store = SqliteStore(tmp_path / "anomalies.sqlite")
+    pipeline = Pipeline(config, WallClock(), [store])
+    ingest = LiveIngest(pipeline, store, config)
+    yield TestClient(create_otlp_http(ingest, max_request_bytes=1 << 16, token="s3cret")), pipeline.metrics
+    store.close()
+
+
+@pytest.mark.parametrize("signal", ["traces", "logs"])
+@pytest.mark.parametrize("body", [b"[]", b"3", b'"x"', b"null", b"[{}]"])
+def test_json_that_is_not_an_object_is_a_bad_request(receiver, signal, body):
+    client, metrics = receiver
+    answer = client.post(f"/v1/{signal}", content=body,
+                         headers={"content-type": "application/json", "authorization": "Bearer s3cret"})
+    assert answer.status_code == 400 and "not an object" in answer.json()["message"]
+    assert f'traceguard_requests_refused_total{{reason="undecodable",signal="{signal}",transport="http"}} 1.0' \
+        in prometheus_text(metrics).decode()
+
+
+def test_every_refusal_is_counted_by_reason(receiver):
+    client, metrics = receiver
+    auth = {"authorization": "Bearer s3cret"}
+    assert client.post("/v1/traces", content=b"{}", headers={"content-type": "application/json"}).status_code == 401
+    assert client.post("/v1/traces", content=b"{}", headers={**auth, "content-type": "text/plain"}).status_code == 415
+    assert client.post("/v1/traces", content=b"x" * (1 << 17),
+                       headers={**auth, "content-type": "application/x-protobuf"}).status_code == 413
+    assert client.post("/v1/traces", content=b"\xff\xff",
+                       headers={**auth, "content-type": "application/x-protobuf"}).status_code == 400
+    text = prometheus_text(metrics).decode()
+    for reason in ("unauthenticated", "unsupported", "too_large", "undecodable"):
+        assert f'traceguard_requests_refused_total{{reason="{reason}",signal="traces",transport="http"}} 1.0' in text
