@@ -116,3 +116,84 @@ def test_every_refusal_is_counted_by_reason(receiver):
     text = prometheus_text(metrics).decode()
     for reason in ("unauthenticated", "unsupported", "too_large", "undecodable"):
         assert f'traceguard_requests_refused_total{{reason="{reason}",signal="traces",transport="http"}} 1.0' in text
+
+
+# Model directories: a file that passes its checksum but holds hostile data (the
+# manifest re-signed), and a save cut short.
+
+def _resign(directory):
+    import hashlib
+    import json
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["files"] = {name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in manifest["files"]}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    from test_learned import _trained
+
+    _trained(tmp_path / "models")
+    return tmp_path / "models"
+
+
+def test_model_counts_that_are_not_finite_are_refused_at_load(model_dir):
+    import numpy as np
+
+    from traceguard.models import store
+
+    with np.load(model_dir / "latency.npz") as data:
+        arrays = {key: data[key] for key in data.files}
+    arrays["self_counts"] = arrays["self_counts"].astype(float)
+    arrays["self_counts"][0, 3] = np.nan
+    np.savez_compressed(model_dir / "latency.npz", **arrays)
+    _resign(model_dir)
+    with pytest.raises(store.ModelFileError, match="not finite"):
+        store.load(model_dir, PipelineConfig().learned)
+
+
+@pytest.mark.parametrize("text", [
+    '{"roots": [{"service": "a", "operation": "b", "traces": Infinity, "stages": []}]}',
+    "[" * 100_000 + "]" * 100_000,
+    '{"roots": [{"service": "a", "operation": "b", "traces": 1e400, "stages": []}]}',
+])
+def test_structure_json_out_of_bounds_is_refused_at_load(model_dir, text):
+    from traceguard.models import store
+
+    (model_dir / "structure.json").write_text(text)
+    _resign(model_dir)
+    with pytest.raises(store.ModelFileError, match="malformed model data"):
+        store.load(model_dir, PipelineConfig().learned)
+
+
+def test_a_forest_file_that_would_inflate_past_the_bound_is_refused_before_inflating(model_dir):
+    import numpy as np
+
+    from traceguard.models import store
+
+    np.savez_compressed(model_dir / "forest.npz", meta=np.array("[]"), shared=np.zeros((3_000_000, 1)))
+    assert (model_dir / "forest.npz").stat().st_size < 100_000  # 24 MB of zeros, compressed
+    _resign(model_dir)
+    small = PipelineConfig.model_validate({"learned": {"forest": {"max_root_operations": 1, "reservoir": 50}}}).learned
+    with pytest.raises(store.ModelFileError, match="would inflate"):
+        store.load(model_dir, small)
+
+
+def test_a_save_cut_short_leaves_a_whole_model_directory(model_dir):
+    """Killed between the two renames of the swap: the old directory is found;
+    killed while writing the new one: the half-written staging is ignored."""
+    import os
+
+    from traceguard.models import store
+
+    before = store.load(model_dir, PipelineConfig().learned)
+    os.rename(model_dir, model_dir.with_name(".models.old"))  # the first rename done, not the second
+    (model_dir.with_name(".models.new")).mkdir()
+    (model_dir.with_name(".models.new") / "latency.npz").write_bytes(b"half")
+    assert store.exists(model_dir)
+    loaded = store.load(model_dir, PipelineConfig().learned)
+    assert set(loaded.latency.stages_) == set(before.latency.stages_)
+    store.save(loaded, model_dir)  # the next save completes the swap
+    assert sorted(p.name for p in model_dir.parent.iterdir()) == ["models"]
+    assert set(store.load(model_dir, PipelineConfig().learned).latency.stages_) == set(before.latency.stages_)

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_summary(metrics.snapshot(), "consume")
         return status
     models = None
-    if args.model_dir is not None and (args.command == "replay" or (args.model_dir / "manifest.json").exists()):
+    if args.model_dir is not None and (args.command == "replay" or store.exists(args.model_dir)):
         try:
             models = store.load(args.model_dir, config.learned)
         except ModelFileError as exc:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -51,7 +50,7 @@ class Consumer:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.store = SqliteStore(self.state_dir / "anomalies.sqlite")
             sinks.append(self.store)
-            if (self.state_dir / "models" / "manifest.json").exists():
+            if model_store.exists(self.state_dir / "models"):
                 models = model_store.load(self.state_dir / "models", config.learned)
                 log.info("learned state loaded from %s", self.state_dir / "models")
         if c.out is not None:
@@ -86,9 +85,7 @@ class Consumer:
         """Before every commit: the detectors' state, atomically; the models when due."""
         if self.state_dir is None:
             return
-        temporary = self.state_dir / f".{CHECKPOINT}.tmp"
-        temporary.write_text(json.dumps(self.pipeline.checkpoint()))
-        os.replace(temporary, self.state_dir / CHECKPOINT)
+        model_store.write_atomically(self.state_dir / CHECKPOINT, json.dumps(self.pipeline.checkpoint()).encode())
         if time.monotonic() >= self._next_snapshot:
             self.snapshot()
 

@@ -88,7 +88,7 @@ class Server:
     def _load_models(self) -> Models | None:
         """The state dir's own snapshot (a restart), else the trained ``serve.model_dir``."""
         for directory in (self.model_dir, self.config.serve.model_dir):
-            if directory is not None and (directory / "manifest.json").exists():
+            if directory is not None and model_store.exists(directory):
                 models = model_store.load(directory, self.config.learned)
                 log.info("learned state loaded from %s", directory)
                 return models

@@ -8,13 +8,23 @@ Arrays are read with ``allow_pickle=False``; forests are stored as the
 normal traces they were fitted on and refitted on load, which gives the same
 trees (fixed seed) and leaves nothing executable in the file. A file whose
 version differs, or whose checksum does not match, is refused with a message
-that says which and why.
+that says which and why; so is data out of its bounds (counts that are not
+finite, arrays larger than the configuration allows once decompressed,
+nesting deeper than the format has).
+
+Saving is atomic: the files are written in full to a sibling directory and
+synced, then swapped in by two renames. A kill at any point leaves a whole
+model directory, the new one or the one before (``.NAME.old`` while the
+swap is half done, which ``load`` and ``exists`` find).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +32,7 @@ import numpy as np
 from traceguard import __version__
 from traceguard.config import LearnedConfig
 from traceguard.models import Models
-from traceguard.models.forest import RootForest
+from traceguard.models.forest import GENERIC_FEATURES, STAGE_COLUMNS, RootForest
 from traceguard.models.histogram import BINS, LogHistogram
 from traceguard.models.latency import StageLatency
 from traceguard.models.structure import RootStructure
@@ -37,21 +47,71 @@ class ModelFileError(ValueError):
 
 
 def save(models: Models, directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    _save_latency(models, directory / "latency.npz")
-    _save_structure(models, directory / "structure.json")
-    _save_forest(models, directory / "forest.npz")
-    (directory / "rates.json").write_text(json.dumps(models.rates, sort_keys=True))
-    (directory / "templates.json").write_text(json.dumps(models.templates.state(), sort_keys=True))
+    directory = Path(directory)
+    staging, previous = _sibling(directory, "new"), _sibling(directory, "old")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    _save_latency(models, staging / "latency.npz")
+    _save_structure(models, staging / "structure.json")
+    _save_forest(models, staging / "forest.npz")
+    (staging / "rates.json").write_text(json.dumps(models.rates, sort_keys=True))
+    (staging / "templates.json").write_text(json.dumps(models.templates.state(), sort_keys=True))
     manifest = {"format": FORMAT, "version": VERSION, "traceguard": __version__,
-                "files": {name: _sha256(directory / name) for name in FILES}}
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+                "files": {name: _sha256(staging / name) for name in FILES}}
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    for name in (*FILES, "manifest.json"):
+        sync(staging / name)
+    sync(staging)
+    if (previous / "manifest.json").exists() and not (directory / "manifest.json").exists():
+        shutil.rmtree(directory, ignore_errors=True)  # a swap that was cut short: the old one is the whole one
+    else:
+        shutil.rmtree(previous, ignore_errors=True)
+        if directory.exists():
+            os.rename(directory, previous)
+    os.rename(staging, directory)
+    sync(directory.parent)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def exists(directory: Path) -> bool:
+    """Whether ``directory`` holds a model (or the whole one of a swap cut short)."""
+    return _located(Path(directory)) is not None
+
+
+def sync(path: Path) -> None:
+    """Makes a file's (or a directory's entries') writes durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replaces ``path`` with ``data`` whole: written to a temporary file, synced, renamed."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    sync(temporary)
+    os.replace(temporary, path)
+    sync(path.parent)
+
+
+def _sibling(directory: Path, what: str) -> Path:
+    return directory.with_name(f".{directory.name}.{what}")
+
+
+def _located(directory: Path) -> Path | None:
+    for candidate in (directory, _sibling(directory, "old")):
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    return None
 
 
 def load(directory: Path, config: LearnedConfig) -> Models:
     """Raises:
         ModelFileError: missing, of another format or version, or not what the manifest says.
     """
+    directory = _located(Path(directory)) or Path(directory)
     manifest_path = directory / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -74,15 +134,15 @@ def load(directory: Path, config: LearnedConfig) -> Models:
             raise ModelFileError(f"{path} does not match its checksum in manifest.json: the file was changed or is corrupt")
     models = Models.new(config)
     try:
-        _load_latency(models, directory / "latency.npz")
+        _load_latency(models, directory / "latency.npz", _latency_bytes(config))
         _load_structure(models, directory / "structure.json")
-        _load_forest(models, directory / "forest.npz")
+        _load_forest(models, directory / "forest.npz", _forest_bytes(config))
         models.rates = json.loads((directory / "rates.json").read_text())
         if not isinstance(models.rates, dict):
             raise ValueError("rates.json must hold an object")
         models.templates.restore(json.loads((directory / "templates.json").read_text()))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ModelFileError(f"{directory}: malformed model data: {exc}") from None
+    except (KeyError, ValueError, TypeError, OverflowError, RecursionError, zipfile.BadZipFile, OSError) as exc:
+        raise ModelFileError(f"{directory}: malformed model data: {type(exc).__name__}: {exc}"[:500]) from None
     return models
 
 
@@ -90,9 +150,33 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _npz(path: Path) -> dict[str, np.ndarray]:
+_SLACK = 16 << 20  # bytes an npz may hold beyond its arrays' bound (names, JSON metadata)
+
+
+def _latency_bytes(config: LearnedConfig) -> int:
+    return config.latency.max_stages * 2 * BINS * 8
+
+
+def _forest_bytes(config: LearnedConfig) -> int:
+    forest = config.forest
+    return (forest.max_root_operations + 1) * forest.reservoir * (len(GENERIC_FEATURES) + STAGE_COLUMNS) * 8
+
+
+def _npz(path: Path, bound: int, counts: bool = False) -> dict[str, np.ndarray]:
+    """The arrays, refused before anything is inflated when their sizes in the
+    archive exceed ``bound`` (a small file can inflate to gigabytes), and when
+    a number is not finite (or, for ``counts``, negative)."""
+    with zipfile.ZipFile(path) as archive:
+        inflated = sum(member.file_size for member in archive.infolist())
+    if inflated > bound + _SLACK:
+        raise ValueError(f"{path.name} would inflate to {inflated} bytes, over the {bound + _SLACK} the "
+                         "configuration's bounds allow")
     with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+        arrays = {key: data[key] for key in data.files}
+    for key, array in arrays.items():
+        if array.dtype.kind in "fiu" and not (np.isfinite(array).all() and (not counts or (array >= 0).all())):
+            raise ValueError(f"{path.name}: {key} holds numbers that are not finite{' and non-negative' if counts else ''}")
+    return arrays
 
 
 def _save_latency(models: Models, path: Path) -> None:
@@ -109,8 +193,8 @@ def _save_latency(models: Models, path: Path) -> None:
     )
 
 
-def _load_latency(models: Models, path: Path) -> None:
-    data = _npz(path)
+def _load_latency(models: Models, path: Path, bound: int) -> None:
+    data = _npz(path, bound, counts=True)
     keys = json.loads(str(data["keys"]))
     model = models.latency
     for key, self_counts, total_counts in zip(keys, data["self_counts"], data["total_counts"], strict=True):
@@ -165,8 +249,8 @@ def _save_forest(models: Models, path: Path) -> None:
     np.savez_compressed(path, meta=np.array(json.dumps(meta)), shared=_rows(models.forest.shared_), **arrays)
 
 
-def _load_forest(models: Models, path: Path) -> None:
-    data = _npz(path)
+def _load_forest(models: Models, path: Path, bound: int) -> None:
+    data = _npz(path, bound)
     model = models.forest
     for i, item in enumerate(json.loads(str(data["meta"]))):
         forest = model.forest_for((str(item["root"][0]), str(item["root"][1])))

@@ -1,0 +1,117 @@
+"""Replay cost in CPU instructions: a figure the machine's noise does not move.
+
+Wall-clock rates on a shared 2-core machine spread ±25 % between runs of the
+same code, so a 10 % change cannot be seen in them. Instructions retired are
+counted exactly by valgrind (``cachegrind --cache-sim=no``) and move by well
+under 0.1 % between runs. Each figure is the difference between a child
+process doing the work twice and one doing it once, so start-up and imports
+cancel. They ignore cache misses and stalls: a proxy for time, not time.
+
+Measured on the benchmark input of ``replay_throughput`` (length-prefixed
+OTLP protobuf and OTLP/JSON lines): the ceiling (``FromString`` over every
+message), replay with the structural detectors, replay with every detector.
+``--compare SRC`` measures a second source tree (e.g. a ``git worktree`` of
+an earlier commit) on the same input, for a same-input A/B.
+
+Run ``python -m benchmarks.replay_instructions [--traces N] [--compare SRC]``
+(needs valgrind; about 10 minutes, two children at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = ("ceiling", "structural", "structural_json", "every")
+
+
+def child(mode: str, path: Path, times: int) -> None:
+    """The measured work, ``times`` over (runs inside valgrind)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from traceguard.config import PipelineConfig
+    from traceguard.replay import run_replay
+    from traceguard.runtime import tune_gc
+    from traceguard.sinks import JsonlSink
+
+    config = PipelineConfig()
+    if mode.startswith("structural"):
+        config = config.model_copy(update={"learned": config.learned.model_copy(update={"enabled": False})})
+    tune_gc()
+    if mode == "ceiling":
+        data = path.read_bytes()
+        bodies, at = [], 0
+        while at < len(data):
+            size = int.from_bytes(data[at:at + 4], "big")
+            bodies.append(data[at + 4:at + 4 + size])
+            at += 4 + size
+        for _ in range(times):
+            for body in bodies:
+                ExportTraceServiceRequest.FromString(body)
+        return
+    with open(os.devnull, "w") as devnull:
+        for _ in range(times):
+            run_replay([path], [], config, [JsonlSink(devnull)])
+
+
+def instructions(src: Path, mode: str, path: Path, times: int) -> int:
+    command = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+               sys.executable, "-m", "benchmarks.replay_instructions", "--child", mode, str(path), str(times)]
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{ROOT}"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return int(re.search(r"I\s+refs:\s+([\d,]+)", result.stderr)[1].replace(",", ""))
+
+
+def measure(src: Path, files: dict[str, Path]) -> dict[str, int]:
+    """Instructions of one pass of each mode's work."""
+    jobs = [(mode, times) for mode in MODES for times in (1, 2)]
+    with ThreadPoolExecutor(2) as pool:
+        counts = dict(zip(jobs, pool.map(lambda job: instructions(src, job[0], files[job[0]], job[1]), jobs)))
+    return {mode: counts[(mode, 2)] - counts[(mode, 1)] for mode in MODES}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--traces", type=int, default=8000)
+    parser.add_argument("--compare", type=Path, help="a second source tree (its src/ directory) to measure")
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "FILE", "TIMES"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], Path(args.child[1]), int(args.child[2]))
+        return
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is needed (apt-get install valgrind)")
+    from benchmarks.common import scenario_requests
+    from benchmarks.scenario import length_prefixed, otlp_json
+
+    requests = scenario_requests(args.traces)
+    spans = sum(len(ss.spans) for r in requests for rs in r.resource_spans for ss in rs.scope_spans)
+    with tempfile.TemporaryDirectory() as tmp:
+        proto, jsonl = Path(tmp) / "traces.pb", Path(tmp) / "traces.jsonl"
+        proto.write_bytes(b"".join(length_prefixed(r) for r in requests))
+        jsonl.write_text("".join(otlp_json(r) + "\n" for r in requests))
+        files = {"ceiling": proto, "structural": proto, "structural_json": jsonl, "every": proto}
+        trees = {"this": ROOT / "src", **({"compare": args.compare} if args.compare else {})}
+        results = {name: measure(src, files) for name, src in trees.items()}
+    report = {"benchmark": "replay_instructions", "traces": args.traces, "spans": spans,
+              "instructions_per_span": {name: {mode: round(count / spans) for mode, count in counts.items()}
+                                        for name, counts in results.items()},
+              "ratio_to_ceiling": {name: {mode: round(counts["ceiling"] / counts[mode], 4) for mode in MODES[1:]}
+                                   for name, counts in results.items()}}
+    if args.compare:
+        report["this_vs_compare"] = {mode: round(results["this"][mode] / results["compare"][mode] - 1, 4)
+                                     for mode in MODES}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
