@@ -197,3 +197,60 @@ def test_a_save_cut_short_leaves_a_whole_model_directory(model_dir):
     store.save(loaded, model_dir)  # the next save completes the swap
     assert sorted(p.name for p in model_dir.parent.iterdir()) == ["models"]
     assert set(store.load(model_dir, PipelineConfig().learned).latency.stages_) == set(before.latency.stages_)
+
+
+@pytest.mark.parametrize("compress", ["gzip", "zstd"])
+def test_a_truncated_compressed_replay_file_replays_what_came_before_and_says_why(tmp_path, compress):
+    import gzip
+    import json
+
+    import zstandard
+
+    from builders import sid, tid
+    from test_replay_cli import replay
+
+    def line(n):
+        span = {"traceId": tid(n).hex(), "spanId": sid(1).hex(), "parentSpanId": sid(9).hex(), "name": "op",
+                "startTimeUnixNano": "1", "endTimeUnixNano": "2"}
+        return json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]}) + "\n"
+
+    text = "".join(line(n) for n in range(1, 2001)).encode()
+    packed = gzip.compress(text) if compress == "gzip" else zstandard.ZstdCompressor().compress(text)
+    path = tmp_path / f"traces.jsonl.{'gz' if compress == 'gzip' else 'zst'}"
+    path.write_bytes(packed[: len(packed) * 2 // 3])
+    result = replay(path, "--out", tmp_path / "out.jsonl")
+    assert result.returncode == 0, result.stderr
+    # gzip says the stream broke off; zstd's reader ends quietly, so the last line breaks off instead
+    assert ("the compressed file is corrupt or truncated" if compress == "gzip" else "corrupt, skipped") \
+        in result.stderr and "Traceback" not in result.stderr
+    replayed = len((tmp_path / "out.jsonl").read_text().splitlines())
+    assert 0 < replayed < 2000  # the traces before the break, each a missing_parent
+    strict = replay(path, "--out", tmp_path / "out2.jsonl", "--strict", check=False)
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("serve.tick", "0s", "serve.tick"), ("serve.max_request_bytes", str(2**40), "serve.max_request_bytes"),
+])
+def test_settings_that_would_spin_or_overflow_are_refused(key, value, says):
+    with pytest.raises(ConfigError, match=says):
+        load_config(None, {key: value}, environ={})
+
+
+def test_a_tls_key_that_does_not_fit_its_certificate_is_said_plainly(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_serve import _self_signed
+
+    cert, _ = _self_signed(tmp_path)
+    bad_key = tmp_path / "bad.pem"
+    bad_key.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    result = subprocess.run([sys.executable, "-m", "traceguard", "serve", "--state-dir", str(tmp_path / "s"),
+                             "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"],
+                            env={**os.environ, "TRACEGUARD_SERVE__TLS_CERT": str(cert),
+                                 "TRACEGUARD_SERVE__TLS_KEY": str(bad_key)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "tls_cert and serve.tls_key cannot be used together" in result.stderr and "Traceback" not in result.stderr

@@ -228,9 +228,11 @@ class ServeConfig(_Section):
     http_listen: str = Field("127.0.0.1:4318", description="OTLP/HTTP address.")
     api_listen: str = Field("127.0.0.1:8080", description="HTTP API, health and /metrics address.")
     state_dir: Path = Field(Path(".traceguard"), description="SQLite store and model snapshots.")
-    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest export request, compressed or not.")
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=2**31 - 1,
+                                   description="Largest export request, compressed or not (gRPC caps messages at 2 GiB).")
     retry_after: DurationNs = Field(parse_duration("1s"), description="Back-off suggested to clients at the bounds.")
-    tick: DurationNs = Field(parse_duration("200ms"), description="How often due traces are decided.")
+    tick: DurationNs = Field(parse_duration("200ms"), ge=parse_duration("1ms"),
+                             description="How often due traces are decided (at least 1ms: 0 would spin).")
     decisions_per_lock: int = Field(200, ge=1, description="Traces decided before the receivers get the pipeline again.")
     snapshot_interval: DurationNs = Field(parse_duration("5m"), description="How often learned state is saved.")
     shutdown_timeout: DurationNs = Field(parse_duration("10s"), description="Bound on the graceful stop.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -99,6 +100,10 @@ class Server:
         tls = None
         if serve.tls_cert is not None:
             tls = (serve.tls_key.read_bytes(), serve.tls_cert.read_bytes())
+            try:  # a bad pair is said plainly here, not as grpc's "Failed to bind"
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(serve.tls_cert, serve.tls_key)
+            except ssl.SSLError as exc:
+                raise RuntimeError(f"serve.tls_cert and serve.tls_key cannot be used together: {exc}") from None
         # Bind the HTTP sockets first, so an address in use fails now, plainly.
         otlp_http = create_otlp_http(self.ingest, max_request_bytes=serve.max_request_bytes, token=serve.token)
         api = create_api(self.store, self.pipeline.metrics, lambda: self._ready and not self._stopping.is_set(),

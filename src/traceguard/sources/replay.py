@@ -20,6 +20,7 @@ import gzip
 import heapq
 import io
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator, Literal
@@ -83,6 +84,12 @@ def open_input(path: Path) -> BinaryIO:
     return raw
 
 
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    import zstandard
+
+    return EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError
+
+
 def sniff(head: bytes) -> str:
     """The format of a file from its first bytes (after decompression)."""
     head = head.lstrip()
@@ -101,18 +108,23 @@ def read_file(path: Path, signal: Signal, config: DecodeConfig, stages: StageAtt
         WrongFormat: ``fmt`` is not the format the file is in.
     """
     with open_input(path) as stream:
-        head = stream.peek(256)[:256]
-        if not head.strip():
-            return
-        found = sniff(head)
-        if fmt != "auto" and fmt != found:
-            raise WrongFormat(f"{path} is not {fmt}: it looks like {found}")
-        if found == "otlp_json":
-            yield from _json_lines(path, stream, config, stages)
-        elif found == "otlp_proto":
-            yield from _length_prefixed(path, stream, signal, config, stages)
-        else:
-            yield from _document(path, stream, found, config, stages)
+        try:
+            head = stream.peek(256)[:256]
+            if not head.strip():
+                return
+            found = sniff(head)
+            if fmt != "auto" and fmt != found:
+                raise WrongFormat(f"{path} is not {fmt}: it looks like {found}")
+            if found == "otlp_json":
+                yield from _json_lines(path, stream, config, stages)
+            elif found == "otlp_proto":
+                yield from _length_prefixed(path, stream, signal, config, stages)
+            else:
+                yield from _document(path, stream, found, config, stages)
+        except _decompression_errors() as exc:
+            # what came before is replayed; the file ends here, like a line that does not decode
+            yield Batch(signal, str(path), corrupt=True,
+                        errors=[f"the compressed file is corrupt or truncated: {type(exc).__name__}: {exc}"])
 
 
 def _json_lines(path: Path, stream: BinaryIO, config: DecodeConfig, stages: StageAttributes) -> Iterator[Batch]:
