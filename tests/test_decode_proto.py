@@ -117,15 +117,28 @@ def test_kept_attributes_are_read_once_per_stage_but_per_call_on_errors():
     assert c.attrs == (("http.response.status_code", 503), ("server.address", "c"))
 
 
-def test_a_kept_key_sent_twice_with_values_of_two_types_is_kept_in_order():
-    """Both values are kept (sorting them used to raise TypeError out of the decoder)."""
+def test_a_kept_key_sent_twice_is_kept_once_with_its_first_value():
+    """Keys are unique in OTLP: a repeated one is kept once (a span repeating one 190k
+    times held 190k pairs); two types under one key no longer meet in a sort (which
+    used to raise TypeError out of the decoder)."""
     request = traces_request(dict(trace_id=tid(1), span_id=sid(2), kind=KIND_CLIENT, status=STATUS_ERROR,
                                   attributes={"http.status_code": 503, "db.system": "redis"}))
     request.resource_spans[0].scope_spans[0].spans[0].attributes.add(key="http.status_code").value.string_value = "x"
     for decode in (decode_traces_proto, lambda data, config: decode_traces_message(
             ExportTraceServiceRequest.FromString(data), config)):
         (row,) = decode(request.SerializeToString(), CONFIG).rows
-        assert row.attrs == (("db.system", "redis"), ("http.status_code", 503), ("http.status_code", "x"))
+        assert row.attrs == (("db.system", "redis"), ("http.status_code", 503))
+
+
+def test_a_kept_key_repeated_a_hundred_thousand_times_costs_one_pair():
+    request = traces_request(dict(trace_id=tid(1), span_id=sid(2), kind=KIND_CLIENT, status=STATUS_ERROR))
+    span = request.resource_spans[0].scope_spans[0].spans[0]
+    for n in range(100_000):
+        span.attributes.add(key="db.system").value.string_value = f"redis{n}"
+    for decode in (decode_traces_proto, lambda data, config: decode_traces_message(
+            ExportTraceServiceRequest.FromString(data), config)):
+        (row,) = decode(request.SerializeToString(), CONFIG).rows
+        assert row.attrs == (("db.system", "redis0"),)
 
 
 def test_stage_memory_is_bounded():
@@ -134,4 +147,4 @@ def test_stage_memory_is_bounded():
                   attributes={"server.address": f"h{n}"}) for n in range(5)]
     rows = decode_traces_proto(traces_request(*spans).SerializeToString(), CONFIG, stages).rows
     assert [dict(r.attrs)["server.address"] for r in rows] == [f"h{n}" for n in range(5)]
-    assert len(stages._stages) == 2
+    assert 0 < len(stages._stages) <= 2  # at the bound the cache starts again: nothing held for ever

@@ -254,3 +254,20 @@ def test_a_tls_key_that_does_not_fit_its_certificate_is_said_plainly(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "tls_cert and serve.tls_key cannot be used together" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("document", [b"[" * 60_000, b'{"data": [' + b"[" * 60_000, b"[" + b'{"a":' * 60_000])
+def test_deeply_nested_jaeger_or_zipkin_is_corrupt_at_once_not_gigabytes(tmp_path, document):
+    """60 KB of brackets took the streaming parser to 9 GB (a path per event, the square of the depth)."""
+    import resource
+    import subprocess
+    import sys
+
+    path = tmp_path / "deep.json"
+    path.write_bytes(document)
+    code = ("import resource, sys; from traceguard.cli import main; status = main(['replay', sys.argv[1], "
+            "'--out', '/dev/null']); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
+            "sys.exit(status)")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "nested deeper than 64 levels" in result.stderr, result.stderr
+    assert int(result.stderr.strip().splitlines()[-1]) < 400_000  # KiB: start-up is ~150 MB

@@ -449,3 +449,21 @@ def test_mutated_json_is_decoded_as_the_reference_does_or_left_to_it(scenario):
     for _ in range(6_000):
         json_compare(mutated(rng, rng.choice(documents)), counts)
     assert counts["compared"] > 2_000 and counts["left_to_reference"] > 500, counts
+
+
+def test_json_nesting_matches_the_reference_across_chunks():
+    """Brackets inside strings (with escaped quotes and backslashes) do not count;
+    depth and state carry over chunk boundaries that fall anywhere."""
+    from traceguard.sources.replay import _json_nesting
+
+    text = (b'{"data": [{"spans": [{"tags": [{"key": "q", "value": "a \\\\\\" [[{ \\\\"}, '
+            b'{"key": "[", "value": [[1, [2]], {"x": "}}]]"}]}]}]}]}') * 3
+    rng = random.Random(7)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(text)), 5))
+        fast = slow = (0, 0)
+        for chunk in (text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])):
+            fast, slow = native.json_nesting(chunk, *fast, 64), _json_nesting(chunk, *slow, 64)
+            assert fast == slow
+        assert fast == (0, 0)
+    assert native.json_nesting(b"[" * 100, 0, 0, 64)[0] == 65  # stops at the first bracket past the limit

@@ -528,6 +528,19 @@ static const uint8_t ZERO[16];
 
 /* The span's attributes whose key is kept, as [(key, value)] in their order
  * (otlp_proto._kept_attributes); a repeated key or value field is merged as upb merges it. */
+/* Whether ``pairs`` (key, value) already holds ``key``: a key sent again is not kept
+ * again (OTLP keys are unique; a span that repeats one 190k times must not cost 190k pairs). */
+static int has_key(PyObject *pairs, PyObject *key) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(pairs); i++) {
+        int same = PyUnicode_Compare(PyTuple_GET_ITEM(PyList_GET_ITEM(pairs, i), 0), key);
+        if (same == 0)
+            return 1;
+        if (same == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
 static PyObject *proto_kept_attributes(Out *o, const void *source) {
     Reader r = *(const Reader *)source;
     PyObject *pairs = PyList_New(0);
@@ -544,6 +557,10 @@ static PyObject *proto_kept_attributes(Out *o, const void *source) {
         int s2 = key_value(READER(f), &key, &key_size, &value);
         PyObject *key_obj = s2 < 0 ? NULL : PyUnicode_DecodeUTF8((const char *)key, key_size, NULL);
         int keep = key_obj == NULL ? -1 : PySet_Contains(o->kept_keys, key_obj);
+        if (keep > 0) {
+            int seen = has_key(pairs, key_obj);
+            keep = seen < 0 ? -1 : !seen;
+        }
         PyObject *item = NULL, *value_obj = NULL;
         if (keep > 0 && (value_obj = any_value_object(&value, o->value_limit)) != NULL &&
             (item = PyTuple_Pack(2, key_obj, value_obj)) != NULL && PyList_Append(pairs, item) < 0)
@@ -1220,6 +1237,10 @@ static PyObject *json_kept_attributes(Out *o, const void *source) {
         if (!PyUnicode_CheckExact(key))
             goto unsupported;
         int keep = PySet_Contains(o->kept_keys, key);
+        if (keep > 0) {
+            int seen = has_key(pairs, key);
+            keep = seen < 0 ? -1 : !seen;
+        }
         if (keep < 0)
             goto error;
         if (!keep)
@@ -1374,6 +1395,43 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(json_nesting_doc,
+"json_nesting(chunk, depth, state, limit) -> (depth, state)\n\n"
+"Follows the nesting of a JSON text chunk by chunk: ``depth`` and ``state``\n"
+"(inside a string, after a backslash) carry over between chunks. Stops at the\n"
+"first bracket that goes past ``limit`` (the depth returned is then above it).\n"
+"A streaming parser that builds a path per event costs the square of the depth.");
+
+static PyObject *json_nesting(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer chunk;
+    Py_ssize_t depth, limit;
+    int state;
+    if (!PyArg_ParseTuple(args, "y*nin", &chunk, &depth, &state, &limit))
+        return NULL;
+    const uint8_t *p = chunk.buf, *end = p + chunk.len;
+    int in_string = state & 1, escaped = state & 2;
+    for (; p < end; p++) {
+        uint8_t c = *p;
+        if (in_string) {
+            if (escaped)
+                escaped = 0;
+            else if (c == '\\')
+                escaped = 2;
+            else if (c == '"')
+                in_string = 0;
+        } else if (c == '"') {
+            in_string = 1;
+        } else if (c == '[' || c == '{') {
+            if (++depth > limit)
+                break;
+        } else if (c == ']' || c == '}') {
+            depth--;
+        }
+    }
+    PyBuffer_Release(&chunk);
+    return Py_BuildValue("ni", depth, in_string | escaped);
+}
+
 static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS,
      "bind(SpanRow, Span, schema, any_value): the classes whose slots decode_spans and expand fill,\n"
@@ -1382,6 +1440,7 @@ static PyMethodDef methods[] = {
     {"decode_json_spans", decode_json_spans, METH_VARARGS, decode_json_spans_doc},
     {"expand", expand, METH_O, expand_doc},
     {"ended_after_parent", ended_after_parent, METH_VARARGS, ended_after_parent_doc},
+    {"json_nesting", json_nesting, METH_VARARGS, json_nesting_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -47,6 +47,10 @@ class DecodeConfig(_Section):
     max_name_length: int = Field(256, ge=8, description="Span names and service names are cut to this length.")
     max_log_body_length: int = Field(2048, ge=16, description="Log bodies are cut to this length.")
     max_stages: int = Field(50_000, ge=1, description="Stages whose kept attributes are remembered.")
+    max_json_depth: int = Field(
+        64, ge=8, le=10_000,
+        description="Deepest JSON nesting a Jaeger or Zipkin file may have (OTLP and Jaeger need about 12); "
+                    "deeper is corrupt. A streaming parser's cost grows with the square of the depth.")
     reorder_rows: int = Field(
         100_000, ge=1,
         description="Jaeger and Zipkin files carry no export order: their spans and span logs are replayed in "

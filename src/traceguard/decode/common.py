@@ -56,8 +56,10 @@ class StageAttributes:
     call, so they are read from the stage's first span and shared by its later
     spans: reading attributes costs about as much as the rest of a span. A
     span with an error status is read in full, because its response status
-    code tells whether the call reached a server. Bounded: past ``limit``
-    stages, spans are read one by one instead of remembered.
+    code tells whether the call reached a server. Bounded: at ``limit``
+    stages the cache starts again empty (a flood of new span names must not
+    hold their attributes for ever); each entry holds at most one value per
+    kept key.
     """
 
     __slots__ = ("_stages", "_limit")
@@ -80,8 +82,9 @@ class StageAttributes:
             return self._stages[key]
         except KeyError:
             attrs = _freeze([(k, v) for k, v in read() if k not in PER_CALL_ATTRIBUTES])
-            if len(self._stages) < self._limit:
-                self._stages[key] = attrs
+            if len(self._stages) >= self._limit:
+                self._stages.clear()
+            self._stages[key] = attrs
             return attrs
 
     def settle(self, pending: list[tuple[SpanRow, int, int, str, list[tuple[str, Any]]]]) -> None:
@@ -92,8 +95,15 @@ class StageAttributes:
 
 
 def _freeze(pairs: list[tuple[str, Any]]) -> tuple[tuple[str, Any], ...] | None:
-    # by key alone: a key sent twice may carry values of types that do not compare
-    return tuple(sorted(pairs, key=itemgetter(0))) if pairs else None
+    """Sorted by key, each key once (its first value): OTLP keys are unique, and a
+    span that repeats one must not be kept as many times. Sorted by key alone: a
+    key sent twice may carry values of types that do not compare."""
+    if not pairs:
+        return None
+    first: dict[str, Any] = {}
+    for key, value in pairs:
+        first.setdefault(key, value)
+    return tuple(sorted(first.items(), key=itemgetter(0)))
 
 
 def clip(text: str, limit: int) -> str:

@@ -39,6 +39,7 @@ from traceguard.decode import (
 from traceguard.decode.common import Decoded, StageAttributes
 from traceguard.decode.jaeger_json import decode_jaeger_traces
 from traceguard.decode.zipkin_json import decode_zipkin_spans
+from traceguard.native import rows as native
 from traceguard.records import SPAN_CORE
 
 Signal = Literal["traces", "logs"]
@@ -182,12 +183,13 @@ def _document(path: Path, stream: BinaryIO, fmt: str, config: DecodeConfig,
     chunk: list = []
     number = 0
     try:
-        for number, item in enumerate(ijson.items(stream, prefix, use_float=True), 1):
+        for number, item in enumerate(ijson.items(_NestingLimit(stream, config.max_json_depth), prefix,
+                                                  use_float=True), 1):
             chunk.append(item)
             if len(chunk) == per_chunk:
                 yield from order.push(f"{path}:{element} {number - len(chunk) + 1}-{number}", *decode(chunk, config, stages))
                 chunk = []
-    except ijson.JSONError as exc:
+    except (ijson.JSONError, TooDeep) as exc:
         corrupt = Batch("traces", f"{path}:{element} {number + 1}", errors=[f"not valid JSON: {exc}"], corrupt=True)
     else:
         corrupt = None
@@ -196,6 +198,52 @@ def _document(path: Path, stream: BinaryIO, fmt: str, config: DecodeConfig,
     if corrupt is not None:
         yield corrupt
     yield from order.drain()
+
+
+class TooDeep(ValueError):
+    """JSON nested deeper than ``decode.max_json_depth``."""
+
+
+def _json_nesting(chunk: bytes, depth: int, state: int, limit: int) -> tuple[int, int]:
+    """The reference for ``_rows.json_nesting`` (see there)."""
+    in_string, escaped = state & 1, state & 2
+    for c in chunk:
+        if in_string:
+            if escaped:
+                escaped = 0
+            elif c == 0x5C:  # backslash
+                escaped = 2
+            elif c == 0x22:  # quote
+                in_string = 0
+        elif c == 0x22:
+            in_string = 1
+        elif c in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                break
+        elif c in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return depth, in_string | escaped
+
+
+json_nesting = native.json_nesting if native is not None else _json_nesting
+
+
+class _NestingLimit:
+    """A stream for the streaming JSON parser that stops at the first bracket
+    past ``limit``: the parser builds a path per event, so a file of 60 KB of
+    ``[`` cost it 9 GB; this check costs a byte scan in C."""
+
+    def __init__(self, stream: BinaryIO, limit: int) -> None:
+        self._stream, self._limit = stream, limit
+        self._depth, self._state = 0, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._depth, self._state = json_nesting(data, self._depth, self._state, self._limit)
+        if self._depth > self._limit:
+            raise TooDeep(f"nested deeper than {self._limit} levels (decode.max_json_depth)")
+        return data
 
 
 # format → (ijson prefix of one element, what an element is, elements per decode, decoder)
