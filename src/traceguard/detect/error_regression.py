@@ -123,16 +123,25 @@ class ErrorRegression(StageRateDetector):
             min_window_calls=config.min_window_calls, max_keys=config.max_stages,
         ), calls)
         self._reasons: dict[Stage, _Reasons] = {}  # stages that failed (bounded like the rates)
+        # Calls of the stages that never failed: their baseline, kept as the rate model
+        # would keep it (decayed once per window with calls) but without a rate per
+        # stage and window; a stage's first failure starts its rate from it.
+        self._quiet: dict[Stage, float] = {}
+        self._decay = 0.5 ** (config.window / config.half_life) if config.half_life else 1.0
 
     def detect(self, trace: Trace) -> list[Anomaly]:
         """Counts the trace; its findings come when windows end (``advance``)."""
         self._count(trace)
+        if not trace.logs and not spans_failed(trace):  # nearly every trace
+            return []
         failed = own_failures(trace)
         if failed:
             events: list[RateChange] = []
             now, trace_hex = trace.decided_at, trace.trace_id.hex()
             for span in failed:
                 key = (span.service, span.name, span.kind)
+                if key not in self.rates_.keys_:
+                    self.rates_.seed(key, self._quiet.pop(key, 0.0))
                 self.rates_.observe(key, 0, 1, now, span.end, trace_hex, events)
                 reasons = self._reasons.get(key)
                 if reasons is None and len(self._reasons) < self.rates_.max_keys:
@@ -142,13 +151,21 @@ class ErrorRegression(StageRateDetector):
             self._release(events, now)
         return []
 
+    def _keep(self, key: Stage) -> bool:
+        return key in self.rates_.keys_ or key in self._quiet or len(self._quiet) < self.rates_.max_keys
+
     def _end_window(self, index: int, calls: dict[Stage, int], now: int) -> None:
-        """The window's calls join the stages' rates (their failures already did),
-        and its failure reasons the recent ones."""
+        """The window's calls join the stages' rates (their failures already did), or
+        the baselines of the stages that never failed; its failure reasons join the
+        recent ones."""
         at = index * self.rates_.window
         events: list[RateChange] = []
+        rated, quiet, decay, room = self.rates_.keys_, self._quiet, self._decay, self.rates_.max_keys
         for key in sorted(calls):  # sorted: replays agree
-            self.rates_.observe(key, calls[key], 0, at, 0, "", events)
+            if key in rated:
+                self.rates_.observe(key, calls[key], 0, at, 0, "", events)
+            elif key in quiet or len(quiet) < room:
+                quiet[key] = quiet.get(key, 0.0) * decay + calls[key]
         for key, reasons in self._reasons.items():
             reasons.roll(calm=not self.rates_.is_open(key))
         self._release(events, now)
@@ -169,3 +186,11 @@ class ErrorRegression(StageRateDetector):
         recent = reasons.recent_total()
         return [{"reason": reason, "recent": count, "usual": round(reasons.usual.get(reason, 0.0), 1)}
                 for reason, count in sorted(recent.items(), key=lambda item: (-item[1], item[0]))[:_REASONS]]
+
+    def state(self) -> dict:
+        return {**super().state(), "quiet": [[*key, round(calls, 3)] for key, calls in self._quiet.items()]}
+
+    def restore(self, state: dict) -> None:
+        super().restore(state)
+        for service, operation, span_kind, calls in state.get("quiet", []):
+            self._quiet[(str(service), str(operation), int(span_kind))] = float(calls)
