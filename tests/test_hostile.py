@@ -89,7 +89,8 @@ def receiver(tmp_path):
     store = SqliteStore(tmp_path / "anomalies.sqlite")
     pipeline = Pipeline(config, WallClock(), [store])
     ingest = LiveIngest(pipeline, store, config)
-    yield TestClient(create_otlp_http(ingest, max_request_bytes=1 << 16, token="s3cret")), pipeline.metrics
+    yield TestClient(create_otlp_http(ingest, max_request_bytes=1 << 16, token="s3cret", read_timeout_s=30,
+                                      max_receiving_bytes=1 << 20)), pipeline.metrics
     store.close()
 
 
@@ -271,3 +272,55 @@ def test_deeply_nested_jaeger_or_zipkin_is_corrupt_at_once_not_gigabytes(tmp_pat
     result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "nested deeper than 64 levels" in result.stderr, result.stderr
     assert int(result.stderr.strip().splitlines()[-1]) < 400_000  # KiB: start-up is ~150 MB
+
+
+def test_http_listeners_bound_connections_slow_headers_and_stalled_bodies(tmp_path):
+    """A real serve: past max_connections a connection is closed at once; one that
+    sends no request is closed after read_timeout; a body that stalls gets 408, and
+    bodies in arrival past max_receiving_bytes get 503. /healthz answers throughout."""
+    import socket
+
+    from benchmarks.serve_process import ServeProcess
+
+    server = ServeProcess(tmp_path / "state", env={
+        "TRACEGUARD_SERVE__MAX_CONNECTIONS": "8", "TRACEGUARD_SERVE__READ_TIMEOUT": "5s",
+        "TRACEGUARD_SERVE__MAX_RECEIVING_BYTES": str(1 << 20)})
+
+    def connect() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", server.http), timeout=60)
+        return sock
+
+    def closed(sock: socket.socket) -> bytes:
+        """What the server sent before closing (waits for the close, up to the socket timeout)."""
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+        return data
+
+    def stalled_upload(sent: int) -> socket.socket:
+        sock = connect()
+        sock.sendall(b"POST /v1/traces HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-protobuf\r\n"
+                     b"content-length: 4000000\r\n\r\n" + b"\0" * sent)
+        return sock
+
+    try:
+        idle = [connect() for _ in range(8)]
+        extra = connect()
+        assert closed(extra) == b""  # past the cap: closed at once
+        assert server.client.get("/healthz").status_code == 200
+        for sock in idle:  # no request within read_timeout: closed
+            assert closed(sock) == b""
+        # two uploads hold 1.2 MB of the 1 MiB budget: the later one is refused, the other times out
+        first = stalled_upload(600_000)
+        second = stalled_upload(600_000)
+        assert closed(second).startswith(b"HTTP/1.1 503")
+        assert closed(first).startswith(b"HTTP/1.1 408")
+        metrics = server.client.get("/metrics").text
+        assert 'traceguard_connections_refused_total{listener="otlp_http"}' in metrics
+        assert 'reason="too_slow"' in metrics and 'reason="receiving_bound"' in metrics
+        assert server.client.get("/healthz").status_code == 200
+    finally:
+        assert server.stop() == 0

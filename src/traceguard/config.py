@@ -235,6 +235,18 @@ class ServeConfig(_Section):
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=2**31 - 1,
                                    description="Largest export request, compressed or not (gRPC caps messages at 2 GiB).")
     retry_after: DurationNs = Field(parse_duration("1s"), description="Back-off suggested to clients at the bounds.")
+    max_connections: int = Field(
+        1024, ge=1, le=60_000,
+        description="Open connections per HTTP listener (OTLP/HTTP, API; consume's API too); past it new ones are "
+                    "closed at once and counted (traceguard_connections_refused_total).")
+    read_timeout: DurationNs = Field(
+        parse_duration("30s"), ge=parse_duration("100ms"),
+        description="An HTTP request must arrive whole within this: its headers after the connection opens (or "
+                    "the previous response ends), its body after its headers. Slower ones are closed and counted.")
+    max_receiving_bytes: int = Field(
+        256 << 20, ge=1 << 20,
+        description="Request bytes the OTLP/HTTP receiver holds while bodies arrive, all requests together; past "
+                    "it a request is answered 503 with Retry-After (stalled uploads cannot take the memory).")
     tick: DurationNs = Field(parse_duration("200ms"), ge=parse_duration("1ms"),
                              description="How often due traces are decided (at least 1ms: 0 would spin).")
     decisions_per_lock: int = Field(200, ge=1, description="Traces decided before the receivers get the pipeline again.")

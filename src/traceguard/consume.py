@@ -131,10 +131,10 @@ def run(config: PipelineConfig) -> tuple[int, Metrics]:
         from traceguard.api import create_api
         from traceguard.httpd import HttpServers
 
-        http = HttpServers()
+        http = HttpServers(config.serve.max_connections, config.serve.read_timeout / 1e9, consumer.pipeline.metrics)
         c = config.consume
         port = http.add(create_api(consumer.store, consumer.pipeline.metrics, lambda: not stop.is_set(), token=c.token),
-                        c.api_listen, c.tls_cert, c.tls_key)
+                        c.api_listen, c.tls_cert, c.tls_key, name="api")
         http.start()
         log.info("API and /metrics on port %d", port)
     c = config.consume

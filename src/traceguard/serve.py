@@ -81,7 +81,7 @@ class Server:
         self.ingest = LiveIngest(self.pipeline, self.store, config, self.forwarder)
         self._ready = False
         self._stopping = threading.Event()
-        self._http = HttpServers()
+        self._http = HttpServers(config.serve.max_connections, config.serve.read_timeout / 1e9, self.pipeline.metrics)
         self._ticker: threading.Thread | None = None
         self._grpc = None
         self.bound: Bound | None = None
@@ -105,11 +105,12 @@ class Server:
             except ssl.SSLError as exc:
                 raise RuntimeError(f"serve.tls_cert and serve.tls_key cannot be used together: {exc}") from None
         # Bind the HTTP sockets first, so an address in use fails now, plainly.
-        otlp_http = create_otlp_http(self.ingest, max_request_bytes=serve.max_request_bytes, token=serve.token)
+        otlp_http = create_otlp_http(self.ingest, max_request_bytes=serve.max_request_bytes, token=serve.token,
+                                     read_timeout_s=serve.read_timeout / 1e9, max_receiving_bytes=serve.max_receiving_bytes)
         api = create_api(self.store, self.pipeline.metrics, lambda: self._ready and not self._stopping.is_set(),
                          token=serve.token)
-        http_port = self._http.add(otlp_http, serve.http_listen, serve.tls_cert, serve.tls_key)
-        api_port = self._http.add(api, serve.api_listen, serve.tls_cert, serve.tls_key)
+        http_port = self._http.add(otlp_http, serve.http_listen, serve.tls_cert, serve.tls_key, name="otlp_http")
+        api_port = self._http.add(api, serve.api_listen, serve.tls_cert, serve.tls_key, name="api")
         try:
             self._grpc, grpc_port = start_grpc(self.ingest, serve.grpc_listen,
                                                max_request_bytes=serve.max_request_bytes, token=serve.token, tls=tls)

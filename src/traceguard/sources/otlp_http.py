@@ -10,6 +10,7 @@ for another content type, 429 with ``Retry-After`` at the in-flight bound,
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 
 import orjson
@@ -27,7 +28,8 @@ PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 
 
-_REASONS = {400: "undecodable", 401: "unauthenticated", 413: "too_large", 415: "unsupported"}
+_REASONS = {400: "undecodable", 401: "unauthenticated", 408: "too_slow", 413: "too_large", 415: "unsupported",
+            503: "receiving_bound"}
 
 
 class _Refused(Exception):
@@ -44,13 +46,30 @@ def _answer(message, content_type: str, status: int = 200, headers: dict[str, st
     return Response(body, status_code=status, media_type=content_type, headers=headers)
 
 
-async def _body(request: Request, limit: int) -> bytes:
+class _Receiving:
+    """Bytes of the bodies still arriving, all requests together, against one budget."""
+
+    def __init__(self, budget: int, retry_after_s: float) -> None:
+        self.held, self.budget, self.retry_after_s = 0, budget, retry_after_s
+
+
+async def _body(request: Request, limit: int, receiving: _Receiving, timeout_s: float) -> bytes:
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _Refused(413, f"request body over the {limit}-byte limit")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                receiving.held += len(chunk)
+                if size > limit:
+                    raise _Refused(413, f"request body over the {limit}-byte limit")
+                if receiving.held > receiving.budget:
+                    raise _Refused(503, "traceguard holds too many request bodies in arrival; retry later",
+                                   {"Retry-After": str(max(1, round(receiving.retry_after_s)))})
+                chunks.append(chunk)
+    except TimeoutError:
+        raise _Refused(408, f"the request body did not arrive within {timeout_s:g} s") from None
+    finally:
+        receiving.held -= size
     body = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding == "gzip":
@@ -66,8 +85,10 @@ async def _body(request: Request, limit: int) -> bytes:
     return body
 
 
-def create_otlp_http(ingest: LiveIngest, *, max_request_bytes: int, token: str | None = None) -> FastAPI:
+def create_otlp_http(ingest: LiveIngest, *, max_request_bytes: int, token: str | None,
+                     read_timeout_s: float, max_receiving_bytes: int) -> FastAPI:
     app = FastAPI(title="traceguard OTLP/HTTP receiver", openapi_url=None, docs_url=None, redoc_url=None)
+    receiving = _Receiving(max_receiving_bytes, ingest.config.serve.retry_after / 1e9)
     decode_config = ingest.config.decode
 
     def handle(body: bytes, content_type: str, signal: str) -> tuple[int, str]:
@@ -100,7 +121,7 @@ def create_otlp_http(ingest: LiveIngest, *, max_request_bytes: int, token: str |
                 raise _Refused(401, "missing or wrong bearer token")
             if content_type not in (PROTOBUF, JSON):
                 raise _Refused(415, f"content-type {content_type!r} is not supported ({PROTOBUF} or {JSON})")
-            body = await _body(request, max_request_bytes)
+            body = await _body(request, max_request_bytes, receiving, read_timeout_s)
             # decoding and the pipeline lock stay off the event loop
             rejected, message = await run_in_threadpool(handle, body, content_type, signal)
         except _Refused as refused:
