@@ -2,8 +2,9 @@
 
 Wall-clock rates on a shared 2-core machine spread ±25 % between runs of the
 same code, so a 10 % change cannot be seen in them. Instructions retired are
-counted exactly by valgrind (``cachegrind --cache-sim=no``) and move by well
-under 0.1 % between runs. Each figure is the difference between a child
+counted exactly by valgrind (``cachegrind --cache-sim=no``) and, with a fixed
+hash seed, barely move between runs (with random seeds the same code's count
+moved by up to 7 %). Each figure is the difference between a child
 process doing the work twice and one doing it once, so start-up and imports
 cancel. They ignore cache misses and stalls: a proxy for time, not time.
 
@@ -66,7 +67,8 @@ def child(mode: str, path: Path, times: int) -> None:
 def instructions(src: Path, mode: str, path: Path, times: int) -> int:
     command = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
                sys.executable, "-m", "benchmarks.replay_instructions", "--child", mode, str(path), str(times)]
-    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{ROOT}"}
+    # a fixed hash seed: string hashing moves dict probing and GC work by a few per cent between runs
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{ROOT}", "PYTHONHASHSEED": "0"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return int(re.search(r"I\s+refs:\s+([\d,]+)", result.stderr)[1].replace(",", ""))
 

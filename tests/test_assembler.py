@@ -149,3 +149,26 @@ def test_advance_can_decide_in_chunks():
     assert h.assembler.advance(limit=2) is True
     assert h.assembler.advance(limit=2) is False
     assert [t.trace_id for t in h.decided] == [tid(n) for n in range(1, 6)]
+
+
+def test_a_flush_with_a_deadline_stops_there_and_counts_what_it_dropped():
+    """Shutdown within its grace period: past the deadline nothing more is decided;
+    the traces left are dropped and counted, never silently."""
+    import time
+
+    from traceguard.assemble import EventTimeClock, TraceAssembler
+    from traceguard.config import AssemblerConfig
+    from traceguard.metrics import Metrics
+
+    decided: list = []
+    metrics = Metrics()
+    assembler = TraceAssembler(AssemblerConfig(), EventTimeClock(0), decided.append, lambda *a: None, metrics)
+    assembler.add([row(n, 1, end_ms=10) for n in range(1, 301)] + [row(n, 2, 1, end_ms=5) for n in range(1, 301)])
+    assert assembler.flush(deadline=time.monotonic() - 1) == 300
+    assert decided == [] and assembler.spans_in_flight == 0
+    snapshot = metrics.snapshot()
+    assert snapshot["traceguard_traces_abandoned_total"] == {"reason=shutdown_timeout": 300}
+    assert snapshot["traceguard_spans_abandoned_total"] == {"reason=shutdown_timeout": 600}
+    again = TraceAssembler(AssemblerConfig(), EventTimeClock(0), decided.append, lambda *a: None, Metrics())
+    again.add([row(n, 1, end_ms=10) for n in range(1, 301)])
+    assert again.flush(deadline=time.monotonic() + 3600) == 0 and len(decided) == 300

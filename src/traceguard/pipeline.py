@@ -128,18 +128,20 @@ class Pipeline:
         if "structure" in checkpoint:
             model_store.restore_structure(self.models, checkpoint["structure"])
 
-    def close(self, decide_in_flight: bool = True) -> None:
+    def close(self, decide_in_flight: bool = True, deadline: float | None = None) -> int:
         """Decides everything still in flight and settles the learned detectors
         (unless ``decide_in_flight`` is false: a stream processor that stops
         leaves its undecided traces to be read again), then flushes and closes
-        the sinks."""
+        the sinks. With a ``deadline`` (``time.monotonic()``), the traces not
+        decided by then are dropped and counted; returns how many."""
         if self._closed:
-            return
+            return 0
         self._closed = True
+        abandoned = 0
         if decide_in_flight:
             self._clock.finish()
             self.advance()
-            self.assembler.flush()
+            abandoned = self.assembler.flush(deadline)
             now = self._clock.now()
             # Last declared first: a trace still waiting for its forest batch is scored
             # before the latency baselines take in the windows it was decided in.
@@ -149,6 +151,7 @@ class Pipeline:
             self.incidents.flush(now)
         for sink in self._sinks:
             sink.close()
+        return abandoned
 
     def _on_trace(self, trace: Trace) -> None:
         """Completeness checks first; only a complete trace reaches the timing

@@ -142,20 +142,29 @@ class Server:
             model_store.save(self.pipeline.models_for_saving(), self.model_dir)
 
     def stop(self) -> None:
-        """Stops accepting, decides what is in flight, saves the models and closes the store; idempotent."""
+        """Stops accepting, decides what is in flight, saves the models and closes the
+        store, all within ``serve.shutdown_timeout`` (the kubelet kills after its grace
+        period): the receivers get a tenth of it, deciding runs until three quarters
+        of it are gone, and what is still undecided then is dropped and counted
+        (``traceguard_traces_abandoned_total``); the rest is for the models and the
+        store. Idempotent."""
         if self._stopping.is_set():
             return
         self._stopping.set()
         timeout = self.config.serve.shutdown_timeout / 1e9
+        started = time.monotonic()
         if self._grpc is not None:
-            self._grpc.stop(grace=min(2.0, timeout / 3)).wait(timeout / 3)
-        self._http.stop(timeout / 3)
+            self._grpc.stop(grace=timeout / 20).wait(timeout / 10)
+        self._http.stop(max(0.0, started + timeout / 10 - time.monotonic()))
         if self._ticker is not None:
-            self._ticker.join(timeout / 3)
+            self._ticker.join(max(0.0, started + timeout / 5 - time.monotonic()))
         if self.forwarder is not None:
-            self.forwarder.close(timeout / 3)
+            self.forwarder.close(max(0.0, started + timeout / 4 - time.monotonic()))
         with self.ingest.lock:
-            self.pipeline.close()
+            abandoned = self.pipeline.close(deadline=started + timeout * 3 / 4)
+            if abandoned:
+                log.warning("%d traces in flight were not decided within serve.shutdown_timeout (%g s) and are "
+                            "lost", abandoned, timeout)
             model_store.save(self.pipeline.models_for_saving(), self.model_dir)
         self.store.close()
 

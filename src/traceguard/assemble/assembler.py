@@ -10,6 +10,7 @@ At the in-flight bounds the oldest traces are decided early ("evicted").
 from __future__ import annotations
 
 import heapq
+import time
 from collections import OrderedDict
 from typing import Callable, Iterable, get_args
 
@@ -171,12 +172,28 @@ class TraceAssembler:
             self._decided.pop(trace_id, None)
         return dropped
 
-    def flush(self) -> None:
-        """Decides everything in flight (end of input, shutdown)."""
+    def flush(self, deadline: float | None = None) -> int:
+        """Decides everything in flight (end of input, shutdown), oldest first; with
+        a ``deadline`` (``time.monotonic()``) it stops there, and the traces left
+        are dropped and counted. Returns how many were left."""
         now = self._clock.now()
+        decided = 0
         while self._pending:
+            if deadline is not None and decided % 64 == 0 and time.monotonic() >= deadline:
+                return self._abandon()
             self._decide(next(iter(self._pending)), "flush", now)
+            decided += 1
         self._due.clear()
+        return 0
+
+    def _abandon(self) -> int:
+        left, spans = len(self._pending), self.spans_in_flight
+        self._metrics.inc("traceguard_traces_abandoned_total", left, reason="shutdown_timeout")
+        self._metrics.inc("traceguard_spans_abandoned_total", spans, reason="shutdown_timeout")
+        self._pending.clear()
+        self._due.clear()
+        self.spans_in_flight = 0
+        return left
 
     def _due_time(self, trace: _Pending) -> int:
         by_age = trace.first_seen + self._config.max_trace_age
