@@ -72,6 +72,8 @@ class Server:
         models = self._load_models()
         self.store = SqliteStore(serve.state_dir / "anomalies.sqlite")
         metrics = Metrics()
+        metrics.gauge("traceguard_store_backlog", lambda: self.store.backlog)
+        metrics.gauge("traceguard_store_dropped", lambda: self.store.dropped_)
         sinks = [_TimedStore(self.store, metrics)]
         if serve.jsonl_out is not None:
             sinks.append(JsonlSink.append_to(serve.jsonl_out))
@@ -85,6 +87,10 @@ class Server:
         self._ticker: threading.Thread | None = None
         self._grpc = None
         self.bound: Bound | None = None
+
+    def ready(self) -> bool:
+        """Taking exports: started, not stopping, and the store writes."""
+        return self._ready and not self._stopping.is_set() and self.store.failing is None
 
     def _load_models(self) -> Models | None:
         """The state dir's own snapshot (a restart), else the trained ``serve.model_dir``."""
@@ -107,8 +113,7 @@ class Server:
         # Bind the HTTP sockets first, so an address in use fails now, plainly.
         otlp_http = create_otlp_http(self.ingest, max_request_bytes=serve.max_request_bytes, token=serve.token,
                                      read_timeout_s=serve.read_timeout / 1e9, max_receiving_bytes=serve.max_receiving_bytes)
-        api = create_api(self.store, self.pipeline.metrics, lambda: self._ready and not self._stopping.is_set(),
-                         token=serve.token)
+        api = create_api(self.store, self.pipeline.metrics, self.ready, token=serve.token)
         http_port = self._http.add(otlp_http, serve.http_listen, serve.tls_cert, serve.tls_key, name="otlp_http")
         api_port = self._http.add(api, serve.api_listen, serve.tls_cert, serve.tls_key, name="api")
         try:
@@ -165,8 +170,14 @@ class Server:
             if abandoned:
                 log.warning("%d traces in flight were not decided within serve.shutdown_timeout (%g s) and are "
                             "lost", abandoned, timeout)
-            model_store.save(self.pipeline.models_for_saving(), self.model_dir)
+            try:
+                model_store.save(self.pipeline.models_for_saving(), self.model_dir)
+            except OSError as exc:  # a full disk: the snapshot before stays whole (saves are atomic)
+                log.error("the learned state could not be saved: %s", exc)
         self.store.close()
+        if self.store.backlog or self.store.dropped_:
+            log.error("%d findings could not be written to the store (%s) and are lost",
+                      self.store.backlog + self.store.dropped_, self.store.failing)
 
 
 def run(config: PipelineConfig) -> int:

@@ -4,12 +4,19 @@ Re-delivery, a replay after a crash, or a resolved regression all write the
 same id again, so the table holds one row per finding, last version wins.
 Rows keep the sequence number of their first insert, which is what the API
 pages by (a cursor that does not move under updates).
+
+When the database refuses writes (disk full, I/O error), rows are held in
+order in a bounded backlog instead of being lost, ``failing`` says why (the
+receivers stop accepting and ``/readyz`` says not ready while it is set), and
+``retry`` writes the backlog once the disk takes writes again. Past the bound,
+rows are dropped and counted (``dropped_``).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+from collections import deque
 from pathlib import Path
 
 from traceguard.link import link_logs
@@ -43,6 +50,7 @@ CREATE TABLE IF NOT EXISTS incidents (
 );
 CREATE INDEX IF NOT EXISTS incidents_state ON incidents (state, seq);
 """
+_BACKLOG = 100_000  # rows held while the database refuses writes
 # Stores written before incidents existed lack this column; added on open.
 _MIGRATIONS = (("anomalies", "incident_id", "ALTER TABLE anomalies ADD COLUMN incident_id TEXT"),)
 
@@ -60,28 +68,59 @@ class SqliteStore:
         self._db.execute("CREATE INDEX IF NOT EXISTS anomalies_incident ON anomalies (incident_id)")
         self._lock = threading.Lock()
         self._closed = False
+        self._backlog: deque[tuple[str, tuple]] = deque()
+        self.failing: str | None = None  # why writes fail, while they do
+        self.dropped_ = 0
+
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog)
+
+    def _write(self, statement: str, values: tuple) -> None:
+        with self._lock:
+            if not self._backlog:
+                try:
+                    self._db.execute(statement, values)
+                    return
+                except sqlite3.OperationalError as exc:  # disk full, I/O error, read-only
+                    self.failing = str(exc)
+            if len(self._backlog) < _BACKLOG:
+                self._backlog.append((statement, values))
+            else:
+                self.dropped_ += 1
+
+    def retry(self) -> bool:
+        """Writes the held rows, in order; whether none is left."""
+        with self._lock:
+            while self._backlog:
+                try:
+                    self._db.execute(*self._backlog[0])
+                except sqlite3.OperationalError as exc:
+                    self.failing = str(exc)
+                    return False
+                self._backlog.popleft()
+            self.failing = None
+            return True
 
     def emit(self, anomaly: Anomaly) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO anomalies (id, kind, trace_id, service, operation, event_time, detected_at, body, "
-                "incident_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                "detected_at = excluded.detected_at, body = excluded.body, incident_id = excluded.incident_id",
-                (anomaly.id, anomaly.kind.value, anomaly.trace_id, anomaly.service, anomaly.operation,
-                 anomaly.event_time, anomaly.detected_at, anomaly.model_dump_json(), anomaly.incident_id),
-            )
+        self._write(
+            "INSERT INTO anomalies (id, kind, trace_id, service, operation, event_time, detected_at, body, "
+            "incident_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+            "detected_at = excluded.detected_at, body = excluded.body, incident_id = excluded.incident_id",
+            (anomaly.id, anomaly.kind.value, anomaly.trace_id, anomaly.service, anomaly.operation,
+             anomaly.event_time, anomaly.detected_at, anomaly.model_dump_json(), anomaly.incident_id),
+        )
 
     def emit_incident(self, incident: Incident) -> None:
         stages = "|".join(f"{s.service}\x1f{s.operation}" for s in (*incident.culprits, *incident.affected))
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO incidents (id, state, service, operation, onset, updated_at, stages, body) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET state = excluded.state, "
-                "service = excluded.service, operation = excluded.operation, onset = excluded.onset, "
-                "updated_at = excluded.updated_at, stages = excluded.stages, body = excluded.body",
-                (incident.id, incident.state, incident.service, incident.operation, incident.onset,
-                 incident.updated_at, stages, incident.model_dump_json()),
-            )
+        self._write(
+            "INSERT INTO incidents (id, state, service, operation, onset, updated_at, stages, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET state = excluded.state, "
+            "service = excluded.service, operation = excluded.operation, onset = excluded.onset, "
+            "updated_at = excluded.updated_at, stages = excluded.stages, body = excluded.body",
+            (incident.id, incident.state, incident.service, incident.operation, incident.onset,
+             incident.updated_at, stages, incident.model_dump_json()),
+        )
 
     def get_incident(self, incident_id: str) -> tuple[Incident, list[Anomaly]] | None:
         """The incident and the findings stored with its id (its stage-level ones and exemplars)."""
@@ -162,6 +201,8 @@ class SqliteStore:
         """Every upsert is its own committed transaction already."""
 
     def close(self) -> None:
+        """Closes the database; rows it still refuses are lost, which ``backlog`` says."""
+        self.retry()
         with self._lock:
             if not self._closed:
                 self._closed = True

@@ -42,8 +42,8 @@ def export_response(signal: str, rejected: int, message: str):
 class Overloaded(Exception):
     """The in-flight bound is reached; the client should retry later."""
 
-    def __init__(self, retry_after_s: float) -> None:
-        super().__init__(f"traceguard is at its in-flight bound; retry in {retry_after_s:g} s")
+    def __init__(self, retry_after_s: float, why: str = "it is at its in-flight bound") -> None:
+        super().__init__(f"traceguard cannot take this now: {why}; retry in {retry_after_s:g} s")
         self.retry_after_s = retry_after_s
 
 
@@ -58,6 +58,13 @@ class LiveIngest:
         self.stages = StageAttributes(config.decode.max_stages)
         self.lock = threading.Lock()
 
+    def _check_store(self, transport: str, signal: str) -> None:
+        """While the store refuses writes nothing more is accepted: what is in flight
+        already fills its backlog, and a client that is told to retry loses nothing."""
+        if self.store.failing is not None:
+            self.refused(transport, signal, "store_failing")
+            raise Overloaded(self.config.serve.retry_after / 1e9, f"the findings store cannot write ({self.store.failing})")
+
     def refused(self, transport: str, signal: str, reason: str) -> None:
         """Counts a request answered with an error: overloaded, unauthenticated,
         undecodable, too large, unsupported type or encoding."""
@@ -70,6 +77,7 @@ class LiveIngest:
             Overloaded: not enough room for this request's spans.
         """
         started = time.perf_counter()
+        self._check_store(transport, "traces")
         with self.lock:
             if self.pipeline.assembler.room() < len(decoded.rows):
                 self.refused(transport, "traces", "overloaded")
@@ -84,6 +92,7 @@ class LiveIngest:
 
     def logs(self, decoded: Decoded, transport: str) -> tuple[int, str]:
         """Takes decoded log records; a record of an already decided trace is linked to its stored findings."""
+        self._check_store(transport, "logs")
         with self.lock:
             self.metrics.inc("traceguard_logs_received_total", len(decoded.rows) + decoded.rejected,
                              transport=transport)
@@ -103,7 +112,10 @@ class LiveIngest:
 
     def tick(self) -> None:
         """Decides what is due, a chunk at a time: between chunks the receivers
-        get the lock, so a burst of due traces does not stall ingestion."""
+        get the lock, so a burst of due traces does not stall ingestion. Rows the
+        store held back while it refused writes are tried again first."""
+        if self.store.backlog:
+            self.store.retry()
         more = True
         while more:
             with self.lock:
