@@ -362,3 +362,20 @@ def test_receivers_refuse_while_the_store_cannot_write(receiver):
         assert f'reason="store_failing",signal="{signal}"' in prometheus_text(metrics).decode()
     store.failing = None
     assert client.post("/v1/traces", content=b"{}", headers=headers).status_code == 200
+
+
+def test_a_corrupt_findings_store_is_said_plainly_at_start(tmp_path):
+    """(A read-only one takes the same path, a DatabaseError at open; root, which CI may
+    run as, writes read-only files anyway, so that case has no test here.)"""
+    import os
+    import subprocess
+    import sys
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "anomalies.sqlite").write_bytes(b"this is not a database" * 100)
+    result = subprocess.run([sys.executable, "-m", "traceguard", "serve", "--state-dir", str(state),
+                             "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+                             "--api-listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=120,
+                            env=os.environ)
+    assert result.returncode == 2 and "cannot be used" in result.stderr and "Traceback" not in result.stderr

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             status, metrics = consume.run(config)
-        except (KafkaError, OSError, ModelFileError) as exc:
+        except (KafkaError, OSError, RuntimeError, ModelFileError) as exc:
             print(f"traceguard: cannot consume: {exc}", file=sys.stderr)
             return 2
         _print_summary(metrics.snapshot(), "consume")

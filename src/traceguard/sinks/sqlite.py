@@ -55,17 +55,28 @@ _BACKLOG = 100_000  # rows held while the database refuses writes
 _MIGRATIONS = (("anomalies", "incident_id", "ALTER TABLE anomalies ADD COLUMN incident_id TEXT"),)
 
 
+class StoreUnusable(RuntimeError):
+    """The store file cannot be opened or written at start; the message says which file and why."""
+
+
 class SqliteStore:
     def __init__(self, path: Path) -> None:
+        """Raises:
+            StoreUnusable: the file is not a database, is corrupt, or cannot be written.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        for table, column, statement in _MIGRATIONS:
-            if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
-                self._db.execute(statement)
-        self._db.execute("CREATE INDEX IF NOT EXISTS anomalies_incident ON anomalies (incident_id)")
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            for table, column, statement in _MIGRATIONS:
+                if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                    self._db.execute(statement)
+            self._db.execute("CREATE INDEX IF NOT EXISTS anomalies_incident ON anomalies (incident_id)")
+        except sqlite3.DatabaseError as exc:
+            raise StoreUnusable(f"the findings store {path} cannot be used: {exc} (move it aside to start "
+                                "a new one)") from None
         self._lock = threading.Lock()
         self._closed = False
         self._backlog: deque[tuple[str, tuple]] = deque()
