@@ -1,12 +1,14 @@
-"""Replay cost in CPU instructions: a figure the machine's noise does not move.
+"""Replay cost in CPU instructions: a figure other processes on the machine do not move.
 
 Wall-clock rates on a shared 2-core machine spread ±25 % between runs of the
-same code, so a 10 % change cannot be seen in them. Instructions retired are
-counted exactly by valgrind (``cachegrind --cache-sim=no``) and, with a fixed
-hash seed, barely move between runs (with random seeds the same code's count
-moved by up to 7 %). Each figure is the difference between a child
-process doing the work twice and one doing it once, so start-up and imports
-cancel. They ignore cache misses and stalls: a proxy for time, not time.
+same code. Instructions retired are counted exactly by valgrind
+(``cachegrind --cache-sim=no``), whatever else runs. Each figure is the
+difference between a child process doing the work twice and one doing it
+once, so start-up and imports cancel. They ignore cache misses and stalls: a
+proxy for time, not time. Read the ceiling row as the control: in an A/B it
+is identical code, and it still moved by up to 11 % between two source trees
+(the garbage collector walks heaps of different sizes), so differences of
+that order are not the replay's.
 
 Measured on the benchmark input of ``replay_throughput`` (length-prefixed
 OTLP protobuf and OTLP/JSON lines): the ceiling (``FromString`` over every
