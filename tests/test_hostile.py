@@ -278,6 +278,7 @@ def test_http_listeners_bound_connections_slow_headers_and_stalled_bodies(tmp_pa
     """A real serve: past max_connections a connection is closed at once; one that
     sends no request is closed after read_timeout; a body that stalls gets 408, and
     bodies in arrival past max_receiving_bytes get 503. /healthz answers throughout."""
+    import contextlib
     import socket
 
     from benchmarks.serve_process import ServeProcess
@@ -287,17 +288,14 @@ def test_http_listeners_bound_connections_slow_headers_and_stalled_bodies(tmp_pa
         "TRACEGUARD_SERVE__MAX_RECEIVING_BYTES": str(1 << 20)})
 
     def connect() -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", server.http), timeout=60)
-        return sock
+        return socket.create_connection(("127.0.0.1", server.http), timeout=60)
 
     def closed(sock: socket.socket) -> bytes:
         """What the server sent before closing (waits for the close, up to the socket timeout)."""
         data = b""
-        try:
+        with contextlib.suppress(ConnectionResetError):  # an abort is a close too
             while chunk := sock.recv(65536):
                 data += chunk
-        except ConnectionResetError:
-            pass
         return data
 
     def stalled_upload(sent: int) -> socket.socket:

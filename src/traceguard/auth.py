@@ -19,8 +19,7 @@ def bearer_matches(authorization: str | None, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())
 
 
-def check_token(token: str | None) -> str | None:
-    """A configured token; an empty one is refused instead of turning authentication off."""
+def check_token(token: str | None) -> None:
+    """Refuses an empty token instead of letting it turn authentication off."""
     if token is not None and not token.strip():
         raise ValueError("is empty: leave it unset for no authentication, or set the token clients must send")
-    return token

@@ -273,11 +273,10 @@ class ServeConfig(_Section):
 
 
 def _check_listener_security(token: str | None, tls_cert: Path | None, tls_key: Path | None) -> None:
-    if token is not None:
-        try:
-            check_token(token)
-        except ValueError as exc:
-            raise ValueError(f"token {exc}") from None
+    try:
+        check_token(token)
+    except ValueError as exc:
+        raise ValueError(f"token {exc}") from None
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("tls_cert and tls_key go together")
 

@@ -9,6 +9,8 @@ the calls and what a change's finding says.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from traceguard.models.features import stages
 from traceguard.models.rates import RateChange, RateModel, WindowCalls
 from traceguard.records import Anomaly, AnomalyKind, Trace
@@ -16,7 +18,7 @@ from traceguard.records import Anomaly, AnomalyKind, Trace
 Stage = tuple[str, str, int]
 
 
-class StageRateDetector:
+class StageRateDetector(ABC):
     kind: AnomalyKind
 
     def __init__(self, rates: RateModel, calls: WindowCalls | None) -> None:
@@ -34,9 +36,9 @@ class StageRateDetector:
         if self._counting:
             self._calls.count(stages(trace))
 
+    @abstractmethod
     def _keep(self, key: Stage) -> bool:
         """Whose calls a full window keeps."""
-        return key in self.rates_.keys_ or len(self.rates_.keys_) < self.rates_.max_keys
 
     def _roll(self, now: int) -> None:
         """Ends the current window once ``now`` is past it (never backwards)."""
@@ -45,12 +47,13 @@ class StageRateDetector:
         if ended is not None:
             self._end_window(*ended, now)
 
+    @abstractmethod
     def _end_window(self, index: int, calls: dict[Stage, int], now: int) -> None:
-        raise NotImplementedError
+        """What the end of window ``index`` does with its calls per stage."""
 
+    @abstractmethod
     def _changes(self, events: list[RateChange], now: int) -> list[Anomaly]:
         """The stage-level findings of these rate changes."""
-        raise NotImplementedError
 
     def _release(self, events: list[RateChange], now: int) -> None:
         if events:
