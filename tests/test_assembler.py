@@ -140,10 +140,23 @@ def test_spans_without_an_end_arrive_at_the_watermark():
     assert any(t.trace_id == tid(1) for t in h.decided)
 
 
+def test_an_unfinished_span_first_on_a_fresh_clock_is_not_overdue():
+    """The first span a fresh clock sees (a consumer that just took over a partition)
+    may be unfinished: it arrives when it started, not at event time 0, so its trace
+    waits for the rest like any other instead of being decided without its root."""
+    h = Harness()
+    h.add(row(1, 2, 1, start_ms=1_000, end_ms=None))
+    h.tick(2_000)
+    h.add(row(1, 1, start_ms=0, end_ms=2_500))
+    h.tick(2_500 + 30_000)
+    (trace,) = [t for t in h.decided if t.trace_id == tid(1)]
+    assert trace.root is not None and len(trace.spans) == 2 and not h.late
+
+
 def test_advance_can_decide_in_chunks():
     h = Harness()
     h.assembler.add([row(n, 1, end_ms=100) for n in range(1, 6)])
-    h.clock.observe(T0 + 40_000 * MS)
+    h.clock.observe(T0 + 40_000 * MS, 0)
     assert h.assembler.advance(limit=2) is True
     assert len(h.decided) == 2
     assert h.assembler.advance(limit=2) is True

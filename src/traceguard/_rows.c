@@ -1041,6 +1041,125 @@ fail:
     return NULL;
 }
 
+PyDoc_STRVAR(gather_doc,
+"gather(rows, start, pending, decided, Pending, schedule, max_seen, arrival) -> (stop, added, max_seen)\n\n"
+"TraceAssembler._take over rows[start:], the assembler's intake: runs once per\n"
+"span of every input. Each row joins its trace in ``pending`` (a new trace is\n"
+"``Pending(stamp)``, put in ``pending`` and ``schedule``; a trace whose root\n"
+"comes is put in ``schedule``; the row shares its trace's first id object) and\n"
+"is stamped: ``arrival`` if it is >= 0 (wall clock), else its end time as\n"
+"EventTimeClock.observe does, ``max_seen`` being the largest seen. It stops\n"
+"before a row it leaves to _take (a trace already decided: a late span; a\n"
+"time past int64); ``stop`` is that row's index, or len(rows).");
+
+static Slots pending_slots;
+static const char *PENDING_SLOTS[] = {"rows", "first_seen", "last_seen", "has_root", NULL};
+enum { PENDING_ROWS = 0, PENDING_LAST_SEEN = 2, PENDING_HAS_ROOT = 3 };
+
+/* Sets a slot holding an object reference to a new one (steals it). */
+static void set_slot(PyObject **slot, PyObject *value) {
+    PyObject *was = *slot;
+    *slot = value;
+    Py_XDECREF(was);
+}
+
+static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *rows, *pending, *decided, *pending_type, *schedule;
+    Py_ssize_t i;
+    long long max_seen, arrival;
+    if (!PyArg_ParseTuple(args, "O!nO!O!OO!LL", &PyList_Type, &rows, &i, &PyDict_Type, &pending, &PyDict_Type,
+                          &decided, &pending_type, &PyDict_Type, &schedule, &max_seen, &arrival))
+        return NULL;
+    if (row_slots.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() first");
+        return NULL;
+    }
+    if ((PyObject *)pending_slots.type != pending_type && bind_slots(&pending_slots, pending_type, PENDING_SLOTS) < 0)
+        return NULL;
+    static const uint8_t no_parent[8];
+    Py_ssize_t added = 0;
+    for (i = i < 0 ? 0 : i; i < PyList_GET_SIZE(rows); i++) {
+        PyObject *row = PyList_GET_ITEM(rows, i);
+        if (Py_TYPE(row) != row_slots.type)
+            break;
+        PyObject *trace_id = SLOT(row_slots, row, ROW_TRACE_ID), *end = SLOT(row_slots, row, ROW_END);
+        PyObject *core = SLOT(row_slots, row, ROW_CORE);
+        if (trace_id == NULL || end == NULL || core == NULL || !PyLong_Check(end) || !PyBytes_Check(core))
+            break;
+        PyObject *trace = PyDict_GetItemWithError(pending, trace_id);
+        if (trace == NULL && (PyErr_Occurred() || PyDict_Contains(decided, trace_id) != 0))
+            break; /* an error (raised again by _take) or a late span */
+        if (trace != NULL && (Py_TYPE(trace) != pending_slots.type || !PyList_Check(SLOT(pending_slots, trace, PENDING_ROWS))))
+            break;
+        long long stamp = arrival;
+        if (arrival < 0) {
+            long long event_time = PyLong_AsLongLong(end);
+            if (event_time == -1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                break;
+            }
+            if (event_time > max_seen)
+                max_seen = event_time;
+            stamp = event_time;
+            if (event_time == 0) { /* unfinished: "now", not before it started */
+                uint64_t start;
+                if (PyBytes_GET_SIZE(core) < 24)
+                    break;
+                memcpy(&start, PyBytes_AS_STRING(core) + 16, 8);
+                if (start > (uint64_t)INT64_MAX)
+                    break;
+                stamp = (long long)start > max_seen ? (long long)start : max_seen;
+            }
+        }
+        if (trace == NULL) {
+            PyObject *stamp_obj = PyLong_FromLongLong(stamp);
+            trace = stamp_obj == NULL ? NULL : PyObject_CallOneArg(pending_type, stamp_obj);
+            Py_XDECREF(stamp_obj);
+            if (trace == NULL)
+                return NULL;
+            if (Py_TYPE(trace) != pending_slots.type || !PyList_Check(SLOT(pending_slots, trace, PENDING_ROWS))) {
+                Py_DECREF(trace);
+                PyErr_SetString(PyExc_TypeError, "Pending() made something else");
+                return NULL;
+            }
+            int stored = PyObject_SetItem(pending, trace_id, trace) < 0 || PyDict_SetItem(schedule, trace_id, trace) < 0;
+            Py_DECREF(trace); /* pending holds it */
+            if (stored)
+                return NULL;
+        } else {
+            PyObject *last_seen = SLOT(pending_slots, trace, PENDING_LAST_SEEN);
+            long long last = last_seen != NULL && PyLong_Check(last_seen) ? PyLong_AsLongLong(last_seen) : -1;
+            if (last == -1 && (last_seen == NULL || !PyLong_Check(last_seen) || PyErr_Occurred())) {
+                PyErr_Clear();
+                break;
+            }
+            if (stamp > last) {
+                PyObject *stamp_obj = PyLong_FromLongLong(stamp);
+                if (stamp_obj == NULL)
+                    return NULL;
+                set_slot(&SLOT(pending_slots, trace, PENDING_LAST_SEEN), stamp_obj);
+            }
+            PyObject *held = SLOT(pending_slots, trace, PENDING_ROWS);
+            PyObject *first = PyList_GET_SIZE(held) ? PyList_GET_ITEM(held, 0) : NULL;
+            PyObject *shared = first != NULL && Py_TYPE(first) == row_slots.type ? SLOT(row_slots, first, ROW_TRACE_ID) : NULL;
+            if (shared != NULL && shared != trace_id) { /* one id object per trace */
+                set_slot(&SLOT(row_slots, row, ROW_TRACE_ID), Py_NewRef(shared));
+                trace_id = shared;
+            }
+        }
+        if (PyList_Append(SLOT(pending_slots, trace, PENDING_ROWS), row) < 0)
+            return NULL;
+        added++;
+        if (SLOT(pending_slots, trace, PENDING_HAS_ROOT) != Py_True && PyBytes_GET_SIZE(core) >= 16
+            && memcmp(PyBytes_AS_STRING(core) + 8, no_parent, 8) == 0) {
+            set_slot(&SLOT(pending_slots, trace, PENDING_HAS_ROOT), Py_NewRef(Py_True));
+            if (PyDict_SetItem(schedule, trace_id, trace) < 0)
+                return NULL;
+        }
+    }
+    return Py_BuildValue("(nnL)", i, added, max_seen);
+}
+
 /* ---- OTLP/JSON: the same rows from the objects orjson parsed -------------------------
  *
  * Only the form the Collector's file exporter writes is walked here: hex ids of
@@ -1440,6 +1559,7 @@ static PyMethodDef methods[] = {
     {"decode_json_spans", decode_json_spans, METH_VARARGS, decode_json_spans_doc},
     {"expand", expand, METH_O, expand_doc},
     {"ended_after_parent", ended_after_parent, METH_VARARGS, ended_after_parent_doc},
+    {"gather", gather, METH_VARARGS, gather_doc},
     {"json_nesting", json_nesting, METH_VARARGS, json_nesting_doc},
     {NULL, NULL, 0, NULL},
 };

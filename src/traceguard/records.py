@@ -29,6 +29,7 @@ FLAG_HAS_LINKS = 1
 # start time, kind, status code, flags.
 SPAN_CORE = struct.Struct("<8s8sQBBB")
 NO_PARENT = bytes(8)
+_START = struct.Struct("<Q")  # SPAN_CORE's start, at offset 16
 
 
 class SpanRow:
@@ -58,6 +59,10 @@ class SpanRow:
         self.service = service
         self.name = name
         self.attrs = attrs
+
+    @property
+    def start(self) -> int:
+        return _START.unpack_from(self.core, 16)[0]
 
 
 class Span:

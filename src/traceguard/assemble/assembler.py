@@ -21,6 +21,9 @@ from traceguard.native import rows as native
 from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, STATUS_ERROR, DecisionReason, Span, SpanRow, Trace
 
 
+_INT64_MAX = (1 << 63) - 1
+
+
 class _Pending:
     __slots__ = ("rows", "first_seen", "last_seen", "has_root")
 
@@ -89,36 +92,50 @@ class TraceAssembler:
         return self._config.max_spans_in_flight - self.spans_in_flight
 
     def add(self, rows: Iterable[SpanRow]) -> None:
-        pending = self._pending
-        observe = self._clock.observe
+        rows = rows if isinstance(rows, list) else list(rows)  # native.gather walks a list
         # traces new in this batch or whose root came in it: scheduled once the batch is in
         schedule: dict[bytes, _Pending] = {}
-        added = 0
-        for row in rows:
-            trace_id = row.trace_id
-            trace = pending.get(trace_id)
-            stamp = observe(row.end)
-            if trace is None:
-                decided_at = self._decided.get(trace_id)
-                if decided_at is not None:
-                    self._metrics.inc("traceguard_late_spans_total")
-                    self._on_late(trace_id, to_span(row), decided_at)
-                    continue
-                trace = pending[trace_id] = schedule[trace_id] = _Pending(stamp)
-            else:
-                row.trace_id = trace.rows[0].trace_id  # share one id object per trace
-                if stamp > trace.last_seen:
-                    trace.last_seen = stamp
-            trace.rows.append(row)
-            added += 1
-            if not trace.has_root and row.core.startswith(NO_PARENT, 8):
-                trace.has_root = True
-                schedule[trace_id] = trace
+        added = at = 0
+        while at < len(rows):
+            if native is not None:
+                max_seen, arrival = self._clock.stamping()
+                if max(max_seen, arrival) <= _INT64_MAX:
+                    at, taken, max_seen = native.gather(rows, at, self._pending, self._decided, _Pending, schedule,
+                                                        max_seen, arrival)
+                    self._clock.seen(max_seen)
+                    added += taken
+                    if at == len(rows):
+                        break
+            added += self._take(rows[at], schedule)
+            at += 1
         for trace_id, trace in schedule.items():
             self._push(self._due_time(trace), trace_id)
         self.spans_in_flight += added
         self._metrics.inc("traceguard_spans_accepted_total", added)
         self._enforce_bounds()
+
+    def _take(self, row: SpanRow, schedule: dict[bytes, _Pending]) -> int:
+        """One span in: 1 if it joined a pending trace, 0 if it came late. ``native.gather``
+        does this for runs of spans and leaves to it the ones it does not handle."""
+        trace_id = row.trace_id
+        trace = self._pending.get(trace_id)
+        stamp = self._clock.observe(row.end, row.start)
+        if trace is None:
+            decided_at = self._decided.get(trace_id)
+            if decided_at is not None:
+                self._metrics.inc("traceguard_late_spans_total")
+                self._on_late(trace_id, to_span(row), decided_at)
+                return 0
+            trace = self._pending[trace_id] = schedule[trace_id] = _Pending(stamp)
+        else:
+            row.trace_id = trace.rows[0].trace_id  # share one id object per trace
+            if stamp > trace.last_seen:
+                trace.last_seen = stamp
+        trace.rows.append(row)
+        if not trace.has_root and row.core.startswith(NO_PARENT, 8):
+            trace.has_root = True
+            schedule[trace_id] = trace
+        return 1
 
     def advance(self, limit: int | None = None) -> bool:
         """Decides the traces due at the clock's ``now()``, at most ``limit`` of them.

@@ -12,8 +12,16 @@ from typing import Protocol
 
 
 class Clock(Protocol):
-    def observe(self, event_time: int) -> int:
-        """Records that a span with this event time arrived; returns its arrival stamp."""
+    def observe(self, end: int, start: int) -> int:
+        """Records that a span with these times arrived (end 0: unfinished); returns its arrival stamp."""
+
+    def stamping(self) -> tuple[int, int]:
+        """How ``native.gather`` stamps a run of spans as ``observe`` would: (the
+        largest event time seen, -1) to stamp each by its end time, or (0, the
+        arrival time) to stamp them all with it."""
+
+    def seen(self, largest: int) -> None:
+        """``native.gather`` stamped spans by event time up to ``largest``."""
 
     def now(self) -> int:
         """The time up to which decisions may be taken (unix ns)."""
@@ -34,12 +42,20 @@ class EventTimeClock:
         self._max_seen = 0
         self._finished = False
 
-    def observe(self, event_time: int) -> int:
-        if event_time > self._max_seen:
-            self._max_seen = event_time
-            return event_time
-        # A span without a usable end time arrives "now" in event time.
-        return event_time or self._max_seen
+    def observe(self, end: int, start: int) -> int:
+        if end > self._max_seen:
+            self._max_seen = end
+            return end
+        # A span without an end time arrives "now" in event time, but not before it
+        # started: a fresh clock's "now" is 0, which made such a span's trace overdue
+        # at once (a consumer that took over a partition decided it without its root).
+        return end or max(self._max_seen, start)
+
+    def stamping(self) -> tuple[int, int]:
+        return self._max_seen, -1
+
+    def seen(self, largest: int) -> None:
+        self._max_seen = max(self._max_seen, largest)
 
     def now(self) -> int:
         if self._finished:
@@ -57,8 +73,14 @@ class EventTimeClock:
 
 
 class WallClock:
-    def observe(self, event_time: int) -> int:
+    def observe(self, end: int, start: int) -> int:
         return time.time_ns()
+
+    def stamping(self) -> tuple[int, int]:
+        return 0, time.time_ns()
+
+    def seen(self, largest: int) -> None:
+        """Wall time does not learn from spans."""
 
     def now(self) -> int:
         return time.time_ns()

@@ -67,9 +67,10 @@ class Batch:
     events: list = field(default_factory=list)  # traces: the spans' events as log records
 
     def event_time(self) -> int:
-        """The earliest event in the batch: the key that merges files in event time."""
+        """The earliest event in the batch: the key that merges files in event time
+        (an unfinished span's event is its start)."""
         if self.signal == "traces":
-            return min((row.end for row in self.rows if row.end), default=0)
+            return min((time for time in (row.end or row.start for row in self.rows) if time), default=0)
         return min((row.time for row in self.rows if row.time), default=0)
 
 
