@@ -13,9 +13,9 @@ from benchmarks.scenario import ScenarioConfig, generate
 REQUEST_SPANS = 512
 
 
-def scenario_requests(traces: int, seed: int = 7, request_spans: int = REQUEST_SPANS):
+def scenario_requests(traces: int, seed: int = 7, request_spans: int = REQUEST_SPANS, fault_rate: float | None = None):
     """The generator's spans in export order, re-packed into requests of ``request_spans``
-    spans (as a busy SDK or Collector batches them)."""
+    spans (as a busy SDK or Collector batches them); ``fault_rate``: the generator's default if None."""
     pending: list = []
     requests = []
 
@@ -25,7 +25,8 @@ def scenario_requests(traces: int, seed: int = 7, request_spans: int = REQUEST_S
             requests.append(encode_spans(pending[:request_spans]))
             del pending[:request_spans]
 
-    generate(ScenarioConfig(traces=traces, seed=seed, duration_s=traces / 3), collect, lambda *_: None)
+    faults = {} if fault_rate is None else {"fault_rate": fault_rate}
+    generate(ScenarioConfig(traces=traces, seed=seed, duration_s=traces / 3, **faults), collect, lambda *_: None)
     if pending:
         requests.append(encode_spans(pending))
     return requests

@@ -13,7 +13,11 @@ pre-serialized 512-span ``ExportTraceServiceRequest`` bodies, back to back on
 * nothing lost: spans the server counted received == spans sent, none refused;
 * the ceiling: ``ExportTraceServiceRequest.FromString`` of the same bodies here.
 
-Run ``python -m benchmarks.serve_throughput [--traces N] [--streams S]``; prints JSON.
+``--wal-cost R`` instead measures what the write-ahead log costs: R rounds,
+each a run with ``serve.wal`` off and one with it on (fsync on), and the
+median sustained rate of each.
+
+Run ``python -m benchmarks.serve_throughput [--traces N] [--streams S] [--wal-cost R]``; prints JSON.
 """
 
 from __future__ import annotations
@@ -52,26 +56,12 @@ def _histogram_quantile(text: str, name: str, q: float) -> float | None:
     return next(bound for bound, count in buckets if count >= target)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--traces", type=int, default=8000)
-    parser.add_argument("--streams", type=int, default=2)
-    args = parser.parse_args()
-
-    bodies = [r.SerializeToString() for r in scenario_requests(args.traces)]
-    spans = [sum(len(ss.spans) for rs in ExportTraceServiceRequest.FromString(b).resource_spans
-                 for ss in rs.scope_spans) for b in bodies]
+def measure(bodies: list[bytes], spans: list[int], streams: int, env: dict[str, str]) -> dict:
+    """One run of a fresh server under the load."""
     total = sum(spans)
-
-    def parse_only() -> int:
-        for body in bodies:
-            ExportTraceServiceRequest.FromString(body)
-        return total
-
-    ceiling = median_rate(parse_only, 5)[0]
     with tempfile.TemporaryDirectory() as tmp:
         server = ServeProcess(Path(tmp) / "state", "--decision-wait", "2s", "--max-trace-age", "10s",
-                              env={"TRACEGUARD_SERVE__TICK": "100ms"})
+                              env={"TRACEGUARD_SERVE__TICK": "100ms", **env})
         try:
             channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc}")
             export = channel.unary_unary(METHOD, request_serializer=None,
@@ -96,7 +86,7 @@ def main() -> None:
                     latencies.append(time.perf_counter() - started)
 
             started = time.perf_counter()
-            threads = [threading.Thread(target=caller) for _ in range(args.streams)]
+            threads = [threading.Thread(target=caller) for _ in range(streams)]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -109,20 +99,56 @@ def main() -> None:
                             what="stored findings")
             time.sleep(12)  # let max_trace_age pass so the rootless traces are decided and stored too
             metrics = server.client.get("/metrics").text
-            received = _metric(metrics, "traceguard_spans_received_total")
-            refused = _metric(metrics, "traceguard_requests_refused_total")
-            stored_count = _metric(metrics, "traceguard_finding_store_seconds_count")
-            stored_sum = _metric(metrics, "traceguard_finding_store_seconds_sum")
-            store_p99 = _histogram_quantile(metrics, "traceguard_finding_store_seconds", 0.99)
-            lag_p50 = _histogram_quantile(metrics, "traceguard_decision_lag_seconds", 0.5)
-            lag_p99 = _histogram_quantile(metrics, "traceguard_decision_lag_seconds", 0.99)
             rss_kib = int(re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{server.process.pid}/status").read_text())[1])
             channel.close()
         finally:
             exit_code = server.stop()
-    ceiling = statistics.mean([ceiling, median_rate(parse_only, 5)[0]])  # before and after the load
-    rate = sent_timed / elapsed
     latencies.sort()
+    return {"rate": sent_timed / elapsed, "latencies": latencies, "errors": errors, "metrics": metrics,
+            "rss_kib": rss_kib, "exit_code": exit_code, "total": total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--traces", type=int, default=8000)
+    parser.add_argument("--streams", type=int, default=2)
+    parser.add_argument("--wal-cost", type=int, metavar="ROUNDS", help="compare serve.wal off and on")
+    args = parser.parse_args()
+
+    bodies = [r.SerializeToString() for r in scenario_requests(args.traces)]
+    spans = [sum(len(ss.spans) for rs in ExportTraceServiceRequest.FromString(b).resource_spans
+                 for ss in rs.scope_spans) for b in bodies]
+    total = sum(spans)
+    if args.wal_cost:
+        rates: dict[str, list[float]] = {"off": [], "on": []}
+        for _ in range(args.wal_cost):
+            for wal in ("off", "on"):
+                result = measure(bodies, spans, args.streams, {"TRACEGUARD_SERVE__WAL": str(wal == "on").lower()})
+                rates[wal].append(round(result["rate"]))
+        off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+        print(json.dumps({"benchmark": "serve_throughput_wal_cost", "transport": "grpc", "streams": args.streams,
+                          "requests": len(bodies), "spans": total, "sustained_spans_per_s": rates,
+                          "median_off": round(off), "median_on": round(on), "cost": round(1 - on / off, 4),
+                          "target_cost": 0.15}, indent=2))
+        return
+
+    def parse_only() -> int:
+        for body in bodies:
+            ExportTraceServiceRequest.FromString(body)
+        return total
+
+    ceiling = median_rate(parse_only, 5)[0]
+    result = measure(bodies, spans, args.streams, {})
+    metrics, latencies = result["metrics"], result["latencies"]
+    received = _metric(metrics, "traceguard_spans_received_total")
+    refused = _metric(metrics, "traceguard_requests_refused_total")
+    stored_count = _metric(metrics, "traceguard_finding_store_seconds_count")
+    stored_sum = _metric(metrics, "traceguard_finding_store_seconds_sum")
+    store_p99 = _histogram_quantile(metrics, "traceguard_finding_store_seconds", 0.99)
+    lag_p50 = _histogram_quantile(metrics, "traceguard_decision_lag_seconds", 0.5)
+    lag_p99 = _histogram_quantile(metrics, "traceguard_decision_lag_seconds", 0.99)
+    ceiling = statistics.mean([ceiling, median_rate(parse_only, 5)[0]])  # before and after the load
+    rate = result["rate"]
     print(json.dumps({
         "benchmark": "serve_throughput",
         "transport": "grpc", "streams": args.streams, "requests": len(bodies), "spans": total,
@@ -138,9 +164,9 @@ def main() -> None:
         "decision_lag_ms_bucket_upper_bound": {"p50": lag_p50 * 1e3 if lag_p50 else None,
                                                "p99": lag_p99 * 1e3 if lag_p99 else None},
         "lost": {"spans_received_by_server": int(received), "spans_sent": total, "refused_requests": int(refused),
-                 "client_errors": errors},
-        "server_peak_rss_mib": round(rss_kib / 1024, 1),
-        "server_exit_code": exit_code,
+                 "client_errors": result["errors"]},
+        "server_peak_rss_mib": round(result["rss_kib"] / 1024, 1),
+        "server_exit_code": result["exit_code"],
     }, indent=2))
 
 

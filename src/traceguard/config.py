@@ -252,6 +252,19 @@ class ServeConfig(_Section):
     decisions_per_lock: int = Field(200, ge=1, description="Traces decided before the receivers get the pipeline again.")
     snapshot_interval: DurationNs = Field(parse_duration("5m"), description="How often learned state is saved.")
     shutdown_timeout: DurationNs = Field(parse_duration("10s"), description="Bound on the graceful stop.")
+    wal: bool = Field(
+        True, description="Keep a write-ahead log of accepted requests in state_dir/wal, replayed on start: a crash "
+                          "or kill -9 loses no acknowledged span.")
+    wal_fsync: bool = Field(
+        True, description="Answer an export only once its record is fsynced (one fsync shared by the requests "
+                          "waiting together); off, a record survives a killed process but not a power loss.")
+    wal_max_bytes: int = Field(
+        1 << 30, ge=1 << 20,
+        description="Bound on the write-ahead log; at it exports are refused (retry later) until decisions trim it.")
+    wal_segment_bytes: int = Field(16 << 20, ge=1 << 16, description="Write-ahead log segment size (trimmed whole).")
+    wal_commit_interval: DurationNs = Field(
+        parse_duration("1s"), ge=parse_duration("10ms"),
+        description="How often the write-ahead log is trimmed up to the oldest undecided request.")
     jsonl_out: Path | None = Field(None, description="Also append findings as JSONL here.")
     model_dir: Path | None = Field(None, description="Trained models to start from when the state dir has none yet.")
     token: str | None = Field(

@@ -1,10 +1,12 @@
 """The live sidecar front end: OTLP receivers → pipeline (wall clock) → SQLite store, API.
 
 Threads: the gRPC server's workers, one asyncio loop running the OTLP/HTTP
-and API servers (uvicorn), and a ticker that decides due traces and
-snapshots the learned state. SIGTERM/SIGINT: stop accepting, decide what is
-in flight, save the models, close the store, exit 0, all within
-``serve.shutdown_timeout``.
+and API servers (uvicorn), and a ticker that decides due traces, trims the
+write-ahead log and snapshots the learned state. On start the write-ahead log
+is replayed before the receivers open (a crash loses no acknowledged span).
+SIGTERM/SIGINT: stop accepting, decide what is in flight, save the models,
+close the store, exit 0, all within ``serve.shutdown_timeout``; what is not
+decided by then stays in the write-ahead log for the next start.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from traceguard.pipeline import Pipeline
 from traceguard.sinks import JsonlSink
 from traceguard.sinks.sqlite import SqliteStore
 from traceguard.sources.forward import Forwarder
+from traceguard.sources.kafka_offsets import OffsetTracker
 from traceguard.sources.live import LiveIngest
+from traceguard.sources.wal import WriteAheadLog
 from traceguard.sources.otlp_grpc import start_grpc
 from traceguard.sources.otlp_http import create_otlp_http
 
@@ -77,10 +81,20 @@ class Server:
         sinks = [_TimedStore(self.store, metrics)]
         if serve.jsonl_out is not None:
             sinks.append(JsonlSink.append_to(serve.jsonl_out))
-        self.pipeline = Pipeline(config, WallClock(), sinks, metrics, models)
+        wal = tracker = None
+        if serve.wal:
+            wal = WriteAheadLog(serve.state_dir / "wal", max_bytes=serve.wal_max_bytes,
+                                segment_bytes=serve.wal_segment_bytes, fsync=serve.wal_fsync, metrics=metrics)
+            tracker = OffsetTracker()
+        self.pipeline = Pipeline(config, WallClock(), sinks, metrics, models,
+                                 on_decided=(lambda trace: tracker.release(trace.trace_id)) if tracker else None)
         self.forwarder = (Forwarder(serve.forward_to, self.pipeline.metrics, serve.forward_queue)
                           if serve.forward_to else None)
-        self.ingest = LiveIngest(self.pipeline, self.store, config, self.forwarder)
+        self.ingest = LiveIngest(self.pipeline, self.store, config, self.forwarder, wal, tracker)
+        if wal is not None:
+            replayed = self.ingest.recover()
+            if replayed:
+                log.info("write-ahead log: %d requests accepted before the last stop taken again", replayed)
         self._ready = False
         self._stopping = threading.Event()
         self._http = HttpServers(config.serve.max_connections, config.serve.read_timeout / 1e9, self.pipeline.metrics)
@@ -89,8 +103,10 @@ class Server:
         self.bound: Bound | None = None
 
     def ready(self) -> bool:
-        """Taking exports: started, not stopping, and the store writes."""
-        return self._ready and not self._stopping.is_set() and self.store.failing is None
+        """Taking exports: started, not stopping, and the store and the write-ahead log write."""
+        wal = self.ingest.wal
+        return (self._ready and not self._stopping.is_set() and self.store.failing is None
+                and (wal is None or wal.failing is None))
 
     def _load_models(self) -> Models | None:
         """The state dir's own snapshot (a restart), else the trained ``serve.model_dir``."""
@@ -132,9 +148,13 @@ class Server:
     def _tick(self) -> None:
         serve = self.config.serve
         next_snapshot = time.monotonic() + serve.snapshot_interval / 1e9
+        next_commit = time.monotonic() + serve.wal_commit_interval / 1e9
         while not self._stopping.wait(serve.tick / 1e9):
             try:
                 self.ingest.tick()
+                if self.ingest.wal is not None and time.monotonic() >= next_commit:
+                    self.ingest.commit_log()
+                    next_commit = time.monotonic() + serve.wal_commit_interval / 1e9
                 if time.monotonic() >= next_snapshot:
                     self.snapshot()
                     next_snapshot = time.monotonic() + serve.snapshot_interval / 1e9
@@ -150,7 +170,8 @@ class Server:
         """Stops accepting, decides what is in flight, saves the models and closes the
         store, all within ``serve.shutdown_timeout`` (the kubelet kills after its grace
         period): the receivers get a tenth of it, deciding runs until three quarters
-        of it are gone, and what is still undecided then is dropped and counted
+        of it are gone, and what is still undecided then is left to the write-ahead
+        log's replay at the next start (lost without the log) and counted
         (``traceguard_traces_abandoned_total``); the rest is for the models and the
         store. Idempotent."""
         if self._stopping.is_set():
@@ -168,13 +189,17 @@ class Server:
         with self.ingest.lock:
             abandoned = self.pipeline.close(deadline=started + timeout * 3 / 4)
             if abandoned:
-                log.warning("%d traces in flight were not decided within serve.shutdown_timeout (%g s) and are "
-                            "lost", abandoned, timeout)
+                log.warning("%d traces in flight were not decided within serve.shutdown_timeout (%g s); %s",
+                            abandoned, timeout, "the write-ahead log replays them at the next start"
+                            if self.ingest.wal is not None else "they are lost")
             try:
                 model_store.save(self.pipeline.models_for_saving(), self.model_dir)
             except OSError as exc:  # a full disk: the snapshot before stays whole (saves are atomic)
                 log.error("the learned state could not be saved: %s", exc)
         self.store.close()
+        if self.ingest.wal is not None:
+            self.ingest.commit_log()  # what was decided is trimmed; the undecided rest is replayed next start
+            self.ingest.wal.close()
         if self.store.backlog or self.store.dropped_:
             log.error("%d findings could not be written to the store (%s) and are lost",
                       self.store.backlog + self.store.dropped_, self.store.failing)

@@ -1,10 +1,12 @@
-"""The edge both live OTLP receivers share: decode, check the bounds, hand over.
+"""The edge both live OTLP receivers share: decode, check the bounds, log, hand over.
 
 Decoding runs on the receiver's thread; everything that touches the pipeline
 runs under one lock, so gRPC workers, the HTTP loop and the ticker never see
 a half-updated assembler. At the in-flight bound a request is refused whole
 (``Overloaded``): the client retries after ``retry_after`` instead of this
-process growing, and nothing it sent is half accepted.
+process growing, and nothing it sent is half accepted. An accepted request is
+in the write-ahead log (``wal``) before it is answered; which of its records
+are still needed is tracked as the Kafka source tracks offsets.
 """
 
 from __future__ import annotations
@@ -16,12 +18,40 @@ from typing import Callable
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from traceguard.config import PipelineConfig
-from traceguard.decode import Decoded
+import orjson
+
+from traceguard.config import DecodeConfig, PipelineConfig
+from traceguard.decode import Decoded, DecodeError, decode_logs_json, decode_logs_proto, decode_traces_json, decode_traces_proto
 from traceguard.decode.common import StageAttributes
 from traceguard.pipeline import Pipeline
 from traceguard.sinks.sqlite import SqliteStore
 from traceguard.sources.forward import Forwarder
+from traceguard.sources.kafka_offsets import OffsetTracker
+from traceguard.sources.wal import Checkpoint, WalFull, WriteAheadLog
+
+WAL = "wal"  # the tracker's one partition
+
+
+def decode_body(signal: str, encoding: str, body: bytes, config: DecodeConfig,
+                stages: StageAttributes) -> tuple[Decoded, dict | None]:
+    """An export request's body (``proto`` or ``json``) → its rows, and the parsed JSON document if any.
+
+    Raises:
+        DecodeError: not the encoding it claims.
+    """
+    document = None
+    if encoding == "json":
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise DecodeError(f"invalid JSON: {exc}") from None
+        if not isinstance(document, dict):
+            raise DecodeError(f"the top level is {type(document).__name__}, not an object")
+    if signal == "traces":
+        decoded = decode_traces_json(document, config, stages) if document is not None else decode_traces_proto(body, config, stages)
+    else:
+        decoded = decode_logs_json(document, config) if document is not None else decode_logs_proto(body, config)
+    return decoded, document
 
 
 def export_response(signal: str, rejected: int, message: str):
@@ -49,7 +79,9 @@ class Overloaded(Exception):
 
 class LiveIngest:
     def __init__(self, pipeline: Pipeline, store: SqliteStore, config: PipelineConfig,
-                 forwarder: Forwarder | None = None) -> None:
+                 forwarder: Forwarder | None = None, wal: WriteAheadLog | None = None,
+                 tracker: OffsetTracker | None = None) -> None:
+        """``tracker`` hears of every decided trace (the pipeline's ``on_decided``) when ``wal`` is on."""
         self.pipeline = pipeline
         self.forwarder = forwarder
         self.store = store
@@ -57,6 +89,7 @@ class LiveIngest:
         self.metrics = pipeline.metrics
         self.stages = StageAttributes(config.decode.max_stages)
         self.lock = threading.Lock()
+        self.wal, self.tracker = wal, tracker
 
     def _check_store(self, transport: str, signal: str) -> None:
         """While the store refuses writes nothing more is accepted: what is in flight
@@ -70,11 +103,32 @@ class LiveIngest:
         undecodable, too large, unsupported type or encoding."""
         self.metrics.inc("traceguard_requests_refused_total", transport=transport, signal=signal, reason=reason)
 
-    def traces(self, decoded: Decoded, transport: str) -> tuple[int, str]:
-        """Takes decoded spans; returns (rejected, message) for the partial-success answer.
+    def _logged(self, transport: str, signal: str, encoding: str, body: bytes) -> int | None:
+        """Appends the request to the write-ahead log (under the lock, so log order is
+        pipeline order); its sequence number, None without a log."""
+        if self.wal is None:
+            return None
+        try:
+            return self.wal.append(signal, encoding, body)
+        except WalFull as exc:
+            self.refused(transport, signal, "wal_full")
+            raise Overloaded(self.config.serve.retry_after / 1e9, str(exc)) from None
+
+    def _durable(self, transport: str, signal: str, seq: int | None) -> None:
+        """Waits for the record's fsync (shared with the requests waiting together): then it may be answered."""
+        if seq is not None:
+            try:
+                self.wal.sync(seq)
+            except WalFull as exc:
+                self.refused(transport, signal, "wal_full")
+                raise Overloaded(self.config.serve.retry_after / 1e9, str(exc)) from None
+
+    def traces(self, decoded: Decoded, transport: str, encoding: str = "proto", body: bytes = b"") -> tuple[int, str]:
+        """Takes decoded spans (``body``: the request as it came, for the write-ahead log);
+        returns (rejected, message) for the partial-success answer.
 
         Raises:
-            Overloaded: not enough room for this request's spans.
+            Overloaded: not enough room for this request's spans, or the log is full.
         """
         started = time.perf_counter()
         self._check_store(transport, "traces")
@@ -82,28 +136,91 @@ class LiveIngest:
             if self.pipeline.assembler.room() < len(decoded.rows):
                 self.refused(transport, "traces", "overloaded")
                 raise Overloaded(self.config.serve.retry_after / 1e9)
+            seq = self._logged(transport, "traces", encoding, body)
             self.metrics.inc("traceguard_spans_received_total", len(decoded.rows) + decoded.rejected,
                              transport=transport)
             if decoded.rejected:
                 self.metrics.inc("traceguard_spans_rejected_total", decoded.rejected, transport=transport)
-            self.pipeline.accept_spans(decoded.rows, decoded.events)
+            self._accept_spans(decoded, seq)
+        self._durable(transport, "traces", seq)
         self.metrics.observe("traceguard_export_processing_seconds", time.perf_counter() - started)
         return decoded.rejected, "; ".join(decoded.errors)
 
-    def logs(self, decoded: Decoded, transport: str) -> tuple[int, str]:
+    def logs(self, decoded: Decoded, transport: str, encoding: str = "proto", body: bytes = b"") -> tuple[int, str]:
         """Takes decoded log records; a record of an already decided trace is linked to its stored findings."""
         self._check_store(transport, "logs")
         with self.lock:
+            seq = self._logged(transport, "logs", encoding, body)
             self.metrics.inc("traceguard_logs_received_total", len(decoded.rows) + decoded.rejected,
                              transport=transport)
             if decoded.rejected:
                 self.metrics.inc("traceguard_logs_rejected_total", decoded.rejected, transport=transport)
-            self.pipeline.accept_logs(decoded.rows)
-            late = {row.trace_id for row in decoded.rows if self.pipeline.assembler.is_decided(row.trace_id)}
-            traces = {trace_id: self.pipeline.logs.get(trace_id) for trace_id in late}
+            traces = self._accept_logs(decoded, seq)
+        self._durable(transport, "logs", seq)
         for trace_id, logs in traces.items():
             self.store.relink(trace_id, logs, self.config.logs.max_linked)
         return decoded.rejected, "; ".join(decoded.errors)
+
+    def _accept_spans(self, decoded: Decoded, seq: int | None) -> None:
+        if seq is not None and self.tracker is not None:
+            assembler = self.pipeline.assembler
+            trace_ids = {row.trace_id for row in decoded.rows}
+            self.tracker.track_spans(WAL, seq, trace_ids, [t for t in trace_ids if not assembler.is_decided(t)])
+        self.pipeline.accept_spans(decoded.rows, decoded.events)
+
+    def _accept_logs(self, decoded: Decoded, seq: int | None) -> dict:
+        """Returns the logs of already decided traces, to be linked to their stored findings."""
+        assembler = self.pipeline.assembler
+        trace_ids = {row.trace_id for row in decoded.rows}
+        if seq is not None and self.tracker is not None:
+            now = self.pipeline.now()
+            self.tracker.track_logs(WAL, seq, trace_ids, assembler.is_decided, now + self.config.logs.ttl, now)
+        self.pipeline.accept_logs(decoded.rows)
+        return {trace_id: self.pipeline.logs.get(trace_id) for trace_id in trace_ids if assembler.is_decided(trace_id)}
+
+    def recover(self) -> int:
+        """Replays the write-ahead log from its checkpoint (at start, before the receivers
+        open): what was accepted before a crash is taken again; returns how many records."""
+        checkpoint = self.wal.checkpoint()
+        assembler = self.pipeline.assembler
+        for trace_id, (_, decided_at) in checkpoint.straddlers.items():
+            assembler.remember_decided(trace_id, decided_at)
+        replayed = 0
+        for record in self.wal.replay(checkpoint.seq):
+            replayed += 1
+            try:
+                decoded, _ = decode_body(record.signal, record.encoding, record.body, self.config.decode, self.stages)
+            except DecodeError:  # it decoded when it was accepted: only a changed decoder gets here
+                self.metrics.inc("traceguard_wal_corrupt_records_total")
+                self.tracker.track_done(WAL, record.seq)
+                continue
+            with self.lock:
+                if record.signal == "traces":
+                    # rows of traces decided before the crash, up to their last record then, are done
+                    decoded.rows = [row for row in decoded.rows
+                                    if checkpoint.straddlers.get(row.trace_id, (-1, 0))[0] < record.seq]
+                    self._accept_spans(decoded, record.seq)
+                else:
+                    self._accept_logs(decoded, record.seq)
+        self.metrics.inc("traceguard_wal_replayed_records_total", replayed)
+        return replayed
+
+    def commit_log(self) -> None:
+        """Trims the write-ahead log up to the oldest request whose traces are not all
+        decided with their findings stored (never while the store holds findings back)."""
+        with self.lock:
+            if self.store.backlog:
+                return
+            self.tracker.expire(self.pipeline.now())  # logs whose traces never came
+            seq = self.tracker.committable(WAL)
+            if seq is None:
+                return
+            assembler = self.pipeline.assembler
+            straddlers = {trace_id: (last, assembler.decided_at(trace_id) or 0)
+                          for trace_id, last in self.tracker.straddlers(WAL, seq).items()}
+        self.wal.commit(Checkpoint(seq, straddlers))
+        with self.lock:
+            self.tracker.committed(WAL, seq)
 
     def forward(self, signal: str, body: Callable[[], bytes]) -> None:
         """Passes an accepted request upstream, if forwarding is on (``body`` is only built then)."""

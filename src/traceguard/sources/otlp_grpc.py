@@ -52,7 +52,8 @@ class _Export:
     INVALID_ARGUMENT as OTLP asks, and forwarding passes on exactly what came in."""
 
     def __init__(self, signal: str, decode: Callable[[bytes], Decoded],
-                 accept: Callable[[Decoded, str], tuple[int, str]], ingest: LiveIngest, auth: _Auth) -> None:
+                 accept: Callable[[Decoded, str, str, bytes], tuple[int, str]], ingest: LiveIngest,
+                 auth: _Auth) -> None:
         self._signal, self._decode, self._accept = signal, decode, accept
         self._ingest, self._auth = ingest, auth
 
@@ -64,7 +65,7 @@ class _Export:
             self._ingest.refused("grpc", self._signal, "undecodable")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
-            rejected, message = self._accept(decoded, "grpc")
+            rejected, message = self._accept(decoded, "grpc", "proto", data)
         except Overloaded as exc:
             _refuse(context, exc)
         self._ingest.forward(self._signal, lambda: data)

@@ -20,9 +20,9 @@ from google.protobuf.json_format import MessageToDict
 from google.rpc.status_pb2 import Status
 
 from traceguard.auth import bearer_matches
-from traceguard.decode import DecodeError, decode_logs_json, decode_logs_proto, decode_traces_json, decode_traces_proto
+from traceguard.decode import DecodeError
 from traceguard.sources.forward import json_to_protobuf
-from traceguard.sources.live import LiveIngest, Overloaded, export_response
+from traceguard.sources.live import LiveIngest, Overloaded, decode_body, export_response
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -92,22 +92,14 @@ def create_otlp_http(ingest: LiveIngest, *, max_request_bytes: int, token: str |
     decode_config = ingest.config.decode
 
     def handle(body: bytes, content_type: str, signal: str) -> tuple[int, str]:
-        document = None
+        encoding = "json" if content_type == JSON else "proto"
         try:
-            if content_type == JSON:
-                document = orjson.loads(body)
-                if not isinstance(document, dict):
-                    raise DecodeError(f"the top level is {type(document).__name__}, not an object")
-            if signal == "traces":
-                decoded = (decode_traces_json(document, decode_config, ingest.stages)
-                           if content_type == JSON else decode_traces_proto(body, decode_config, ingest.stages))
-            else:
-                decoded = (decode_logs_json(document, decode_config)
-                           if content_type == JSON else decode_logs_proto(body, decode_config))
-        except (DecodeError, orjson.JSONDecodeError) as exc:
+            decoded, document = decode_body(signal, encoding, body, decode_config, ingest.stages)
+        except DecodeError as exc:
             raise _Refused(400, f"undecodable {signal} body: {exc}") from None
         try:
-            answer = ingest.traces(decoded, "http") if signal == "traces" else ingest.logs(decoded, "http")
+            accept = ingest.traces if signal == "traces" else ingest.logs
+            answer = accept(decoded, "http", encoding, body)
         except Overloaded as exc:
             raise _Refused(429, str(exc), {"Retry-After": str(max(1, round(exc.retry_after_s)))}) from None
         ingest.forward(signal, (lambda: json_to_protobuf(signal, document)) if document is not None else lambda: body)
