@@ -14,8 +14,8 @@ pre-serialized 512-span ``ExportTraceServiceRequest`` bodies, back to back on
 * the ceiling: ``ExportTraceServiceRequest.FromString`` of the same bodies here.
 
 ``--wal-cost R`` instead measures what the write-ahead log costs: R rounds,
-each a run with ``serve.wal`` off and one with it on (fsync on), and the
-median sustained rate of each.
+each a run with ``serve.wal`` off and one with it on (``--fsync``: with
+``serve.wal_fsync``), and the median sustained rate of each.
 
 Run ``python -m benchmarks.serve_throughput [--traces N] [--streams S] [--wal-cost R]``; prints JSON.
 """
@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--traces", type=int, default=8000)
     parser.add_argument("--streams", type=int, default=2)
     parser.add_argument("--wal-cost", type=int, metavar="ROUNDS", help="compare serve.wal off and on")
+    parser.add_argument("--fsync", action="store_true", help="with --wal-cost: serve.wal_fsync on")
     args = parser.parse_args()
 
     bodies = [r.SerializeToString() for r in scenario_requests(args.traces)]
@@ -123,10 +124,12 @@ def main() -> None:
         rates: dict[str, list[float]] = {"off": [], "on": []}
         for _ in range(args.wal_cost):
             for wal in ("off", "on"):
-                result = measure(bodies, spans, args.streams, {"TRACEGUARD_SERVE__WAL": str(wal == "on").lower()})
+                result = measure(bodies, spans, args.streams, {"TRACEGUARD_SERVE__WAL": str(wal == "on").lower(),
+                                                               "TRACEGUARD_SERVE__WAL_FSYNC": str(args.fsync).lower()})
                 rates[wal].append(round(result["rate"]))
         off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
-        print(json.dumps({"benchmark": "serve_throughput_wal_cost", "transport": "grpc", "streams": args.streams,
+        print(json.dumps({"benchmark": "serve_throughput_wal_cost", "fsync": args.fsync, "transport": "grpc",
+                          "streams": args.streams,
                           "requests": len(bodies), "spans": total, "sustained_spans_per_s": rates,
                           "median_off": round(off), "median_on": round(on), "cost": round(1 - on / off, 4),
                           "target_cost": 0.15}, indent=2))

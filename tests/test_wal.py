@@ -19,13 +19,17 @@ def wal(directory, **bounds) -> WriteAheadLog:
     return WriteAheadLog(directory, metrics=Metrics(), **settings)
 
 
+def append(log: WriteAheadLog, signal: str, encoding: str, body: bytes) -> int:
+    return log.append(log.prepare(signal, encoding, body))
+
+
 def bodies(log: WriteAheadLog, start: int = 0) -> list[tuple[int, str, str, bytes]]:
     return [(r.seq, r.signal, r.encoding, r.body) for r in log.replay(start)]
 
 
 def test_records_come_back_in_order_across_segments_and_restarts(tmp_path):
     log = wal(tmp_path, segment_bytes=1 << 16)
-    written = [(log.append("traces" if n % 3 else "logs", "json" if n % 2 else "proto", bytes([n % 256]) * 5000), n)
+    written = [(append(log, "traces" if n % 3 else "logs", "json" if n % 2 else "proto", bytes([n % 256]) * 5000), n)
                for n in range(40)]
     log.sync(written[-1][0])
     log.close()
@@ -34,13 +38,13 @@ def test_records_come_back_in_order_across_segments_and_restarts(tmp_path):
     replayed = bodies(again)
     assert [seq for seq, *_ in replayed] == list(range(40))
     assert replayed[3] == (3, "logs", "json", bytes([3]) * 5000) and replayed[4][1:3] == ("traces", "proto")
-    assert again.append("traces", "proto", b"next") == 40  # numbering goes on after a restart
+    assert append(again, "traces", "proto", b"next") == 40  # numbering goes on after a restart
 
 
 def test_a_torn_last_record_is_cut_off_and_a_corrupt_one_elsewhere_is_counted(tmp_path):
     log = wal(tmp_path, segment_bytes=1 << 16)
     for n in range(30):
-        log.append("traces", "proto", bytes([n]) * 5000)
+        append(log, "traces", "proto", bytes([n]) * 5000)
     log.close()
     segments = sorted(tmp_path.glob("*.seg"))
     with open(segments[-1], "ab") as last:  # a crash in the middle of a write
@@ -60,11 +64,11 @@ def test_the_bound_refuses_and_a_commit_trims_whole_segments(tmp_path):
     log = wal(tmp_path, max_bytes=1 << 20, segment_bytes=1 << 16)
     with pytest.raises(WalFull):
         for n in range(1000):
-            log.append("traces", "proto", b"x" * 10_000)
+            append(log, "traces", "proto", b"x" * 10_000)
     full = n
     assert full < 110
     assert log.commit(Checkpoint(full - 2, {tid(7): (full - 3, 123)})) > 0
-    log.append("traces", "proto", b"room again")
+    append(log, "traces", "proto", b"room again")
     log.close()
     again = wal(tmp_path)
     checkpoint = again.checkpoint()
@@ -129,17 +133,17 @@ def test_a_disk_that_refuses_writes_refuses_exports_until_it_takes_them_again(tm
     import traceguard.sources.wal as wal_module
 
     log = wal(tmp_path)
-    log.append("traces", "proto", b"before")
-    real_write = os.write
+    append(log, "traces", "proto", b"before")
+    real_write = os.writev
 
-    def full(fd, data):
+    def full(fd, buffers):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(wal_module.os, "write", full)
+    monkeypatch.setattr(wal_module.os, "writev", full)
     with pytest.raises(WalFull, match="No space left"):
-        log.append("traces", "proto", b"refused")
+        append(log, "traces", "proto", b"refused")
     assert log.failing is not None and "No space" in log.failing
-    monkeypatch.setattr(wal_module.os, "write", real_write)
-    assert log.append("traces", "proto", b"after") == 1 and log.failing is None
+    monkeypatch.setattr(wal_module.os, "writev", real_write)
+    assert append(log, "traces", "proto", b"after") == 1 and log.failing is None
     log.close()
     assert [body for *_, body in bodies(wal(tmp_path))] == [b"before", b"after"]

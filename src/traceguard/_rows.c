@@ -619,6 +619,10 @@ static int add_row(Out *o, const uint8_t *trace, const uint8_t *core, uint64_t e
     trace_obj = core_obj = end_obj = name_obj = NULL; /* stolen by fill */
     row = fill(&row_slots, values);
     if (row == NULL || PyList_Append(o->rows, row) < 0) goto done;
+    /* A row holds bytes, an int, strings and a tuple of pairs: it cannot be in a
+     * reference cycle, so the cyclic GC need not walk it. Rows are most of what a
+     * live receiver holds in flight, and each full collection walked them all. */
+    PyObject_GC_UnTrack(row);
     if (needs_attrs) {
         PyObject *pairs = read(o, source);
         if (pairs == NULL) goto done;

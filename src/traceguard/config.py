@@ -256,8 +256,10 @@ class ServeConfig(_Section):
         True, description="Keep a write-ahead log of accepted requests in state_dir/wal, replayed on start: a crash "
                           "or kill -9 loses no acknowledged span.")
     wal_fsync: bool = Field(
-        True, description="Answer an export only once its record is fsynced (one fsync shared by the requests "
-                          "waiting together); off, a record survives a killed process but not a power loss.")
+        False, description="Answer an export only once its record is fsynced (one fsync shared by the requests "
+                           "waiting together), so a power loss loses nothing either. Off (the Collector's "
+                           "file_storage default), a record is written before the answer and survives a killed "
+                           "process, not a power loss.")
     wal_max_bytes: int = Field(
         1 << 30, ge=1 << 20,
         description="Bound on the write-ahead log; at it exports are refused (retry later) until decisions trim it.")

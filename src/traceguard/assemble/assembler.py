@@ -76,6 +76,10 @@ class TraceAssembler:
         """Whether the trace was decided (and is still remembered)."""
         return trace_id in self._decided
 
+    def undecided(self, trace_ids: set[bytes]) -> set[bytes]:
+        """Those of ``trace_ids`` not decided (or no longer remembered as decided)."""
+        return trace_ids - self._decided.keys()
+
     def decided_at(self, trace_id: bytes) -> int | None:
         return self._decided.get(trace_id)
 

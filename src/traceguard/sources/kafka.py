@@ -260,7 +260,7 @@ class KafkaSource:
         assembler = self.pipeline.assembler
         trace_ids = {row.trace_id for row in record.rows}
         if record.signal == "traces":
-            undecided = [t for t in trace_ids if not assembler.is_decided(t)]
+            undecided = assembler.undecided(trace_ids)
             self.tracker.track_spans(partition, record.offset, trace_ids, undecided, self.pipeline.now())
         else:
             now = self.pipeline.now()

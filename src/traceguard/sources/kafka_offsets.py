@@ -22,7 +22,7 @@ Two things keep the re-read findings the same as the first ones:
 
 from __future__ import annotations
 
-from collections import deque
+from collections import _count_elements, deque  # type: ignore[attr-defined]
 from typing import Callable, Hashable, Iterable
 
 
@@ -31,7 +31,8 @@ class _Partition:
 
     def __init__(self) -> None:
         self.next_offset: int | None = None
-        # offset → [traces still awaited, expiry or None, their ids]; insertion order is offset order.
+        # offset → [traces still awaited, expiry or None, their ids, this partition, offset]; insertion
+        # order is offset order.
         self.waiting: dict[int, list] = {}
         # (offset, trace ids, read at) of every record past the last commit: what a new owner reads again.
         self.records: deque[tuple[int, tuple[bytes, ...], int]] = deque()
@@ -42,8 +43,11 @@ class _Partition:
 class OffsetTracker:
     def __init__(self) -> None:
         self._partitions: dict[Hashable, _Partition] = {}
-        self._decision_waiters: dict[bytes, list[tuple[_Partition, int]]] = {}
-        self._settle_waiters: dict[bytes, list[tuple[_Partition, int]]] = {}
+        # trace → the waiting entry of the record that awaits it, or a tuple of them
+        # (one entry held directly: no container per trace for the garbage collector
+        # to walk, and a live receiver tracks every request's traces)
+        self._decision_waiters: dict[bytes, list | tuple[list, ...]] = {}
+        self._settle_waiters: dict[bytes, list | tuple[list, ...]] = {}
         self._open: dict[bytes, int] = {}  # trace → its span records not yet committed
 
     def _part(self, partition: Hashable) -> _Partition:
@@ -63,11 +67,10 @@ class OffsetTracker:
         trace_ids = tuple(trace_ids)
         undecided = set(undecided)
         self._add(part, offset, trace_ids, undecided, None, self._decision_waiters, stamp)
-        for trace_id in trace_ids:
-            self._open[trace_id] = self._open.get(trace_id, 0) + 1
-            part.last_offset[trace_id] = offset
-            if trace_id not in undecided:  # a late span: the trace was decided from earlier records
-                part.straddlers.add(trace_id)
+        _count_elements(self._open, trace_ids)  # one more uncommitted record of each (a loop in C)
+        part.last_offset.update(dict.fromkeys(trace_ids, offset))
+        if len(undecided) < len(trace_ids):  # late spans: their traces were decided from earlier records
+            part.straddlers.update(set(trace_ids) - undecided)
 
     def track_logs(self, partition: Hashable, offset: int, trace_ids: Iterable[bytes],
                    is_decided: Callable[[bytes], bool], expires_at: int | None, stamp: int = 0) -> None:
@@ -85,30 +88,30 @@ class OffsetTracker:
         part.next_offset = offset + 1
         part.records.append((offset, trace_ids, stamp))
         if awaited:
-            part.waiting[offset] = [len(awaited), expires_at, awaited]
+            # [traces still awaited, expiry or None, their ids, partition, offset]
+            entry = part.waiting[offset] = [len(awaited), expires_at, awaited, part, offset]
             for trace_id in awaited:
-                waiters.setdefault(trace_id, []).append((part, offset))
+                held = waiters.get(trace_id)
+                waiters[trace_id] = entry if held is None else (*_entries(held), entry)
 
     def release(self, trace_id: bytes) -> None:
         """The trace is decided and its findings are in the sinks."""
-        self._wake(self._decision_waiters.pop(trace_id, ()))
+        self._wake(self._decision_waiters.pop(trace_id, None))
         if trace_id not in self._open:  # no span record of it is uncommitted (e.g. never read here)
-            self._wake(self._settle_waiters.pop(trace_id, ()))
+            self._wake(self._settle_waiters.pop(trace_id, None))
 
     @staticmethod
-    def _wake(waiters) -> None:
-        for part, offset in waiters:
-            entry = part.waiting.get(offset)
-            if entry is not None:
-                entry[0] -= 1
-                if entry[0] <= 0:
-                    del part.waiting[offset]
+    def _wake(held) -> None:
+        for entry in _entries(held):
+            entry[0] -= 1
+            if entry[0] <= 0:
+                entry[3].waiting.pop(entry[4], None)
 
     def expire(self, now: int) -> int:
         """Releases records whose expiry has passed; returns how many."""
         expired = 0
         for part in self._partitions.values():
-            for offset, (_, expires_at, trace_ids) in list(part.waiting.items()):
+            for offset, (_, expires_at, trace_ids, _, _) in list(part.waiting.items()):
                 if expires_at is not None and expires_at <= now:
                     del part.waiting[offset]
                     self._unwait(part, trace_ids)
@@ -118,11 +121,13 @@ class OffsetTracker:
     def _unwait(self, part: _Partition, trace_ids: Iterable[bytes]) -> None:
         for waiters in (self._decision_waiters, self._settle_waiters):
             for trace_id in trace_ids:
-                entries = waiters.get(trace_id)
-                if entries is not None:
-                    entries[:] = [w for w in entries if w[0] is not part]
-                    if not entries:
+                held = waiters.get(trace_id)
+                if held is not None:
+                    kept = tuple(entry for entry in _entries(held) if entry[3] is not part)
+                    if not kept:
                         del waiters[trace_id]
+                    else:
+                        waiters[trace_id] = kept[0] if len(kept) == 1 else kept
 
     def committable(self, partition: Hashable, read_before: int | None = None) -> int | None:
         """The offset to commit (the next record to read after a restart), or None if nothing was read.
@@ -167,7 +172,7 @@ class OffsetTracker:
                 part.last_offset.pop(trace_id, None)
                 part.straddlers.discard(trace_id)
                 if trace_id not in self._decision_waiters:
-                    self._wake(self._settle_waiters.pop(trace_id, ()))
+                    self._wake(self._settle_waiters.pop(trace_id, None))
 
     def revoke(self, partition: Hashable) -> set[bytes]:
         """Drops the partition; returns the trace ids of its records past the last
@@ -191,3 +196,10 @@ class OffsetTracker:
         """Records of the partition read but not yet committable."""
         part = self._partitions.get(partition)
         return len(part.waiting) if part is not None else 0
+
+
+def _entries(held) -> tuple:
+    """The waiting entries a waiters value holds (see OffsetTracker._decision_waiters)."""
+    if held is None:
+        return ()
+    return held if type(held) is tuple else (held,)

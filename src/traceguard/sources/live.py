@@ -103,13 +103,13 @@ class LiveIngest:
         undecodable, too large, unsupported type or encoding."""
         self.metrics.inc("traceguard_requests_refused_total", transport=transport, signal=signal, reason=reason)
 
-    def _logged(self, transport: str, signal: str, encoding: str, body: bytes) -> int | None:
+    def _logged(self, transport: str, signal: str, prepared: tuple | None) -> int | None:
         """Appends the request to the write-ahead log (under the lock, so log order is
         pipeline order); its sequence number, None without a log."""
-        if self.wal is None:
+        if prepared is None:
             return None
         try:
-            return self.wal.append(signal, encoding, body)
+            return self.wal.append(prepared)
         except WalFull as exc:
             self.refused(transport, signal, "wal_full")
             raise Overloaded(self.config.serve.retry_after / 1e9, str(exc)) from None
@@ -132,11 +132,12 @@ class LiveIngest:
         """
         started = time.perf_counter()
         self._check_store(transport, "traces")
+        prepared = self.wal.prepare("traces", encoding, body) if self.wal is not None else None
         with self.lock:
             if self.pipeline.assembler.room() < len(decoded.rows):
                 self.refused(transport, "traces", "overloaded")
                 raise Overloaded(self.config.serve.retry_after / 1e9)
-            seq = self._logged(transport, "traces", encoding, body)
+            seq = self._logged(transport, "traces", prepared)
             self.metrics.inc("traceguard_spans_received_total", len(decoded.rows) + decoded.rejected,
                              transport=transport)
             if decoded.rejected:
@@ -149,8 +150,9 @@ class LiveIngest:
     def logs(self, decoded: Decoded, transport: str, encoding: str = "proto", body: bytes = b"") -> tuple[int, str]:
         """Takes decoded log records; a record of an already decided trace is linked to its stored findings."""
         self._check_store(transport, "logs")
+        prepared = self.wal.prepare("logs", encoding, body) if self.wal is not None else None
         with self.lock:
-            seq = self._logged(transport, "logs", encoding, body)
+            seq = self._logged(transport, "logs", prepared)
             self.metrics.inc("traceguard_logs_received_total", len(decoded.rows) + decoded.rejected,
                              transport=transport)
             if decoded.rejected:
@@ -163,9 +165,8 @@ class LiveIngest:
 
     def _accept_spans(self, decoded: Decoded, seq: int | None) -> None:
         if seq is not None and self.tracker is not None:
-            assembler = self.pipeline.assembler
             trace_ids = {row.trace_id for row in decoded.rows}
-            self.tracker.track_spans(WAL, seq, trace_ids, [t for t in trace_ids if not assembler.is_decided(t)])
+            self.tracker.track_spans(WAL, seq, trace_ids, self.pipeline.assembler.undecided(trace_ids))
         self.pipeline.accept_spans(decoded.rows, decoded.events)
 
     def _accept_logs(self, decoded: Decoded, seq: int | None) -> dict:

@@ -10,11 +10,13 @@ spans as late, exactly as a Kafka re-reader does.
 
 On disk: ``wal/<first sequence number>.seg`` segment files of records
 ``<length u32><crc32 u32><seq u64><kind u8><body>`` (little-endian; the crc
-covers seq, kind and body), and ``wal/checkpoint.json``. A record is written
+covers kind and body, computed before the pipeline lock is taken; sequence
+numbers must rise), and ``wal/checkpoint.json``. A record is written
 with one ``write`` before the answer, so a killed process loses nothing the
-kernel has; with ``serve.wal_fsync`` the answer also waits for ``fsync``,
-shared by the requests that wait together (group commit), so a power loss
-loses nothing either. A torn record at the end of the last segment (the crash
+kernel has (the Collector's file_storage does the same by default); with
+``serve.wal_fsync`` the answer also waits for ``fsync``, shared by the
+requests that wait together (group commit), so a power loss loses nothing
+either. A torn record at the end of the last segment (the crash
 came mid-write, before any answer) ends the replay there; a corrupt record
 anywhere else ends its segment and is counted.
 """
@@ -120,7 +122,7 @@ class WriteAheadLog:
                 body_at = at + _HEADER.size
                 if body_at + length > len(data):
                     problem = "a torn record"
-                elif zlib.crc32(data[at + 8:body_at + length]) != crc or kind >= len(KINDS):
+                elif zlib.crc32(data[body_at - 1:body_at + length]) != crc or kind >= len(KINDS) or seq < self.next_seq:
                     problem = "a corrupt record"
             if problem is not None:
                 if last_segment:  # the crash came mid-write: nothing of it was acknowledged
@@ -137,33 +139,37 @@ class WriteAheadLog:
                 yield Record(seq, *KINDS[kind], data[body_at:at])
 
     # -- appending -------------------------------------------------------------------
-    def append(self, signal: str, encoding: str, body: bytes) -> int:
-        """Writes one accepted request; returns its sequence number.
+    @staticmethod
+    def prepare(signal: str, encoding: str, body: bytes) -> tuple[int, int, bytes]:
+        """The record's kind and checksum, worked out before the pipeline lock is taken."""
+        kind = _KIND[(signal, encoding)]
+        return kind, zlib.crc32(body, zlib.crc32(bytes((kind,)))), body
+
+    def append(self, prepared: tuple[int, int, bytes]) -> int:
+        """Writes one accepted request (``prepare``'s); returns its sequence number.
 
         Raises:
             WalFull: at ``max_bytes``, or the disk refused the write.
         """
+        kind, crc, body = prepared
         size = _HEADER.size + len(body)
         with self._lock:
             if sum(self._segments.values()) + size > self._max_bytes:
                 raise WalFull(f"the write-ahead log is at serve.wal_max_bytes ({self._max_bytes} bytes)")
             seq = self.next_seq
-            header = _HEADER.pack(len(body), 0, seq, _KIND[(signal, encoding)])
-            crc = zlib.crc32(body, zlib.crc32(header[8:]))
-            record = _HEADER.pack(len(body), crc, seq, _KIND[(signal, encoding)]) + body
             try:
                 if self._fd is None or self._segments[self._current] + size > self._segment_bytes:
                     self._roll(seq)
-                written = os.write(self._fd, record)
-                if written != len(record):
-                    raise OSError(f"short write ({written} of {len(record)} bytes)")
+                written = os.writev(self._fd, (_HEADER.pack(len(body), crc, seq, kind), body))
+                if written != size:
+                    raise OSError(f"short write ({written} of {size} bytes)")
             except OSError as exc:
                 self._metrics.inc("traceguard_wal_write_errors_total")
                 self._abandon_segment()
                 self.failing = str(exc)
                 raise WalFull(f"the write-ahead log cannot write: {exc}") from None
             self.failing = None
-            self._segments[self._current] += len(record)
+            self._segments[self._current] += size
             self.next_seq = seq + 1
             self._written = seq
         self._metrics.inc("traceguard_wal_records_total")
