@@ -111,6 +111,14 @@ def test_empty_file_is_fine_and_missing_file_is_an_error(tmp_path):
     assert missing.returncode == 2 and "no such file" in missing.stderr
 
 
+@pytest.mark.parametrize("flag", ["--out", "--incidents-out"])
+def test_an_output_that_cannot_be_written_is_said_plainly(tmp_path, flag):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    result = replay(empty, flag, tmp_path / "no" / "such" / "dir" / "out.jsonl", check=False)
+    assert result.returncode == 2 and f"cannot write {flag}" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_invalid_flag_value_names_the_setting(scenario):
     result = replay(scenario / "traces.jsonl", "--decision-wait", "later", check=False)
     assert result.returncode == 2 and "assembler.decision_wait" in result.stderr

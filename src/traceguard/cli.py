@@ -143,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
 def _replay(args, config, models) -> int:
     training = args.command == "train"
     if args.out:
-        out = open(args.out, "w", encoding="utf-8")
+        try:
+            out = open(args.out, "w", encoding="utf-8")
+        except OSError as exc:
+            print(f"traceguard: cannot write --out {args.out}: {exc}", file=sys.stderr)
+            return 2
     else:
         out = open(os.devnull, "w") if training else sys.stdout
     sink = JsonlSink(out, owns_stream=bool(args.out) or training)
