@@ -41,7 +41,7 @@ from traceguard.config import PipelineConfig
 from traceguard.decode import DecodeError, decode_logs_json, decode_logs_proto, decode_traces_json, decode_traces_proto
 from traceguard.decode.common import StageAttributes
 from traceguard.pipeline import Pipeline
-from traceguard.sources.kafka_offsets import OffsetTracker
+from traceguard.sources.kafka_offsets import OffsetTracker, after_straddlers
 from traceguard.sources.replay import Batch
 
 log = logging.getLogger("traceguard.kafka")
@@ -259,13 +259,8 @@ class KafkaSource:
             self._skip_decided(record)
         assembler = self.pipeline.assembler
         trace_ids = {row.trace_id for row in record.rows}
-        if record.signal == "traces":
-            undecided = assembler.undecided(trace_ids)
-            self.tracker.track_spans(partition, record.offset, trace_ids, undecided, self.pipeline.now())
-        else:
-            now = self.pipeline.now()
-            self.tracker.track_logs(partition, record.offset, trace_ids, assembler.is_decided,
-                                    now + self.config.logs.ttl, now)
+        self.tracker.track_record(partition, record.offset, record.signal, trace_ids, assembler, self.pipeline.now(),
+                                  self.config.logs.ttl)
         kind = "spans" if record.signal == "traces" else "logs"
         self.metrics.inc(f"traceguard_{kind}_received_total", len(record.rows) + record.rejected, transport="kafka")
         if record.rejected:
@@ -285,7 +280,7 @@ class KafkaSource:
     def _skip_decided(self, record: _Record) -> None:
         """Drops the rows of traces the partition's previous reader decided (commit metadata)."""
         skip = self._skip[record.partition]
-        kept = [row for row in record.rows if skip.get(row.trace_id, -1) < record.offset]
+        kept = after_straddlers(record.rows, skip, record.offset)
         if len(kept) != len(record.rows):
             self.metrics.inc("traceguard_kafka_spans_already_decided_total", len(record.rows) - len(kept))
             record.rows = kept

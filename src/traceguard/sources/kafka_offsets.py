@@ -79,6 +79,15 @@ class OffsetTracker:
         unsettled = {t for t in trace_ids if t in self._open or not is_decided(t)}
         self._add(self._part(partition), offset, (), unsettled, expires_at, self._settle_waiters, stamp)
 
+    def track_record(self, partition: Hashable, offset: int, signal: str, trace_ids: set[bytes],
+                     assembler, now: int, log_ttl: int) -> None:
+        """``track_spans`` or ``track_logs`` for a decoded record of ``signal``, read at ``now``
+        (``assembler`` says which traces are decided; a log waits at most ``log_ttl``)."""
+        if signal == "traces":
+            self.track_spans(partition, offset, trace_ids, assembler.undecided(trace_ids), now)
+        else:
+            self.track_logs(partition, offset, trace_ids, assembler.is_decided, now + log_ttl, now)
+
     def track_done(self, partition: Hashable, offset: int, stamp: int = 0) -> None:
         """A record that waits for nothing (poison, or rows already accounted for)."""
         self._add(self._part(partition), offset, (), set(), None, self._decision_waiters, stamp)
@@ -203,3 +212,9 @@ def _entries(held) -> tuple:
     if held is None:
         return ()
     return held if type(held) is tuple else (held,)
+
+
+def after_straddlers(rows: list, last_read: dict[bytes, int], offset: int) -> list:
+    """The rows of record ``offset`` that are not of a straddler (see ``straddlers``) the
+    previous reader decided from this record or a later one: those were done."""
+    return [row for row in rows if last_read.get(row.trace_id, -1) < offset]

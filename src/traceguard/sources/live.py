@@ -11,14 +11,14 @@ are still needed is tracked as the Kafka source tracks offsets.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from typing import Callable
-
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from typing import Callable, Iterator
 
 import orjson
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from traceguard.config import DecodeConfig, PipelineConfig
 from traceguard.decode import Decoded, DecodeError, decode_logs_json, decode_logs_proto, decode_traces_json, decode_traces_proto
@@ -26,7 +26,7 @@ from traceguard.decode.common import StageAttributes
 from traceguard.pipeline import Pipeline
 from traceguard.sinks.sqlite import SqliteStore
 from traceguard.sources.forward import Forwarder
-from traceguard.sources.kafka_offsets import OffsetTracker
+from traceguard.sources.kafka_offsets import OffsetTracker, after_straddlers
 from traceguard.sources.wal import Checkpoint, WalFull, WriteAheadLog
 
 WAL = "wal"  # the tracker's one partition
@@ -103,25 +103,28 @@ class LiveIngest:
         undecodable, too large, unsupported type or encoding."""
         self.metrics.inc("traceguard_requests_refused_total", transport=transport, signal=signal, reason=reason)
 
+    @contextlib.contextmanager
+    def _wal_refusal(self, transport: str, signal: str) -> Iterator[None]:
+        """A log that cannot take the request refuses it: counted, and the client retries later."""
+        try:
+            yield
+        except WalFull as exc:
+            self.refused(transport, signal, "wal_full")
+            raise Overloaded(self.config.serve.retry_after / 1e9, str(exc)) from None
+
     def _logged(self, transport: str, signal: str, prepared: tuple | None) -> int | None:
         """Appends the request to the write-ahead log (under the lock, so log order is
         pipeline order); its sequence number, None without a log."""
         if prepared is None:
             return None
-        try:
+        with self._wal_refusal(transport, signal):
             return self.wal.append(prepared)
-        except WalFull as exc:
-            self.refused(transport, signal, "wal_full")
-            raise Overloaded(self.config.serve.retry_after / 1e9, str(exc)) from None
 
     def _durable(self, transport: str, signal: str, seq: int | None) -> None:
         """Waits for the record's fsync (shared with the requests waiting together): then it may be answered."""
         if seq is not None:
-            try:
+            with self._wal_refusal(transport, signal):
                 self.wal.sync(seq)
-            except WalFull as exc:
-                self.refused(transport, signal, "wal_full")
-                raise Overloaded(self.config.serve.retry_after / 1e9, str(exc)) from None
 
     def traces(self, decoded: Decoded, transport: str, encoding: str = "proto", body: bytes = b"") -> tuple[int, str]:
         """Takes decoded spans (``body``: the request as it came, for the write-ahead log);
@@ -163,20 +166,23 @@ class LiveIngest:
             self.store.relink(trace_id, logs, self.config.logs.max_linked)
         return decoded.rejected, "; ".join(decoded.errors)
 
+    def _track(self, signal: str, decoded: Decoded, seq: int | None) -> set[bytes]:
+        """The record's trace ids, tracked against its sequence number when it is logged."""
+        trace_ids = {row.trace_id for row in decoded.rows}
+        if seq is not None:
+            self.tracker.track_record(WAL, seq, signal, trace_ids, self.pipeline.assembler, self.pipeline.now(),
+                                      self.config.logs.ttl)
+        return trace_ids
+
     def _accept_spans(self, decoded: Decoded, seq: int | None) -> None:
-        if seq is not None and self.tracker is not None:
-            trace_ids = {row.trace_id for row in decoded.rows}
-            self.tracker.track_spans(WAL, seq, trace_ids, self.pipeline.assembler.undecided(trace_ids))
+        self._track("traces", decoded, seq)
         self.pipeline.accept_spans(decoded.rows, decoded.events)
 
     def _accept_logs(self, decoded: Decoded, seq: int | None) -> dict:
         """Returns the logs of already decided traces, to be linked to their stored findings."""
-        assembler = self.pipeline.assembler
-        trace_ids = {row.trace_id for row in decoded.rows}
-        if seq is not None and self.tracker is not None:
-            now = self.pipeline.now()
-            self.tracker.track_logs(WAL, seq, trace_ids, assembler.is_decided, now + self.config.logs.ttl, now)
+        trace_ids = self._track("logs", decoded, seq)
         self.pipeline.accept_logs(decoded.rows)
+        assembler = self.pipeline.assembler
         return {trace_id: self.pipeline.logs.get(trace_id) for trace_id in trace_ids if assembler.is_decided(trace_id)}
 
     def recover(self) -> int:
@@ -186,6 +192,7 @@ class LiveIngest:
         assembler = self.pipeline.assembler
         for trace_id, (_, decided_at) in checkpoint.straddlers.items():
             assembler.remember_decided(trace_id, decided_at)
+        last_read = {trace_id: last for trace_id, (last, _) in checkpoint.straddlers.items()}
         replayed = 0
         for record in self.wal.replay(checkpoint.seq):
             replayed += 1
@@ -198,8 +205,7 @@ class LiveIngest:
             with self.lock:
                 if record.signal == "traces":
                     # rows of traces decided before the crash, up to their last record then, are done
-                    decoded.rows = [row for row in decoded.rows
-                                    if checkpoint.straddlers.get(row.trace_id, (-1, 0))[0] < record.seq]
+                    decoded.rows = after_straddlers(decoded.rows, last_read, record.seq)
                     self._accept_spans(decoded, record.seq)
                 else:
                     self._accept_logs(decoded, record.seq)
