@@ -8,7 +8,11 @@ from google.protobuf.json_format import MessageToDict, MessageToJson
 from builders import logs_request, sid, tid, traces_request
 from traceguard.config import DecodeConfig
 from traceguard.decode import DecodeError, decode_json_line, decode_logs_json, decode_traces_json, decode_traces_proto
-from traceguard.records import KIND_CLIENT, STATUS_ERROR
+from traceguard.decode.common import StageAttributes
+from traceguard.decode.otlp_json import _walk_traces
+from traceguard.decode.otlp_proto import decode_traces_message
+from traceguard.decode.zipkin_json import decode_zipkin_spans
+from traceguard.records import KIND_CLIENT, KIND_NAMES, KIND_SERVER, SPAN_CORE, STATUS_ERROR
 
 CONFIG = DecodeConfig()
 REQUEST = traces_request(
@@ -125,3 +129,42 @@ def test_logs_json():
     assert signal == "logs"
     (log,) = decode_logs_json(parsed, CONFIG).rows
     assert (log.trace_id, log.span_id, log.time, log.severity_number, log.body) == (tid(1), sid(2), 5, 17, "boom")
+
+
+_ERROR, _UNSET, _OK = STATUS_ERROR, 0, 1
+
+
+@pytest.mark.parametrize("kind, attributes, status, expected", [
+    (KIND_SERVER, {"http.response.status_code": 500}, None, _ERROR),
+    (KIND_SERVER, {"http.response.status_code": 404}, None, _UNSET),  # the caller's mistake
+    (KIND_CLIENT, {"http.response.status_code": 404}, None, _ERROR),
+    (KIND_CLIENT, {"http.status_code": "503"}, None, _ERROR),  # older key, carried as a string
+    (KIND_CLIENT, {"http.status_code": "5O3"}, None, _UNSET),  # not a number
+    (KIND_CLIENT, {"rpc.grpc.status_code": 14}, None, _ERROR),
+    (KIND_CLIENT, {"rpc.grpc.status_code": 0}, None, _UNSET),
+    (KIND_SERVER, {"rpc.grpc.status_code": 14}, None, _ERROR),  # UNAVAILABLE
+    (KIND_SERVER, {"rpc.grpc.status_code": 5}, None, _UNSET),  # NOT_FOUND: the caller's mistake
+    (KIND_SERVER, {"http.response.status_code": 503}, 1, 1),  # an explicit OK is the instrumentation's judgement
+    (KIND_SERVER, {"other": 500}, None, _UNSET),
+])
+def test_an_unset_status_is_read_from_the_response_code_by_every_decoder(kind, attributes, status, expected):
+    """The semantic conventions' span status: many instrumentations, and every
+    Jaeger or Zipkin span, record only the response code."""
+    request = traces_request(dict(trace_id=tid(1), span_id=sid(2), name="op", kind=kind, status=status,
+                                  start_time_unix_nano=10, end_time_unix_nano=20, attributes=attributes))
+    document = _collector_json(request)
+
+    def status_of(decoded):
+        assert len(decoded.rows) == 1
+        return SPAN_CORE.unpack(decoded.rows[0].core)[4]
+
+    assert status_of(decode_traces_proto(request.SerializeToString(), CONFIG)) == expected  # C
+    assert status_of(decode_traces_message(request, CONFIG)) == expected  # the reference over upb
+    assert status_of(decode_traces_json(document, CONFIG)) == expected  # C
+    assert status_of(_walk_traces(document, CONFIG, StageAttributes())) == expected  # the reference
+    zipkin = {"traceId": tid(1).hex(), "id": sid(2).hex(), "name": "op", "timestamp": 1, "duration": 1,
+              "kind": KIND_NAMES[kind].upper(), "localEndpoint": {"serviceName": "svc"},
+              "tags": {key: str(value) for key, value in attributes.items()}
+              | ({"otel.status_code": "OK"} if status == 1 else {})}
+    spans, _ = decode_zipkin_spans([zipkin], CONFIG)
+    assert status_of(spans) == expected  # tags are strings

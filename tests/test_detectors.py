@@ -183,6 +183,8 @@ def test_unpaired_exemptions(client, history):
     (("rpc.grpc.status_code", 13), True),    # INTERNAL: a server answered
     (("rpc.grpc.status_code", 14), False),   # UNAVAILABLE: no server was reached
     (("rpc.grpc.status_code", 4), False),    # DEADLINE_EXCEEDED: none answered in time
+    (("rpc.grpc.status_code", "14"), False),  # as Zipkin and Jaeger carry it: a string
+    (("rpc.grpc.status_code", "13"), True),
 ])
 def test_unpaired_error_with_a_response_status_is_still_expected_to_pair(response, paired_expected):
     detector = UnpairedClientSpan(StructuralConfig(unpaired_min_samples=3))

@@ -440,6 +440,84 @@ static int key_value(Reader pair, const uint8_t **key, Py_ssize_t *key_size, Fie
     return status;
 }
 
+/* What a span's response-code attributes say: decode.common.response_status, whose
+ * rule this follows (an UNSET status with a failing code reads as ERROR). */
+typedef struct {
+    int64_t http_max;                     /* the highest HTTP status code */
+    int grpc_nonzero, grpc_server_failure; /* a gRPC code != 0; one of GRPC_SERVER_FAILURES */
+} Response;
+
+#define NO_RESPONSE ((Response){INT64_MIN, 0, 0})
+
+/* 1 for an HTTP status code key, 2 for the gRPC one, 0 for any other key. */
+static int response_key(const uint8_t *key, Py_ssize_t size) {
+    if (size == 16 && memcmp(key, "http.status_code", 16) == 0) return 1;
+    if (size == 25 && memcmp(key, "http.response.status_code", 25) == 0) return 1;
+    if (size == 20 && memcmp(key, "rpc.grpc.status_code", 20) == 0) return 2;
+    return 0;
+}
+
+/* A code written as a string: 1 to 18 ASCII decimal digits (str.isdigit over ASCII). */
+static int digits_value(const uint8_t *text, Py_ssize_t size, int64_t *out) {
+    if (size < 1 || size > 18)
+        return 0;
+    int64_t value = 0;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        if (text[i] < '0' || text[i] > '9')
+            return 0;
+        value = value * 10 + (text[i] - '0');
+    }
+    *out = value;
+    return 1;
+}
+
+static void response_code(Response *r, int which, int64_t code) {
+    if (which == 1) {
+        if (code > r->http_max)
+            r->http_max = code;
+    } else {
+        r->grpc_nonzero |= code != 0;
+        r->grpc_server_failure |= code == 2 || code == 4 || (code >= 12 && code <= 15);
+    }
+}
+
+static int response_failed(const Response *r, int kind) {
+    if (kind == KIND_CLIENT)
+        return r->http_max >= 400 || r->grpc_nonzero;
+    return r->http_max >= 500 || r->grpc_server_failure;
+}
+
+/* Adds a span attribute (a KeyValue) to ``r`` if it is a response code. Its key
+ * is read first (one pass over two fields): nearly every attribute is not one. */
+static int proto_response_attribute(Reader pair, Response *r) {
+    const Reader whole = pair;
+    const uint8_t *key = NULL;
+    Py_ssize_t key_size = 0;
+    Field kv;
+    int status;
+    FOR_FIELDS(pair, kv, status) {
+        if (kv.field == 1 && kv.wire == LEN) {
+            key = kv.data;
+            key_size = kv.size;
+        }
+    }
+    int which = status < 0 ? 0 : response_key(key, key_size);
+    if (which == 0)
+        return status;
+    Field value = {0};
+    if (key_value(whole, &key, &key_size, &value) < 0)
+        return -1;
+    int64_t code;
+    if (value.field == 3)
+        code = (int64_t)value.value;
+    else if (value.field == 8) /* an int32 member, as any_value_object reads it */
+        code = (int32_t)value.value;
+    else if (value.field != 1 || !digits_value(value.data, value.size, &code))
+        return 0;
+    response_code(r, which, code);
+    return 0;
+}
+
 /* service.name of a ResourceSpans' resource(s): the first KeyValue with that key. */
 static int resource_service(Reader rs, const uint8_t **text, Py_ssize_t *size, int *found) {
     Field f, a;
@@ -649,6 +727,7 @@ static int span(Out *o, Reader r) {
     uint64_t start = 0, end = 0;
     int64_t kind = 0, code = 0;
     int links = 0, events = 0;
+    Response response = NO_RESPONSE;
     Field f, s;
     int status, s2;
     FOR_FIELDS(r, f, status) {
@@ -660,6 +739,10 @@ static int span(Out *o, Reader r) {
         case 6: if (f.wire == VARINT) kind = (int32_t)f.value; break;
         case 7: if (f.wire == I64) start = f.value; break;
         case 8: if (f.wire == I64) end = f.value; break;
+        case 9:
+            if (f.wire == LEN && proto_response_attribute(READER(f), &response) < 0)
+                return unsupported();
+            break;
         case 11: if (f.wire == LEN) events = 1; break;
         case 13: if (f.wire == LEN) links = 1; break;
         case 15:
@@ -684,6 +767,7 @@ static int span(Out *o, Reader r) {
         return reject(o, trace, trace_size, span_id, span_size, parent_size, 2);
     if (kind < 0 || kind > 5) kind = 0;
     if (code < 0 || code > 2) code = 0;
+    if (code == 0 && response_failed(&response, (int)kind)) code = STATUS_ERROR;
 
     uint8_t core[CORE_SIZE];
     memcpy(core, span_id, 8);
@@ -1392,6 +1476,50 @@ error:
     return NULL;
 }
 
+/* Whether a JSON span's response codes say it failed (proto_response_attribute's
+ * rule over the reference's _any_value). */
+static int json_response_failed(PyObject *span, int kind) {
+    PyObject *attributes;
+    if (json_get(span, JSON_KEYS[J_ATTRIBUTES], &attributes) < 0)
+        return -1;
+    if (attributes == NULL || !PyList_Check(attributes))
+        return 0;
+    Response r = NO_RESPONSE;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(attributes); i++) {
+        PyObject *kv = PyList_GET_ITEM(attributes, i), *key, *raw, *value;
+        if (!PyDict_Check(kv))
+            continue;
+        if (json_get(kv, JSON_KEYS[J_KEY], &key) < 0)
+            return -1;
+        if (key == NULL || !PyUnicode_CheckExact(key) || PyUnicode_KIND(key) != PyUnicode_1BYTE_KIND)
+            continue;
+        int which = response_key(PyUnicode_1BYTE_DATA(key), PyUnicode_GET_LENGTH(key));
+        if (which == 0)
+            continue;
+        if (json_get(kv, JSON_KEYS[J_VALUE], &raw) < 0)
+            return -1;
+        int got = json_any_value(raw, PY_SSIZE_T_MAX, &value);
+        if (got <= 0)
+            return got < 0 ? -1 : unsupported();
+        int64_t code;
+        int overflow = 0, usable = 0;
+        if (PyLong_CheckExact(value)) {
+            code = PyLong_AsLongLongAndOverflow(value, &overflow);
+            if (overflow)
+                code = overflow > 0 ? INT64_MAX : INT64_MIN;
+            usable = !(code == -1 && PyErr_Occurred());
+        } else if (PyUnicode_CheckExact(value) && PyUnicode_KIND(value) == PyUnicode_1BYTE_KIND) {
+            usable = digits_value(PyUnicode_1BYTE_DATA(value), PyUnicode_GET_LENGTH(value), &code);
+        }
+        Py_DECREF(value);
+        if (PyErr_Occurred())
+            return -1;
+        if (usable)
+            response_code(&r, which, code);
+    }
+    return response_failed(&r, kind);
+}
+
 static int json_span(Out *o, PyObject *span) {
     uint8_t trace[16], core[CORE_SIZE];
     PyObject *value, *status, *name;
@@ -1455,6 +1583,13 @@ static int json_span(Out *o, PyObject *span) {
         return -1;
     PyUnicode_InternInPlace(&name);
     int links = value == NULL ? 0 : PyObject_IsTrue(value);
+    if (links >= 0 && code == 0) {
+        int failed = json_response_failed(span, (int)kind);
+        if (failed < 0)
+            links = -1;
+        else if (failed)
+            code = STATUS_ERROR;
+    }
     if (links < 0) {
         Py_DECREF(name);
         return -1;

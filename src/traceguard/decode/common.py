@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Callable, Generic, TypeVar
 
-from traceguard.records import KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER, STATUS_ERROR, LogRow, SpanRow
+from traceguard.records import KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER, STATUS_ERROR, STATUS_UNSET, LogRow, SpanRow
 
 Row = TypeVar("Row")
 
@@ -27,6 +27,52 @@ KEPT_ATTRIBUTES = frozenset({
 ATTRIBUTE_KINDS = frozenset({KIND_CLIENT, KIND_PRODUCER, KIND_CONSUMER})
 # Kept, but only on the span that carries them (see StageAttributes).
 PER_CALL_ATTRIBUTES = frozenset({"http.response.status_code", "http.status_code", "rpc.grpc.status_code"})
+GRPC_STATUS_CODE = "rpc.grpc.status_code"
+# The gRPC codes a server reports as its own failure (the semantic conventions:
+# UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS);
+# the others (NOT_FOUND, INVALID_ARGUMENT, ...) are the caller's mistake.
+GRPC_SERVER_FAILURES = frozenset({2, 4, 12, 13, 14, 15})
+
+
+def response_code(value: Any) -> int | None:
+    """A response code attribute's value as a number: an integer, or a string of
+    decimal digits (Zipkin and Jaeger carry every tag as a string)."""
+    if value.__class__ is int:
+        return value
+    if value.__class__ is str and value.isascii() and value.isdigit() and len(value) <= 18:
+        return int(value)
+    return None
+
+
+def response_status(code: int, kind: int, pairs) -> int:
+    """The span's status as the semantic conventions define it: an UNSET status
+    whose response code says the call failed is ERROR.
+
+    Many instrumentations (and every Jaeger or Zipkin span, whose status is a
+    tag) leave the status UNSET and record only the response code: an HTTP
+    server answering 500, a client that got 4xx or 5xx, a gRPC call that ended
+    UNAVAILABLE. Read as ERROR they count as failures in every detector; an
+    explicit OK or ERROR is the instrumentation's own judgement and stays.
+    ``pairs`` are the span's (key, value) attributes; a code is an integer or a
+    string of decimal digits (Zipkin and Jaeger carry tags as strings). The C
+    decoders apply the same rule (``_rows.c``, ``response_failed``).
+    """
+    if code != STATUS_UNSET:
+        return code
+    client = kind == KIND_CLIENT
+    for key, value in pairs:
+        if key.__class__ is not str or key not in PER_CALL_ATTRIBUTES:
+            continue
+        value = response_code(value)
+        if value is None:
+            continue
+        if key == GRPC_STATUS_CODE:
+            failed = value != 0 if client else value in GRPC_SERVER_FAILURES
+        else:
+            failed = value >= (400 if client else 500)
+        if failed:
+            return STATUS_ERROR
+    return STATUS_UNSET
 
 
 class DecodeError(ValueError):

@@ -28,6 +28,7 @@ from traceguard.decode.common import (
     clip,
     clip_value,
     intern_name,
+    response_status,
 )
 from traceguard.decode.events import event_logs
 from traceguard.native import rows as native
@@ -210,6 +211,10 @@ def _walk_traces(document: dict, config: DecodeConfig, stages: StageAttributes) 
                     out.reject("span is not an object")
                     continue
                 name = intern_name(name, name_limit)
+                attributes = span.get("attributes")
+                if code == 0 and isinstance(attributes, list):
+                    code = response_status(code, kind, ((kv.get("key"), _any_value(kv.get("value")))
+                                                        for kv in attributes if isinstance(kv, dict)))
                 attrs = None
                 if kind in ATTRIBUTE_KINDS:
                     attrs = stages.get(service, kind, name, code, lambda: [

@@ -33,6 +33,7 @@ from traceguard.decode.common import (
     clip,
     clip_value,
     intern_name,
+    response_status,
 )
 from traceguard.decode.events import event_logs
 from traceguard.native import rows as native
@@ -130,6 +131,8 @@ def decode_traces_message(
                 code = span.status.code
                 if not 0 <= code <= 2:
                     code = 0
+                if code == 0 and span.attributes:
+                    code = response_status(code, kind, ((kv.key, _any_value(kv.value)) for kv in span.attributes))
                 name = span.name
                 name = intern(name if len(name) <= name_limit else name[:name_limit])
                 attrs = None

@@ -13,6 +13,7 @@ import hashlib
 import math
 from typing import TYPE_CHECKING, Any, Protocol
 
+from traceguard.decode.common import GRPC_STATUS_CODE, PER_CALL_ATTRIBUTES, response_code
 from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, Span, Trace
 
 if TYPE_CHECKING:
@@ -49,7 +50,6 @@ class LearnedDetector(WindowedDetector, Protocol):
         evidence calls extreme, and traces whose spans did not all arrive intact."""
 
 
-_RESPONSE_STATUS = frozenset({"http.response.status_code", "http.status_code"})
 # gRPC codes a client sets itself when no server answered (no connection, no answer in time)
 _GRPC_NO_ANSWER = frozenset({4, 14})
 
@@ -58,7 +58,7 @@ def answered(span: Span) -> bool:
     """Whether a server answered this call: an HTTP status, or a gRPC status other
     than UNAVAILABLE / DEADLINE_EXCEEDED, came back (the kept per-call attributes
     of an error span; see ``decode.common.StageAttributes``)."""
-    return any(key in _RESPONSE_STATUS or (key == "rpc.grpc.status_code" and value not in _GRPC_NO_ANSWER)
+    return any(key in PER_CALL_ATTRIBUTES and (key != GRPC_STATUS_CODE or response_code(value) not in _GRPC_NO_ANSWER)
                for key, value in span.attrs or ())
 
 
