@@ -24,7 +24,10 @@ def test_variable_parts_are_masked_and_only_the_first_line_is_mined():
     assert masked_head("ValueError: bad\nTraceback ...\n  File x", 300) == "ValueError: bad"
 
 
-def _request(n: int, t_ms: float, rng, new_line: bool = False):
+RETRY = "connection to db reset, retrying in {ms} ms (attempt {n})"
+
+
+def _request(n: int, t_ms: float, rng, new_line: bool = False, retry: bool = False):
     """api SERVER → db CLIENT, with two ordinary lines (ids vary) and maybe the new one on the client span."""
     rows = [row(n, 1, start_ms=t_ms, end_ms=t_ms + 10, kind=KIND_SERVER, service="api", name="GET /item"),
             row(n, 2, 1, start_ms=t_ms + 1, end_ms=t_ms + 8, kind=KIND_CLIENT, service="api", name="GET item:*",
@@ -36,12 +39,15 @@ def _request(n: int, t_ms: float, rng, new_line: bool = False):
     if new_line:  # no severity: it must not matter
         logs.append(LogRow(tid(n), sid(2), t + 3, 0, "", NEW.format(slot=rng.integers(16384),
                                                                     node=rng.integers(2, 250)), "api"))
+    if retry:  # a routine line, on the client span
+        logs.append(LogRow(tid(n), sid(2), t + 4, 0, "", RETRY.format(ms=rng.integers(5, 50), n=rng.integers(1, 4)),
+                           "api"))
     return rows, logs
 
 
-def _run(pipeline, start: int, count: int, rng, new_line=lambda i: False):
+def _run(pipeline, start: int, count: int, rng, new_line=lambda i: False, retry=lambda i: False):
     for i in range(start, start + count):
-        rows, logs = _request(i + 1, i * 500.0, rng, new_line(i))
+        rows, logs = _request(i + 1, i * 500.0, rng, new_line(i), retry(i))
         pipeline.accept_logs(logs)
         pipeline.accept_spans(rows)
         pipeline.advance()
@@ -69,6 +75,32 @@ def test_a_new_line_is_found_in_every_trace_of_its_burst_and_ordinary_lines_neve
     (incident,) = {i.id: i for i in sink.incidents}.values()
     assert [(c.service, c.operation, c.signal) for c in incident.culprits] == [("api", "GET item:*", "log_template")]
     assert sum(1 for a in found if a.incident_id == incident.id) >= 147  # all but the burst's first three
+
+
+def test_a_routine_line_written_far_more_often_is_one_stage_level_change_and_one_incident():
+    """A retry warning in 1 request of 20 (2.4 % of the lines) is routine; written by
+    every request for five minutes it is a rate jump on the stage that writes it,
+    opened, then resolved once the bursts stop. No per-trace finding: the line is known."""
+    rng = np.random.default_rng(3)
+    sink = MemorySink()
+    pipeline = Pipeline(PipelineConfig(), EventTimeClock(5 * 10**9), [sink])
+    _run(pipeline, 0, 3000, rng, retry=lambda i: i % 20 == 0)  # 25 minutes
+    assert [a for a in sink.anomalies if a.kind.value == "log_anomaly"] == []
+    _run(pipeline, 3000, 600, rng, retry=lambda i: True)  # five minutes of retries
+    _run(pipeline, 3600, 600, rng, retry=lambda i: i % 20 == 0)  # and back to normal
+    pipeline.close()
+    found = [a for a in sink.anomalies if a.kind.value == "log_anomaly"]
+    assert {a.id for a in found} == {found[0].id} and found[0].trace_id is None
+    last = found[-1]
+    assert (last.service, last.operation, last.evidence["signal"]) == ("api", "GET item:*", "log_rate")
+    assert [a.evidence["state"] for a in found][0] == "open" and last.evidence["state"] == "resolved"
+    onset = T0 + 3000 * 500 * MS
+    assert onset <= last.event_time <= onset + 10**9  # the burst's first line, not when its trace was decided
+    assert last.evidence["templates"][0]["template"].startswith("connection to db reset, retrying in <NUM> ms")
+    assert last.evidence["magnitude"] > 5 and last.exemplars
+    (incident,) = {i.id: i for i in sink.incidents}.values()
+    assert [(c.service, c.operation, c.signal) for c in incident.culprits] == [("api", "GET item:*", "log_rate")]
+    assert incident.state == "resolved"
 
 
 def test_templates_and_their_baselines_survive_a_model_directory(tmp_path):

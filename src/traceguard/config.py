@@ -178,6 +178,9 @@ class TemplatesConfig(_Section):
     accept_after: DurationNs = Field(
         parse_duration("30m"), description="A template raised above its share this long is the new normal.")
     min_lines: int = Field(2_000, ge=1, description="Baseline lines of a service before its lines are judged.")
+    jump_windows: int = Field(
+        2, ge=1, description="Windows in a row a known template must be far above its share of its service's lines "
+                             "before its rate jump opens a stage-level log_anomaly (an incident).")
     max_templates: int = Field(1_000, ge=10, description="Templates kept per service (least recently seen go first).")
     max_services: int = Field(1_000, ge=1, description="Services whose templates are mined.")
     max_line: int = Field(300, ge=16, description="Characters of a line's first line that are mined.")

@@ -10,7 +10,8 @@ logged the rare line), which comes before a windowed test can be sure. Joining f
 the call graph seen in the traces of the open incident:
 
 - a stage that calls a culprit (an ancestor in those traces) and stopped
-  making a call is explained by its child: it is listed as *affected*, not as
+  making a call, or writes a log line far more often (it logs the failure it
+  passed up), is explained by its child: it is listed as *affected*, not as
   a culprit (a caller whose own self time rose is a culprit of its own: self
   time excludes the time spent in children);
 - a change on a stage that a culprit calls (a descendant) is the deeper
@@ -58,11 +59,15 @@ _SIGNAL_WORDS = {
     "calls_dropped": "stopped making a call it makes",
     "errors": "its own failed calls rose",
     "log_template": "a burst of log lines it (almost) never writes",
+    "log_rate": "writes a log line far more often than usual",
 }
 _SLOWER = frozenset({"latency", "slow_spans"})
 _BURST_SIGNALS = {AnomalyKind.SLOW_STAGE: "slow_spans", AnomalyKind.TRACE_OUTLIER: "slow_spans",
                   AnomalyKind.CONTEXT_OUTLIVED_PARENT: "outlived_parent", AnomalyKind.LOG_ANOMALY: "log_template"}
-_LOGGED = frozenset({"errors", "log_template"})
+_LOGGED = frozenset({"errors", "log_template", "log_rate"})
+# Changes a caller shows because of a culprit below it: a call it stopped making
+# (it gave up), a log line it writes more often (it logs the failure it passed up).
+_EXPLAINED_BY_CHILD = frozenset({"calls_dropped", "log_rate"})
 _EXEMPLARS = 5
 # Stage sets of recently decided traces, for findings that come after their
 # trace was decided (the forest scores in batches of at most forest.batch).
@@ -237,7 +242,7 @@ class IncidentTracker:
         incident.onset = min(incident.onset, anomaly.event_time) if incident.culprits else anomaly.event_time
         incident.last_evidence, incident.last_event = now, max(incident.last_event, anomaly.event_time)
         incident.dirty = True
-        explained = (signal == "calls_dropped" and stage in incident.callers) or (
+        explained = (signal in _EXPLAINED_BY_CHILD and stage in incident.callers) or (
             network_parts(stage) is not None and any(c.stage[0] == network_parts(stage)[1] for c in incident.culprits))
         if explained and stage not in incident.stages():
             incident.caller_changes[stage] = (signal, anomaly.id)
@@ -273,7 +278,7 @@ class IncidentTracker:
 
     def _incident_for(self, stage: Stage, signal: str) -> _Open | None:
         """The open incident a change on ``stage`` belongs to, by the rules in the module doc."""
-        explained_by_child = signal == "calls_dropped"
+        explained_by_child = signal in _EXPLAINED_BY_CHILD
         network = network_parts(stage)
         caller = network[1] if network is not None else None
         for test in (lambda i: stage in i.stages(),

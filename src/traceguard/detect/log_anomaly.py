@@ -15,12 +15,21 @@ A burst of a template is held out of the baseline while it lasts (up to
 few such findings on one stage within a minute open an incident on it
 (signal ``log_template``), before a failure rate can be sure; the stage's
 ``error_regression`` joins it, and later findings are attached to it.
+
+A template the service writes routinely can jump too (a retry warning, a
+cache miss, a timeout logged at INFO): one that stays far above its share
+of the service's lines for ``templates.jump_windows`` windows is a
+stage-level ``log_anomaly`` (``evidence.signal = "log_rate"``, on the stage
+that wrote most of its lines), which opens or joins an incident and
+resolves after as many windows in a row without the burst.
 """
 
 from __future__ import annotations
 
-from traceguard.detect.base import finding
-from traceguard.models.templates import TemplateModel
+import math
+
+from traceguard.detect.base import finding, stage_finding, utc
+from traceguard.models.templates import TemplateJump, TemplateModel
 from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, LogRow, Trace
 
 _SHOWN_LINES = 3  # lines quoted per template
@@ -42,10 +51,12 @@ class LogAnomaly:
         model = self.model
         model.advance(trace.decided_at)
         rare: dict[tuple[str, int], list] = {}  # (service, template id) -> [template, share, lines]
+        by_id, root, trace_hex = trace.by_id, trace.root or trace.spans[0], trace.trace_id.hex()
         # mined in a fixed order: logs arrive in any order (a separate topic, stream
         # or file), and the order in which lines are mined shapes the templates
         for log in sorted(trace.logs, key=_log_order):
-            mined = model.template(log.service, log.body)
+            span = by_id.get(log.span_id, root) if log.span_id else root
+            mined = model.template(log.service, log.body, (span.service, span.name, span.kind), trace_hex, log.time)
             if mined is None:
                 continue
             share = model.share(log.service, mined[0])
@@ -76,8 +87,46 @@ class LogAnomaly:
         )]
 
     def advance(self, now: int) -> list[Anomaly]:
+        """The rate jumps of the windows that ended (including those closed while detecting)."""
         self.model.advance(now)
-        return []
+        return self._jumps(now)
 
     def flush(self, now: int) -> list[Anomaly]:
-        return []
+        return self._jumps(now)
+
+    def _jumps(self, now: int) -> list[Anomaly]:
+        changes = {id(jump): jump for jump in self.model.take_changes()}  # a jump changed in several windows: once
+        return [_jump_finding(jump, now) for jump in changes.values()]
+
+
+def _jump_finding(jump: TemplateJump, now: int) -> Anomaly:
+    """The stage-level finding of a rate jump: opened, updated and resolved under one id."""
+    stage = jump.stage
+    magnitude = round(jump.share / jump.baseline_share, 3)
+    resolved = jump.resolved_at is not None
+    return stage_finding(
+        AnomalyKind.LOG_ANOMALY, stage, f"log_rate|{jump.service}|{jump.template_id}|{jump.onset}",
+        detected_at=now,
+        event_time=jump.onset,
+        severity="critical" if magnitude >= 10 else "warning",
+        score=min(1.0, math.log(max(magnitude, 1.0)) / math.log(100)),
+        summary=(f"{jump.service} writes '{jump.template}' {magnitude:g}x as often as usual: {jump.share:.2%} of its "
+                 f"lines ({jump.lines} of {jump.service_lines}) since {utc(jump.onset)}, usually "
+                 f"{jump.baseline_share:.2%}" + ("; it is back to normal." if resolved else ".")),
+        evidence={
+            "state": "resolved" if resolved else "open",
+            "signal": "log_rate",
+            "stage_kind": KIND_NAMES[stage[2]],
+            "onset_unix_nano": jump.onset,
+            "opened_at_unix_nano": jump.opened_at,
+            "resolved_at_unix_nano": jump.resolved_at,
+            "magnitude": magnitude,
+            "baseline_rate": round(jump.baseline_share, 8),
+            "baseline_lines": round(jump.baseline_lines, 1),
+            "current_rate": round(jump.share, 8),
+            "current_lines": jump.lines,
+            "current_service_lines": jump.service_lines,
+            "templates": [{"service": jump.service, "template": jump.template, "template_id": jump.template_id}],
+        },
+        exemplars=list(jump.where.traces),
+    )
