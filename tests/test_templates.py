@@ -103,6 +103,25 @@ def test_a_routine_line_written_far_more_often_is_one_stage_level_change_and_one
     assert incident.state == "resolved"
 
 
+def test_an_open_rate_jump_survives_a_model_directory_and_resolves_after_it(tmp_path):
+    rng = np.random.default_rng(4)
+    before = MemorySink()
+    first = Pipeline(PipelineConfig(), EventTimeClock(5 * 10**9), [before])
+    _run(first, 0, 3000, rng, retry=lambda i: i % 20 == 0)
+    _run(first, 3000, 300, rng, retry=lambda i: True)  # mid-burst: the jump is open
+    first.close(decide_in_flight=False)
+    store.save(first.models_for_saving(), tmp_path)
+    (jump,) = first.models.templates.services_["api"].jumps.values()
+    assert jump.opened_at is not None
+    sink = MemorySink()
+    second = Pipeline(PipelineConfig(), EventTimeClock(5 * 10**9), [sink], models=store.load(tmp_path, PipelineConfig().learned))
+    _run(second, 3300, 600, rng, retry=lambda i: i % 20 == 0)
+    second.close()
+    (resolved,) = [a for a in sink.anomalies if a.kind.value == "log_anomaly"]
+    assert resolved.evidence["state"] == "resolved" and resolved.event_time == jump.onset
+    assert {a.id for a in before.anomalies if a.kind.value == "log_anomaly"} == {resolved.id}  # the same finding
+
+
 def test_templates_and_their_baselines_survive_a_model_directory(tmp_path):
     rng = np.random.default_rng(2)
     pipeline = Pipeline(PipelineConfig(), EventTimeClock(5 * 10**9), [MemorySink()])

@@ -256,10 +256,12 @@ class TemplateModel:
             self.changes_.append(jump)
 
     def state(self) -> dict:
-        """JSON-ready: per service its templates (id, tokens, mined lines, baseline lines) and total."""
+        """JSON-ready: per service its templates (id, tokens, mined lines, baseline lines),
+        total, and the rate jumps in progress (an open one must resolve after a restart)."""
         return {service: {"total": t.total, "templates": [
             [c.cluster_id, list(c.log_template_tokens), c.size, t.counts.get(c.cluster_id, 0.0)]
-            for c in t.miner.clusters]} for service, t in self.services_.items()}
+            for c in t.miner.clusters], "jumps": [_jump_state(jump) for jump in t.jumps.values()]}
+            for service, t in self.services_.items()}
 
     def restore(self, state: dict) -> None:
         for service, saved in state.items():
@@ -273,3 +275,24 @@ class TemplateModel:
                 miner.clusters_counter = max(miner.clusters_counter, cluster.cluster_id)
                 if baseline:
                     templates.counts[cluster.cluster_id] = float(baseline)
+            for saved_jump in saved.get("jumps", []):
+                jump = _restored_jump(str(service), saved_jump)
+                templates.jumps[jump.template_id] = jump
+
+
+def _jump_state(jump: TemplateJump) -> dict:
+    return {"template_id": jump.template_id, "template": jump.template, "onset": jump.onset,
+            "baseline_share": jump.baseline_share, "baseline_lines": jump.baseline_lines, "lines": jump.lines,
+            "service_lines": jump.service_lines, "windows": jump.windows, "calm": jump.calm,
+            "opened_at": jump.opened_at, "stages": [[*stage, lines] for stage, lines in jump.where.stages.items()],
+            "traces": jump.where.traces, "first": jump.where.first}
+
+
+def _restored_jump(service: str, saved: dict) -> TemplateJump:
+    where = _Where({(str(s), str(o), int(k)): int(n) for s, o, k, n in saved["stages"][:_STAGES]},
+                   [str(t) for t in saved["traces"][:_EXEMPLARS]], saved["first"])
+    opened_at = saved["opened_at"]
+    return TemplateJump(service, int(saved["template_id"]), str(saved["template"]), int(saved["onset"]),
+                        float(saved["baseline_share"]), float(saved["baseline_lines"]), int(saved["lines"]),
+                        int(saved["service_lines"]), int(saved["windows"]), int(saved["calm"]), where,
+                        None if opened_at is None else int(opened_at))
