@@ -193,18 +193,19 @@ class TraceAssembler:
             self._decided.pop(trace_id, None)
         return dropped
 
-    def flush(self, deadline: float | None = None) -> int:
-        """Decides everything in flight (end of input, shutdown), oldest first; with
-        a ``deadline`` (``time.monotonic()``) it stops there, and the traces left
-        are dropped and counted. Returns how many were left."""
+    def flush(self, deadline: float | None = None, limit: int | None = None) -> int:
+        """Decides what is in flight (end of input, shutdown), oldest first, at most
+        ``limit`` traces; with a ``deadline`` (``time.monotonic()``) it stops there,
+        and the traces left are dropped and counted. Returns how many were left."""
         now = self._clock.now()
         decided = 0
-        while self._pending:
+        while self._pending and (limit is None or decided < limit):
             if deadline is not None and decided % 64 == 0 and time.monotonic() >= deadline:
                 return self._abandon()
             self._decide(next(iter(self._pending)), "flush", now)
             decided += 1
-        self._due.clear()
+        if not self._pending:
+            self._due.clear()
         return 0
 
     def _abandon(self) -> int:
