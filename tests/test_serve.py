@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import re
 import ssl
+import subprocess
 
 import grpc
 import httpx
@@ -431,3 +434,64 @@ def test_after_stop_no_thread_it_started_is_alive(tmp_path):
             break
         time.sleep(0.05)
     assert alive == []
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 16 MiB tmpfs (needs the right to mount, as root has on CI's machines)."""
+    path = tmp_path / "fs"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def _fill(path) -> int:
+    """Writes zeros into ``path`` until the filesystem is full; the bytes written."""
+    written = 0
+    with open(path, "wb", buffering=0) as filler:
+        with contextlib.suppress(OSError):
+            while True:
+                written += filler.write(b"\0" * 65536)
+                filler.flush()
+    return written
+
+
+def test_a_full_disk_refuses_exports_then_recovers_and_nothing_accepted_is_lost(small_filesystem):
+    """A real full filesystem under the state directory (write-ahead log, store, models):
+    exports are refused (429 / 503 with Retry-After), ``/readyz`` says not ready, the
+    process stays up; once space returns it is ready again and every trace it
+    acknowledged, before or during the outage, has its finding in the store."""
+    server = ServeProcess(small_filesystem / "state", *FAST)
+    url = f"http://127.0.0.1:{server.http}/v1/traces"
+    protobuf = {"content-type": "application/x-protobuf"}
+    try:
+        assert httpx.post(url, content=_orphans(1, 3).SerializeToString(), headers=protobuf).status_code == 200
+        server.wait_for(lambda: server.anomalies(kind="missing_root"), what="the first trace's finding")
+        assert _fill(small_filesystem / "filler") > 0
+        accepted, refused = [1], []
+        for trace in range(2, 400):  # until the log or the store can no longer write
+            answer = httpx.post(url, content=_orphans(trace, 3).SerializeToString(), headers=protobuf)
+            if answer.status_code == 200:
+                accepted.append(trace)
+                continue
+            assert answer.status_code in (429, 503) and answer.headers["retry-after"] == "1", answer.text
+            refused.append(trace)
+            if server.client.get("/readyz").status_code == 503:
+                break
+        assert refused and server.client.get("/readyz").status_code == 503
+        assert server.client.get("/healthz").status_code == 200
+        (small_filesystem / "filler").unlink()
+        server.wait_for(lambda: server.client.get("/readyz").status_code == 200, timeout=120, what="ready again")
+        for trace in refused:  # the client's retry
+            assert httpx.post(url, content=_orphans(trace, 3).SerializeToString(), headers=protobuf).status_code == 200
+        wanted = {tid(n).hex() for n in accepted + refused}
+        found = server.wait_for(lambda: (lambda ids: ids if ids >= wanted else None)(
+            {a["trace_id"] for a in server.anomalies(kind="missing_root")}), timeout=120, what="every trace's finding")
+        assert found == wanted
+        metrics = server.client.get("/metrics").text
+        assert re.search(r'traceguard_requests_refused_total\{reason="(wal_full|store_failing)"', metrics)
+    finally:
+        assert server.stop() == 0

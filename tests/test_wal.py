@@ -127,7 +127,7 @@ def test_kill_9_then_restart_loses_no_acknowledged_span(tmp_path):
 
 def test_a_disk_that_refuses_writes_refuses_exports_until_it_takes_them_again(tmp_path, monkeypatch):
     """ENOSPC: WalFull (the receivers answer 429 / RESOURCE_EXHAUSTED, reason wal_full),
-    ``failing`` says why (``/readyz`` not ready); the next write that works clears it."""
+    ``failing`` says why (``/readyz`` not ready); a probe or the next write that works clears it."""
     import errno
 
     import traceguard.sources.wal as wal_module
@@ -143,6 +143,10 @@ def test_a_disk_that_refuses_writes_refuses_exports_until_it_takes_them_again(tm
     with pytest.raises(WalFull, match="No space left"):
         append(log, "traces", "proto", b"refused")
     assert log.failing is not None and "No space" in log.failing
+    monkeypatch.setattr(wal_module.os, "write", lambda fd, data: full(fd, [data]))
+    assert not log.probe() and "No space" in log.failing  # the ticker's probe: still full
+    monkeypatch.undo()
+    assert log.probe() and log.failing is None  # space again: ready without waiting for a request
     monkeypatch.setattr(wal_module.os, "writev", real_write)
     assert append(log, "traces", "proto", b"after") == 1 and log.failing is None
     log.close()

@@ -237,9 +237,12 @@ class LiveIngest:
     def tick(self) -> None:
         """Decides what is due, a chunk at a time: between chunks the receivers
         get the lock, so a burst of due traces does not stall ingestion. Rows the
-        store held back while it refused writes are tried again first."""
+        store held back while it refused writes are tried again first, and a log
+        that could not write is probed."""
         if self.store.backlog:
             self.store.retry()
+        if self.wal is not None and self.wal.failing is not None:
+            self.wal.probe()
         more = True
         while more:
             with self.lock:

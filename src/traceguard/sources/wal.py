@@ -23,6 +23,7 @@ anywhere else ends its segment and is counted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -174,6 +175,30 @@ class WriteAheadLog:
             self._written = seq
         self._metrics.inc("traceguard_wal_records_total")
         return seq
+
+    def probe(self) -> bool:
+        """While writes fail: whether the disk takes one again (a page written, synced
+        and removed), and if so ``failing`` is cleared. Without it a full disk would
+        leave the process not ready for good: not ready, it gets no requests to
+        find out with (Kubernetes takes it out of the Service)."""
+        if self.failing is None:
+            return True
+        path = self.directory / "probe.tmp"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, bytes(4096))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            path.unlink()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+            self.failing = str(exc)
+            return False
+        self.failing = None
+        return True
 
     def sync(self, seq: int) -> None:
         """Returns once record ``seq`` is on disk (with ``fsync`` on): one fsync covers
