@@ -35,7 +35,7 @@ def main() -> None:
 
     tracemalloc.start()
     baseline = tracemalloc.get_traced_memory()[0]
-    pipeline = Pipeline(config, EventTimeClock(config.assembler.allowed_lateness), [MemorySink()])
+    pipeline = Pipeline(config, EventTimeClock(config.assembler.allowed_lateness, config.assembler.max_ahead), [MemorySink()])
     stages = StageAttributes()
     for body in bodies:
         pipeline.accept_spans(decode_traces_proto(body, config.decode, stages).rows)

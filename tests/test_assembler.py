@@ -10,7 +10,7 @@ class Harness:
     def __init__(self, **config):
         config.setdefault("allowed_lateness", 0)
         self.config = AssemblerConfig(decision_wait=30, max_trace_age=300, **config)
-        self.clock = EventTimeClock(self.config.allowed_lateness)
+        self.clock = EventTimeClock(self.config.allowed_lateness, self.config.max_ahead)
         self.metrics = Metrics()
         self.decided = []
         self.late = []
@@ -156,7 +156,7 @@ def test_an_unfinished_span_first_on_a_fresh_clock_is_not_overdue():
 def test_advance_can_decide_in_chunks():
     h = Harness()
     h.assembler.add([row(n, 1, end_ms=100) for n in range(1, 6)])
-    h.clock.observe(T0 + 40_000 * MS, 0)
+    h.clock.observe(T0 + 40_000 * MS, 0, tid(99))
     assert h.assembler.advance(limit=2) is True
     assert len(h.decided) == 2
     assert h.assembler.advance(limit=2) is True
@@ -185,3 +185,45 @@ def test_a_flush_with_a_deadline_stops_there_and_counts_what_it_dropped():
     again = TraceAssembler(AssemblerConfig(), EventTimeClock(0), decided.append, lambda *a: None, Metrics())
     again.add([row(n, 1, end_ms=10) for n in range(1, 301)])
     assert again.flush(deadline=time.monotonic() + 3600) == 0 and len(decided) == 300
+
+
+YEARS_MS = 100 * 365 * 86_400_000
+
+
+def test_one_span_far_ahead_does_not_move_event_time():
+    """A client clock a century off (or a forged end time) must not make every trace
+    due at once, for good: the span is counted and its own trace waits."""
+    h = Harness()
+    h.add(row(1, 1, end_ms=100), row(1, 2, 1, end_ms=90))
+    h.add(row(2, 1, start_ms=YEARS_MS, end_ms=YEARS_MS + 10))
+    h.add(row(3, 1, start_ms=YEARS_MS, end_ms=YEARS_MS + 10))  # a second one: not yet three traces
+    h.tick(20_000)
+    assert not h.decided[1:] and h.clock.now() == T0 + 20_000 * MS
+    h.tick(100 + 30_000)
+    assert h.ids() == [(tid(1), "quiet")]  # decided as if the far spans had not come
+    assert h.metrics.get("traceguard_spans_far_ahead_total") == 2
+
+
+def test_event_time_follows_a_real_jump_once_three_traces_are_that_far_ahead():
+    """A gap in the input (two days without traces in a replay): spans of three
+    traces past ``max_ahead``, with nothing in between, move the watermark to the earliest."""
+    h = Harness()
+    h.add(row(1, 1, end_ms=100))
+    later = 2 * 86_400_000
+    h.add(row(2, 1, start_ms=later, end_ms=later + 30))
+    h.add(row(3, 1, start_ms=later, end_ms=later + 10))
+    assert h.clock.now() == T0 + 100 * MS
+    h.add(row(4, 1, start_ms=later, end_ms=later + 20))
+    assert h.clock.now() == T0 + (later + 10) * MS
+    assert (tid(1), "quiet") in h.ids() and h.metrics.get("traceguard_spans_far_ahead_total") == 3
+
+
+def test_spans_far_ahead_between_spans_that_move_event_time_never_move_it():
+    """A client whose clock is off, among healthy traffic: its traces come one at a
+    time between spans that move the watermark normally, so they never confirm a jump."""
+    h = Harness()
+    for n in range(10):
+        h.tick(1_000 * n)
+        h.add(row(100 + n, 1, start_ms=YEARS_MS, end_ms=YEARS_MS + n))
+    assert h.clock.now() == T0 + 9_000 * MS
+    assert h.metrics.get("traceguard_spans_far_ahead_total") == 10

@@ -1130,7 +1130,7 @@ fail:
 }
 
 PyDoc_STRVAR(gather_doc,
-"gather(rows, start, pending, decided, Pending, schedule, max_seen, arrival) -> (stop, added, max_seen)\n\n"
+"gather(rows, start, pending, decided, Pending, schedule, max_seen, arrival, max_ahead) -> (stop, added, max_seen)\n\n"
 "TraceAssembler._take over rows[start:], the assembler's intake: runs once per\n"
 "span of every input. Each row joins its trace in ``pending`` (a new trace is\n"
 "``Pending(stamp)``, put in ``pending`` and ``schedule``; a trace whose root\n"
@@ -1138,7 +1138,8 @@ PyDoc_STRVAR(gather_doc,
 "is stamped: ``arrival`` if it is >= 0 (wall clock), else its end time as\n"
 "EventTimeClock.observe does, ``max_seen`` being the largest seen. It stops\n"
 "before a row it leaves to _take (a trace already decided: a late span; a\n"
-"time past int64); ``stop`` is that row's index, or len(rows).");
+"time past int64; an end more than ``max_ahead`` past ``max_seen``, if that is\n"
+">= 0 and something was seen); ``stop`` is that row's index, or len(rows).");
 
 static Slots pending_slots;
 static const char *PENDING_SLOTS[] = {"rows", "first_seen", "last_seen", "has_root", NULL};
@@ -1154,9 +1155,9 @@ static void set_slot(PyObject **slot, PyObject *value) {
 static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *rows, *pending, *decided, *pending_type, *schedule;
     Py_ssize_t i;
-    long long max_seen, arrival;
-    if (!PyArg_ParseTuple(args, "O!nO!O!OO!LL", &PyList_Type, &rows, &i, &PyDict_Type, &pending, &PyDict_Type,
-                          &decided, &pending_type, &PyDict_Type, &schedule, &max_seen, &arrival))
+    long long max_seen, arrival, max_ahead;
+    if (!PyArg_ParseTuple(args, "O!nO!O!OO!LLL", &PyList_Type, &rows, &i, &PyDict_Type, &pending, &PyDict_Type,
+                          &decided, &pending_type, &PyDict_Type, &schedule, &max_seen, &arrival, &max_ahead))
         return NULL;
     if (row_slots.type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "bind() first");
@@ -1186,8 +1187,11 @@ static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
                 PyErr_Clear();
                 break;
             }
-            if (event_time > max_seen)
+            if (event_time > max_seen) {
+                if (max_ahead >= 0 && max_seen > 0 && event_time - max_seen > max_ahead)
+                    break; /* far ahead: the clock's observe decides whether to believe it */
                 max_seen = event_time;
+            }
             stamp = event_time;
             if (event_time == 0) { /* unfinished: "now", not before it started */
                 uint64_t start;

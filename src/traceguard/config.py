@@ -62,6 +62,11 @@ class AssemblerConfig(_Section):
     decision_wait: DurationNs = Field(parse_duration("30s"), description="Quiet time after the last span of a rooted trace before it is decided.")
     max_trace_age: DurationNs = Field(parse_duration("5m"), description="A trace older than this is decided whatever its state.")
     allowed_lateness: DurationNs = Field(parse_duration("5s"), description="Event-time out-of-orderness tolerated by the replay watermark.")
+    max_ahead: DurationNs = Field(
+        parse_duration("1h"),
+        description="Event time: a span ending further than this past the newest time seen does not move the "
+                    "watermark alone (a clock years off, a forged timestamp); spans of 3 traces that far ahead, with "
+                    "nothing in between, do (a gap in the input). 0: no limit.")
     max_spans_in_flight: int = Field(1_000_000, ge=1)
     max_traces_in_flight: int = Field(100_000, ge=1)
     decided_memory: int = Field(200_000, ge=0, description="How many decided trace ids are remembered for late-span detection.")

@@ -61,7 +61,7 @@ class Consumer:
                                           linger_ms=20, client_id=f"traceguard-{c.group}")
         if c.anomalies_topic:
             sinks.append(KafkaTopicSink(self.producer, c.anomalies_topic, metrics))
-        self.clock = EventTimeClock(config.assembler.allowed_lateness) if c.time == "event" else None
+        self.clock = EventTimeClock(config.assembler.allowed_lateness, config.assembler.max_ahead) if c.time == "event" else None
         self.tracker = OffsetTracker()
         self.pipeline = Pipeline(config, self.clock or WallClock(), sinks, metrics, models,
                                  on_decided=lambda trace: self.tracker.release(trace.trace_id))

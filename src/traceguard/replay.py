@@ -57,7 +57,7 @@ def run_replay(
     for path in (*trace_paths, *log_paths):
         if not Path(path).is_file():
             raise FileNotFoundError(f"no such file: {path}")
-    clock = EventTimeClock(config.assembler.allowed_lateness)
+    clock = EventTimeClock(config.assembler.allowed_lateness, config.assembler.max_ahead)
     pipeline = Pipeline(config, clock, sinks, models=models, on_decided=on_decided)
     metrics = pipeline.metrics
     corrupt = rejected = 0

@@ -66,6 +66,7 @@ class TraceAssembler:
                                for reason in get_args(DecisionReason)}
         self.spans_in_flight = 0
         metrics.gauge("traceguard_spans_in_flight", lambda: self.spans_in_flight)
+        clock.count_with(metrics.counter("traceguard_spans_far_ahead_total"))
         metrics.gauge("traceguard_traces_in_flight", lambda: len(self._pending))
 
     @property
@@ -102,10 +103,10 @@ class TraceAssembler:
         added = at = 0
         while at < len(rows):
             if native is not None:
-                max_seen, arrival = self._clock.stamping()
-                if max(max_seen, arrival) <= _INT64_MAX:
+                max_seen, arrival, max_ahead = self._clock.stamping()
+                if max(max_seen, arrival, max_ahead) <= _INT64_MAX:
                     at, taken, max_seen = native.gather(rows, at, self._pending, self._decided, _Pending, schedule,
-                                                        max_seen, arrival)
+                                                        max_seen, arrival, max_ahead)
                     self._clock.seen(max_seen)
                     added += taken
                     if at == len(rows):
@@ -123,7 +124,7 @@ class TraceAssembler:
         does this for runs of spans and leaves to it the ones it does not handle."""
         trace_id = row.trace_id
         trace = self._pending.get(trace_id)
-        stamp = self._clock.observe(row.end, row.start)
+        stamp = self._clock.observe(row.end, row.start, trace_id)
         if trace is None:
             decided_at = self._decided.get(trace_id)
             if decided_at is not None:
