@@ -3,11 +3,12 @@
 
 import pytest
 
-from builders import row, sid, tid
+from builders import MS, row, sid, tid
 from traceguard.assemble import EventTimeClock, TraceAssembler
 from traceguard.assemble.assembler import to_span
 from traceguard.config import AssemblerConfig, PipelineConfig, StructuralConfig
 from traceguard.detect import LateSpan, build
+from traceguard.detect.base import duration, times
 from traceguard.detect.context_outlived_parent import ContextOutlivedParent
 from traceguard.detect.missing_parent import MissingParent
 from traceguard.detect.missing_root import MissingRoot
@@ -207,6 +208,25 @@ def test_late_span_finding():
     anomaly = LateSpan().detect_late(tid(1), to_span(row(1, 2, 1, end_ms=50)), decided_at=10**19, detected_at=10**19 + 5)
     assert (anomaly.kind, anomaly.trace_id, anomaly.span_id) == (AnomalyKind.LATE_SPAN, tid(1).hex(), sid(2).hex())
     assert anomaly.detected_at == 10**19 + 5 and anomaly.evidence["parent_span_id"] == sid(1).hex()
+
+
+def test_late_span_summary_says_before_or_after_the_decision_in_words():
+    span = to_span(row(1, 2, 1, end_ms=50_000))
+    after = LateSpan().detect_late(tid(1), span, decided_at=span.end - 42_768 * MS, detected_at=span.end)
+    assert "(it ended 42.8 s after the decision)" in after.summary  # was "ended -42768.0 ms before"
+    before = LateSpan().detect_late(tid(1), span, decided_at=span.end + 1_500 * MS, detected_at=span.end + 2 * 10**9)
+    assert "(it ended 1.5 s before the decision)" in before.summary
+
+
+@pytest.mark.parametrize("nanos, text", [(850_000, "850 µs"), (27_465_448, "27.5 ms"), (42_768 * MS, "42.8 s"),
+                                         (192 * 10**9, "3.2 min"), (5_400 * 10**9, "1.5 h")])
+def test_durations_read_as_people_write_them(nanos, text):
+    assert duration(nanos) == text
+
+
+@pytest.mark.parametrize("ratio, text", [(1.3213, "1.32x"), (48.04, "48x"), (27_465_448.729, "over 1000x")])
+def test_ratios_read_as_people_write_them(ratio, text):
+    assert times(ratio) == text  # a baseline of 0.001 ms made "27465448.729x"
 
 
 def test_ids_differ_by_kind_trace_and_span_and_repeat_exactly():

@@ -43,7 +43,7 @@ from collections import Counter, OrderedDict, deque
 from typing import Callable
 
 from traceguard.config import IncidentConfig
-from traceguard.detect.base import utc
+from traceguard.detect.base import times, utc
 from traceguard.models.features import latency_keys, network_parts, stages
 from traceguard.records import KIND_NAMES, KIND_NETWORK, Anomaly, AnomalyKind, Incident, IncidentStage, Trace
 
@@ -421,7 +421,7 @@ def _record(incident: _Open, now: int) -> Incident:
     explained = sum(incident.attached.values())
     others = len(incident.culprits) - 1
     summary = (
-        f"{service} '{operation}': {_SIGNAL_WORDS.get(lead.signal, lead.signal)} (x{lead.magnitude}) since "
+        f"{service} '{operation}': {_SIGNAL_WORDS.get(lead.signal, lead.signal)} ({times(lead.magnitude)}) since "
         f"{utc(incident.onset)}"
         + (f", with {others} more stage{'s' if others > 1 else ''} of the same cause" if others else "")
         + (f"; {explained} per-trace findings explained" if explained else "")

@@ -151,3 +151,17 @@ def top_orphan(trace: Trace) -> Span | None:
 
 def ms(nanos: int) -> float:
     return round(nanos / 1e6, 3)
+
+
+def duration(nanos: int) -> str:
+    """A duration as a person reads it: "850 µs", "27.5 ms", "42.8 s", "3.2 min", "1.5 h"."""
+    for unit, size in (("h", 3600e9), ("min", 60e9), ("s", 1e9), ("ms", 1e6)):
+        if abs(nanos) >= size:
+            return f"{nanos / size:.3g} {unit}"
+    return f"{nanos / 1e3:.3g} µs"
+
+
+def times(ratio: float) -> str:
+    """A ratio as a person reads it: "1.32x", "48x", and past 1000 "over 1000x" (a
+    baseline near the clock's resolution makes any ratio meaningless)."""
+    return "over 1000x" if ratio > 1000 else f"{ratio:.3g}x"

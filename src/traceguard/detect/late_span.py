@@ -6,7 +6,7 @@ it is not a new trace.
 
 from __future__ import annotations
 
-from traceguard.detect.base import finding, ms
+from traceguard.detect.base import duration, finding
 from traceguard.records import Anomaly, AnomalyKind, Span
 
 
@@ -23,7 +23,8 @@ class LateSpan:
             score=1.0,
             summary=(
                 f"{span.service} '{span.name}' arrived after its trace was decided "
-                f"(it ended {ms(decided_at - event_time)} ms before the decision); "
+                f"(it {'ended' if span.finished else 'started'} {duration(abs(decided_at - event_time))} "
+                f"{'before' if event_time <= decided_at else 'after'} the decision); "
                 "the trace's findings did not include it."
             ),
             evidence={

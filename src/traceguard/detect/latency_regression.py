@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from traceguard.detect.base import stage_finding, utc
+from traceguard.detect.base import stage_finding, times, utc
 from traceguard.models.features import latency_keys, latency_samples, network_parts
 from traceguard.models.latency import LatencyModel, Regression
 from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, Trace
@@ -46,7 +46,7 @@ class LatencyRegression:
         what = (f"the network from {network[1]} into {service} '{network[0]}'"
                 if network is not None else f"{service} '{operation}' self time")
         summary = (
-            f"{what} {'was' if resolved else 'is'} {regression.magnitude}x its baseline "
+            f"{what} {'was' if resolved else 'is'} {times(regression.magnitude)} its baseline "
             f"since {onset} (p50 {base['p50_ms']} → {current['p50_ms']} ms, p99 {base['p99_ms']} → {current['p99_ms']} ms)"
             + ("; it is back to normal." if resolved else ".")
         )

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 
-from traceguard.detect.base import finding, stage_finding, utc
+from traceguard.detect.base import finding, stage_finding, times, utc
 from traceguard.models.templates import TemplateJump, TemplateModel
 from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, LogRow, Trace
 
@@ -110,7 +110,7 @@ def _jump_finding(jump: TemplateJump, now: int) -> Anomaly:
         event_time=jump.onset,
         severity="critical" if magnitude >= 10 else "warning",
         score=min(1.0, math.log(max(magnitude, 1.0)) / math.log(100)),
-        summary=(f"{jump.service} writes '{jump.template}' {magnitude:g}x as often as usual: {jump.share:.2%} of its "
+        summary=(f"{jump.service} writes '{jump.template}' {times(magnitude)} as often as usual: {jump.share:.2%} of its "
                  f"lines ({jump.lines} of {jump.service_lines}) since {utc(jump.onset)}, usually "
                  f"{jump.baseline_share:.2%}" + ("; it is back to normal." if resolved else ".")),
         evidence={
