@@ -12,6 +12,7 @@ from pathlib import Path
 
 from traceguard import __version__
 from traceguard.config import ConfigError, load_config
+from traceguard.detect.base import times
 from traceguard.models import store
 from traceguard.models.store import ModelFileError
 from traceguard.replay import ReplayAborted, run_replay
@@ -181,14 +182,24 @@ def _replay(args, config, models) -> int:
     finally:
         if progress is not None:
             progress.close()
+    counts = result.metrics.snapshot()
+    if counts.get("traceguard_replay_corrupt_total") and not counts.get("traceguard_spans_accepted_total") \
+            and not _total(counts.get("traceguard_spans_rejected_total")):
+        print(f"traceguard: no span could be read from the input ({counts['traceguard_replay_corrupt_total']} "
+              "corrupt line(s)): is it OTLP, Jaeger or Zipkin trace data? (--format)", file=sys.stderr)
+        return 2
     if report is not None:
         report.render(args.report)
         print(f"traceguard replay: report written to {args.report}", file=sys.stderr)
-    _print_summary(result.metrics.snapshot(), args.command, tally)
+    _print_summary(counts, args.command, tally)
     if training:
         store.save(result.models, args.model_dir)
         print(f"traceguard train: models written to {args.model_dir}", file=sys.stderr)
     return 0
+
+
+def _total(value) -> int:
+    return sum(value.values()) if isinstance(value, dict) else (value or 0)
 
 
 def _warn(message: str) -> None:
@@ -233,7 +244,7 @@ def _print_summary(snapshot: dict, command: str, tally: _StageTally | None = Non
         kind = dict(part.split("=", 1) for part in labels.split(","))["kind"]
         by_kind[kind] = by_kind.get(kind, 0) + count
     decided = snapshot.get("traceguard_traces_decided_total", {})
-    traces = sum(decided.values()) if isinstance(decided, dict) else decided
+    traces = _total(decided)
     records = snapshot.get("traceguard_kafka_records_total")
     read = f"{sum(records.values())} records, " if isinstance(records, dict) else ""
     incidents = list(tally.incidents.values()) if tally is not None else []
@@ -246,7 +257,7 @@ def _print_summary(snapshot: dict, command: str, tally: _StageTally | None = Non
             onset = dt.datetime.fromtimestamp(incident.onset / 1e9, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
             lead = incident.culprits[0]
             lines.append(f"  {onset:<21} {incident.state:<9} {sum(incident.attached.values()):>9}  "
-                         f"{lead.service} {lead.operation!r} ({lead.signal} x{lead.magnitude})")
+                         f"{lead.service} {lead.operation!r} ({lead.signal} {times(lead.magnitude)})")
         if len(incidents) > 20:
             lines.append(f"  … and {len(incidents) - 20} more")
     if isinstance(attached, dict) and attached:
@@ -259,15 +270,37 @@ def _print_summary(snapshot: dict, command: str, tally: _StageTally | None = Non
         lines.append(f"  {'top stages':<{width}}  {'kind':<26} {'count':>8}")
         lines += [f"  {service + ' ' + repr(operation):<{width}}  {kind:<26} {count:>8}"
                   for (kind, service, operation), count in top]
-    for name in ("traceguard_replay_corrupt_total", "traceguard_replay_out_of_order_total",
-                 "traceguard_spans_rejected_total",
-                 "traceguard_logs_rejected_total", "traceguard_traces_evicted_total",
-                 "traceguard_logs_evicted_total", "traceguard_logs_dropped_total",
-                 "traceguard_kafka_poison_records_total", "traceguard_kafka_dead_letters_total",
-                 "traceguard_kafka_traces_dropped_on_revoke_total"):
+    for name, labels, count in _counts(snapshot):
+        words = _COUNT_WORDS.get(f"{name}{{{labels}}}") or _COUNT_WORDS[name]
+        lines.append(f"  {words.format(n=count, labels=labels)} ({name}{f'{{{labels}}}' if labels else ''})")
+    print("\n".join(lines), file=sys.stderr)
+
+
+# The counts the summary reports, in words: what happened and whether it is a loss.
+_COUNT_WORDS = {
+    "traceguard_replay_corrupt_total": "{n} input line(s) could not be read and were skipped",
+    "traceguard_replay_out_of_order_total": "{n} record(s) came out of time order and were merged in",
+    "traceguard_spans_rejected_total": "{n} span(s) rejected as invalid (ids, times), the rest of their records kept",
+    "traceguard_logs_rejected_total": "{n} log record(s) rejected as invalid",
+    "traceguard_traces_evicted_total": "{n} trace(s) decided early at the in-flight bound "
+                                       "(assembler.max_spans_in_flight, max_traces_in_flight)",
+    "traceguard_logs_evicted_total{reason=ttl}": "{n} log record(s) expired after logs.ttl with no finding to "
+                                                  "link them to (normal)",
+    "traceguard_logs_evicted_total": "{n} log record(s) dropped at logs.max_records before their trace was judged",
+    "traceguard_logs_dropped_total": "{n} log record(s) past logs.max_per_trace for one trace, not kept",
+    "traceguard_spans_far_ahead_total": "{n} span(s) ended more than assembler.max_ahead past the newest time "
+                                        "(a clock off?); they did not move event time alone",
+    "traceguard_kafka_poison_records_total": "{n} Kafka record(s) could not be decoded and were skipped ({labels})",
+    "traceguard_kafka_dead_letters_total": "{n} of them written to the dead-letter topic ({labels})",
+    "traceguard_kafka_traces_dropped_on_revoke_total": "{n} undecided trace(s) left to another consumer at a rebalance",
+}
+
+
+def _counts(snapshot: dict):
+    """(name, labels, count) of every summary count that is not zero, in ``_COUNT_WORDS`` order."""
+    for name in dict.fromkeys(key.split("{")[0] for key in _COUNT_WORDS):
         value = snapshot.get(name)
         if isinstance(value, dict):
-            lines += [f"  {name}{{{labels}}}: {count}" for labels, count in value.items()]
+            yield from ((name, labels, count) for labels, count in value.items() if count)
         elif value:
-            lines.append(f"  {name}: {value}")
-    print("\n".join(lines), file=sys.stderr)
+            yield name, "", value
