@@ -8,6 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -61,11 +62,50 @@ def test_stream_processor_manifest_has_probes_limits_and_a_disruption_budget():
 
 def test_sidecar_manifest_points_the_app_at_localhost_and_forwards():
     docs = {doc["kind"]: doc for doc in documents(DEPLOY / "k8s" / "sidecar.yaml")}
-    app, sidecar = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (app,), (sidecar,) = pod["containers"], pod["initContainers"]
     assert {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://localhost:4317"} in app["env"]
     assert sidecar["args"][0] == "serve"
     config = yaml.safe_load(docs["ConfigMap"]["data"]["traceguard.yaml"])
     assert config["serve"]["forward_to"] and config["serve"]["grpc_listen"] == "127.0.0.1:4317"
+
+
+def test_the_sidecar_stays_out_of_the_apps_way():
+    """A native sidecar (up before the app, down after it) whose port, scrape
+    annotations, user and security settings are its own, not the pod's."""
+    docs = {doc["kind"]: doc for doc in documents(DEPLOY / "k8s" / "sidecar.yaml")}
+    template = docs["Deployment"]["spec"]["template"]
+    pod = template["spec"]
+    (sidecar,) = pod["initContainers"]
+    assert sidecar["restartPolicy"] == "Always"
+    api_port = int(yaml.safe_load(docs["ConfigMap"]["data"]["traceguard.yaml"])["serve"]["api_listen"].rsplit(":")[1])
+    assert api_port != 8080 and sidecar["ports"] == [{"name": "traceguard-api", "containerPort": api_port}]
+    assert not any(key.startswith("prometheus.io/") for key in template["metadata"].get("annotations", {}))
+    assert "securityContext" not in pod and pod["enableServiceLinks"] is False
+    context = sidecar["securityContext"]
+    assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+    assert context["capabilities"] == {"drop": ["ALL"]} and context["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sidecar["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert all(volume["emptyDir"].get("sizeLimit") for volume in pod["volumes"] if "emptyDir" in volume)
+
+
+def manifests() -> list[tuple[str, dict]]:
+    return [(f"{path.name}:{doc['kind']}", doc) for path in sorted((DEPLOY / "k8s").glob("*.yaml"))
+            for doc in documents(path)]
+
+
+@pytest.mark.parametrize("doc", [doc for _, doc in manifests()], ids=[name for name, _ in manifests()])
+def test_manifests_are_valid_kubernetes_objects(doc):
+    """Against the Kubernetes 1.33 OpenAPI schema (kubernetes-validate bundles it),
+    strictly: an unknown or misspelt field is an error, not ignored."""
+    kubernetes_validate.validate(doc, "1.33", strict=True)
+
+
+def test_the_schema_check_is_strict():
+    doc = dict(documents(DEPLOY / "k8s" / "sidecar.yaml")[1])
+    doc["spec"] = {**doc["spec"], "replica": 2}
+    with pytest.raises(kubernetes_validate.ValidationError, match="replica"):
+        kubernetes_validate.validate(doc, "1.33", strict=True)
 
 
 def test_collector_configs_follow_the_partitioning_traceguard_needs():
