@@ -17,8 +17,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSeriali
 
 from traceguard.auth import check_token
 
-_UNITS_NS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h)?\s*$")
+_UNITS_NS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000, "d": 86_400_000_000_000}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h|d)?\s*$")
 
 
 def parse_duration(value: Any) -> int:
@@ -233,6 +233,21 @@ class LogConfig(_Section):
     max_linked: int = Field(20, ge=0, description="Log records attached to one finding.")
 
 
+class StoreConfig(_Section):
+    """The findings store of ``serve`` and ``consume`` (``state_dir/anomalies.sqlite``): its retention."""
+
+    max_age: DurationNs = Field(
+        parse_duration("7d"), ge=parse_duration("1m"),
+        description="Findings detected longer ago than this, and incidents resolved longer ago, are deleted "
+                    "(pipeline time: event time for consume --time event).")
+    max_bytes: int = Field(
+        512 << 20, ge=1 << 20,
+        description="Bound on the data in the store file; past it the oldest findings are deleted until it is "
+                    "under 90 % of it (the file keeps its size and reuses the freed pages).")
+    prune_interval: DurationNs = Field(parse_duration("1m"), ge=parse_duration("1s"),
+                                       description="How often retention runs.")
+
+
 class ServeConfig(_Section):
     """The live sidecar (``traceguard serve``): listeners, store, limits."""
 
@@ -371,6 +386,7 @@ class PipelineConfig(_Section):
     learned: LearnedConfig = LearnedConfig()
     incidents: IncidentConfig = IncidentConfig()
     logs: LogConfig = LogConfig()
+    store: StoreConfig = StoreConfig()
     serve: ServeConfig = ServeConfig()
     consume: ConsumeConfig = ConsumeConfig()
 

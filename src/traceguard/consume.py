@@ -48,7 +48,7 @@ class Consumer:
         sinks = []
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            self.store = SqliteStore(self.state_dir / "anomalies.sqlite")
+            self.store = SqliteStore(self.state_dir / "anomalies.sqlite", config.store, metrics)
             sinks.append(self.store)
             if model_store.exists(self.state_dir / "models"):
                 models = model_store.load(self.state_dir / "models", config.learned)
@@ -82,10 +82,12 @@ class Consumer:
             log.warning("ignoring an unreadable checkpoint %s: %s", self.state_dir / CHECKPOINT, exc)
 
     def _checkpoint(self) -> None:
-        """Before every commit: the detectors' state, atomically; the models when due."""
+        """Before every commit: the detectors' state, atomically; the store's retention
+        and the models when due."""
         if self.state_dir is None:
             return
         model_store.write_atomically(self.state_dir / CHECKPOINT, json.dumps(self.pipeline.checkpoint()).encode())
+        self.store.prune_if_due(self.pipeline.now())
         if time.monotonic() >= self._next_snapshot:
             self.snapshot()
 

@@ -74,8 +74,8 @@ class Server:
         serve.state_dir.mkdir(parents=True, exist_ok=True)
         self.model_dir = serve.state_dir / "models"
         models = self._load_models()
-        self.store = SqliteStore(serve.state_dir / "anomalies.sqlite")
         metrics = Metrics()
+        self.store = SqliteStore(serve.state_dir / "anomalies.sqlite", config.store, metrics)
         metrics.gauge("traceguard_store_backlog", lambda: self.store.backlog)
         metrics.gauge("traceguard_store_dropped", lambda: self.store.dropped_)
         sinks = [_TimedStore(self.store, metrics)]
@@ -152,6 +152,7 @@ class Server:
         while not self._stopping.wait(serve.tick / 1e9):
             try:
                 self.ingest.tick()
+                self.store.prune_if_due(time.time_ns())
                 if self.ingest.wal is not None and time.monotonic() >= next_commit:
                     self.ingest.commit_log()
                     next_commit = time.monotonic() + serve.wal_commit_interval / 1e9

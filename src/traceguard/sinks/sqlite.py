@@ -10,16 +10,28 @@ order in a bounded backlog instead of being lost, ``failing`` says why (the
 receivers stop accepting and ``/readyz`` says not ready while it is set), and
 ``retry`` writes the backlog once the disk takes writes again. Past the bound,
 rows are dropped and counted (``dropped_``).
+
+Retention (``store.*``): ``prune`` deletes findings older than ``max_age``
+and resolved incidents last updated before it, then the oldest findings
+while the data passes ``max_bytes``; each deletion is counted
+(``traceguard_store_deleted_total{reason}``).
+
+The schema is versioned (``PRAGMA user_version``): a store from an older
+traceguard is migrated on open, one from a newer one is refused (its rows
+may mean something this one does not know).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections import deque
 from pathlib import Path
 
+from traceguard.config import StoreConfig
 from traceguard.link import link_logs
+from traceguard.metrics import Metrics
 from traceguard.records import Anomaly, Incident, LogRow
 
 _SCHEMA = """
@@ -32,9 +44,11 @@ CREATE TABLE IF NOT EXISTS anomalies (
     operation TEXT,
     event_time INTEGER NOT NULL,
     detected_at INTEGER NOT NULL,
-    body TEXT NOT NULL
+    body TEXT NOT NULL,
+    incident_id TEXT
 );
 CREATE INDEX IF NOT EXISTS anomalies_trace ON anomalies (trace_id);
+CREATE INDEX IF NOT EXISTS anomalies_incident ON anomalies (incident_id);
 CREATE INDEX IF NOT EXISTS anomalies_kind ON anomalies (kind, seq);
 CREATE INDEX IF NOT EXISTS anomalies_detected ON anomalies (detected_at);
 CREATE TABLE IF NOT EXISTS incidents (
@@ -51,8 +65,14 @@ CREATE TABLE IF NOT EXISTS incidents (
 CREATE INDEX IF NOT EXISTS incidents_state ON incidents (state, seq);
 """
 _BACKLOG = 100_000  # rows held while the database refuses writes
-# Stores written before incidents existed lack this column; added on open.
-_MIGRATIONS = (("anomalies", "incident_id", "ALTER TABLE anomalies ADD COLUMN incident_id TEXT"),)
+# Schema versions and the statements that bring a store of the version before up to
+# each: 1 is the first schema (before incidents; written without a user_version),
+# 2 added the incident of a finding. _SCHEMA is the latest.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE anomalies ADD COLUMN incident_id TEXT",),
+}
+SCHEMA_VERSION = max(_MIGRATIONS)
+_PRUNE_CHUNK = 1000  # findings deleted per statement while over max_bytes
 
 
 class StoreUnusable(RuntimeError):
@@ -60,28 +80,84 @@ class StoreUnusable(RuntimeError):
 
 
 class SqliteStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, retention: StoreConfig | None = None,
+                 metrics: Metrics | None = None) -> None:
         """Raises:
-            StoreUnusable: the file is not a database, is corrupt, or cannot be written.
+            StoreUnusable: the file is not a database, is corrupt, cannot be written, or
+            was written by a newer traceguard.
         """
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            for table, column, statement in _MIGRATIONS:
-                if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
-                    self._db.execute(statement)
-            self._db.execute("CREATE INDEX IF NOT EXISTS anomalies_incident ON anomalies (incident_id)")
+            self._migrate(path)
         except sqlite3.DatabaseError as exc:
             raise StoreUnusable(f"the findings store {path} cannot be used: {exc} (move it aside to start "
                                 "a new one)") from None
+        self._retention = retention or StoreConfig()
+        self._metrics = metrics
+        self._next_prune = 0.0
         self._lock = threading.Lock()
         self._closed = False
         self._backlog: deque[tuple[str, tuple]] = deque()
         self.failing: str | None = None  # why writes fail, while they do
         self.dropped_ = 0
+
+    def _migrate(self, path: Path) -> None:
+        db = self._db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreUnusable(f"the findings store {path} has schema version {version}, written by a newer "
+                                f"traceguard (this one knows up to {SCHEMA_VERSION}); run that one, or move the "
+                                "file aside to start a new one")
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'anomalies'").fetchone() is not None:
+            if version == 0:  # written before versions: the first schema, or the second
+                columns = {row[1] for row in db.execute("PRAGMA table_info(anomalies)")}
+                version = 2 if "incident_id" in columns else 1
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
+                    db.execute(statement)
+        db.executescript(_SCHEMA)  # a new store, or the tables and indexes added since
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def prune_if_due(self, now: int) -> dict[str, int] | None:
+        """``prune`` every ``store.prune_interval`` (wall time between calls)."""
+        if time.monotonic() < self._next_prune:
+            return None
+        self._next_prune = time.monotonic() + self._retention.prune_interval / 1e9
+        return self.prune(now)
+
+    def prune(self, now: int) -> dict[str, int]:
+        """Applies retention at pipeline time ``now``; returns the rows deleted by reason."""
+        deleted = {"age": 0, "size": 0}
+        horizon = now - self._retention.max_age
+        with self._lock:
+            if self._closed:
+                return deleted
+            try:
+                deleted["age"] = self._db.execute("DELETE FROM anomalies WHERE detected_at < ?", (horizon,)).rowcount
+                deleted["age"] += self._db.execute(
+                    "DELETE FROM incidents WHERE state = 'resolved' AND updated_at < ?", (horizon,)).rowcount
+                while self._used_bytes() > self._retention.max_bytes * 0.9:
+                    removed = self._db.execute(
+                        "DELETE FROM anomalies WHERE seq IN (SELECT seq FROM anomalies ORDER BY seq LIMIT ?)",
+                        (_PRUNE_CHUNK,)).rowcount
+                    if not removed:
+                        break
+                    deleted["size"] += removed
+            except sqlite3.OperationalError as exc:  # a full disk: deleting may need the journal; next time
+                self.failing = self.failing or str(exc)
+        if self._metrics is not None:
+            for reason, count in deleted.items():
+                if count:
+                    self._metrics.inc("traceguard_store_deleted_total", count, reason=reason)
+        return deleted
+
+    def _used_bytes(self) -> int:
+        pages, free, size = (self._db.execute(f"PRAGMA {name}").fetchone()[0]
+                             for name in ("page_count", "freelist_count", "page_size"))
+        return (pages - free) * size
 
     @property
     def backlog(self) -> int:

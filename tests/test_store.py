@@ -1,0 +1,91 @@
+"""The findings store: retention by age and by size, counted; the schema version and its migration."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from builders import T0, row, tid
+from traceguard.assemble.assembler import to_span
+from traceguard.config import StoreConfig
+from traceguard.detect.base import finding
+from traceguard.metrics import Metrics
+from traceguard.records import AnomalyKind, Incident
+from traceguard.sinks.sqlite import SCHEMA_VERSION, SqliteStore, StoreUnusable
+
+DAY = 86_400 * 10**9
+
+
+def _finding(n: int, detected_at: int, padding: int = 0):
+    span = to_span(row(n, 1))
+    return finding(AnomalyKind.MISSING_ROOT, tid(n), span, detected_at=detected_at, event_time=detected_at,
+                   severity="warning", score=1.0, summary="x" * padding, evidence={})
+
+
+def _incident(n: int, state: str, updated_at: int) -> Incident:
+    return Incident(id=f"{n:032x}", state=state, service="api", operation="GET /", onset=updated_at - 1,
+                    opened_at=updated_at - 1, updated_at=updated_at, severity="warning", summary="s", culprits=[])
+
+
+def test_findings_and_resolved_incidents_past_max_age_are_deleted_and_counted(tmp_path):
+    metrics = Metrics()
+    store = SqliteStore(tmp_path / "a.sqlite", StoreConfig(max_age="7d"), metrics)
+    now = T0 + 30 * DAY
+    for n, age_days in enumerate((10, 8, 6, 1), start=1):
+        store.emit(_finding(n, now - age_days * DAY))
+    store.emit_incident(_incident(1, "resolved", now - 9 * DAY))
+    store.emit_incident(_incident(2, "open", now - 9 * DAY))  # still open: kept, whatever its age
+    store.emit_incident(_incident(3, "resolved", now - 2 * DAY))
+    assert store.prune(now) == {"age": 3, "size": 0}
+    assert [a.trace_id for a in store.query()[0]] == [tid(3).hex(), tid(4).hex()]
+    assert sorted(i.id for i in store.incidents()[0]) == [f"{2:032x}", f"{3:032x}"]
+    assert metrics.get("traceguard_store_deleted_total", reason="age") == 3
+    store.close()
+
+
+def test_past_max_bytes_the_oldest_findings_go_until_the_data_is_under_90_percent(tmp_path):
+    metrics = Metrics()
+    store = SqliteStore(tmp_path / "a.sqlite", StoreConfig(max_bytes=1 << 20), metrics)
+    for n in range(1, 1501):  # ~3 MB of findings
+        store.emit(_finding(n, T0 + n, padding=2000))
+    deleted = store.prune(T0 + 1500)
+    assert deleted["age"] == 0 and deleted["size"] > 0
+    assert store._used_bytes() <= 0.9 * (1 << 20)
+    kept = [a.trace_id for a in store.query(limit=2000)[0]]
+    assert kept == [tid(n).hex() for n in range(1501 - len(kept), 1501)]  # the newest, in order
+    assert metrics.get("traceguard_store_deleted_total", reason="size") == deleted["size"] == 1500 - len(kept)
+    store.close()
+
+
+def test_a_store_of_the_first_schema_is_migrated_on_open(tmp_path):
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE anomalies (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,
+            trace_id TEXT, service TEXT, operation TEXT, event_time INTEGER NOT NULL, detected_at INTEGER NOT NULL,
+            body TEXT NOT NULL);
+    """)
+    old = _finding(1, T0)
+    db.execute("INSERT INTO anomalies (id, kind, trace_id, service, operation, event_time, detected_at, body) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (old.id, old.kind.value, old.trace_id, old.service, old.operation,
+                                                   old.event_time, old.detected_at, old.model_dump_json()))
+    db.commit()
+    db.close()
+    store = SqliteStore(path)
+    assert store.get(old.id) == old
+    store.emit_incident(_incident(1, "open", T0))  # the incidents table was added
+    store.emit(_finding(2, T0).model_copy(update={"incident_id": f"{1:032x}"}))
+    assert [a.trace_id for a in store.get_incident(f"{1:032x}")[1]] == [tid(2).hex()]
+    store.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_store_written_by_a_newer_traceguard_is_refused_plainly(tmp_path):
+    path = tmp_path / "new.sqlite"
+    SqliteStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(StoreUnusable, match="written by a newer traceguard"):
+        SqliteStore(path)
