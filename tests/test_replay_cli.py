@@ -161,3 +161,22 @@ def test_the_summary_says_in_words_what_its_counts_mean(capsys):
     err = capsys.readouterr().err
     assert "3304 log record(s) expired after logs.ttl with no finding to link them to (normal)" in err
     assert "7 log record(s) dropped at logs.max_records before their trace was judged" in err
+
+
+def test_help_says_what_it_is_how_to_run_it_how_it_ends_and_what_the_environment_sets(capsys):
+    from traceguard.cli import _parser
+
+    parser = _parser()
+    text = parser.format_help()
+    assert text.splitlines()[2].startswith("traceguard: finds what went wrong")  # a one-line description first
+    for part in ("examples:", "exit codes:", "  2  usage, configuration or input error", "TRACEGUARD_SERVE__TOKEN",
+                 "flags > environment > --config file > defaults"):
+        assert part in text, part
+    subcommands = parser._subparsers._group_actions[0].choices
+    assert set(subcommands) == {"replay", "train", "serve", "consume"}
+    config_helps = set()
+    for name, command in subcommands.items():
+        assert command.description and "examples:" in command.format_help(), name
+        config_helps |= {a.help for a in command._actions if "--config" in a.option_strings}
+    assert config_helps == {"TOML, YAML or JSON file with the settings (see the README); flags and the "
+                            "environment override it"}  # the same words everywhere

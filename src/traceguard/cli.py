@@ -8,6 +8,7 @@ import faulthandler
 import os
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
 from traceguard import __version__
@@ -21,13 +22,59 @@ from traceguard.sources.replay import FORMATS, WrongFormat
 from traceguard.sinks import JsonlSink
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="traceguard", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"traceguard {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+_DESCRIPTION = ("traceguard: finds what went wrong in OpenTelemetry traces (missing spans, unfinished contexts, "
+                "latency and error regressions, rare log lines), grouped into incidents with their logs.")
+_EPILOG = """\
+examples:
+  traceguard replay traces.jsonl.gz --logs logs.jsonl --out findings.jsonl --report report.html
+  traceguard train good-day.jsonl --model-dir models/ && traceguard replay today.jsonl --model-dir models/
+  traceguard serve --state-dir /var/lib/traceguard --forward-to otel-collector:4317
+  traceguard consume --bootstrap-servers kafka:9092 --group traceguard --state-dir state/
 
-    replay = commands.add_parser("replay", help="detect anomalies in exported trace files (event time)")
-    train = commands.add_parser("train", help="learn baselines, structure and forests from known-good trace files")
+exit codes:
+  0  done (replay, train), stopped by SIGTERM/SIGINT (serve, consume), or caught up (consume --exit-at-end)
+  1  consume: findings could not be written to a sink (nothing past them is committed)
+  2  usage, configuration or input error: a bad flag or setting, a missing or unreadable file, an input
+     of which no span could be read, an unwritable --out, an unusable model directory or store
+
+environment:
+  Every setting can be given as TRACEGUARD_<SECTION>__<KEY>, e.g. TRACEGUARD_SERVE__TOKEN=...,
+  TRACEGUARD_ASSEMBLER__DECISION_WAIT=10s. Precedence: flags > environment > --config file > defaults.
+  Other TRACEGUARD_* variables (Kubernetes service links) are ignored with a warning naming them.
+"""
+_CONFIG_HELP = "TOML, YAML or JSON file with the settings (see the README); flags and the environment override it"
+
+
+def _command(commands, name: str, summary: str, description: str, examples: str):
+    return commands.add_parser(name, help=summary, description=textwrap.fill(f"{summary}. {description}", 79),
+                               epilog=f"examples:\n{examples}", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _timing_flags(command, lateness: bool) -> None:
+    command.add_argument("--config", type=Path, help=_CONFIG_HELP)
+    command.add_argument("--decision-wait", help="quiet time before a rooted trace is decided (default 30s)")
+    command.add_argument("--max-trace-age", help="age at which any trace is decided (default 5m)")
+    if lateness:
+        command.add_argument("--allowed-lateness", help="event-time out-of-orderness tolerated (default 5s)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="traceguard", description=textwrap.fill(_DESCRIPTION, 79), epilog=_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"traceguard {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    replay = _command(
+        commands, "replay", "detect anomalies in exported trace files",
+        "Traces are reassembled in event time (a watermark over span end times), so a day of traffic is judged in "
+        "minutes and the same input always gives the same findings. Findings go to stdout (or --out) as JSONL, "
+        "a summary to stderr.",
+        "  traceguard replay traces.jsonl.gz --logs logs.jsonl --out findings.jsonl\n"
+        "  traceguard replay jaeger-export.json --format jaeger --report report.html\n")
+    train = _command(
+        commands, "train", "learn baselines, structure and forests from known-good trace files",
+        "The models are written to --model-dir; replay --model-dir and serve --model-dir start from them.",
+        "  traceguard train last-week/*.jsonl.gz --model-dir models/\n")
     for command in (replay, train):
         command.add_argument("traces", nargs="+", type=Path, metavar="TRACE_FILE",
                              help="OTLP/JSON lines, length-prefixed OTLP protobuf, Jaeger JSON or Zipkin v2 JSON; "
@@ -38,23 +85,28 @@ def _parser() -> argparse.ArgumentParser:
                              help="OTLP log files to link to the findings")
         command.add_argument("--out", type=Path, help="write findings as JSONL here instead of stdout")
         command.add_argument("--strict", action="store_true", help="a corrupt line or rejected span is fatal")
-        command.add_argument("--config", type=Path, help="TOML or JSON file with the pipeline settings")
-        command.add_argument("--decision-wait", help="quiet time before a rooted trace is decided (default 30s)")
-        command.add_argument("--max-trace-age", help="age at which any trace is decided (default 5m)")
-        command.add_argument("--allowed-lateness", help="event-time out-of-orderness tolerated (default 5s)")
+        _timing_flags(command, lateness=True)
         command.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
-    serve = commands.add_parser("serve", help="live sidecar: OTLP gRPC/HTTP receivers, SQLite store, HTTP API")
-    serve.add_argument("--config", type=Path, help="TOML, YAML or JSON file with the settings")
+    serve = _command(
+        commands, "serve", "live sidecar: OTLP gRPC/HTTP receivers, SQLite store, HTTP API and /metrics",
+        "Accepted requests go to a write-ahead log first (a crash loses no acknowledged span) and, with "
+        "--forward-to, on to your Collector unchanged. Runs until SIGTERM/SIGINT.",
+        "  traceguard serve --state-dir /var/lib/traceguard --forward-to otel-collector:4317\n"
+        "  TRACEGUARD_SERVE__TOKEN=s3cret traceguard serve --grpc-listen 0.0.0.0:4317\n")
     serve.add_argument("--grpc-listen", help="OTLP/gRPC address (default 127.0.0.1:4317)")
     serve.add_argument("--http-listen", help="OTLP/HTTP address (default 127.0.0.1:4318)")
-    serve.add_argument("--api-listen", help="HTTP API address (default 127.0.0.1:8080)")
-    serve.add_argument("--state-dir", help="SQLite store and model snapshots (default ./.traceguard)")
-    serve.add_argument("--decision-wait", help="quiet time before a rooted trace is decided (default 30s)")
-    serve.add_argument("--max-trace-age", help="age at which any trace is decided (default 5m)")
+    serve.add_argument("--api-listen", help="HTTP API, health and /metrics address (default 127.0.0.1:8080)")
+    serve.add_argument("--state-dir", help="write-ahead log, SQLite store and model snapshots (default ./.traceguard)")
+    _timing_flags(serve, lateness=False)
     serve.add_argument("--forward-to", help="upstream OTLP/gRPC HOST:PORT that gets every accepted request")
     serve.add_argument("--model-dir", help="trained models (traceguard train) to start from if the state dir has none")
-    consume = commands.add_parser("consume", help="Kafka stream processor: a consumer group member reading the "
-                                  "Collector's kafka exporter topics")
+    consume = _command(
+        commands, "consume", "Kafka stream processor reading the Collector's kafka exporter topics",
+        "A member of a consumer group: offsets are committed only up to what is decided and stored, so a crash "
+        "or a rebalance loses nothing. Runs until SIGTERM/SIGINT, or with --exit-at-end until caught up.",
+        "  traceguard consume --bootstrap-servers kafka:9092 --state-dir state/\n"
+        "  traceguard consume --bootstrap-servers kafka:9092 --time event --initial-offset earliest "
+        "--exit-at-end --out backfill.jsonl\n")
     consume.add_argument("--bootstrap-servers", help="Kafka brokers, HOST:PORT[,HOST:PORT...]")
     consume.add_argument("--group", help="consumer group (default traceguard)")
     consume.add_argument("--traces-topic", help="spans topic (default otlp_spans)")
@@ -69,10 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     consume.add_argument("--api-listen", help="serve the HTTP API and /metrics on HOST:PORT")
     consume.add_argument("--exit-at-end", action="store_const", const=True,
                          help="stop once caught up with the end offsets seen at start and everything is decided")
-    consume.add_argument("--config", type=Path, help="TOML, YAML or JSON file with the settings")
-    consume.add_argument("--decision-wait", help="quiet time before a rooted trace is decided (default 30s)")
-    consume.add_argument("--max-trace-age", help="age at which any trace is decided (default 5m)")
-    consume.add_argument("--allowed-lateness", help="event-time out-of-orderness tolerated (default 5s)")
+    _timing_flags(consume, lateness=True)
     replay.add_argument("--report", type=Path, metavar="HTML_FILE",
                         help="also write a self-contained HTML report (summary, latency plots, waterfalls)")
     replay.add_argument("--incidents-out", type=Path, metavar="FILE",
