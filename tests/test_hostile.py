@@ -378,3 +378,34 @@ def test_a_corrupt_findings_store_is_said_plainly_at_start(tmp_path):
                              "--api-listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=120,
                             env=os.environ)
     assert result.returncode == 2 and "cannot be used" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_metrics_are_declared_once_exposed_with_help_and_zero_from_the_start():
+    """Series of known label values exist before anything happened; HELP is a sentence,
+    not the name; the process and build metrics are there; every metric name the
+    code uses is declared; the README's table is the declarations'."""
+    import re
+    from pathlib import Path
+
+    from traceguard.metrics import DECLARED, markdown_table
+
+    text = prometheus_text(Metrics()).decode()
+    assert 'traceguard_requests_refused_total{reason="overloaded",signal="traces",transport="http"} 0.0' in text
+    assert 'traceguard_logs_evicted_total{reason="ttl"} 0.0' in text and "traceguard_spans_accepted_total 0.0" in text
+    assert "# HELP traceguard_spans_accepted_total Spans taken into the assembler." in text
+    from traceguard.assemble import EventTimeClock
+    from traceguard.pipeline import Pipeline
+
+    pipeline = Pipeline(PipelineConfig(), EventTimeClock(0), [])
+    assert "# TYPE traceguard_latency_untracked_samples_total counter" in prometheus_text(pipeline.metrics).decode()
+    assert re.search(r'traceguard_build_info\{python="[0-9.]+",version="[0-9.]+"\} 1\.0', text)
+    assert "process_resident_memory_bytes" in text and "_created" not in text
+    root = Path(__file__).resolve().parent.parent
+    declared = {metric.name for metric in DECLARED}
+    used = set()
+    for path in (root / "src" / "traceguard").rglob("*.py"):
+        used |= set(re.findall(r'(?:inc|counter|gauge|counted|observe|observe_many|_count)\(\s*"(traceguard_[a-z_]+)"',
+                               path.read_text()))
+    assert used and used <= declared, used - declared
+    readme = (root / "README.md").read_text()
+    assert markdown_table() in readme.split("<!-- metrics:begin -->")[1].split("<!-- metrics:end -->")[0]

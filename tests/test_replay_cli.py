@@ -91,7 +91,7 @@ def test_rejected_spans_are_reported_and_the_rest_replayed(tmp_path):
     assert f"{path}:1: 1 record(s) rejected: span 0102: spanId must be 8 bytes" in result.stderr
     assert "traceguard replay: 1 spans, 1 traces" in result.stderr
     assert "1 span(s) rejected as invalid (ids, times), the rest of their records kept " \
-           "(traceguard_spans_rejected_total)" in result.stderr
+           "(traceguard_spans_rejected_total{transport=file})" in result.stderr
 
 
 def test_truncated_protobuf_file_names_the_message(scenario_proto, tmp_path):

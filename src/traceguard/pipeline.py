@@ -49,12 +49,13 @@ class Pipeline:
         self._detectors = [*self._completeness, *self._timing, *self._every]
         self._learners = [d for d in self._detectors if hasattr(d, "learn")]
         self._windowed = [d for d in self._detectors if hasattr(d, "advance")]
-        self.metrics.gauge("traceguard_latency_untracked_samples", lambda: self.models.latency.untracked_samples_)
+        self.metrics.counted("traceguard_latency_untracked_samples_total", lambda: self.models.latency.untracked_samples_)
         if self.models.rates:
             self.restore({"detectors": self.models.rates})
         for detector in self._detectors:
             if hasattr(detector, "held_dropped_"):
-                self.metrics.gauge(f"traceguard_{detector.kind.value}_held_dropped", lambda d=detector: d.held_dropped_)
+                self.metrics.counted(f"traceguard_{detector.kind.value}_held_dropped_total",
+                                     lambda d=detector: d.held_dropped_)
             if hasattr(detector, "routine_"):
                 self.metrics.gauge(f"traceguard_{detector.kind.value}_routine_stages",
                                    lambda d=detector: sum(d.routine_.values()))

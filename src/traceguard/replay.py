@@ -78,7 +78,8 @@ def run_replay(
                     metrics.inc("traceguard_replay_corrupt_total")
                     continue
                 rejected += batch.rejected
-                metrics.inc(f"traceguard_{'spans' if batch.signal == 'traces' else 'logs'}_rejected_total", batch.rejected)
+                metrics.inc(f"traceguard_{'spans' if batch.signal == 'traces' else 'logs'}_rejected_total", batch.rejected,
+                            transport="file")
             if batch.signal == "traces":
                 pipeline.accept_spans(batch.rows, batch.events)
             else:

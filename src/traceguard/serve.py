@@ -77,7 +77,7 @@ class Server:
         metrics = Metrics()
         self.store = SqliteStore(serve.state_dir / "anomalies.sqlite", config.store, metrics)
         metrics.gauge("traceguard_store_backlog", lambda: self.store.backlog)
-        metrics.gauge("traceguard_store_dropped", lambda: self.store.dropped_)
+        metrics.counted("traceguard_store_dropped_total", lambda: self.store.dropped_)
         sinks = [_TimedStore(self.store, metrics)]
         if serve.jsonl_out is not None:
             sinks.append(JsonlSink.append_to(serve.jsonl_out))
