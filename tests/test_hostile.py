@@ -380,6 +380,13 @@ def test_a_corrupt_findings_store_is_said_plainly_at_start(tmp_path):
     assert result.returncode == 2 and "cannot be used" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_the_api_loads_nothing_from_a_cdn(api):
+    client, _ = api
+    assert client.get("/docs", headers={"authorization": "Bearer s3cret"}).status_code == 404
+    assert client.get("/redoc", headers={"authorization": "Bearer s3cret"}).status_code == 404
+    assert client.get("/openapi.json", headers={"authorization": "Bearer s3cret"}).json()["info"]["title"] == "traceguard"
+
+
 def test_metrics_are_declared_once_exposed_with_help_and_zero_from_the_start():
     """Series of known label values exist before anything happened; HELP is a sentence,
     not the name; the process and build metrics are there; every metric name the

@@ -1,7 +1,8 @@
 """The HTTP API of ``serve``: incidents, findings, health, readiness and Prometheus metrics.
 
-FastAPI serves the OpenAPI document at ``/openapi.json`` (and docs at
-``/docs``). Paging is by an opaque cursor that does not move when a finding
+FastAPI serves the OpenAPI document at ``/openapi.json``; its Swagger and
+ReDoc pages are off: they load their scripts from a CDN, so in an air-gapped
+cluster they were blank pages (any OpenAPI viewer reads the document). Paging is by an opaque cursor that does not move when a finding
 is updated (a resolved regression, late logs).
 
 With a token configured, every path needs it (findings carry log bodies;
@@ -75,7 +76,7 @@ def _require(store: SqliteStore | None) -> None:
 def create_api(store: SqliteStore | None, metrics: Metrics, ready: Callable[[], bool],
                token: str | None = None) -> FastAPI:
     """``store`` None (a Kafka consumer without a state dir): the findings endpoints answer 404."""
-    app = FastAPI(title="traceguard", version=__version__,
+    app = FastAPI(title="traceguard", version=__version__, docs_url=None, redoc_url=None,
                   description="Findings of the traceguard distributed-trace anomaly detector.")
 
     if token is not None:
