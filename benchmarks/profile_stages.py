@@ -1,0 +1,83 @@
+"""Where replay's CPU time goes, stage by stage: a sampling profile (py-spy) summed per pipeline stage.
+
+``traceguard replay`` with every detector on, started from models trained on
+another seed of the scenario, runs under ``py-spy record`` (500 samples a
+second, wall-clock stacks of the busy thread). Each sample is given to the
+stage of its deepest traceguard frame: ``sources`` (reading the input),
+``decode``, ``assemble``, each ``detect/<kind>`` (and the ``models`` code a
+detector calls, learning included, goes to that detector), ``correlate``
+(incidents), ``link`` (the log index), ``sinks``, ``pipeline`` (dispatch);
+library frames (numpy, scikit-learn, protobuf) go to the traceguard frame
+that called them; start-up imports are a stage of their own.
+
+Needs ``py-spy`` (``pip install py-spy``; not a dependency of traceguard).
+Run ``python -m benchmarks.profile_stages [--traces N] [--py-spy PATH]``; prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from benchmarks.scenario import ScenarioConfig, write_scenario
+
+RATE = 200
+_FRAME = re.compile(r"^(.*) \((.*?):(\d+)\)$")
+
+
+def stage_of(stack: list[str]) -> str:
+    """The stage a sampled stack (root first) belongs to."""
+    files = [match.group(2) if (match := _FRAME.match(frame)) else "" for frame in stack]
+    if any(f.endswith("importlib._bootstrap>") for f in files):
+        return "start-up: imports"
+    if "traceguard/models/store.py" in files:
+        return "start-up: loading the models"
+    ours = [f for f in files if f.startswith("traceguard/")]
+    if not ours:
+        return "other"
+    detectors = [f for f in ours if f.startswith("traceguard/detect/") and f != "traceguard/detect/base.py"]
+    area = ours[-1].split("/")[1]
+    if area in ("models", "pipeline.py", "detect", "metrics.py") and detectors:
+        return "detect: " + Path(detectors[-1]).stem
+    return area.removesuffix(".py")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--traces", type=int, default=8000)
+    parser.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name, seed in (("train", 8), ("run", 7)):
+            write_scenario(tmp / name, ScenarioConfig(traces=args.traces, seed=seed, duration_s=args.traces / 3),
+                           proto=True)
+        subprocess.run([sys.executable, "-m", "traceguard", "train", str(tmp / "train" / "traces.pb"), "--logs",
+                        str(tmp / "train" / "logs.pb"), "--model-dir", str(tmp / "models"), "--no-progress"],
+                       check=True, capture_output=True)
+        raw = tmp / "raw.txt"
+        subprocess.run([args.py_spy, "record", "--nonblocking", "--format", "raw", "-r", str(RATE), "-o", str(raw), "--",
+                        sys.executable, "-m", "traceguard", "replay", str(tmp / "run" / "traces.pb"), "--logs",
+                        str(tmp / "run" / "logs.pb"), "--model-dir", str(tmp / "models"), "--out", "/dev/null",
+                        "--no-progress"], check=True, capture_output=True)
+        samples: Counter[str] = Counter()
+        for line in raw.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            samples[stage_of(stack.split(";"))] += int(count)
+    total = sum(samples.values())
+    print(json.dumps({
+        "benchmark": "profile_stages", "traces": args.traces, "samples": total, "rate_hz": RATE,
+        "stages": {stage: {"seconds": round(n / RATE, 2), "share": round(n / total, 4)}
+                   for stage, n in samples.most_common()},
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
