@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from typing import Callable
 
@@ -40,3 +41,34 @@ def median_rate(work: Callable[[], int], repeats: int) -> tuple[float, list[floa
         items = work()
         rates.append(items / (time.perf_counter() - started))
     return statistics.median(rates), rates
+
+
+def send_back_to_back(export, bodies: list[bytes], streams: int) -> tuple[list[float], list[str]]:
+    """Sends ``bodies`` back to back on ``streams`` concurrent callers of a gRPC
+    ``export`` callable; returns each call's latency (seconds) and the error codes."""
+    import grpc
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    queue = list(bodies)
+    lock = threading.Lock()
+
+    def caller() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                body = queue.pop(0)
+            started = time.perf_counter()
+            try:
+                export(body, timeout=60)
+            except grpc.RpcError as error:
+                errors.append(str(error.code()))
+            latencies.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=caller) for _ in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies, errors

@@ -33,17 +33,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import grpc
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from benchmarks.common import scenario_requests
+from benchmarks.common import scenario_requests, send_back_to_back
 from benchmarks.scenario import ScenarioConfig, write_scenario
 from benchmarks.serve_process import ServeProcess
 
@@ -85,26 +81,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 def send(port: int, bodies: list[bytes], streams: int = 2) -> None:
-    """The load: the first body (warm-up) is sent by the caller; the rest back to back on ``streams``."""
+    """The load after the warm-up: back to back on ``streams``; every request must be taken."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         export = channel.unary_unary(METHOD, request_serializer=None,
                                      response_deserializer=ExportTraceServiceResponse.FromString)
-        queue = list(bodies)
-        lock = threading.Lock()
-
-        def caller() -> None:
-            while True:
-                with lock:
-                    if not queue:
-                        return
-                    body = queue.pop(0)
-                export(body, timeout=60)
-
-        threads = [threading.Thread(target=caller) for _ in range(streams)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _, errors = send_back_to_back(export, bodies, streams)
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests refused: {sorted(set(errors))}")
 
 
 def warm(port: int, body: bytes) -> None:

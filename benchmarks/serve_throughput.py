@@ -27,7 +27,6 @@ import json
 import re
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from benchmarks.common import median_rate, scenario_requests
+from benchmarks.common import median_rate, scenario_requests, send_back_to_back
 from benchmarks.serve_process import ServeProcess
 
 METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -67,30 +66,8 @@ def measure(bodies: list[bytes], spans: list[int], streams: int, env: dict[str, 
             export = channel.unary_unary(METHOD, request_serializer=None,
                                          response_deserializer=ExportTraceServiceResponse.FromString)
             export(bodies[0], timeout=30)  # warm the connection (its spans count as sent)
-            latencies: list[float] = []
-            errors: list[str] = []
-            queue = list(range(1, len(bodies)))
-            lock = threading.Lock()
-
-            def caller() -> None:
-                while True:
-                    with lock:
-                        if not queue:
-                            return
-                        index = queue.pop(0)
-                    started = time.perf_counter()
-                    try:
-                        export(bodies[index], timeout=30)
-                    except grpc.RpcError as error:
-                        errors.append(str(error.code()))
-                    latencies.append(time.perf_counter() - started)
-
             started = time.perf_counter()
-            threads = [threading.Thread(target=caller) for _ in range(streams)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            latencies, errors = send_back_to_back(export, bodies[1:], streams)
             elapsed = time.perf_counter() - started
             sent_timed = total - spans[0]
             # findings of the decided traces are stored within decision wait + a tick

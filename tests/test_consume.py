@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 
 from benchmarks.kafka_feed import committed, create_topics, feed
 from benchmarks.scenario import ScenarioConfig, write_scenario

@@ -260,7 +260,6 @@ def test_a_tls_key_that_does_not_fit_its_certificate_is_said_plainly(tmp_path):
 @pytest.mark.parametrize("document", [b"[" * 60_000, b'{"data": [' + b"[" * 60_000, b"[" + b'{"a":' * 60_000])
 def test_deeply_nested_jaeger_or_zipkin_is_corrupt_at_once_not_gigabytes(tmp_path, document):
     """60 KB of brackets took the streaming parser to 9 GB (a path per event, the square of the depth)."""
-    import resource
     import subprocess
     import sys
 

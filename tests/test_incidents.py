@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 
 from builders import T0, row
 from test_detectors import decide
-from test_learned import DB_STAGE, MINUTE_MS, of_kind, stream
+from test_learned import MINUTE_MS, of_kind, stream
 from traceguard.api import create_api
 from traceguard.config import IncidentConfig
 from traceguard.correlate import IncidentTracker

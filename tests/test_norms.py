@@ -3,9 +3,9 @@
 import numpy as np
 
 from builders import T0, row, sid, tid
-from test_learned import MINUTE_MS, of_kind, request, stream
+from test_learned import MINUTE_MS, of_kind, stream
 from traceguard.assemble import EventTimeClock
-from traceguard.config import PipelineConfig, StructuralConfig
+from traceguard.config import PipelineConfig
 from traceguard.models.rates import RateModel
 from traceguard.pipeline import Pipeline
 from traceguard.records import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER, LogRow
