@@ -46,46 +46,52 @@ def _average_path_length(n: np.ndarray) -> np.ndarray:
 
 
 class _StackedTrees:
-    """The fitted trees as padded arrays, so a batch walks all trees at once.
+    """The fitted trees as one flat array of nodes, so a batch walks all trees at once.
 
     scikit-learn scores tree by tree through joblib, which costs about 0.3 ms
     per tree per call whatever the batch size; walking (trees x rows) nodes
     level by level in numpy gives the same scores (checked in the tests) for a
-    fraction of that.
+    fraction of that. Nodes are numbered across all trees (tree t's node i is
+    ``t * width + i``) and children hold those numbers, so each step is a few
+    ``take`` over 1-D arrays instead of 2-D fancy indexing.
     """
 
     def __init__(self, estimator: IsolationForest) -> None:
         trees = [tree.tree_ for tree in estimator.estimators_]
         width = max(tree.node_count for tree in trees)
         count = len(trees)
-        self.feature = np.zeros((count, width), dtype=np.intp)
-        self.threshold = np.zeros((count, width))
-        self.left = np.full((count, width), -1, dtype=np.intp)
-        self.right = np.full((count, width), -1, dtype=np.intp)
-        self.leaf_length = np.zeros((count, width))
+        feature = np.zeros((count, width), dtype=np.intp)
+        threshold = np.zeros((count, width))
+        left = np.full((count, width), -1, dtype=np.intp)
+        right = np.full((count, width), -1, dtype=np.intp)
+        leaf_length = np.zeros((count, width))
         self.levels = 0
         for t, tree in enumerate(trees):
             n = tree.node_count
-            self.feature[t, :n] = np.maximum(tree.feature, 0)
-            self.threshold[t, :n] = tree.threshold
-            self.left[t, :n] = tree.children_left
-            self.right[t, :n] = tree.children_right
+            offset = t * width
+            feature[t, :n] = np.maximum(tree.feature, 0)
+            threshold[t, :n] = tree.threshold
+            left[t, :n] = np.where(tree.children_left >= 0, tree.children_left + offset, -1)
+            right[t, :n] = np.where(tree.children_right >= 0, tree.children_right + offset, -1)
             depth = tree.compute_node_depths()  # the root is at depth 1
-            self.leaf_length[t, :n] = depth + _average_path_length(tree.n_node_samples) - 1.0
+            leaf_length[t, :n] = depth + _average_path_length(tree.n_node_samples) - 1.0
             self.levels = max(self.levels, int(depth.max()) - 1)
+        self.feature, self.threshold = feature.ravel(), threshold.ravel()
+        self.left, self.right, self.leaf_length = left.ravel(), right.ravel(), leaf_length.ravel()
+        self.roots = np.arange(count, dtype=np.intp) * width
         self.norm = count * float(_average_path_length([estimator.max_samples_])[0])
 
     def score_samples(self, rows: np.ndarray) -> np.ndarray:
         """Same as ``IsolationForest.score_samples`` (lower = more anomalous)."""
-        count = self.feature.shape[0]
-        trees = np.arange(count)[:, None]
-        samples = np.arange(len(rows))[None, :]
-        node = np.zeros((count, len(rows)), dtype=np.intp)
+        rows = np.ascontiguousarray(rows, dtype=float)
+        values = rows.ravel()
+        row_starts = (np.arange(len(rows), dtype=np.intp) * rows.shape[1])[None, :]
+        node = np.repeat(self.roots[:, None], len(rows), axis=1)  # (trees, rows): flat node numbers
         for _ in range(self.levels):
-            left = self.left[trees, node]
-            go_left = rows[samples, self.feature[trees, node]] <= self.threshold[trees, node]
-            node = np.where(left < 0, node, np.where(go_left, left, self.right[trees, node]))
-        lengths = self.leaf_length[trees, node].sum(axis=0)
+            left = self.left.take(node)
+            go_left = values.take(row_starts + self.feature.take(node)) <= self.threshold.take(node)
+            node = np.where(left < 0, node, np.where(go_left, left, self.right.take(node)))
+        lengths = self.leaf_length.take(node).sum(axis=0)
         return -np.power(2.0, -lengths / self.norm)
 
 
