@@ -89,3 +89,25 @@ def test_a_store_written_by_a_newer_traceguard_is_refused_plainly(tmp_path):
     db.close()
     with pytest.raises(StoreUnusable, match="written by a newer traceguard"):
         SqliteStore(path)
+
+
+def test_a_prune_that_cannot_delete_does_not_make_the_store_refuse_writes(tmp_path, monkeypatch):
+    """``failing`` stops the receivers and is cleared only by a write held back; a prune
+    that fails (a full disk) holds nothing back, so it must not set it."""
+    store = SqliteStore(tmp_path / "a.sqlite", StoreConfig(max_age="1m"))
+    store.emit(_finding(1, T0))
+
+    class Refusing:
+        def __init__(self, db):
+            self.db = db
+
+        def execute(self, statement, *args):
+            if statement.startswith("DELETE"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.db.execute(statement, *args)
+
+    monkeypatch.setattr(store, "_db", Refusing(store._db))
+    assert store.prune(T0 + DAY) == {"age": 0, "size": 0}
+    assert store.failing is None
+    store.emit(_finding(2, T0 + DAY))
+    assert [a.trace_id for a in store.query()[0]] == [tid(1).hex(), tid(2).hex()]

@@ -23,6 +23,7 @@ may mean something this one does not know).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -64,6 +65,7 @@ CREATE TABLE IF NOT EXISTS incidents (
 );
 CREATE INDEX IF NOT EXISTS incidents_state ON incidents (state, seq);
 """
+log = logging.getLogger(__name__)
 _BACKLOG = 100_000  # rows held while the database refuses writes
 # Schema versions and the statements that bring a store of the version before up to
 # each: 1 is the first schema (before incidents; written without a user_version),
@@ -147,7 +149,9 @@ class SqliteStore:
                         break
                     deleted["size"] += removed
             except sqlite3.OperationalError as exc:  # a full disk: deleting may need the journal; next time
-                self.failing = self.failing or str(exc)
+                # Not ``failing``: that is the writes' to set and to clear (retry clears it only while
+                # rows are held back), and a failed prune loses nothing.
+                log.warning("store retention could not delete this time: %s", exc)
         if self._metrics is not None:
             for reason, count in deleted.items():
                 if count:
