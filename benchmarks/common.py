@@ -14,9 +14,11 @@ from benchmarks.scenario import ScenarioConfig, generate
 REQUEST_SPANS = 512
 
 
-def scenario_requests(traces: int, seed: int = 7, request_spans: int = REQUEST_SPANS, fault_rate: float | None = None):
+def scenario_requests(traces: int, seed: int = 7, request_spans: int = REQUEST_SPANS, fault_rate: float | None = None,
+                      **config):
     """The generator's spans in export order, re-packed into requests of ``request_spans``
-    spans (as a busy SDK or Collector batches them); ``fault_rate``: the generator's default if None."""
+    spans (as a busy SDK or Collector batches them); ``fault_rate``: the generator's default
+    if None; ``config``: other ``ScenarioConfig`` fields."""
     pending: list = []
     requests = []
 
@@ -27,7 +29,7 @@ def scenario_requests(traces: int, seed: int = 7, request_spans: int = REQUEST_S
             del pending[:request_spans]
 
     faults = {} if fault_rate is None else {"fault_rate": fault_rate}
-    generate(ScenarioConfig(traces=traces, seed=seed, duration_s=traces / 3, **faults), collect, lambda *_: None)
+    generate(ScenarioConfig(traces=traces, seed=seed, duration_s=traces / 3, **faults, **config), collect, lambda *_: None)
     if pending:
         requests.append(encode_spans(pending))
     return requests
