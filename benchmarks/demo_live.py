@@ -4,9 +4,11 @@ Starts ``traceguard serve`` on free localhost ports with a fresh state
 directory, sends the demo scenario through the SDK's OTLP/gRPC span and log
 exporters, waits until every trace is decided, prints the stored findings as
 JSONL on stdout and a per-kind summary on stderr, and stops the server with
-SIGTERM. Nothing external is needed.
+SIGTERM. Nothing external is needed. With ``--keep`` the server keeps
+running afterwards with its web view (``http://127.0.0.1:PORT/``) until
+Ctrl-C.
 
-Run ``python -m benchmarks.demo_live [--traces N]``.
+Run ``python -m benchmarks.demo_live [--traces N] [--keep]``.
 """
 
 from __future__ import annotations
@@ -27,9 +29,20 @@ from benchmarks.serve_process import ServeProcess
 
 
 
+def _print(findings: list[dict], generated) -> None:
+    for finding in findings:
+        print(json.dumps(finding))
+    by_kind = collections.Counter(f["kind"] for f in findings)
+    labels = collections.Counter(label.kind for label in generated.labels)
+    print(f"traceguard serve (live demo): {len(findings)} findings", file=sys.stderr)
+    for kind in sorted(set(by_kind) | set(labels)):
+        print(f"  {kind:<26} {by_kind[kind]:>6}   (faults injected: {labels.get(kind, 0)})", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--traces", type=int, default=1500)
+    parser.add_argument("--keep", action="store_true", help="keep serving the web view until Ctrl-C")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as state:
         server = ServeProcess(Path(state), "--decision-wait", "2s", "--max-trace-age", "4s")
@@ -47,16 +60,16 @@ def main() -> None:
             print(f"sent {generated.spans} spans and {generated.logs} log records of {generated.traces} requests "
                   "with the OpenTelemetry SDK; waiting for the decisions", file=sys.stderr)
             time.sleep(6)  # max trace age (4 s) + a tick: by then every trace is decided
-            findings = server.anomalies()
+            _print(server.anomalies(), generated)
+            if args.keep:
+                sys.stdout.flush()
+                print(f"the web view: http://127.0.0.1:{server.api}/ (Ctrl-C stops the server)", file=sys.stderr)
+                try:
+                    server.process.wait()
+                except KeyboardInterrupt:
+                    pass
         finally:
             server.stop()
-    for finding in findings:
-        print(json.dumps(finding))
-    by_kind = collections.Counter(f["kind"] for f in findings)
-    labels = collections.Counter(label.kind for label in generated.labels)
-    print(f"traceguard serve (live demo): {len(findings)} findings", file=sys.stderr)
-    for kind in sorted(set(by_kind) | set(labels)):
-        print(f"  {kind:<26} {by_kind[kind]:>6}   (faults injected: {labels.get(kind, 0)})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -72,3 +72,16 @@ def logs_request(*records: dict, service: str = "svc") -> ExportLogsServiceReque
 
 def config(**assembler) -> PipelineConfig:
     return PipelineConfig(assembler=AssemblerConfig(**assembler)) if assembler else PipelineConfig()
+
+
+def decide(*rows):
+    """The decided Trace the assembler builds from these rows."""
+    from traceguard.assemble import EventTimeClock, TraceAssembler
+    from traceguard.metrics import Metrics
+
+    out = []
+    assembler = TraceAssembler(AssemblerConfig(), EventTimeClock(0), out.append, lambda *a: None, Metrics())
+    assembler.add(rows)
+    assembler.flush()
+    (trace,) = out
+    return trace

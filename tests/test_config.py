@@ -100,3 +100,23 @@ def test_variables_that_name_no_setting_are_ignored_with_a_warning():
     config = load_config(None, environ=environ, warn=warnings.append)
     assert config.serve.tick == 10**9
     assert sorted(w.split()[3].rstrip(":") for w in warnings) == ["TRACEGUARD_PORT", "TRACEGUARD_SERVE", "TRACEGUARD_SERVICE_HOST"]
+
+
+@pytest.mark.parametrize("link", ["https://jaeger.example/trace", "javascript:alert(1)//{trace_id}"])
+def test_a_trace_link_without_the_trace_id_or_not_http_is_refused(link):
+    with pytest.raises(ConfigError, match="ui.trace_link"):
+        load_config(overrides={"ui.trace_link": link}, environ={})
+
+
+def test_stage_series_keep_their_bound_of_stages_and_windows():
+    from traceguard.models.series import StageSeries
+
+    series = StageSeries(windows=3, max_stages=1)
+    for window in range(5):
+        series.latency(("api", "GET /", 2), window, 10, 1e6, 2e6)
+        series.errors(("api", "GET /", 2), window, 10, window)
+    series.latency(("db", "SELECT", 3), 0, 10, 1e6, 2e6)  # past max_stages: counted, not kept
+    (entry,) = series.of("api", "GET /")
+    assert [w["start"] for w in entry["latency"]] == [2, 3, 4] and entry["span_kind"] == "server"
+    assert [w["failed"] for w in entry["errors"]] == [2, 3, 4]
+    assert series.of("db", "SELECT") == [] and series.untracked_ == 1

@@ -3,10 +3,9 @@
 
 import pytest
 
-from builders import MS, row, sid, tid
-from traceguard.assemble import EventTimeClock, TraceAssembler
+from builders import MS, decide, row, sid, tid
 from traceguard.assemble.assembler import to_span
-from traceguard.config import AssemblerConfig, PipelineConfig, StructuralConfig
+from traceguard.config import PipelineConfig, StructuralConfig
 from traceguard.detect import LateSpan, build
 from traceguard.detect.base import duration, times
 from traceguard.detect.context_outlived_parent import ContextOutlivedParent
@@ -14,7 +13,6 @@ from traceguard.detect.missing_parent import MissingParent
 from traceguard.detect.missing_root import MissingRoot
 from traceguard.detect.unfinished_span import UnfinishedSpan
 from traceguard.detect.unpaired_client_span import UnpairedClientSpan
-from traceguard.metrics import Metrics
 from traceguard.models import Models
 from traceguard.records import (
     KIND_CLIENT, KIND_CONSUMER, KIND_PRODUCER, KIND_SERVER, STATUS_ERROR, AnomalyKind,
@@ -25,16 +23,6 @@ CONFIG = StructuralConfig(unpaired_min_samples=3, norm_min_calls=0)
 # the detectors whose findings are about one trace (error_regression's are about a stage: test_norms)
 PER_TRACE = [d for d in build(PipelineConfig(structural=CONFIG), Models.new(PipelineConfig().learned))["completeness"]
              if d.kind not in (AnomalyKind.ERROR_REGRESSION, AnomalyKind.MISSING_EXPECTED_SPAN)]
-
-
-def decide(*rows):
-    """The decided Trace the assembler builds from these rows."""
-    out = []
-    assembler = TraceAssembler(AssemblerConfig(), EventTimeClock(0), out.append, lambda *a: None, Metrics())
-    assembler.add(rows)
-    assembler.flush()
-    (trace,) = out
-    return trace
 
 
 def clean_trace(n: int = 1):

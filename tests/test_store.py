@@ -111,3 +111,48 @@ def test_a_prune_that_cannot_delete_does_not_make_the_store_refuse_writes(tmp_pa
     assert store.failing is None
     store.emit(_finding(2, T0 + DAY))
     assert [a.trace_id for a in store.query()[0]] == [tid(1).hex(), tid(2).hex()]
+
+
+def test_the_spans_of_a_kept_trace_come_back_for_its_page_and_go_with_its_findings(tmp_path):
+    from builders import decide
+
+    store = SqliteStore(tmp_path / "a.sqlite", StoreConfig(max_age="7d", trace_spans=2))
+    old, new = decide(row(1, 1), row(1, 2, 1), row(1, 3, 1)), decide(row(2, 1), row(2, 2, 1))
+    old.decided_at, new.decided_at = T0, T0 + 6 * DAY
+    for trace in (old, new):
+        store.keep_trace(trace)
+        store.emit(_finding(int.from_bytes(trace.trace_id, "big"), trace.decided_at))
+    kept = store.trace(tid(1).hex())
+    assert kept["spans_total"] == 3 and [s["span_id"] for s in kept["spans"]] == ["0000000000000001",
+                                                                                "0000000000000002"]
+    assert kept["spans"][1]["parent_span_id"] == "0000000000000001" and kept["spans"][0]["status"] == "unset"
+    store.prune(T0 + 8 * DAY)  # the first trace's finding and spans are past max_age
+    assert store.trace(tid(1).hex()) is None and store.trace(tid(2).hex()) is not None
+    store.close()
+
+
+def test_traces_no_finding_points_to_go_when_the_store_is_over_max_bytes(tmp_path):
+    from builders import decide
+
+    store = SqliteStore(tmp_path / "a.sqlite", StoreConfig(max_bytes=1 << 20))
+    for n in range(1, 801):
+        trace = decide(*(row(n, span, 1 if span > 1 else None, service="s" * 200) for span in range(1, 6)))
+        store.keep_trace(trace)
+        store.emit(_finding(n, T0 + n, padding=1000))
+    store.prune(T0 + 800)
+    kept = {a.trace_id for a in store.query(limit=1000)[0]}
+    assert 0 < len(kept) < 800 and store._used_bytes() <= 0.9 * (1 << 20)
+    assert all((store.trace(tid(n).hex()) is not None) == (tid(n).hex() in kept) for n in range(1, 801))
+    store.close()
+
+
+def test_findings_page_newest_first_with_a_cursor_that_pages_back(tmp_path):
+    store = SqliteStore(tmp_path / "a.sqlite")
+    for n in range(1, 6):
+        store.emit(_finding(n, T0 + n))
+    first, cursor = store.query(limit=2, newest_first=True)
+    second, cursor = store.query(limit=2, newest_first=True, cursor=cursor)
+    third, cursor = store.query(limit=2, newest_first=True, cursor=cursor)
+    assert [a.trace_id for a in first + second + third] == [tid(n).hex() for n in (5, 4, 3, 2, 1)]
+    assert cursor is None
+    store.close()

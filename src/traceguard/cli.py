@@ -123,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="stop once caught up with the end offsets seen at start and everything is decided")
     _timing_flags(consume, lateness=True)
     replay.add_argument("--report", type=Path, metavar="HTML_FILE",
-                        help="also write a self-contained HTML report (summary, latency plots, waterfalls)")
+                        help="also write a self-contained HTML report: the web view's pages (incidents, findings, traces, "
+                             "stages) with the data inlined, opened from the file")
     replay.add_argument("--incidents-out", type=Path, metavar="FILE",
                         help="also write incidents as JSONL, one line per incident state change")
     replay.add_argument("--model-dir", type=Path, help="start the learned detectors from this model directory")
@@ -219,12 +220,12 @@ def _replay(args, config, models) -> int:
     if getattr(args, "report", None) is not None:
         from traceguard.report import ReportCollector
 
-        report = ReportCollector(config.learned.latency.window)
+        report = ReportCollector(config.store.trace_spans)
     try:
         result = run_replay(args.traces, args.logs, config, [*sinks, *([report] if report else [])],
                             strict=args.strict, on_batch=progress.update if progress else None,
                             warn=progress.write if progress else _warn, models=models, fmt=args.format,
-                            on_decided=report.on_trace if report else None)
+                            keep_trace=report.keep_trace if report else None)
     except (FileNotFoundError, ReplayAborted, WrongFormat) as exc:
         print(f"traceguard: {exc}", file=sys.stderr)
         return 2
@@ -238,7 +239,7 @@ def _replay(args, config, models) -> int:
               "corrupt line(s)): is it OTLP, Jaeger or Zipkin trace data? (--format)", file=sys.stderr)
         return 2
     if report is not None:
-        report.render(args.report)
+        report.render(args.report, result.series, config.ui)
         print(f"traceguard replay: report written to {args.report}", file=sys.stderr)
     _print_summary(counts, args.command, tally)
     if training:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, field_validator, model_validator
 
 from traceguard.auth import check_token
 
@@ -246,6 +246,9 @@ class StoreConfig(_Section):
                     "under 90 % of it (the file keeps its size and reuses the freed pages).")
     prune_interval: DurationNs = Field(parse_duration("1m"), ge=parse_duration("1s"),
                                        description="How often retention runs.")
+    trace_spans: int = Field(2000, ge=1, le=100_000,
+                             description="Spans (and log records) kept of each trace with findings, for the web "
+                                         "view's trace page.")
 
 
 class ServeConfig(_Section):
@@ -378,6 +381,30 @@ class ConsumeConfig(_Section):
         return self
 
 
+class UiConfig(_Section):
+    """The web view at ``/`` on the API port of ``serve`` and ``consume``, and the replay report."""
+
+    trace_link: str | None = Field(
+        None, description="A trace in your tracing UI, with {trace_id} where its id goes (Jaeger: "
+                          "https://jaeger.example/trace/{trace_id}; Tempo in Grafana: an Explore URL): each trace "
+                          "page links there.")
+    series_windows: int = Field(240, ge=2, le=100_000,
+                                description="Windows of each stage's latency and error series kept for its page.")
+    series_stages: int = Field(2000, ge=1, le=1_000_000,
+                               description="Stages whose series are kept (the first seen; the rest are counted).")
+    refresh: DurationNs = Field(parse_duration("5s"), ge=parse_duration("1s"),
+                                description="How often an open page of the web view fetches what changed.")
+
+    @field_validator("trace_link")
+    @classmethod
+    def _has_trace_id(cls, value: str | None) -> str | None:
+        if value is not None and "{trace_id}" not in value:
+            raise ValueError("must contain {trace_id}, where the trace's id goes")
+        if value is not None and not value.startswith(("http://", "https://", "/")):
+            raise ValueError("must be an http(s) URL or a path")
+        return value
+
+
 class PipelineConfig(_Section):
     decode: DecodeConfig = DecodeConfig()
     assembler: AssemblerConfig = AssemblerConfig()
@@ -387,6 +414,7 @@ class PipelineConfig(_Section):
     incidents: IncidentConfig = IncidentConfig()
     logs: LogConfig = LogConfig()
     store: StoreConfig = StoreConfig()
+    ui: UiConfig = UiConfig()
     serve: ServeConfig = ServeConfig()
     consume: ConsumeConfig = ConsumeConfig()
 

@@ -64,7 +64,8 @@ class Consumer:
         self.clock = EventTimeClock(config.assembler.allowed_lateness, config.assembler.max_ahead) if c.time == "event" else None
         self.tracker = OffsetTracker()
         self.pipeline = Pipeline(config, self.clock or WallClock(), sinks, metrics, models,
-                                 on_decided=lambda trace: self.tracker.release(trace.trace_id))
+                                 on_decided=lambda trace: self.tracker.release(trace.trace_id),
+                                 keep_trace=self.store.keep_trace if self.store is not None else None)
         self._restore_checkpoint()
         relink = None
         if self.store is not None:
@@ -135,7 +136,8 @@ def run(config: PipelineConfig) -> tuple[int, Metrics]:
 
         http = HttpServers(config.serve.max_connections, config.serve.read_timeout / 1e9, consumer.pipeline.metrics)
         c = config.consume
-        port = http.add(create_api(consumer.store, consumer.pipeline.metrics, lambda: not stop.is_set(), token=c.token),
+        port = http.add(create_api(consumer.store, consumer.pipeline.metrics, lambda: not stop.is_set(), token=c.token,
+                                   series=consumer.pipeline.series, ui=config.ui),
                         c.api_listen, c.tls_cert, c.tls_key, name="api")
         http.start()
         log.info("API and /metrics on port %d", port)

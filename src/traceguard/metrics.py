@@ -109,6 +109,8 @@ DECLARED: tuple[Metric, ...] = (
     Metric("traceguard_incidents_open", "gauge", "Incidents open now."),
     Metric("traceguard_latency_untracked_samples_total", "counted",
            "Latency samples of stages past learned.latency.max_stages (not learned)."),
+    Metric("traceguard_series_untracked_windows_total", "counted",
+           "Stage windows not kept for the web view's stage pages (stages past ui.series_stages)."),
     Metric("traceguard_context_outlived_parent_routine_stages", "gauge",
            "Stages whose children routinely outlive them (learned as their norm)."),
     Metric("traceguard_context_outlived_parent_held_dropped_total", "counted",

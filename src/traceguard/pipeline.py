@@ -17,6 +17,7 @@ from traceguard.link import LogIndex, link_logs, select_logs
 from traceguard.metrics import Metrics
 from traceguard.models import Models
 from traceguard.models import store as model_store
+from traceguard.models.series import StageSeries
 from traceguard.records import Anomaly, Incident, LogRow, Span, SpanRow, Trace
 from traceguard.sinks import Sink
 
@@ -35,21 +36,26 @@ class Pipeline:
         metrics: Metrics | None = None,
         models: Models | None = None,
         on_decided: Callable[[Trace], None] | None = None,
+        keep_trace: Callable[[Trace, bool], None] | None = None,
     ) -> None:
         """``models`` starts the learned detectors from saved state instead of from nothing;
         ``on_decided`` hears of each decided trace once its findings are in the sinks
-        (the Kafka source commits offsets by it; the replay report samples it)."""
+        (the Kafka source commits offsets by it; the replay report samples it);
+        ``keep_trace`` of each trace worth keeping for its page: one with findings,
+        before them (``exemplar`` false), and an incident's exemplar (true)."""
         self.config = config
         self.metrics = metrics or Metrics()
         self._clock = clock
         self._sinks = list(sinks)
         self.models = models or Models.new(config.learned)
-        groups = build(config, self.models)
+        self.series = StageSeries(config.ui.series_windows, config.ui.series_stages)
+        groups = build(config, self.models, self.series)
         self._completeness, self._timing, self._every = groups["completeness"], groups["timing"], groups["every"]
         self._detectors = [*self._completeness, *self._timing, *self._every]
         self._learners = [d for d in self._detectors if hasattr(d, "learn")]
         self._windowed = [d for d in self._detectors if hasattr(d, "advance")]
         self.metrics.counted("traceguard_latency_untracked_samples_total", lambda: self.models.latency.untracked_samples_)
+        self.metrics.counted("traceguard_series_untracked_windows_total", lambda: self.series.untracked_)
         if self.models.rates:
             self.restore({"detectors": self.models.rates})
         for detector in self._detectors:
@@ -66,6 +72,7 @@ class Pipeline:
         self.logs = LogIndex(config.logs, clock.now, self.metrics)
         self.assembler = TraceAssembler(config.assembler, clock, self._on_trace, self._on_late, self.metrics)
         self._on_decided = on_decided
+        self._keep_trace = keep_trace
         self._closed = False
 
     def accept_spans(self, rows: Iterable[SpanRow], events: Sequence[LogRow] = ()) -> None:
@@ -178,11 +185,14 @@ class Pipeline:
                 found.extend(detector.detect(trace))
         for detector in self._every:
             found.extend(detector.detect(trace))
-        self.incidents.observe(trace)
+        if self.incidents.observe(trace) and self._keep_trace is not None and not found:
+            self._keep_trace(trace, True)
         flagged = frozenset(anomaly.kind for anomaly in found) if found else _NOTHING
         for learner in self._learners:
             learner.learn(trace, flagged)
         if found:
+            if self._keep_trace is not None:
+                self._keep_trace(trace, False)
             logs = trace.logs
             for anomaly in found:
                 self._emit(anomaly, logs if anomaly.trace_id else self._logs_of(anomaly), trace)

@@ -170,6 +170,28 @@ class LogRow:
         self.service = service
 
 
+_STATUS_NAMES = ("unset", "ok", "error")
+
+
+def trace_view(trace: Trace, max_spans: int) -> dict[str, Any]:
+    """A decided trace as the trace page shows it (JSON-ready): its first
+    ``max_spans`` spans with their kept attributes, and its logs and span events."""
+    return {
+        "trace_id": trace.trace_id.hex(),
+        "decided_at": trace.decided_at,
+        "spans_total": len(trace.spans),
+        "spans": [{
+            "span_id": s.span_id.hex(), "parent_span_id": s.parent_span_id.hex() if s.parent_span_id else None,
+            "service": s.service, "name": s.name, "kind": KIND_NAMES[s.kind], "status": _STATUS_NAMES[s.status],
+            "start": s.start, "end": s.end, "attributes": {k: v for k, v in s.attrs or ()},
+        } for s in trace.spans[:max_spans]],
+        "logs": [{
+            "span_id": r.span_id.hex() if r.span_id else None, "time": r.time, "severity": r.severity_text,
+            "severity_number": r.severity_number, "body": r.body, "service": r.service,
+        } for r in (trace.logs or ())[:max_spans]],
+    }
+
+
 class AnomalyKind(StrEnum):
     MISSING_PARENT = "missing_parent"
     MISSING_ROOT = "missing_root"

@@ -15,6 +15,7 @@ from traceguard.assemble import EventTimeClock
 from traceguard.config import PipelineConfig
 from traceguard.metrics import Metrics
 from traceguard.models import Models
+from traceguard.models.series import StageSeries
 from traceguard.pipeline import Pipeline
 from traceguard.records import Trace
 from traceguard.sinks import Sink
@@ -29,6 +30,7 @@ class ReplayAborted(Exception):
 class ReplayResult:
     metrics: Metrics
     models: Models
+    series: StageSeries
     corrupt: int
     rejected: int
 
@@ -44,10 +46,11 @@ def run_replay(
     on_batch: Callable[[int], None] | None = None,
     models: Models | None = None,
     fmt: str = "auto",
-    on_decided: Callable[[Trace], None] | None = None,
+    keep_trace: Callable[[Trace, bool], None] | None = None,
 ) -> ReplayResult:
     """Replays the files through one pipeline and closes it; ``models`` starts
-    the learned detectors from saved state.
+    the learned detectors from saved state; ``keep_trace`` hears of each trace
+    worth keeping (``Pipeline``'s: the report keeps their spans).
 
     Raises:
         FileNotFoundError: a named file does not exist.
@@ -58,7 +61,7 @@ def run_replay(
         if not Path(path).is_file():
             raise FileNotFoundError(f"no such file: {path}")
     clock = EventTimeClock(config.assembler.allowed_lateness, config.assembler.max_ahead)
-    pipeline = Pipeline(config, clock, sinks, models=models, on_decided=on_decided)
+    pipeline = Pipeline(config, clock, sinks, models=models, keep_trace=keep_trace)
     metrics = pipeline.metrics
     corrupt = rejected = 0
     try:
@@ -89,4 +92,4 @@ def run_replay(
                 on_batch(len(batch.rows))
     finally:
         pipeline.close()
-    return ReplayResult(metrics, pipeline.models_for_saving(), corrupt, rejected)
+    return ReplayResult(metrics, pipeline.models_for_saving(), pipeline.series, corrupt, rejected)

@@ -87,7 +87,8 @@ class Server:
                                 segment_bytes=serve.wal_segment_bytes, fsync=serve.wal_fsync, metrics=metrics)
             tracker = OffsetTracker()
         self.pipeline = Pipeline(config, WallClock(), sinks, metrics, models,
-                                 on_decided=(lambda trace: tracker.release(trace.trace_id)) if tracker else None)
+                                 on_decided=(lambda trace: tracker.release(trace.trace_id)) if tracker else None,
+                                 keep_trace=self.store.keep_trace)
         self.forwarder = (Forwarder(serve.forward_to, self.pipeline.metrics, serve.forward_queue)
                           if serve.forward_to else None)
         self.ingest = LiveIngest(self.pipeline, self.store, config, self.forwarder, wal, tracker)
@@ -129,7 +130,8 @@ class Server:
         # Bind the HTTP sockets first, so an address in use fails now, plainly.
         otlp_http = create_otlp_http(self.ingest, max_request_bytes=serve.max_request_bytes, token=serve.token,
                                      read_timeout_s=serve.read_timeout / 1e9, max_receiving_bytes=serve.max_receiving_bytes)
-        api = create_api(self.store, self.pipeline.metrics, self.ready, token=serve.token)
+        api = create_api(self.store, self.pipeline.metrics, self.ready, token=serve.token,
+                         series=self.pipeline.series, ui=self.config.ui)
         http_port = self._http.add(otlp_http, serve.http_listen, serve.tls_cert, serve.tls_key, name="otlp_http")
         api_port = self._http.add(api, serve.api_listen, serve.tls_cert, serve.tls_key, name="api")
         try:

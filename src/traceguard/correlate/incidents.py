@@ -146,16 +146,18 @@ class IncidentTracker:
             self._burst(anomaly, stage, _BURST_SIGNALS[anomaly.kind])
         return True
 
-    def observe(self, trace: Trace) -> None:
+    def observe(self, trace: Trace) -> bool:
         """Every decided trace: its stages are remembered for a while; while
-        incidents are open, who calls the culprits and whom they call."""
+        incidents are open, who calls the culprits and whom they call. Returns
+        whether the trace became an exemplar of an incident (its spans are worth keeping)."""
         if self._remember:
             recent = self._recent
             recent[trace.trace_id.hex()] = latency_keys(trace)  # made by the latency detectors already
             if len(recent) > _RECENT_TRACES:
                 recent.popitem(last=False)
         if not self.open_:
-            return
+            return False
+        exemplar = False
         for incident in self.open_:
             culprits = incident.stages()
             # network culprits are seen only in latency keys, which cost more to make
@@ -188,6 +190,8 @@ class IncidentTracker:
                     incident.callers[caller] += 1
             if len(incident.exemplars) < _EXEMPLARS:
                 incident.exemplars.append(trace.trace_id.hex())
+                exemplar = True
+        return exemplar
 
     # -- time ------------------------------------------------------------------
     def advance(self, now: int) -> None:

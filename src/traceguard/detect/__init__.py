@@ -44,6 +44,7 @@ from traceguard.detect.unfinished_span import UnfinishedSpan
 from traceguard.detect.unpaired_client_span import UnpairedClientSpan
 from traceguard.models import Models
 from traceguard.models.rates import WindowCalls
+from traceguard.models.series import StageSeries
 from traceguard.records import AnomalyKind as K
 
 Group = Literal["completeness", "timing", "every"]
@@ -51,11 +52,13 @@ Group = Literal["completeness", "timing", "every"]
 
 @dataclass
 class Wiring:
-    """What a detector is made from: the settings, the models, and the counters
-    detectors share (one count of every stage's calls per window length)."""
+    """What a detector is made from: the settings, the models, the counters
+    detectors share (one count of every stage's calls per window length), and
+    the stage series the windowed ones feed for the web view."""
 
     config: PipelineConfig
     models: Models
+    series: StageSeries | None = None
     _stage_calls: dict[int, WindowCalls] = field(default_factory=dict)
 
     def stage_calls(self, window: int) -> WindowCalls:
@@ -82,20 +85,21 @@ REGISTRY: tuple[Registration, ...] = (
         w.config.structural, w.stage_calls(w.config.structural.norm_window))),
     Registration(K.UNPAIRED_CLIENT_SPAN, "completeness", lambda w: UnpairedClientSpan(w.config.structural)),
     Registration(K.ERROR_REGRESSION, "completeness", lambda w: ErrorRegression(
-        w.config.errors, w.stage_calls(w.config.errors.window))),
+        w.config.errors, w.stage_calls(w.config.errors.window), w.series)),
     Registration(K.MISSING_EXPECTED_SPAN, "completeness",
                  lambda w: MissingExpectedSpan(w.models.structure, w.config.structural), learned=True),
     Registration(K.SLOW_STAGE, "timing", lambda w: SlowStage(w.models.latency, w.config.learned.latency), learned=True),
-    Registration(K.LATENCY_REGRESSION, "timing", lambda w: LatencyRegression(w.models.latency), learned=True),
+    Registration(K.LATENCY_REGRESSION, "timing", lambda w: LatencyRegression(w.models.latency, w.series), learned=True),
     Registration(K.TRACE_OUTLIER, "timing", lambda w: TraceOutlier(w.models.forest, w.models.latency), learned=True),
     Registration(K.LOG_ANOMALY, "every", lambda w: LogAnomaly(w.models.templates), learned=True,
                  enabled=lambda config: config.learned.templates.enabled),
 )
 
 
-def build(config: PipelineConfig, models: Models) -> dict[Group, list[TraceDetector]]:
+def build(config: PipelineConfig, models: Models,
+          series: StageSeries | None = None) -> dict[Group, list[TraceDetector]]:
     """The detectors the configuration turns on, by group, in registry order."""
-    wiring = Wiring(config, models)
+    wiring = Wiring(config, models, series)
     groups: dict[Group, list[TraceDetector]] = {"completeness": [], "timing": [], "every": []}
     for registration in REGISTRY:
         if (config.learned.enabled or not registration.learned) and registration.enabled(config):

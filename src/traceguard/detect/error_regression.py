@@ -35,6 +35,7 @@ from traceguard.detect.base import rate_change_finding
 from traceguard.detect.stage_rates import Stage, StageRateDetector
 from traceguard.models.features import failed as spans_failed
 from traceguard.models.rates import RateChange, RateModel, WindowCalls
+from traceguard.models.series import StageSeries
 from traceguard.records import SEVERITY_ERROR, STATUS_ERROR, STATUS_UNSET, Anomaly, AnomalyKind, LogRow, Span, Trace
 
 _REASONS = 5  # failure reasons listed in a finding
@@ -116,7 +117,8 @@ def own_failures(trace: Trace) -> list[Span]:
 class ErrorRegression(StageRateDetector):
     kind = AnomalyKind.ERROR_REGRESSION
 
-    def __init__(self, config: ErrorsConfig, calls: WindowCalls | None = None) -> None:
+    def __init__(self, config: ErrorsConfig, calls: WindowCalls | None = None,
+                 series: StageSeries | None = None) -> None:
         super().__init__(RateModel(
             "up", window=config.window, persist_windows=config.persist_windows, half_life=config.half_life,
             z=config.z, min_ratio=config.min_ratio, min_calls=config.min_calls,
@@ -128,6 +130,7 @@ class ErrorRegression(StageRateDetector):
         # stage and window; a stage's first failure starts its rate from it.
         self._quiet: dict[Stage, float] = {}
         self._decay = 0.5 ** (config.window / config.half_life) if config.half_life else 1.0
+        self._series = series  # each window's calls and own failures per stage, for the stage page
 
     def detect(self, trace: Trace) -> list[Anomaly]:
         """Counts the trace; its findings come when windows end (``advance``)."""
@@ -161,6 +164,10 @@ class ErrorRegression(StageRateDetector):
         at = index * self.rates_.window
         events: list[RateChange] = []
         rated, quiet, decay, room = self.rates_.keys_, self._quiet, self._decay, self.rates_.max_keys
+        if self._series is not None:
+            for key, count in calls.items():
+                reasons = self._reasons.get(key)
+                self._series.errors(key, at, count, sum(reasons.window.values()) if reasons is not None else 0)
         for key in sorted(calls):  # sorted: replays agree
             if key in rated:
                 self.rates_.observe(key, calls[key], 0, at, 0, "", events)

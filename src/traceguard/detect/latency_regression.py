@@ -12,14 +12,17 @@ import math
 from traceguard.detect.base import stage_finding, times, utc
 from traceguard.models.features import latency_keys, latency_samples, network_parts
 from traceguard.models.latency import LatencyModel, Regression
+from traceguard.models.series import StageSeries
 from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, Trace
 
 
 class LatencyRegression:
     kind = AnomalyKind.LATENCY_REGRESSION
 
-    def __init__(self, model: LatencyModel) -> None:
+    def __init__(self, model: LatencyModel, series: StageSeries | None = None) -> None:
         self.model = model
+        if series is not None:
+            model.on_window = series.latency
 
     def detect(self, trace: Trace) -> list[Anomaly]:
         events: list[Regression] = []

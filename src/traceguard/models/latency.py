@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from scipy.stats import binom, norm
@@ -112,6 +113,8 @@ class LatencyModel:
         self._min_shift = math.log(config.regression_min_ratio)
         self._chance = float(norm.sf(config.regression_z))
         self._swept = 0
+        # hears each closed window's (stage, start, samples, p50, p95 self time in ns): the stage page's series
+        self.on_window: Callable[[Stage, int, int, float, float], None] | None = None
 
     def stage(self, key: Stage) -> StageLatency | None:
         return self.stages_.get(key)
@@ -167,6 +170,10 @@ class LatencyModel:
         if window.index - stage.last_index > config.persist_windows:
             self._forget_run(stage, events)
         stage.last_index = window.index
+        if self.on_window is not None:
+            times = np.sort(window.self_ns)
+            self.on_window(key, window.index * config.window, len(times), times[len(times) // 2],
+                           times[int(0.95 * (len(times) - 1))])
         logs = np.log(np.asarray(window.self_ns, dtype=float))
         if stage.self_hist.total < config.warmup_samples:
             self._merge(stage, window, logs)

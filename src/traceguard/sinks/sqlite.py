@@ -11,9 +11,14 @@ receivers stop accepting and ``/readyz`` says not ready while it is set), and
 ``retry`` writes the backlog once the disk takes writes again. Past the bound,
 rows are dropped and counted (``dropped_``).
 
+The spans of every trace with a finding are kept too (``keep_trace``, at
+most ``store.trace_spans`` of them, with its logs), so the web view's trace
+page works after the fact.
+
 Retention (``store.*``): ``prune`` deletes findings older than ``max_age``
 and resolved incidents last updated before it, then the oldest findings
-while the data passes ``max_bytes``; each deletion is counted
+while the data passes ``max_bytes``, and with them the kept traces no
+finding points to any more; each deletion is counted
 (``traceguard_store_deleted_total{reason}``).
 
 The schema is versioned (``PRAGMA user_version``): a store from an older
@@ -30,10 +35,12 @@ import time
 from collections import deque
 from pathlib import Path
 
+import orjson
+
 from traceguard.config import StoreConfig
 from traceguard.link import link_logs
 from traceguard.metrics import Metrics
-from traceguard.records import Anomaly, Incident, LogRow
+from traceguard.records import Anomaly, Incident, LogRow, Trace, trace_view
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS anomalies (
@@ -64,14 +71,22 @@ CREATE TABLE IF NOT EXISTS incidents (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS incidents_state ON incidents (state, seq);
+CREATE TABLE IF NOT EXISTS traces (
+    trace_id TEXT PRIMARY KEY,
+    stored_at INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS traces_stored ON traces (stored_at);
 """
 log = logging.getLogger(__name__)
 _BACKLOG = 100_000  # rows held while the database refuses writes
 # Schema versions and the statements that bring a store of the version before up to
 # each: 1 is the first schema (before incidents; written without a user_version),
-# 2 added the incident of a finding. _SCHEMA is the latest.
+# 2 added the incident of a finding, 3 the spans of traces with findings (a new
+# table, which _SCHEMA creates). _SCHEMA is the latest.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE anomalies ADD COLUMN incident_id TEXT",),
+    3: (),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 _PRUNE_CHUNK = 1000  # findings deleted per statement while over max_bytes
@@ -141,13 +156,18 @@ class SqliteStore:
                 deleted["age"] = self._db.execute("DELETE FROM anomalies WHERE detected_at < ?", (horizon,)).rowcount
                 deleted["age"] += self._db.execute(
                     "DELETE FROM incidents WHERE state = 'resolved' AND updated_at < ?", (horizon,)).rowcount
+                self._db.execute("DELETE FROM traces WHERE stored_at < ?", (horizon,))
                 while self._used_bytes() > self._retention.max_bytes * 0.9:
+                    # a tenth at a time (at most _PRUNE_CHUNK): no more than needed goes
+                    total = self._db.execute("SELECT count(*) FROM anomalies").fetchone()[0]
                     removed = self._db.execute(
                         "DELETE FROM anomalies WHERE seq IN (SELECT seq FROM anomalies ORDER BY seq LIMIT ?)",
-                        (_PRUNE_CHUNK,)).rowcount
+                        (max(1, min(_PRUNE_CHUNK, total // 10)),)).rowcount
                     if not removed:
                         break
                     deleted["size"] += removed
+                    self._db.execute("DELETE FROM traces WHERE trace_id NOT IN "
+                                     "(SELECT trace_id FROM anomalies WHERE trace_id IS NOT NULL)")
             except sqlite3.OperationalError as exc:  # a full disk: deleting may need the journal; next time
                 # Not ``failing``: that is the writes' to set and to clear (retry clears it only while
                 # rows are held back), and a failed prune loses nothing.
@@ -213,6 +233,21 @@ class SqliteStore:
              incident.updated_at, stages, incident.model_dump_json()),
         )
 
+    def keep_trace(self, trace: Trace, exemplar: bool = False) -> None:
+        """The spans and logs of a trace with findings or of an incident's exemplar, for its page."""
+        self._write(
+            "INSERT INTO traces (trace_id, stored_at, body) VALUES (?, ?, ?) ON CONFLICT(trace_id) DO UPDATE SET "
+            "stored_at = excluded.stored_at, body = excluded.body",
+            (trace.trace_id.hex(), trace.decided_at,
+             orjson.dumps(trace_view(trace, self._retention.trace_spans)).decode()),
+        )
+
+    def trace(self, trace_id: str) -> dict | None:
+        """A kept trace (``records.trace_view``), or None."""
+        with self._lock:
+            row = self._db.execute("SELECT body FROM traces WHERE trace_id = ?", (trace_id,)).fetchone()
+        return orjson.loads(row[0]) if row else None
+
     def get_incident(self, incident_id: str) -> tuple[Incident, list[Anomaly]] | None:
         """The incident and the findings stored with its id (its stage-level ones and exemplars)."""
         with self._lock:
@@ -256,9 +291,10 @@ class SqliteStore:
 
     def query(self, *, kind: str | None = None, service: str | None = None, operation: str | None = None,
               trace_id: str | None = None, since: int | None = None, limit: int = 100,
-              cursor: int | None = None) -> tuple[list[Anomaly], int | None]:
-        """Findings in insertion order after ``cursor``; returns them and the next cursor (None at the end)."""
-        where, values = ["seq > ?"], [cursor or 0]
+              cursor: int | None = None, newest_first: bool = False) -> tuple[list[Anomaly], int | None]:
+        """Findings in insertion order after ``cursor`` (``newest_first``: the other way,
+        before it); returns them and the next cursor (None at the end)."""
+        where, values = (["seq < ?"], [cursor or 2**63 - 1]) if newest_first else (["seq > ?"], [cursor or 0])
         for column, value in (("kind", kind), ("service", service), ("operation", operation), ("trace_id", trace_id)):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -268,8 +304,8 @@ class SqliteStore:
             values.append(since)
         with self._lock:
             rows = self._db.execute(
-                f"SELECT seq, body FROM anomalies WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
-                (*values, limit + 1),
+                f"SELECT seq, body FROM anomalies WHERE {' AND '.join(where)} ORDER BY seq "
+                f"{'DESC' if newest_first else ''} LIMIT ?", (*values, limit + 1),
             ).fetchall()
         items = [Anomaly.model_validate_json(body) for _, body in rows[:limit]]
         return items, (rows[limit - 1][0] if len(rows) > limit else None)

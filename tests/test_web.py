@@ -1,0 +1,71 @@
+"""The live web view of ``serve``, driven in real headless Chromium.
+
+A real ``traceguard serve`` (token on, a Jaeger link configured, 1 s latency
+and error windows so stage series fill within the test) receives the
+scenario's spans over OTLP/HTTP in two halves. The browser asks for the token,
+lists what was found, takes the second half's findings in without a reload,
+opens a trace (its finding on its span, the link out), a span's attributes,
+and the stage page with its series. Screenshots go to test-artifacts/live-*.png.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from benchmarks.common import scenario_requests
+from benchmarks.serve_process import ServeProcess
+
+TOKEN = "s3cret-web"
+ENV = {"TRACEGUARD_SERVE__TOKEN": TOKEN, "TRACEGUARD_UI__TRACE_LINK": "http://jaeger.example/trace/{trace_id}",
+       "TRACEGUARD_UI__REFRESH": "1s", "TRACEGUARD_LEARNED__LATENCY__WINDOW": "1s",
+       "TRACEGUARD_ERRORS__WINDOW": "1s"}
+
+
+def _send(server: ServeProcess, bodies: list[bytes]) -> None:
+    for body in bodies:
+        httpx.post(f"http://127.0.0.1:{server.http}/v1/traces", content=body, timeout=60,
+                   headers={"content-type": "application/x-protobuf",
+                            "authorization": f"Bearer {TOKEN}"}).raise_for_status()
+
+
+def test_the_live_view_lists_findings_updates_itself_and_opens_traces_and_stages(tmp_path, page_of):
+    # faults from the 1,000th request (the warm-up) to the last 300 s (the cool-down): in both halves
+    bodies = [r.SerializeToString() for r in scenario_requests(3000, seed=3, fault_rate=0.15)]
+    half = len(bodies) // 2
+    server = ServeProcess(tmp_path / "state", "--decision-wait", "1s", "--max-trace-age", "3s", env=ENV)
+    try:
+        _send(server, bodies[:half])
+        first = server.wait_for(lambda: len(server.anomalies()), timeout=300, what="the first findings")
+        page = page_of("live")
+        tab = page.tab
+        tab.goto(f"http://127.0.0.1:{server.api}/")
+        tab.wait_for_selector("form#token")  # the page holds no data; the API wants the token
+        page.shot("token")
+        tab.fill("form#token input", TOKEN)
+        tab.click("form#token button")
+        tab.wait_for_selector("tr.finding")
+        tab.evaluate("window.notReloaded = true")
+        shown = tab.locator("tr.finding").count()
+        assert shown >= first
+        page.shot("home")
+
+        _send(server, bodies[half:])
+        total = server.wait_for(lambda: (n := len(server.anomalies())) > first and n, timeout=300,
+                                what="the second half's findings")
+        tab.wait_for_function("n => document.querySelectorAll('tr.finding').length >= n", arg=min(total, 200))
+        assert tab.evaluate("window.notReloaded") is True  # polled in, not reloaded
+
+        tab.click("tr.finding a.trace >> nth=0")
+        tab.wait_for_selector(".waterfall .row.anomalous")
+        trace_id = tab.url.rsplit("/", 1)[1]
+        assert tab.get_attribute("a.linkout", "href") == f"http://jaeger.example/trace/{trace_id}"
+        tab.click(".waterfall .row.anomalous >> nth=0")
+        assert "span id" in tab.wait_for_selector(".waterfall .detail").inner_text()
+        page.shot("trace")
+
+        tab.click("h1 + p a.stage")  # the trace's root stage
+        tab.wait_for_selector("svg.plot polyline.p50", state="attached")
+        page.shot("stage")
+        assert not page.errors
+    finally:
+        assert server.stop(timeout=120) == 0
