@@ -36,7 +36,8 @@ from benchmarks.serve_process import ServeProcess
 PACE = 20  # event seconds sent per wall second
 # stage windows short enough for a paced minute to hold a baseline, a fault and its incident
 ENV = {"TRACEGUARD_ERRORS__WINDOW": "3s", "TRACEGUARD_LEARNED__LATENCY__WINDOW": "3s",
-       "TRACEGUARD_LEARNED__TEMPLATES__WINDOW": "3s", "TRACEGUARD_LEARNED__TEMPLATES__MIN_LINES": "300"}
+       "TRACEGUARD_LEARNED__TEMPLATES__WINDOW": "3s", "TRACEGUARD_LEARNED__TEMPLATES__MIN_LINES": "300",
+       "TRACEGUARD_INCIDENTS__UPDATE_INTERVAL": "5s"}
 
 
 class _Paced:

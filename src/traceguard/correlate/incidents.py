@@ -190,6 +190,9 @@ class IncidentTracker:
                     incident.callers[caller] += 1
             if len(incident.exemplars) < _EXEMPLARS:
                 incident.exemplars.append(trace.trace_id.hex())
+                incident.dirty = True  # the stored incident lists it (its spans are kept for its page)
+                if len(incident.exemplars) == 1:
+                    incident.emitted_at = -1  # the first one is written at once: the incident page links it
                 exemplar = True
         return exemplar
 
