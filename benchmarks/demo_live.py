@@ -2,7 +2,7 @@
 
 Starts ``traceguard serve`` on free localhost ports with a fresh state
 directory and sends the demo scenario through the SDK's OTLP/gRPC span and log
-exporters, paced: its 15 minutes of traffic in about 45 s, with 3 s stage
+exporters, paced: its 15 minutes of traffic in about 36 s, with 3 s stage
 windows and a 300-line log baseline per service, so that the fault in its
 second half (a cache lookup failing half of its calls with a new exception)
 becomes an incident while the demo runs.
@@ -33,7 +33,7 @@ from benchmarks.serve_process import ServeProcess
 
 
 
-PACE = 20  # event seconds sent per wall second
+PACE = 25  # event seconds sent per wall second
 # stage windows short enough for a paced minute to hold a baseline, a fault and its incident
 ENV = {"TRACEGUARD_ERRORS__WINDOW": "3s", "TRACEGUARD_LEARNED__LATENCY__WINDOW": "3s",
        "TRACEGUARD_LEARNED__TEMPLATES__WINDOW": "3s", "TRACEGUARD_LEARNED__TEMPLATES__MIN_LINES": "300",
