@@ -45,22 +45,28 @@ def median_rate(work: Callable[[], int], repeats: int) -> tuple[float, list[floa
     return statistics.median(rates), rates
 
 
-def send_back_to_back(export, bodies: list[bytes], streams: int) -> tuple[list[float], list[str]]:
+def send_back_to_back(export, bodies: list[bytes], streams: int, every: float = 0.0) -> tuple[list[float], list[str]]:
     """Sends ``bodies`` back to back on ``streams`` concurrent callers of a gRPC
-    ``export`` callable; returns each call's latency (seconds) and the error codes."""
+    ``export`` callable (``every`` > 0: request i not before i x ``every`` seconds,
+    a steady rate instead of as fast as the server answers); returns each call's
+    latency (seconds) and the error codes."""
     import grpc
 
     latencies: list[float] = []
     errors: list[str] = []
-    queue = list(bodies)
+    queue = list(enumerate(bodies))
     lock = threading.Lock()
+    began = time.perf_counter()
 
     def caller() -> None:
         while True:
             with lock:
                 if not queue:
                     return
-                body = queue.pop(0)
+                index, body = queue.pop(0)
+            wait = began + index * every - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
             started = time.perf_counter()
             try:
                 export(body, timeout=60)

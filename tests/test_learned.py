@@ -283,3 +283,47 @@ def test_a_run_of_windows_needs_more_samples_above_the_baseline_than_its_own_tai
 
     assert not model._beyond_chance(stage, run(11, 18), median)
     assert model._beyond_chance(stage, run(18, 23), median)
+
+
+def test_a_background_refit_keeps_the_old_fit_until_it_is_taken_in_and_equals_a_fit_in_place():
+    """Live, a refit runs on its own thread; the forest scores with its previous fit
+    meanwhile, and what it takes in is what a fit where it was due gives."""
+    import threading
+    from concurrent.futures import Future
+
+    pipeline, _ = stream(20)
+    forest = pipeline.models.forest.forests_[("api", "GET /item")]
+    before = forest.threshold_
+    release, started = threading.Event(), threading.Event()
+
+    class Held:  # an executor whose one fit waits until the test releases it
+        def submit(self, fn, *args):
+            future = Future()
+
+            def run():
+                started.set()
+                release.wait(60)
+                future.set_result(fn(*args))
+            threading.Thread(target=run, daemon=True).start()
+            return future
+
+    forest.background = Held()
+    forest.since_fit_ = forest.config.refit_every - 1
+    row = forest.reservoir_[0] * 1.7  # the buffer changes, so a refit gives a new threshold
+    forest.add(row)
+    submitted = forest.reservoir_[: forest.filled_].copy()
+    assert started.wait(60)
+    forest.settle()
+    assert forest.threshold_ == before and forest.since_fit_ == 0  # still the old fit, none submitted twice
+    for _ in range(3):
+        forest.add(row)
+    release.set()
+    forest._fitting.result(60)
+    forest.settle()
+    in_background = (forest.threshold_, forest.median_.copy())
+    forest.background = None
+    forest.reservoir_[: len(submitted)] = submitted  # the buffer as it was when the fit was submitted
+    forest.filled_ = len(submitted)
+    forest.fit()
+    assert in_background[0] == forest.threshold_
+    np.testing.assert_array_equal(in_background[1], forest.median_)

@@ -48,6 +48,8 @@ class Pipeline:
         self._clock = clock
         self._sinks = list(sinks)
         self.models = models or Models.new(config.learned)
+        if not clock.deterministic:  # live: a refit must not stall decisions (replay stays reproducible)
+            self.models.forest.fit_in_background()
         self.series = StageSeries(config.ui.series_windows, config.ui.series_stages)
         groups = build(config, self.models, self.series)
         self._completeness, self._timing, self._every = groups["completeness"], groups["timing"], groups["every"]

@@ -15,6 +15,9 @@ CONFIRMING_TRACES = 3
 
 
 class Clock(Protocol):
+    #: the same input gives the same decisions at the same times (event time)
+    deterministic: bool
+
     def observe(self, end: int, start: int, trace_id: bytes) -> int:
         """Records that a span of this trace with these times arrived (end 0:
         unfinished); returns its arrival stamp."""
@@ -55,6 +58,8 @@ class EventTimeClock:
     really jumped: a gap in a replay), to the earliest of them. The first span
     of a fresh clock is believed.
     """
+
+    deterministic = True
 
     def __init__(self, allowed_lateness: int, max_ahead: int = 0) -> None:
         """``max_ahead``: 0 for no limit."""
@@ -120,6 +125,8 @@ class EventTimeClock:
 
 
 class WallClock:
+    deterministic = False
+
     def observe(self, end: int, start: int, trace_id: bytes) -> int:
         return time.time_ns()
 

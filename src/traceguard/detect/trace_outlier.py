@@ -99,6 +99,7 @@ class TraceOutlier:
             groups.setdefault(id(chosen), (chosen, [], own))[1].append(position)
         vectors: list[np.ndarray | None] = [None] * len(pending)
         for forest, positions, own in groups.values():
+            forest.settle()
             rows = forest.matrix([pending[p].row if own else pending[p].shared_row for p in positions])
             for i, p in enumerate(positions):
                 vectors[p] = rows[i]

@@ -13,6 +13,13 @@ after ``warmup_traces`` and again every ``refit_every``. A fitted forest is a
 function of that buffer and the seed, which is why a model file stores the
 buffer, not the trees: loading refits, and nothing is unpickled.
 
+A fit takes 150-200 ms (100 trees). In event time it runs where it is due,
+so a replay gives the same findings every time. Live (wall clock), it runs
+on a thread of its own (``ForestModel.fit_in_background``) on a copy of the
+buffer, and the forest goes on scoring with its previous fit until the new
+one is ready: a refit does not stall decisions, nor the receivers waiting
+for the pipeline's lock.
+
 Scores follow scikit-learn's ``score_samples`` (lower = more anomalous); the
 threshold is the ``score_quantile`` of the training scores. The forest ranks,
 and a feature deviation of ``min_feature_z`` robust sigmas keeps the rare but
@@ -22,6 +29,7 @@ normal (a retry, a cache miss) from being reported: both must agree.
 from __future__ import annotations
 
 import math
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 import numpy as np
 from sklearn.ensemble import IsolationForest
@@ -116,6 +124,8 @@ class RootForest:
         self.since_fit_ = 0
         self.estimator_: IsolationForest | None = None
         self.trees_: _StackedTrees | None = None
+        self.background: Executor | None = None  # where fits run (live); None: where they are due
+        self._fitting: Future | None = None
         self.columns_: np.ndarray | None = None
         self.feature_names_: list[str] = []
         self.column_stages_: list[Stage | None] = []  # the stage of each stage feature (None: generic)
@@ -165,70 +175,32 @@ class RootForest:
         self.filled_ = min(self.filled_ + 1, len(self.reservoir_))
         self.since_fit_ += 1
         warm = self.filled_ >= min(self.config.warmup_traces, len(self.reservoir_))
-        if warm and (self.estimator_ is None or self.since_fit_ >= self.config.refit_every):
+        if not warm or (self.estimator_ is not None and self.since_fit_ < self.config.refit_every):
+            return
+        if self.background is None:
             self.fit()
+        elif self._fitting is None:
+            self.since_fit_ = 0
+            self._fitting = self.background.submit(_fit, self, self.reservoir_[: self.filled_].copy(),
+                                                   dict(self.stage_index_))
+
+    def settle(self) -> None:
+        """Takes a background fit in once it is done (before a batch is scored)."""
+        if self._fitting is not None and self._fitting.done():
+            fitting, self._fitting = self._fitting, None
+            self._apply(fitting.result())
 
     def fit(self) -> None:
-        config = self.config
-        data = self.reservoir_[: self.filled_]
-        columns = list(range(len(GENERIC_FEATURES)))
-        names = list(GENERIC_FEATURES)
-        column_stages: list[Stage | None] = [None] * len(columns)
-        if self.with_stages and config.top_stages:
-            base = len(GENERIC_FEATURES)
-            by_index = {column: stage for stage, column in self.stage_index_.items()}
-            weight = data[:, base: base + len(by_index)].mean(axis=0)
-            for column in np.argsort(-weight, kind="stable")[: config.top_stages]:
-                columns.append(base + int(column))
-                names.append(stage_label(by_index[int(column)]))
-                column_stages.append(by_index[int(column)])
-        self.columns_ = np.asarray(columns)
-        self.feature_names_ = names
-        self.column_stages_ = column_stages
-        features = data[:, self.columns_]
-        self.estimator_ = IsolationForest(
-            n_estimators=config.n_estimators, max_samples=min(256, len(features)), random_state=config.seed,
-        ).fit(features)
-        self.trees_ = _StackedTrees(self.estimator_)
-        self.threshold_ = float(np.quantile(self.trees_.score_samples(features), config.score_quantile))
-        # Robust centre and scale per feature. A stage's self time is judged
-        # among the traces that have the stage: whether it is there at all is
-        # structure (missing_expected_span), and an optional branch would
-        # otherwise look like a huge deviation every time it is taken.
-        generic = len(GENERIC_FEATURES)
-        self.median_ = np.median(features, axis=0)
-        mad = np.median(np.abs(features - self.median_), axis=0) * 1.4826
-        for column in range(generic, features.shape[1]):
-            present = features[:, column][features[:, column] > 0]
-            if len(present):
-                self.median_[column] = np.median(present)
-                mad[column] = np.median(np.abs(present - self.median_[column])) * 1.4826
-        # Counts move in whole steps: one more error or retry is one unit, not
-        # "infinitely many MADs" when most traces have none. Log features: 0.25.
-        floor = np.full(features.shape[1], 0.25)
-        floor[1:generic] = 1.0
-        self.scale_ = np.maximum(mad, floor)
-        # Per-feature deviation threshold from the buffer's own tail (heavy
-        # tails get a higher bar than min_feature_z), as slow_stage does.
-        z = self._one_sided_z(features)
-        reference = tail_reference(len(z))
-        q_ref = np.quantile(z, reference, axis=0)
-        excess = np.where(z > q_ref, z - q_ref, 0.0).sum(axis=0) / np.maximum((z > q_ref).sum(axis=0), 1)
-        tail = exponential_tail(q_ref, excess, self.alert_rate / max(SHARE, z.shape[1]), reference)
-        # Stage times get min_feature_z only: a stall or two in the buffer would
-        # inflate their tail, and what a stage does too rarely for this buffer to
-        # show is judged against its latency history instead (TraceOutlier).
-        self.z_threshold_ = np.maximum(tail, config.min_feature_z)
-        self.z_threshold_[generic:] = config.min_feature_z
+        """Fits on the buffer now."""
+        self._apply(_fit(self, self.reservoir_[: self.filled_], self.stage_index_))
         self.since_fit_ = 0
 
+    def _apply(self, fitted: dict) -> None:
+        for name, value in fitted.items():
+            setattr(self, name, value)
+
     def _one_sided_z(self, features: np.ndarray) -> np.ndarray:
-        """Robust z of each feature, only upwards: every feature is worse when
-        higher (slower, bigger, more errors, more repeats); a fast or small trace
-        is not an anomaly. Absent stages count as no deviation."""
-        z = np.maximum((features - self.median_) / self.scale_, 0.0)
-        z[:, self._generic:] = np.where(features[:, self._generic:] > 0, z[:, self._generic:], 0.0)
-        return z
+        return _one_sided_z(features, self.median_, self.scale_, self._generic)
 
     def score(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(scores, robust z per feature) for rows of this forest's layout."""
@@ -255,6 +227,69 @@ class RootForest:
         return out
 
 
+def _one_sided_z(features: np.ndarray, median: np.ndarray, scale: np.ndarray, generic: int) -> np.ndarray:
+    """Robust z of each feature, only upwards: every feature is worse when
+    higher (slower, bigger, more errors, more repeats); a fast or small trace
+    is not an anomaly. Absent stages count as no deviation."""
+    z = np.maximum((features - median) / scale, 0.0)
+    z[:, generic:] = np.where(features[:, generic:] > 0, z[:, generic:], 0.0)
+    return z
+
+
+def _fit(forest: RootForest, data: np.ndarray, stage_index: dict[Stage, int]) -> dict:
+    """What a fit on ``data`` sets on ``forest`` (read only here, so it may run on another thread)."""
+    config = forest.config
+    columns = list(range(len(GENERIC_FEATURES)))
+    names = list(GENERIC_FEATURES)
+    column_stages: list[Stage | None] = [None] * len(columns)
+    if forest.with_stages and config.top_stages:
+        base = len(GENERIC_FEATURES)
+        by_index = {column: stage for stage, column in stage_index.items()}
+        weight = data[:, base: base + len(by_index)].mean(axis=0)
+        for column in np.argsort(-weight, kind="stable")[: config.top_stages]:
+            columns.append(base + int(column))
+            names.append(stage_label(by_index[int(column)]))
+            column_stages.append(by_index[int(column)])
+    chosen = np.asarray(columns)
+    features = data[:, chosen]
+    estimator = IsolationForest(
+        n_estimators=config.n_estimators, max_samples=min(256, len(features)), random_state=config.seed,
+    ).fit(features)
+    trees = _StackedTrees(estimator)
+    # Robust centre and scale per feature. A stage's self time is judged
+    # among the traces that have the stage: whether it is there at all is
+    # structure (missing_expected_span), and an optional branch would
+    # otherwise look like a huge deviation every time it is taken.
+    generic = len(GENERIC_FEATURES)
+    median = np.median(features, axis=0)
+    mad = np.median(np.abs(features - median), axis=0) * 1.4826
+    for column in range(generic, features.shape[1]):
+        present = features[:, column][features[:, column] > 0]
+        if len(present):
+            median[column] = np.median(present)
+            mad[column] = np.median(np.abs(present - median[column])) * 1.4826
+    # Counts move in whole steps: one more error or retry is one unit, not
+    # "infinitely many MADs" when most traces have none. Log features: 0.25.
+    floor = np.full(features.shape[1], 0.25)
+    floor[1:generic] = 1.0
+    scale = np.maximum(mad, floor)
+    # Per-feature deviation threshold from the buffer's own tail (heavy
+    # tails get a higher bar than min_feature_z), as slow_stage does.
+    z = _one_sided_z(features, median, scale, generic)
+    reference = tail_reference(len(z))
+    q_ref = np.quantile(z, reference, axis=0)
+    excess = np.where(z > q_ref, z - q_ref, 0.0).sum(axis=0) / np.maximum((z > q_ref).sum(axis=0), 1)
+    tail = exponential_tail(q_ref, excess, forest.alert_rate / max(SHARE, z.shape[1]), reference)
+    # Stage times get min_feature_z only: a stall or two in the buffer would
+    # inflate their tail, and what a stage does too rarely for this buffer to
+    # show is judged against its latency history instead (TraceOutlier).
+    z_threshold = np.maximum(tail, config.min_feature_z)
+    z_threshold[generic:] = config.min_feature_z
+    return {"columns_": chosen, "feature_names_": names, "column_stages_": column_stages, "estimator_": estimator,
+            "trees_": trees, "threshold_": float(np.quantile(trees.score_samples(features), config.score_quantile)),
+            "median_": median, "scale_": scale, "z_threshold_": z_threshold}
+
+
 class ForestModel:
     """All forests: one per root operation (up to ``max_root_operations``) and the shared one."""
 
@@ -263,9 +298,18 @@ class ForestModel:
         self.alert_rate = alert_rate
         self.forests_: dict[tuple[str, str], RootForest] = {}
         self.shared_ = RootForest(config, with_stages=False, alert_rate=alert_rate)
+        self._background: Executor | None = None
+
+    def fit_in_background(self) -> None:
+        """From now on fits run on one thread of their own (live: they must not stall decisions)."""
+        if self._background is None:
+            self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forest-fit")
+        for forest in (*self.forests_.values(), self.shared_):
+            forest.background = self._background
 
     def forest_for(self, key: tuple[str, str]) -> RootForest | None:
         forest = self.forests_.get(key)
         if forest is None and len(self.forests_) < self.config.max_root_operations:
             forest = self.forests_[key] = RootForest(self.config, with_stages=True, alert_rate=self.alert_rate)
+            forest.background = self._background
         return forest
