@@ -372,12 +372,16 @@ class Shop:
         return None
 
     def label(self, span, fault: str) -> None:
+        """A per-trace label, with the service of the span the fault is in (whose
+        sidecar alone sees it, in fragment mode)."""
         ctx = span.get_span_context()
         trace_id = f"{ctx.trace_id:032x}"
         kind = FAULTS.get(fault, "trace_outlier")
-        self.labels.append(Label(kind, fault, trace_id, f"{ctx.span_id:016x}" if kind != "trace_outlier" else None))
+        service = span.resource.attributes.get("service.name")
+        self.labels.append(Label(kind, fault, trace_id, f"{ctx.span_id:016x}" if kind != "trace_outlier" else None,
+                                 service))
         if fault in ALSO_MISSING_EXPECTED:
-            self.labels.append(Label("missing_expected_span", fault, trace_id, None))
+            self.labels.append(Label("missing_expected_span", fault, trace_id, None, service))
 
     def count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1

@@ -92,7 +92,7 @@ static PyObject *fill(Slots *slots, PyObject **values) {
 #define SLOT(slots, obj, i) (*(PyObject **)((char *)(obj) + (slots).offset[i]))
 
 enum { VARINT = 0, I64 = 1, LEN = 2, I32 = 5 };
-enum { KIND_CLIENT = 3, KIND_PRODUCER = 4, KIND_CONSUMER = 5, STATUS_ERROR = 2 };
+enum { KIND_SERVER = 2, KIND_CLIENT = 3, KIND_PRODUCER = 4, KIND_CONSUMER = 5, STATUS_ERROR = 2 };
 #define CORE_SIZE 27 /* records.SPAN_CORE: <8s8sQBBB */
 
 typedef struct {
@@ -1156,8 +1156,9 @@ static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *rows, *pending, *decided, *pending_type, *schedule;
     Py_ssize_t i;
     long long max_seen, arrival, max_ahead;
-    if (!PyArg_ParseTuple(args, "O!nO!O!OO!LLL", &PyList_Type, &rows, &i, &PyDict_Type, &pending, &PyDict_Type,
-                          &decided, &pending_type, &PyDict_Type, &schedule, &max_seen, &arrival, &max_ahead))
+    int local; /* fragment mode: a SERVER or CONSUMER span is a root too (its parent is in another pod) */
+    if (!PyArg_ParseTuple(args, "O!nO!O!OO!LLLp", &PyList_Type, &rows, &i, &PyDict_Type, &pending, &PyDict_Type,
+                          &decided, &pending_type, &PyDict_Type, &schedule, &max_seen, &arrival, &max_ahead, &local))
         return NULL;
     if (row_slots.type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "bind() first");
@@ -1242,8 +1243,9 @@ static PyObject *gather(PyObject *Py_UNUSED(self), PyObject *args) {
         if (PyList_Append(SLOT(pending_slots, trace, PENDING_ROWS), row) < 0)
             return NULL;
         added++;
-        if (SLOT(pending_slots, trace, PENDING_HAS_ROOT) != Py_True && PyBytes_GET_SIZE(core) >= 16
-            && memcmp(PyBytes_AS_STRING(core) + 8, no_parent, 8) == 0) {
+        if (SLOT(pending_slots, trace, PENDING_HAS_ROOT) != Py_True && PyBytes_GET_SIZE(core) >= 25
+            && (memcmp(PyBytes_AS_STRING(core) + 8, no_parent, 8) == 0
+                || (local && (PyBytes_AS_STRING(core)[24] == KIND_SERVER || PyBytes_AS_STRING(core)[24] == KIND_CONSUMER)))) {
             set_slot(&SLOT(pending_slots, trace, PENDING_HAS_ROOT), Py_NewRef(Py_True));
             if (PyDict_SetItem(schedule, trace_id, trace) < 0)
                 return NULL;

@@ -258,6 +258,11 @@ class ServeConfig(_Section):
     http_listen: str = Field("127.0.0.1:4318", description="OTLP/HTTP address.")
     api_listen: str = Field("127.0.0.1:8080", description="HTTP API, health and /metrics address.")
     state_dir: Path = Field(Path(".traceguard"), description="SQLite store and model snapshots.")
+    scope: Literal["trace", "local"] = Field(
+        "trace", description="trace: judge whole traces (every service's spans come here). local: a sidecar that "
+                             "gets only its own pod's spans judges each trace's local fragment; its entry spans "
+                             "(SERVER and CONSUMER spans whose parent is not here) are its roots, and no finding "
+                             "blames another pod's span (see the README, Fragment mode).")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=2**31 - 1,
                                    description="Largest export request, compressed or not (gRPC caps messages at 2 GiB).")
     retry_after: DurationNs = Field(parse_duration("1s"), description="Back-off suggested to clients at the bounds.")

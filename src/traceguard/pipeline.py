@@ -72,7 +72,8 @@ class Pipeline:
                                          remember_traces=config.learned.enabled)
         self.metrics.gauge("traceguard_incidents_open", lambda: len(self.incidents.open_))
         self.logs = LogIndex(config.logs, clock.now, self.metrics)
-        self.assembler = TraceAssembler(config.assembler, clock, self._on_trace, self._on_late, self.metrics)
+        self.assembler = TraceAssembler(config.assembler, clock, self._on_trace, self._on_late, self.metrics,
+                                        local=config.serve.scope == "local")
         self._on_decided = on_decided
         self._keep_trace = keep_trace
         self._closed = False

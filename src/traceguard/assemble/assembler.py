@@ -2,7 +2,9 @@
 
 Policy (DESIGN.md, "Time"): a trace is decided when its root has arrived and
 no span has come for ``decision_wait``, or when it is older than
-``max_trace_age``. Decided ids are remembered (bounded, with TTL) so a span
+``max_trace_age``. In fragment mode (``local``: a sidecar that sees only its
+pod's spans) an entry span (SERVER or CONSUMER) counts as a root: its parent
+is in another pod, and the fragment's spans hang off it. Decided ids are remembered (bounded, with TTL) so a span
 that comes afterwards is reported as late instead of starting a new trace.
 At the in-flight bounds the oldest traces are decided early ("evicted").
 """
@@ -18,10 +20,14 @@ from traceguard.assemble.clock import Clock
 from traceguard.config import AssemblerConfig
 from traceguard.metrics import Metrics
 from traceguard.native import rows as native
-from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, STATUS_ERROR, DecisionReason, Span, SpanRow, Trace
+from traceguard.records import (
+    FLAG_HAS_LINKS, KIND_CONSUMER, KIND_SERVER, NO_PARENT, SPAN_CORE, STATUS_ERROR, DecisionReason, Span, SpanRow, Trace,
+)
 
 
 _INT64_MAX = (1 << 63) - 1
+# Spans that start a process's part of a request: their parent is in the caller's process.
+ENTRY_KINDS = frozenset({KIND_SERVER, KIND_CONSUMER})
 
 
 class _Pending:
@@ -51,8 +57,10 @@ class TraceAssembler:
         on_trace: Callable[[Trace], None],
         on_late: Callable[[bytes, Span, int], None],
         metrics: Metrics,
+        local: bool = False,
     ) -> None:
         self._config = config
+        self._local = local
         self._clock = clock
         self._on_trace = on_trace
         self._on_late = on_late
@@ -106,7 +114,7 @@ class TraceAssembler:
                 max_seen, arrival, max_ahead = self._clock.stamping()
                 if max(max_seen, arrival, max_ahead) <= _INT64_MAX:
                     at, taken, max_seen = native.gather(rows, at, self._pending, self._decided, _Pending, schedule,
-                                                        max_seen, arrival, max_ahead)
+                                                        max_seen, arrival, max_ahead, self._local)
                     self._clock.seen(max_seen)
                     added += taken
                     if at == len(rows):
@@ -137,7 +145,7 @@ class TraceAssembler:
             if stamp > trace.last_seen:
                 trace.last_seen = stamp
         trace.rows.append(row)
-        if not trace.has_root and row.core.startswith(NO_PARENT, 8):
+        if not trace.has_root and (row.core.startswith(NO_PARENT, 8) or (self._local and row.core[24] in ENTRY_KINDS)):
             trace.has_root = True
             schedule[trace_id] = trace
         return 1
@@ -247,7 +255,7 @@ class TraceAssembler:
             if len(self._decided) > self._config.decided_memory:
                 self._decided.popitem(last=False)
         self._count_decided[reason]()
-        self._on_trace(_expand(trace_id, pending, reason, now, self._metrics))
+        self._on_trace(_expand(trace_id, pending, reason, now, self._metrics, self._local))
 
     def _expire_decided(self, now: int) -> None:
         horizon = now - self._config.decided_ttl
@@ -310,10 +318,19 @@ def _expand_rows(rows: list[SpanRow]) -> tuple[list[Span], dict[bytes, Span], di
 expand_rows = native.expand if native is not None else _expand_rows
 
 
-def _expand(trace_id: bytes, pending: _Pending, reason: DecisionReason, now: int, metrics: Metrics) -> Trace:
+def _expand(trace_id: bytes, pending: _Pending, reason: DecisionReason, now: int, metrics: Metrics,
+            local: bool = False) -> Trace:
     spans, by_id, children, orphans, duplicates, root, stages, failed = expand_rows(pending.rows)
     if duplicates:
         metrics.inc("traceguard_duplicate_spans_total", duplicates)
+    if local and orphans:
+        # A fragment: an entry span's parent is in another pod, so it is a root
+        # here and not an orphan; the earliest is the fragment's root.
+        entries = [span for span in orphans if span.kind in ENTRY_KINDS]
+        if entries:
+            orphans = [span for span in orphans if span.kind not in ENTRY_KINDS]
+            if root is None:
+                root = min(entries, key=lambda span: (span.start, span.span_id))
     trace = Trace(trace_id, spans, by_id, children, orphans, root, reason, now, pending.first_seen)
     trace.derived["stages"] = stages  # see models.features.stages
     trace.derived["failed"] = failed  # see models.features.failed

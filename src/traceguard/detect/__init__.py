@@ -83,7 +83,9 @@ REGISTRY: tuple[Registration, ...] = (
     Registration(K.UNFINISHED_SPAN, "completeness", lambda w: UnfinishedSpan()),
     Registration(K.CONTEXT_OUTLIVED_PARENT, "completeness", lambda w: ContextOutlivedParent(
         w.config.structural, w.stage_calls(w.config.structural.norm_window))),
-    Registration(K.UNPAIRED_CLIENT_SPAN, "completeness", lambda w: UnpairedClientSpan(w.config.structural)),
+    # a fragment (serve.scope local) holds its CLIENT spans but never the servers they called in other pods
+    Registration(K.UNPAIRED_CLIENT_SPAN, "completeness", lambda w: UnpairedClientSpan(w.config.structural),
+                 enabled=lambda config: config.serve.scope == "trace"),
     Registration(K.ERROR_REGRESSION, "completeness", lambda w: ErrorRegression(
         w.config.errors, w.stage_calls(w.config.errors.window), w.series)),
     Registration(K.MISSING_EXPECTED_SPAN, "completeness",

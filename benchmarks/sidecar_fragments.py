@@ -1,0 +1,159 @@
+"""Fragment mode: the labeled scenario through one sidecar per service, each seeing only its own spans.
+
+The scenario's export requests are split by ``service.name`` (as each pod's
+exporter would send them) and each service's share is replayed by its own
+pipeline with ``serve.scope = "local"`` (event time, so the run is
+deterministic; ``serve`` uses the same pipeline). Then:
+
+* **blames of another pod**: findings that name a span as missing
+  (``missing_parent``, ``missing_root``) although that span was exported by
+  some service: it was only elsewhere. Must be 0.
+* **precision and recall per kind** over the faults a sidecar can see: each
+  per-trace label belongs to the sidecar of the service its fault is in; an
+  ``exporter_drop`` (the callee's exporter drops its spans) is visible to no
+  sidecar, so its labels are left out. A finding counts in its own sidecar.
+* the same scenario replayed whole (``scope = "trace"``) for comparison.
+
+Run ``python -m benchmarks.sidecar_fragments [--traces N] [--seed S]``; prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from benchmarks.quality import STRUCTURAL_KINDS, every_finding, subject
+from benchmarks.scenario import ScenarioConfig, length_prefixed, write_scenario
+from traceguard.config import load_config
+from traceguard.replay import run_replay
+from traceguard.sinks import MemorySink
+
+INVISIBLE = frozenset({"exporter_drop"})  # the faulty pod sends nothing: no sidecar sees it
+KINDS = (*(k for k in STRUCTURAL_KINDS if k != "unpaired_client_span"), "missing_expected_span")
+BLAMING = ("missing_parent_span_id", "missing_root_span_id")
+
+
+def _messages(path: Path):
+    data = path.read_bytes()
+    at = 0
+    while at < len(data):
+        (size,) = struct.unpack_from(">I", data, at)
+        yield data[at + 4: at + 4 + size]
+        at += 4 + size
+
+
+def _service(resource) -> str:
+    return next((a.value.string_value for a in resource.attributes if a.key == "service.name"), "")
+
+
+def split(directory: Path, out: Path) -> tuple[list[str], dict[str, str]]:
+    """Per-service traces.pb and logs.pb under ``out/<service>/``; the services, and each
+    exported span's service (hex span id → service)."""
+    files: dict[tuple[str, str], object] = {}
+    exported: dict[str, str] = {}
+
+    def write(service: str, name: str, message) -> None:
+        handle = files.get((service, name))
+        if handle is None:
+            (out / service).mkdir(parents=True, exist_ok=True)
+            handle = files[(service, name)] = open(out / service / name, "wb")
+        handle.write(length_prefixed(message))
+
+    for body in _messages(directory / "traces.pb"):
+        by_service = defaultdict(ExportTraceServiceRequest)
+        for resource_spans in ExportTraceServiceRequest.FromString(body).resource_spans:
+            service = _service(resource_spans.resource)
+            by_service[service].resource_spans.append(resource_spans)
+            for scope in resource_spans.scope_spans:
+                for span in scope.spans:
+                    exported[span.span_id.hex()] = service
+        for service, request in by_service.items():
+            write(service, "traces.pb", request)
+    for body in _messages(directory / "logs.pb"):
+        by_service = defaultdict(ExportLogsServiceRequest)
+        for resource_logs in ExportLogsServiceRequest.FromString(body).resource_logs:
+            by_service[_service(resource_logs.resource)].resource_logs.append(resource_logs)
+        for service, request in by_service.items():
+            write(service, "logs.pb", request)
+    for handle in files.values():
+        handle.close()
+    return sorted({service for service, _ in files}), exported
+
+
+def replay(traces: Path, logs: Path, scope: str) -> list:
+    sink = MemorySink()
+    config = every_finding(load_config(overrides={"serve.scope": scope}, environ={}))
+    run_replay([traces], [logs] if logs.exists() else [], config, [sink], warn=lambda _: None)
+    return sink.anomalies
+
+
+def table(found: set, truth: set) -> dict:
+    out = {}
+    for kind in KINDS:
+        f, t = {x for x in found if x[0] == kind}, {x for x in truth if x[0] == kind}
+        hits = len(f & t)
+        out[kind] = {"labels": len(t), "findings": len(f), "true_positives": hits,
+                     "precision": round(hits / len(f), 4) if f else (1.0 if not t else 0.0),
+                     "recall": round(hits / len(t), 4) if t else 1.0}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--traces", type=int, default=6000)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = Path(tmp) / "whole"
+        write_scenario(whole, ScenarioConfig(traces=args.traces, seed=args.seed, duration_s=args.traces / 3,
+                                             fault_rate=0.1), proto=True)
+        labels = [json.loads(line) for line in (whole / "labels.jsonl").read_text().splitlines()]
+        services, exported = split(whole, Path(tmp) / "pods")
+        found, blames, per_pod = set(), [], {}
+        for service in services:
+            anomalies = replay(Path(tmp) / "pods" / service / "traces.pb", Path(tmp) / "pods" / service / "logs.pb",
+                               "local")
+            per_pod[service] = len([a for a in anomalies if a.trace_id])
+            for anomaly in anomalies:
+                if anomaly.trace_id is None:
+                    continue
+                found.add((*subject(anomaly), service))
+                missing = next((anomaly.evidence[k] for k in BLAMING if k in anomaly.evidence), None)
+                if missing is not None and missing in exported:
+                    blames.append({"sidecar": service, "kind": anomaly.kind.value, "trace_id": anomaly.trace_id,
+                                   "names_as_missing": missing, "exported_by": exported[missing]})
+        whole_found = {subject(a) for a in replay(whole / "traces.pb", whole / "logs.pb", "trace") if a.trace_id}
+    visible = {(label["kind"], label["trace_id"], label["span_id"], label["service"]) for label in labels
+               if label["trace_id"] and label["kind"] in KINDS and label["fault"] not in INVISIBLE}
+    fault_of = {(label["kind"], label["trace_id"], label["span_id"], label["service"]): label["fault"] for label in labels
+                if label["trace_id"]}
+    missed: dict[str, int] = defaultdict(int)
+    for key in visible - found:
+        missed[f"{key[0]} ({fault_of[key]}, {key[3]})"] += 1
+    every = {(label["kind"], label["trace_id"], label["span_id"]) for label in labels
+             if label["trace_id"] and label["kind"] in KINDS}
+    missed_whole: dict[str, int] = defaultdict(int)
+    for key in {k for k in visible if k[:3] not in whole_found}:
+        missed_whole[f"{key[0]} ({fault_of[key]}, {key[3]})"] += 1
+    print(json.dumps({
+        "benchmark": "sidecar_fragments", "traces": args.traces, "seed": args.seed, "sidecars": services,
+        "per_trace_findings_per_sidecar": per_pod,
+        "blames_of_another_pod": len(blames), "blames_first": blames[:5],
+        "labels_visible_locally": len(visible),
+        "labels_left_out_as_invisible": sum(1 for label in labels if label["fault"] in INVISIBLE and label["trace_id"]),
+        "local": table(found, visible),
+        "missed_locally": dict(sorted(missed.items())),
+        "the_same_labels_missed_whole_trace": dict(sorted(missed_whole.items())),
+        "whole_trace_same_kinds": table(whole_found, every),
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
