@@ -213,10 +213,18 @@ def test_stacked_tree_scores_equal_scikit_learn():
     np.testing.assert_allclose(forest.score(rows)[0], forest.estimator_.score_samples(features), rtol=1e-12)
 
 
-def _findings_json(seed):
+def _findings_json(seed, background_fits=False):
     """A 3x shift and a few outliers, fed twice from scratch: the findings as JSON."""
-    pipeline, sink = stream(100, seed=seed, db_factor=lambda m: 3.0 if 60 <= m < 80 else 1.0,
-                            repeats=lambda m: 30 if int(m * 60) % 997 == 0 and m > 30 else 1)
+    from traceguard.config import ForestConfig, LearnedConfig
+
+    sink = MemorySink()
+    # refits every 300 normal traces: several during the stream, so when they are taken in matters
+    config = PipelineConfig(learned=LearnedConfig(forest=ForestConfig(refit_every=300)))
+    pipeline = Pipeline(config, EventTimeClock(5 * 10**9), [sink])
+    if background_fits:
+        pipeline.models.forest.fit_in_background()
+    stream(100, seed=seed, pipeline=pipeline, db_factor=lambda m: 3.0 if 60 <= m < 80 else 1.0,
+           repeats=lambda m: 30 if int(m * 60) % 997 == 0 and m > 30 else 1)
     pipeline.close()
     return [a.model_dump_json() for a in sink.anomalies]
 
@@ -225,6 +233,12 @@ def test_contract_learned_detectors_are_deterministic():
     first, second = _findings_json(2), _findings_json(2)
     assert first == second
     assert {json.loads(a)["kind"] for a in first} >= {"latency_regression", "trace_outlier"}
+
+
+def test_fits_in_the_background_give_the_findings_of_fits_in_place():
+    """Live fits run on their own thread; each batch takes in the fits due before it,
+    so the findings are those of fitting where each fit was due."""
+    assert _findings_json(2, background_fits=True) == _findings_json(2)
 
 
 def test_contract_learned_state_is_bounded():
@@ -285,9 +299,9 @@ def test_a_run_of_windows_needs_more_samples_above_the_baseline_than_its_own_tai
     assert model._beyond_chance(stage, run(18, 23), median)
 
 
-def test_a_background_refit_keeps_the_old_fit_until_it_is_taken_in_and_equals_a_fit_in_place():
-    """Live, a refit runs on its own thread; the forest scores with its previous fit
-    meanwhile, and what it takes in is what a fit where it was due gives."""
+def test_a_background_refit_runs_while_traces_are_added_and_equals_a_fit_in_place():
+    """Live, a refit runs on its own thread while decisions go on; the next batch
+    takes it in, and it is what a fit where it was due gives."""
     import threading
     from concurrent.futures import Future
 
@@ -313,14 +327,13 @@ def test_a_background_refit_keeps_the_old_fit_until_it_is_taken_in_and_equals_a_
     forest.add(row)
     submitted = forest.reservoir_[: forest.filled_].copy()
     assert started.wait(60)
-    forest.settle()
-    assert forest.threshold_ == before and forest.since_fit_ == 0  # still the old fit, none submitted twice
-    for _ in range(3):
+    for _ in range(3):  # traces keep being added while the fit runs, and submit no second one
         forest.add(row)
+    assert forest.threshold_ == before and forest.since_fit_ == 3
     release.set()
-    forest._fitting.result(60)
-    forest.settle()
+    forest.settle()  # the next batch: waits for the fit and takes it in
     in_background = (forest.threshold_, forest.median_.copy())
+    assert in_background[0] != before
     forest.background = None
     forest.reservoir_[: len(submitted)] = submitted  # the buffer as it was when the fit was submitted
     forest.filled_ = len(submitted)

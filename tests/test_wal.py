@@ -151,3 +151,53 @@ def test_a_disk_that_refuses_writes_refuses_exports_until_it_takes_them_again(tm
     assert append(log, "traces", "proto", b"after") == 1 and log.failing is None
     log.close()
     assert [body for *_, body in bodies(wal(tmp_path))] == [b"before", b"after"]
+
+
+def _learned_traces(state) -> dict:
+    """Traces learned per root operation in the state dir's model snapshot."""
+    from traceguard.config import PipelineConfig
+    from traceguard.models import store
+
+    models = store.load(state / "models", PipelineConfig().learned)
+    return {key: root.traces for key, root in models.structure.roots_.items()}
+
+
+def test_kill_9_loses_nothing_learned_since_the_last_snapshot(tmp_path):
+    """The snapshot records the log position it covers and the log is kept from
+    there: after kill -9 and a restart, what was learned from the traces decided
+    since the snapshot is learned again, once: the same as without the kill."""
+    import httpx
+
+    from benchmarks.common import scenario_requests
+
+    bodies = [r.SerializeToString() for r in scenario_requests(600, request_spans=256)]
+    args = ("--decision-wait", "1s", "--max-trace-age", "2s")
+    env = {"TRACEGUARD_SERVE__WAL_COMMIT_INTERVAL": "50ms"}  # snapshots: at start and at stop only (5 min)
+
+    def send(server, part):
+        for body in part:
+            httpx.post(f"http://127.0.0.1:{server.http}/v1/traces", content=body, timeout=60,
+                       headers={"content-type": "application/x-protobuf"}).raise_for_status()
+
+    def decided(server):
+        return sum(float(line.rsplit(" ", 1)[1]) for line in server.client.get("/metrics").text.splitlines()
+                   if line.startswith("traceguard_traces_decided_total"))
+
+    traces = 600
+    reference = ServeProcess(tmp_path / "reference", *args, env=env)
+    send(reference, bodies)
+    reference.wait_for(lambda: decided(reference) >= traces, timeout=300, what="every trace decided")
+    assert reference.stop(timeout=120) == 0
+
+    killed = ServeProcess(tmp_path / "killed", *args, env=env)
+    send(killed, bodies[: len(bodies) // 2])
+    killed.wait_for(lambda: decided(killed) >= 1, timeout=300, what="traces decided")
+    killed.wait_for(lambda: decided(killed) >= 250, timeout=300, what="most of the first half decided")
+    os.kill(killed.process.pid, signal.SIGKILL)  # decided and learned since the start-up snapshot: in the log only
+    killed.process.wait(30)
+    killed.client.close()
+    again = ServeProcess(tmp_path / "killed", *args, env=env)
+    send(again, bodies[len(bodies) // 2:])
+    again.wait_for(lambda: decided(again) >= traces, timeout=300, what="every trace decided after the restart")
+    assert again.stop(timeout=120) == 0
+    assert _learned_traces(tmp_path / "killed") == _learned_traces(tmp_path / "reference")

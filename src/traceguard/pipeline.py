@@ -102,6 +102,12 @@ class Pipeline:
                 self._emit(anomaly, self._logs_of(anomaly))
         self.incidents.advance(now)
 
+    def batched(self) -> int:
+        """Decided traces a detector still holds for its batch (the forest's). A model
+        snapshot waits until there are none: they are decided, so a replay after a
+        crash would not bring them back, and the snapshot does not hold them."""
+        return sum(detector.waiting() for detector in self._windowed if hasattr(detector, "waiting"))
+
     @property
     def closed(self) -> bool:
         return self._closed

@@ -2,8 +2,11 @@
 
 Threads: the gRPC server's workers, one asyncio loop running the OTLP/HTTP
 and API servers (uvicorn), and a ticker that decides due traces, trims the
-write-ahead log and snapshots the learned state. On start the write-ahead log
-is replayed before the receivers open (a crash loses no acknowledged span).
+write-ahead log and snapshots the learned state. Each snapshot records the
+log position it covers and the log is kept from there; on start the log is
+replayed from the loaded snapshot's position before the receivers open, so
+a crash loses neither an acknowledged span nor what was learned since the
+snapshot.
 SIGTERM/SIGINT: stop accepting, decide what is in flight, save the models,
 close the store, exit 0, all within ``serve.shutdown_timeout``; what is not
 decided by then stays in the write-ahead log for the next start.
@@ -25,17 +28,20 @@ from traceguard.config import PipelineConfig
 from traceguard.httpd import HttpServers
 from traceguard.metrics import Metrics
 from traceguard.models import Models, store as model_store
+from traceguard.models.store import ModelFileError
 from traceguard.pipeline import Pipeline
 from traceguard.sinks import JsonlSink
 from traceguard.sinks.sqlite import SqliteStore
 from traceguard.sources.forward import Forwarder
 from traceguard.sources.kafka_offsets import OffsetTracker
 from traceguard.sources.live import LiveIngest
-from traceguard.sources.wal import WriteAheadLog
+from traceguard.sources.wal import Checkpoint, WriteAheadLog
 from traceguard.sources.otlp_grpc import start_grpc
 from traceguard.sources.otlp_http import create_otlp_http
 
 log = logging.getLogger("traceguard.serve")
+# in a model snapshot: the write-ahead log position it covers (a replay after a crash starts there)
+POSITION = "wal_position.json"
 
 
 @dataclass
@@ -92,10 +98,12 @@ class Server:
         self.forwarder = (Forwarder(serve.forward_to, self.pipeline.metrics, serve.forward_queue)
                           if serve.forward_to else None)
         self.ingest = LiveIngest(self.pipeline, self.store, config, self.forwarder, wal, tracker)
+        self._covered: int | None = None  # the log position the last model snapshot covers
         if wal is not None:
-            replayed = self.ingest.recover()
+            replayed = self.ingest.recover(self._loaded_position())
             if replayed:
                 log.info("write-ahead log: %d requests accepted before the last stop taken again", replayed)
+            self.snapshot()  # from now on the log is kept from a position a snapshot covers
         self._ready = False
         self._stopping = threading.Event()
         self._http = HttpServers(config.serve.max_connections, config.serve.read_timeout / 1e9, self.pipeline.metrics)
@@ -108,6 +116,17 @@ class Server:
         wal = self.ingest.wal
         return (self._ready and not self._stopping.is_set() and self.store.failing is None
                 and (wal is None or wal.failing is None))
+
+    def _loaded_position(self) -> Checkpoint | None:
+        """The log position the state dir's snapshot covers (None: it has none; the log's
+        own checkpoint is used, which does not bring back what was learned since)."""
+        try:
+            data = model_store.extra(self.model_dir, POSITION)
+            return Checkpoint.from_json(data) if data is not None else None
+        except (ModelFileError, ValueError, TypeError, KeyError) as exc:
+            log.error("the snapshot's write-ahead log position is unusable (%s): replaying from the log's "
+                      "checkpoint", exc)
+            return None
 
     def _load_models(self) -> Models | None:
         """The state dir's own snapshot (a restart), else the trained ``serve.model_dir``."""
@@ -149,25 +168,44 @@ class Server:
 
     def _tick(self) -> None:
         serve = self.config.serve
+        wal = self.ingest.wal
         next_snapshot = time.monotonic() + serve.snapshot_interval / 1e9
         next_commit = time.monotonic() + serve.wal_commit_interval / 1e9
         while not self._stopping.wait(serve.tick / 1e9):
             try:
                 self.ingest.tick()
                 self.store.prune_if_due(time.time_ns())
-                if self.ingest.wal is not None and time.monotonic() >= next_commit:
-                    self.ingest.commit_log()
+                if wal is not None and time.monotonic() >= next_commit:
+                    self.ingest.commit_log(self._covered)
                     next_commit = time.monotonic() + serve.wal_commit_interval / 1e9
-                if time.monotonic() >= next_snapshot:
-                    self.snapshot()
+                # Due by time, or early when the log kept for the last snapshot fills half its bound.
+                due = time.monotonic() >= next_snapshot or (wal is not None and wal.size > serve.wal_max_bytes / 2)
+                if due and self.snapshot(when_settled=True):
                     next_snapshot = time.monotonic() + serve.snapshot_interval / 1e9
             except Exception:  # the ticker must outlive one bad tick; the error is logged and counted
                 log.exception("tick failed")
                 self.pipeline.metrics.inc("traceguard_tick_errors_total")
 
-    def snapshot(self) -> None:
+    def snapshot(self, when_settled: bool = False) -> bool:
+        """Saves the learned state with the write-ahead log position it covers, so that
+        after a crash the log replays exactly what it lacks. ``when_settled``: not
+        while the forest holds decided traces for its batch (it scores at least every
+        ``learned.forest.max_delay``); returns whether it saved."""
         with self.ingest.lock:
-            model_store.save(self.pipeline.models_for_saving(), self.model_dir)
+            if when_settled and self.pipeline.batched():
+                return False
+            self._save_locked()
+        return True
+
+    def _save_locked(self) -> None:
+        """The models (and the log position they cover), under the ingest lock."""
+        extras = {}
+        if self.ingest.wal is not None:
+            position = self.ingest.position()
+            extras[POSITION] = position.to_json()
+        model_store.save(self.pipeline.models_for_saving(), self.model_dir, extras)
+        if self.ingest.wal is not None:
+            self._covered = position.seq
 
     def stop(self) -> None:
         """Stops accepting, decides what is in flight, saves the models and closes the
@@ -196,12 +234,13 @@ class Server:
                             abandoned, timeout, "the write-ahead log replays them at the next start"
                             if self.ingest.wal is not None else "they are lost")
             try:
-                model_store.save(self.pipeline.models_for_saving(), self.model_dir)
+                self._save_locked()
             except OSError as exc:  # a full disk: the snapshot before stays whole (saves are atomic)
                 log.error("the learned state could not be saved: %s", exc)
         self.store.close()
         if self.ingest.wal is not None:
-            self.ingest.commit_log()  # what was decided is trimmed; the undecided rest is replayed next start
+            # what was decided is trimmed; the undecided rest is replayed next start
+            self.ingest.commit_log(self._covered)
             self.ingest.wal.close()
         if self.store.backlog or self.store.dropped_:
             log.error("%d findings could not be written to the store (%s) and are lost",

@@ -73,6 +73,10 @@ class TraceOutlier:
         self._by_trace[trace.trace_id] = pending
         return []
 
+    def waiting(self) -> int:
+        """Decided traces held for the next batch."""
+        return len(self._pending)
+
     def learn(self, trace: Trace, flagged: frozenset[AnomalyKind]) -> None:
         """Its buffer of normal traces takes only traces nothing flagged (and, when
         scored, that deviate in no feature): it learns shapes, not frequencies."""

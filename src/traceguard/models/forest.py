@@ -13,12 +13,14 @@ after ``warmup_traces`` and again every ``refit_every``. A fitted forest is a
 function of that buffer and the seed, which is why a model file stores the
 buffer, not the trees: loading refits, and nothing is unpickled.
 
-A fit takes 150-200 ms (100 trees). In event time it runs where it is due,
-so a replay gives the same findings every time. Live (wall clock), it runs
-on a thread of its own (``ForestModel.fit_in_background``) on a copy of the
-buffer, and the forest goes on scoring with its previous fit until the new
-one is ready: a refit does not stall decisions, nor the receivers waiting
-for the pipeline's lock.
+A fit takes 150-200 ms (100 trees). In event time it runs where it is due.
+Live (wall clock), it runs on a thread of its own
+(``ForestModel.fit_in_background``) on a copy of the buffer while decisions
+go on, and the next batch takes it in, waiting for it only if it is not
+done yet: the batch that a fit where it was due would score with the new
+forest scores with it too, so the findings are the same, and a refit no
+longer stalls decisions (nor the receivers waiting for the pipeline's lock)
+for its whole length.
 
 Scores follow scikit-learn's ``score_samples`` (lower = more anomalous); the
 threshold is the ``score_quantile`` of the training scores. The forest ranks,
@@ -175,18 +177,22 @@ class RootForest:
         self.filled_ = min(self.filled_ + 1, len(self.reservoir_))
         self.since_fit_ += 1
         warm = self.filled_ >= min(self.config.warmup_traces, len(self.reservoir_))
-        if not warm or (self.estimator_ is not None and self.since_fit_ < self.config.refit_every):
+        fitted = self.estimator_ is not None or self._fitting is not None
+        if not warm or (fitted and self.since_fit_ < self.config.refit_every):
             return
         if self.background is None:
             self.fit()
-        elif self._fitting is None:
-            self.since_fit_ = 0
-            self._fitting = self.background.submit(_fit, self, self.reservoir_[: self.filled_].copy(),
-                                                   dict(self.stage_index_))
+            return
+        # A fit due again before the one before was taken in (no batch of this root
+        # operation came between): that one goes in first, as in place they would follow.
+        self.settle()
+        self.since_fit_ = 0
+        self._fitting = self.background.submit(_fit, self, self.reservoir_[: self.filled_].copy(),
+                                               dict(self.stage_index_))
 
     def settle(self) -> None:
-        """Takes a background fit in once it is done (before a batch is scored)."""
-        if self._fitting is not None and self._fitting.done():
+        """Takes a background fit in before a batch is scored (waiting for it if it is not done)."""
+        if self._fitting is not None:
             fitting, self._fitting = self._fitting, None
             self._apply(fitting.result())
 

@@ -46,8 +46,12 @@ class ModelFileError(ValueError):
     """A model directory that cannot be used; the message says why."""
 
 
-def save(models: Models, directory: Path) -> None:
+def save(models: Models, directory: Path, extras: dict[str, bytes] | None = None) -> None:
+    """``extras``: more files saved with the models, atomically with them and
+    checksummed (``serve`` keeps the write-ahead log position the models cover);
+    read back with ``extra``."""
     directory = Path(directory)
+    extras = extras or {}
     staging, previous = _sibling(directory, "new"), _sibling(directory, "old")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -56,10 +60,13 @@ def save(models: Models, directory: Path) -> None:
     _save_forest(models, staging / "forest.npz")
     (staging / "rates.json").write_text(json.dumps(models.rates, sort_keys=True))
     (staging / "templates.json").write_text(json.dumps(models.templates.state(), sort_keys=True))
+    for name, data in extras.items():
+        (staging / name).write_bytes(data)
+    names = (*FILES, *extras)
     manifest = {"format": FORMAT, "version": VERSION, "traceguard": __version__,
-                "files": {name: _sha256(staging / name) for name in FILES}}
+                "files": {name: _sha256(staging / name) for name in names}}
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    for name in (*FILES, "manifest.json"):
+    for name in (*names, "manifest.json"):
         sync(staging / name)
     sync(staging)
     if (previous / "manifest.json").exists() and not (directory / "manifest.json").exists():
@@ -71,6 +78,27 @@ def save(models: Models, directory: Path) -> None:
     os.rename(staging, directory)
     sync(directory.parent)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def extra(directory: Path, name: str) -> bytes | None:
+    """A file ``save`` kept with the models (``extras``), or None if it has none.
+
+    Raises:
+        ModelFileError: it does not match its checksum.
+    """
+    located = _located(Path(directory))
+    if located is None:
+        return None
+    try:
+        digest = json.loads((located / "manifest.json").read_text()).get("files", {}).get(name)
+    except (ValueError, AttributeError):
+        return None  # load() says what is wrong with the manifest
+    if digest is None:
+        return None
+    path = located / name
+    if not path.is_file() or _sha256(path) != digest:
+        raise ModelFileError(f"{path} does not match its checksum in manifest.json: the file was changed or is corrupt")
+    return path.read_bytes()
 
 
 def exists(directory: Path) -> bool:

@@ -164,6 +164,13 @@ class OffsetTracker:
         after = {t for o, ids, _ in part.records if o >= offset for t in ids}
         return {t: part.last_offset[t] for t in (before | part.straddlers) & after}
 
+    def read_since(self, partition: Hashable, offset: int) -> dict[bytes, int]:
+        """The traces with records at or after ``offset`` (not committed yet): trace → its last offset read."""
+        part = self._partitions.get(partition)
+        if part is None:
+            return {}
+        return {t: part.last_offset[t] for o, ids, _ in part.records if o >= offset for t in ids}
+
     def committed(self, partition: Hashable, offset: int) -> None:
         """Forgets the records before a committed offset; settles traces whose span records are all committed."""
         part = self._partitions.get(partition)

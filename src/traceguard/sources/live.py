@@ -185,10 +185,11 @@ class LiveIngest:
         assembler = self.pipeline.assembler
         return {trace_id: self.pipeline.logs.get(trace_id) for trace_id in trace_ids if assembler.is_decided(trace_id)}
 
-    def recover(self) -> int:
-        """Replays the write-ahead log from its checkpoint (at start, before the receivers
-        open): what was accepted before a crash is taken again; returns how many records."""
-        checkpoint = self.wal.checkpoint()
+    def recover(self, start: Checkpoint | None = None) -> int:
+        """Replays the write-ahead log from ``start`` (the position the loaded model snapshot
+        covers), else from its own checkpoint (at start, before the receivers open): what
+        was accepted before a crash is taken again; returns how many records."""
+        checkpoint = start or self.wal.checkpoint()
         assembler = self.pipeline.assembler
         for trace_id, (_, decided_at) in checkpoint.straddlers.items():
             assembler.remember_decided(trace_id, decided_at)
@@ -212,9 +213,22 @@ class LiveIngest:
         self.metrics.inc("traceguard_wal_replayed_records_total", replayed)
         return replayed
 
-    def commit_log(self) -> None:
+    def position(self) -> Checkpoint:
+        """Where a replay must start to rebuild the pipeline's state from a model snapshot
+        taken now (call it under ``lock``): the oldest request whose traces are not all
+        decided, and every decided trace with requests from there on, whose earlier
+        records are skipped and later spans are late (they are in the snapshot already)."""
+        seq = self.tracker.committable(WAL)
+        seq = self.wal.next_seq if seq is None else seq
+        assembler = self.pipeline.assembler
+        return Checkpoint(seq, {trace_id: (last, assembler.decided_at(trace_id))
+                                for trace_id, last in self.tracker.read_since(WAL, seq).items()
+                                if assembler.is_decided(trace_id)})
+
+    def commit_log(self, keep_from: int | None = None) -> None:
         """Trims the write-ahead log up to the oldest request whose traces are not all
-        decided with their findings stored (never while the store holds findings back)."""
+        decided with their findings stored (never while the store holds findings back),
+        and never past ``keep_from``, the position the last model snapshot covers."""
         with self.lock:
             if self.store.backlog:
                 return
@@ -225,7 +239,7 @@ class LiveIngest:
             assembler = self.pipeline.assembler
             straddlers = {trace_id: (last, assembler.decided_at(trace_id) or 0)
                           for trace_id, last in self.tracker.straddlers(WAL, seq).items()}
-        self.wal.commit(Checkpoint(seq, straddlers))
+        self.wal.commit(Checkpoint(seq, straddlers), keep_from)
         with self.lock:
             self.tracker.committed(WAL, seq)
 

@@ -6,7 +6,9 @@ drop is the Kafka source's rule (``kafka_offsets``): the log is trimmed up to
 the oldest record whose traces are not all decided with their findings in the
 store, and a checkpoint file says where that is and which decided traces
 straddle it, so a replay skips their earlier records and knows their later
-spans as late, exactly as a Kafka re-reader does.
+spans as late, exactly as a Kafka re-reader does. ``serve`` keeps the log
+further back, from the position its last model snapshot covers (the same
+kind of checkpoint, saved with the models), and replays from there.
 
 On disk: ``wal/<first sequence number>.seg`` segment files of records
 ``<length u32><crc32 u32><seq u64><kind u8><body>`` (little-endian; the crc
@@ -66,6 +68,19 @@ class Checkpoint:
     seq: int
     straddlers: dict[bytes, tuple[int, int]]
 
+    def to_json(self) -> bytes:
+        entries = [[t.hex(), last, at] for t, (last, at) in self.straddlers.items()]
+        return json.dumps({"seq": self.seq, "straddlers": entries}, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Checkpoint":
+        """Raises:
+            ValueError, TypeError, KeyError: not what ``to_json`` writes.
+        """
+        document = json.loads(data)
+        return cls(int(document["seq"]), {bytes.fromhex(t): (int(last), int(at))
+                                          for t, last, at in document["straddlers"]})
+
 
 class WriteAheadLog:
     def __init__(self, directory: Path, *, max_bytes: int, segment_bytes: int, fsync: bool, metrics: Metrics) -> None:
@@ -84,8 +99,13 @@ class WriteAheadLog:
         self._current: int | None = None
         self._written = self._synced = -1
         self.failing: str | None = None  # the last write's error, until a write succeeds
-        metrics.gauge("traceguard_wal_bytes", lambda: sum(self._segments.values()))
+        metrics.gauge("traceguard_wal_bytes", lambda: self.size)
         metrics.gauge("traceguard_wal_segments", lambda: len(self._segments))
+
+    @property
+    def size(self) -> int:
+        """Bytes on disk."""
+        return sum(self._segments.values())
 
     # -- reading (at start, before anything is appended) ------------------------------
     def checkpoint(self) -> Checkpoint:
@@ -93,9 +113,7 @@ class WriteAheadLog:
         if not path.exists():
             return Checkpoint(0, {})
         try:
-            data = json.loads(path.read_bytes())
-            return Checkpoint(int(data["seq"]), {bytes.fromhex(t): (int(last), int(at))
-                                                 for t, last, at in data["straddlers"]})
+            return Checkpoint.from_json(path.read_bytes())
         except (ValueError, TypeError, KeyError) as exc:  # written atomically, so only tampering gets here
             log.error("%s is unreadable (%s): the whole log is replayed", path, exc)
             return Checkpoint(0, {})
@@ -243,14 +261,14 @@ class WriteAheadLog:
         self._fd = None
 
     # -- trimming --------------------------------------------------------------------
-    def commit(self, checkpoint: Checkpoint) -> int:
-        """Records the new replay start, then deletes the segments wholly before it; returns how many."""
-        entries = [[t.hex(), last, at] for t, (last, at) in checkpoint.straddlers.items()]
-        write_atomically(self.directory / CHECKPOINT,
-                         json.dumps({"seq": checkpoint.seq, "straddlers": entries}, separators=(",", ":")).encode())
+    def commit(self, checkpoint: Checkpoint, keep_from: int | None = None) -> int:
+        """Records the new replay start, then deletes the segments wholly before it and
+        before ``keep_from`` (the position the last model snapshot covers); returns how many."""
+        write_atomically(self.directory / CHECKPOINT, checkpoint.to_json())
         with self._lock:
             firsts = sorted(self._segments)
-            dropped = [first for first, following in zip(firsts, firsts[1:]) if following <= checkpoint.seq]
+            keep = checkpoint.seq if keep_from is None else min(checkpoint.seq, keep_from)
+            dropped = [first for first, following in zip(firsts, firsts[1:]) if following <= keep]
             for first in dropped:
                 self._path(first).unlink(missing_ok=True)
                 del self._segments[first]
