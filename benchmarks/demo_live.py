@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import sys
 import tempfile
@@ -95,10 +96,8 @@ def main() -> None:
             if args.keep:
                 sys.stdout.flush()
                 print(f"the web view: http://127.0.0.1:{server.api}/ (Ctrl-C stops the server)", file=sys.stderr)
-                try:
+                with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: stop the server below
                     server.process.wait()
-                except KeyboardInterrupt:
-                    pass
         finally:
             server.stop()
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import socket
 import statistics
 import subprocess
@@ -141,7 +140,7 @@ def run_traceguard(bodies: list[bytes], traces: int, model_dir: Path, learned: b
                               "--model-dir", str(model_dir), env=env)
         try:
             warm(server.grpc, bodies[0])
-            decided = lambda: _metric(server.client.get("/metrics").text, "traceguard_traces_decided_total")  # noqa: E731
+            decided = lambda: server.metric("traceguard_traces_decided_total")  # noqa: E731
             server.wait_for(lambda: decided() >= 1, timeout=120, what="the warm-up trace decided")
             before = cpu_seconds(server.process.pid)
             send(server.grpc, bodies[1:])
@@ -161,10 +160,6 @@ def run_traceguard(bodies: list[bytes], traces: int, model_dir: Path, learned: b
             return now - before
         finally:
             server.stop(120)
-
-
-def _metric(text: str, name: str) -> float:
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
 
 
 def main() -> None:

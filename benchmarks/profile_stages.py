@@ -64,7 +64,7 @@ def stage_of(stack: list[str]) -> str:
 def profile_serve(py_spy: str, tmp: Path, raw: Path, traces: int) -> None:
     """``py-spy`` on a live ``serve`` from the end of the warm-up until every trace is decided."""
     from benchmarks.common import scenario_requests
-    from benchmarks.peer_collector import _metric, send, warm
+    from benchmarks.peer_collector import send, warm
     from benchmarks.serve_process import ServeProcess
 
     requests = scenario_requests(traces)
@@ -75,7 +75,7 @@ def profile_serve(py_spy: str, tmp: Path, raw: Path, traces: int) -> None:
                           str(tmp / "models"), env={"TRACEGUARD_SERVE__TICK": "100ms"})
     try:
         warm(server.grpc, bodies[0])
-        decided = lambda: _metric(server.client.get("/metrics").text, "traceguard_traces_decided_total")  # noqa: E731
+        decided = lambda: server.metric("traceguard_traces_decided_total")  # noqa: E731
         server.wait_for(lambda: decided() >= 1, timeout=120, what="the warm-up trace decided")
         spy = subprocess.Popen([py_spy, "record", "--nonblocking", "--format", "raw", "-r", str(RATE), "-o", str(raw),
                                 "--pid", str(server.process.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

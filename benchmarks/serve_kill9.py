@@ -69,8 +69,9 @@ def _found(state: Path) -> dict[str, tuple[str, str]]:
                 db.execute("SELECT id, kind, trace_id FROM anomalies")}
 
 
-def run(bodies: list[bytes], state: Path, kill_after: set[int], args: tuple[str, ...]) -> tuple[dict, int]:
-    server = ServeProcess(state, *args, env=ENV)
+def run(bodies: list[bytes], state: Path, kill_after: set[int], args: tuple[str, ...],
+        env: dict[str, str]) -> tuple[dict, int]:
+    server = ServeProcess(state, *args, env=env)
     replayed = 0
     for index, body in enumerate(bodies):
         _send(server, body)
@@ -78,7 +79,7 @@ def run(bodies: list[bytes], state: Path, kill_after: set[int], args: tuple[str,
             os.kill(server.process.pid, signal.SIGKILL)
             server.process.wait(60)
             server.client.close()
-            server = ServeProcess(state, *args, env=ENV)
+            server = ServeProcess(state, *args, env=env)
             replayed += sum(int(line.split("write-ahead log: ")[1].split()[0])
                             for line in server.lines if "write-ahead log: " in line)
     code = server.stop(timeout=120)
@@ -113,14 +114,14 @@ def main() -> None:
     bodies = [r.SerializeToString() for r in scenario_requests(args.traces, fault_rate=0.1, **outliers)]
     kill_after = set(random.Random(args.seed).sample(range(len(bodies) - 1), args.kills))
     with tempfile.TemporaryDirectory() as tmp:
-        serve_args = ARGS
+        serve_args, env = ARGS, ENV
         if args.trained:
             serve_args = (*ARGS, "--model-dir", str(train(Path(tmp), args.traces)))
             # refits every 100 normal traces of a root operation: what the forest learns between
             # snapshots changes what it finds later, so losing it across a kill would show
-            ENV["TRACEGUARD_LEARNED__FOREST__REFIT_EVERY"] = "100"
-        reference, _ = run(bodies, Path(tmp) / "uninterrupted", set(), serve_args)
-        killed, replayed = run(bodies, Path(tmp) / "killed", kill_after, serve_args)
+            env = {**ENV, "TRACEGUARD_LEARNED__FOREST__REFIT_EVERY": "100"}
+        reference, _ = run(bodies, Path(tmp) / "uninterrupted", set(), serve_args, env)
+        killed, replayed = run(bodies, Path(tmp) / "killed", kill_after, serve_args, env)
 
     def split(found: dict) -> dict[str, set[str]]:
         groups: dict[str, set[str]] = {"structural": set(), "learned": set(), "stage_level": set()}

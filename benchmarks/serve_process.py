@@ -16,6 +16,11 @@ import httpx
 LISTENING = re.compile(r"listening: OTLP/gRPC :(\d+), OTLP/HTTP :(\d+), API :(\d+)")
 
 
+def metric_total(text: str, name: str) -> float:
+    """A metric's value in Prometheus text, summed over its series."""
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
+
+
 class ServeProcess:
     def __init__(self, state_dir, *args: str, env: dict[str, str] | None = None) -> None:
         environ = {**os.environ, "TRACEGUARD_SERVE__TICK": "50ms", **(env or {})}
@@ -56,6 +61,10 @@ class ServeProcess:
             cursor = page["next"]
             if cursor is None:
                 return items
+
+    def metric(self, name: str) -> float:
+        """A metric's value from /metrics, summed over its series."""
+        return metric_total(self.client.get("/metrics").text, name)
 
     def wait_for(self, predicate, timeout: float = 60.0, what: str = "condition"):
         """Polls ``predicate()`` until it returns something truthy (no fixed sleeps)."""

@@ -45,13 +45,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from benchmarks.common import median_rate, scenario_requests, send_back_to_back
-from benchmarks.serve_process import ServeProcess
+from benchmarks.serve_process import ServeProcess, metric_total
 
 METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
-
-
-def _metric(text: str, name: str) -> float:
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
 
 
 def _histogram_quantile(text: str, name: str, q: float) -> float | None:
@@ -79,8 +75,7 @@ def measure(bodies: list[bytes], spans: list[int], streams: int, env: dict[str, 
             elapsed = time.perf_counter() - started
             sent_timed = total - spans[0]
             # findings of the decided traces are stored within decision wait + a tick
-            server.wait_for(lambda: _metric(server.client.get("/metrics").text,
-                                            "traceguard_finding_store_seconds_count") > 0, timeout=60,
+            server.wait_for(lambda: server.metric("traceguard_finding_store_seconds_count") > 0, timeout=60,
                             what="stored findings")
             time.sleep(12)  # let max_trace_age pass so the rootless traces are decided and stored too
             metrics = server.client.get("/metrics").text
@@ -132,10 +127,10 @@ def main() -> None:
     every = sum(spans) / len(spans) / args.rate if args.rate else 0.0
     result = measure(bodies, spans, args.streams, refits, every)
     metrics, latencies = result["metrics"], result["latencies"]
-    received = _metric(metrics, "traceguard_spans_received_total")
-    refused = _metric(metrics, "traceguard_requests_refused_total")
-    stored_count = _metric(metrics, "traceguard_finding_store_seconds_count")
-    stored_sum = _metric(metrics, "traceguard_finding_store_seconds_sum")
+    received = metric_total(metrics, "traceguard_spans_received_total")
+    refused = metric_total(metrics, "traceguard_requests_refused_total")
+    stored_count = metric_total(metrics, "traceguard_finding_store_seconds_count")
+    stored_sum = metric_total(metrics, "traceguard_finding_store_seconds_sum")
     store_p99 = _histogram_quantile(metrics, "traceguard_finding_store_seconds", 0.99)
     lag_p50 = _histogram_quantile(metrics, "traceguard_decision_lag_seconds", 0.5)
     lag_p99 = _histogram_quantile(metrics, "traceguard_decision_lag_seconds", 0.99)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from benchmarks.kafka_feed import read_length_prefixed
 from benchmarks.quality import STRUCTURAL_KINDS, every_finding, subject
 from benchmarks.scenario import ScenarioConfig, length_prefixed, write_scenario
 from traceguard.config import load_config
@@ -38,15 +38,6 @@ from traceguard.sinks import MemorySink
 INVISIBLE = frozenset({"exporter_drop"})  # the faulty pod sends nothing: no sidecar sees it
 KINDS = (*(k for k in STRUCTURAL_KINDS if k != "unpaired_client_span"), "missing_expected_span")
 BLAMING = ("missing_parent_span_id", "missing_root_span_id")
-
-
-def _messages(path: Path):
-    data = path.read_bytes()
-    at = 0
-    while at < len(data):
-        (size,) = struct.unpack_from(">I", data, at)
-        yield data[at + 4: at + 4 + size]
-        at += 4 + size
 
 
 def _service(resource) -> str:
@@ -66,9 +57,9 @@ def split(directory: Path, out: Path) -> tuple[list[str], dict[str, str]]:
             handle = files[(service, name)] = open(out / service / name, "wb")
         handle.write(length_prefixed(message))
 
-    for body in _messages(directory / "traces.pb"):
+    for request in read_length_prefixed(directory / "traces.pb", ExportTraceServiceRequest):
         by_service = defaultdict(ExportTraceServiceRequest)
-        for resource_spans in ExportTraceServiceRequest.FromString(body).resource_spans:
+        for resource_spans in request.resource_spans:
             service = _service(resource_spans.resource)
             by_service[service].resource_spans.append(resource_spans)
             for scope in resource_spans.scope_spans:
@@ -76,9 +67,9 @@ def split(directory: Path, out: Path) -> tuple[list[str], dict[str, str]]:
                     exported[span.span_id.hex()] = service
         for service, request in by_service.items():
             write(service, "traces.pb", request)
-    for body in _messages(directory / "logs.pb"):
+    for request in read_length_prefixed(directory / "logs.pb", ExportLogsServiceRequest):
         by_service = defaultdict(ExportLogsServiceRequest)
-        for resource_logs in ExportLogsServiceRequest.FromString(body).resource_logs:
+        for resource_logs in request.resource_logs:
             by_service[_service(resource_logs.resource)].resource_logs.append(resource_logs)
         for service, request in by_service.items():
             write(service, "logs.pb", request)

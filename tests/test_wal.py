@@ -180,8 +180,7 @@ def test_kill_9_loses_nothing_learned_since_the_last_snapshot(tmp_path):
                        headers={"content-type": "application/x-protobuf"}).raise_for_status()
 
     def decided(server):
-        return sum(float(line.rsplit(" ", 1)[1]) for line in server.client.get("/metrics").text.splitlines()
-                   if line.startswith("traceguard_traces_decided_total"))
+        return server.metric("traceguard_traces_decided_total")
 
     traces = 600
     reference = ServeProcess(tmp_path / "reference", *args, env=env)

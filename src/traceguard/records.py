@@ -185,9 +185,9 @@ def trace_view(trace: Trace, max_spans: int) -> dict[str, Any]:
             "service": s.service, "name": s.name, "kind": KIND_NAMES[s.kind], "status": _STATUS_NAMES[s.status],
             "start": s.start, "end": s.end, "attributes": {k: v for k, v in s.attrs or ()},
         } for s in trace.spans[:max_spans]],
-        "logs": [{
-            "span_id": r.span_id.hex() if r.span_id else None, "time": r.time, "severity": r.severity_text,
-            "severity_number": r.severity_number, "body": r.body, "service": r.service,
+        "logs": [{  # the fields of a finding's LinkedLog, so one view shows both
+            "time_unix_nano": r.time, "span_id": r.span_id.hex() if r.span_id else None, "service": r.service,
+            "severity_number": r.severity_number, "severity_text": r.severity_text, "body": r.body,
         } for r in (trace.logs or ())[:max_spans]],
     }
 

@@ -35,9 +35,14 @@ def _settings(ui: UiConfig, **more: Any) -> dict[str, Any]:
     return {"version": __version__, "trace_link": ui.trace_link, "refresh_ms": ui.refresh // 1_000_000, **more}
 
 
+def _inline(text: str) -> str:
+    """Script text (code or JSON) that cannot end the <script> element it sits in:
+    "<\\/" reads as "</" in a string, a regular expression or JSON."""
+    return text.replace("</", "<\\/")
+
+
 def _inline_json(value: Any) -> str:
-    """JSON that cannot end the <script> element it sits in."""
-    return json.dumps(value, separators=(",", ":")).replace("</", "<\\/")
+    return _inline(json.dumps(value, separators=(",", ":")))
 
 
 def live_page(ui: UiConfig) -> str:
@@ -53,5 +58,5 @@ def report_page(data: dict[str, Any], ui: UiConfig) -> str:
     return _read("page.html").format(
         style=f"<style>{_read('app.css')}</style>",
         settings=_inline_json(_settings(ui, mode="report", data=data)),
-        script=f"<script>{_read('app.js').replace('</', '<' + chr(92) + '/')}</script>",
+        script=f"<script>{_inline(_read('app.js'))}</script>",
     )

@@ -180,15 +180,16 @@
       "<h2>Affected callers</h2>" + stages(i.affected, false) + (i.exemplars && i.exemplars.length ?
       '<h2>Exemplar traces</h2><ul class="exemplars">' + i.exemplars.map((t) => "<li>" + traceLink(t, i.id) + "</li>")
         .join("") + "</ul>" : "") + "<h2>Findings</h2>" +
-      findingRows(i.findings.slice().sort(bySeverity), true) + logList(i.logs || [], 0)};
+      findingRows(i.findings.slice().sort(bySeverity), true) +
+      (i.logs && i.logs.length ? "<h2>Logs</h2>" + logItems(i.logs, 0) : "")};
   }
 
-  function logList(logs, t0) {
-    if (!logs.length) return "";
-    return '<h2>Logs</h2><ul class="logs">' + logs.map((l) => '<li class="log ' +
-      esc((l.severity_text || l.severity || "").toLowerCase()) + '">' + esc(t0 ? "+" + ms(l.time_unix_nano - t0) :
-      utc(l.time_unix_nano)) + " " + esc(l.service) + " " + esc(l.severity_text) + ": " + esc(l.body) + "</li>")
-      .join("") + "</ul>";
+  // Log records (a finding's linked logs and a kept trace's have the same fields):
+  // their time relative to t0, or in UTC when t0 is 0.
+  function logItems(logs, t0) {
+    return '<ul class="logs">' + logs.map((l) => '<li class="log ' + esc((l.severity_text || "").toLowerCase()) +
+      '">' + esc(t0 ? "+" + ms(l.time_unix_nano - t0) : utc(l.time_unix_nano)) + " " + esc(l.service) + " " +
+      esc(l.severity_text) + ": " + esc(l.body) + "</li>").join("") + "</ul>";
   }
 
   // Spans depth first from the roots (and the spans whose parent never came), children by start.
@@ -254,8 +255,9 @@
       const culprit = culprits.has(span.service + "\u001f" + span.name);
       if (culprit) cls.push("culprit");
       const own = logs.get(span.span_id) || [];
-      const marks = own.map((l) => '<i class="logmark ' + esc((l.severity || "").toLowerCase()) + '" style="left:' +
-        pct(Math.min(Math.max(l.time, t0), t1)) + '" title="' + esc(l.severity + ": " + l.body) + '"></i>').join("");
+      const marks = own.map((l) => '<i class="logmark ' + esc(l.severity_text.toLowerCase()) + '" style="left:' +
+        pct(Math.min(Math.max(l.time_unix_nano, t0), t1)) + '" title="' + esc(l.severity_text + ": " + l.body) +
+        '"></i>').join("");
       rows.push('<div class="' + cls.join(" ") + '" data-span-id="' + esc(span.span_id) + '" tabindex="0">' +
         '<div class="label" style="padding-left:' + (depth * 14 + 4) + 'px"><span class="dot" style="background:' +
         colour(span.service) + '"></span>' + badge(span.kind, "kind " + span.kind) + " " + esc(span.service) +
@@ -279,12 +281,6 @@
       trace.spans_total + ' spans, click one for its attributes and logs</div><div class="lane">' + axis +
       "</div></div>" + rows.join("") + "</div>" + (loose.length ? "<h2>Logs not on a kept span</h2>" +
       logItems(loose, t0) : "");
-  }
-
-  function logItems(logs, t0) {
-    return '<ul class="logs">' + logs.map((l) => '<li class="log ' + esc((l.severity || "").toLowerCase()) + '">+' +
-      esc(ms(l.time - t0)) + " " + esc(l.service) + " " + esc(l.severity) + ": " + esc(l.body) + "</li>").join("") +
-      "</ul>";
   }
 
   function spanDetail(span, logs, t0) {
