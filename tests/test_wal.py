@@ -184,19 +184,24 @@ def test_kill_9_loses_nothing_learned_since_the_last_snapshot(tmp_path):
 
     traces = 600
     reference = ServeProcess(tmp_path / "reference", *args, env=env)
-    send(reference, bodies)
-    reference.wait_for(lambda: decided(reference) >= traces, timeout=300, what="every trace decided")
-    assert reference.stop(timeout=120) == 0
+    try:
+        send(reference, bodies)
+        reference.wait_for(lambda: decided(reference) >= traces, timeout=300, what="every trace decided")
+    finally:
+        assert reference.stop(timeout=120) == 0
 
     killed = ServeProcess(tmp_path / "killed", *args, env=env)
-    send(killed, bodies[: len(bodies) // 2])
-    killed.wait_for(lambda: decided(killed) >= 1, timeout=300, what="traces decided")
-    killed.wait_for(lambda: decided(killed) >= 250, timeout=300, what="most of the first half decided")
-    os.kill(killed.process.pid, signal.SIGKILL)  # decided and learned since the start-up snapshot: in the log only
-    killed.process.wait(30)
-    killed.client.close()
+    try:
+        send(killed, bodies[: len(bodies) // 2])
+        killed.wait_for(lambda: decided(killed) >= 250, timeout=300, what="most of the first half decided")
+    finally:  # decided and learned since the start-up snapshot: in the log only
+        os.kill(killed.process.pid, signal.SIGKILL)
+        killed.process.wait(30)
+        killed.client.close()
     again = ServeProcess(tmp_path / "killed", *args, env=env)
-    send(again, bodies[len(bodies) // 2:])
-    again.wait_for(lambda: decided(again) >= traces, timeout=300, what="every trace decided after the restart")
-    assert again.stop(timeout=120) == 0
+    try:
+        send(again, bodies[len(bodies) // 2:])
+        again.wait_for(lambda: decided(again) >= traces, timeout=300, what="every trace decided after the restart")
+    finally:
+        assert again.stop(timeout=120) == 0
     assert _learned_traces(tmp_path / "killed") == _learned_traces(tmp_path / "reference")
