@@ -5,10 +5,13 @@ and error windows so stage series fill within the test) receives the
 scenario's spans over OTLP/HTTP in two halves. The browser asks for the token,
 lists what was found, takes the second half's findings in without a reload,
 opens a trace (its finding on its span, the link out), a span's attributes,
-and the stage page with its series. Screenshots go to test-artifacts/live-*.png.
+the stage page with its series, and a trace whose root never came (still
+named by the stage it entered by). Screenshots go to test-artifacts/live-*.png.
 """
 
 from __future__ import annotations
+
+from urllib.parse import quote
 
 import httpx
 
@@ -66,6 +69,16 @@ def test_the_live_view_lists_findings_updates_itself_and_opens_traces_and_stages
         tab.click("h1 + p a.stage")  # the trace's root stage
         tab.wait_for_selector("svg.plot polyline.p50", state="attached")
         page.shot("stage")
+
+        # a trace whose root never came still names the stage it entered by: the earliest span without a parent
+        lost = server.anomalies(kind="missing_root")[0]
+        tab.goto(f"http://127.0.0.1:{server.api}/#/trace/{lost['trace_id']}")
+        entry = tab.wait_for_selector("h1 + p a.stage").get_attribute("href")
+        spans = httpx.get(f"http://127.0.0.1:{server.api}/api/traces/{lost['trace_id']}",
+                          headers={"authorization": f"Bearer {TOKEN}"}).raise_for_status().json()["trace"]["spans"]
+        seen = {s["span_id"] for s in spans}
+        earliest = min((s for s in spans if s["parent_span_id"] not in seen), key=lambda s: s["start"])
+        assert entry == f"#/stage/{quote(earliest['service'], safe='')}/{quote(earliest['name'], safe='')}"
         assert not page.errors
     finally:
         assert server.stop(timeout=120) == 0

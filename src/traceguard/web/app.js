@@ -192,6 +192,13 @@
       esc(l.severity_text) + ": " + esc(l.body) + "</li>").join("") + "</ul>";
   }
 
+  // The roots, then the spans whose parent never came (where the root was lost), each by start.
+  function topSpans(spans) {
+    const ids = new Set(spans.map((s) => s.span_id));
+    return spans.filter((s) => !s.parent_span_id || !ids.has(s.parent_span_id))
+      .sort((a, b) => (a.parent_span_id ? 1 : 0) - (b.parent_span_id ? 1 : 0) || a.start - b.start);
+  }
+
   // Spans depth first from the roots (and the spans whose parent never came), children by start.
   function treeOrder(spans) {
     const byId = new Map(spans.map((s) => [s.span_id, s]));
@@ -202,8 +209,7 @@
         children.get(s.parent_span_id).push(s);
       }
     }
-    const tops = spans.filter((s) => !s.parent_span_id || !byId.has(s.parent_span_id))
-      .sort((a, b) => a.start - b.start);
+    const tops = topSpans(spans);
     const ordered = [], seen = new Set();
     const walk = (span, depth) => {
       if (seen.has(span.span_id)) return;
@@ -299,7 +305,7 @@
     const culprits = new Set(i ? i.culprits.map((c) => c.service + "\u001f" + c.operation) : []);
     if (!t) return {data: null, html: "<h1>Nothing kept of trace " + esc(id) + "</h1>"};
     const findings = t.findings.slice().sort(bySeverity);
-    const root = t.trace && t.trace.spans.find((s) => !s.parent_span_id);
+    const root = t.trace && topSpans(t.trace.spans)[0];  // the entry stage, even where the root was lost
     const link = S.trace_link ? ' <a class="linkout" href="' + esc(S.trace_link.replace("{trace_id}", id)) +
       '" target="_blank" rel="noopener">open in the tracing UI</a>' : "";
     return {data: t, html: "<h1>Trace <small>" + esc(id) + "</small>" + link + "</h1>" + (root ? "<p>" +
