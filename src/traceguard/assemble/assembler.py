@@ -86,8 +86,12 @@ class TraceAssembler:
         return trace_id in self._decided
 
     def undecided(self, trace_ids: set[bytes]) -> set[bytes]:
-        """Those of ``trace_ids`` not decided (or no longer remembered as decided)."""
-        return trace_ids - self._decided.keys()
+        """Those of ``trace_ids`` not decided (or no longer remembered as decided).
+
+        Looks each id up: a set operation with the decided keys would walk all of
+        them (up to ``decided_memory``) for every record."""
+        decided = self._decided
+        return {trace_id for trace_id in trace_ids if trace_id not in decided}
 
     def decided_at(self, trace_id: bytes) -> int | None:
         return self._decided.get(trace_id)
