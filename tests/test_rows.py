@@ -28,6 +28,7 @@ from traceguard.detect.context_outlived_parent import _ended_after_parent
 from traceguard.native import rows as native
 from traceguard.native import wire_schema
 from traceguard.records import KIND_PRODUCER
+from benchmarks.scenario import otlp_json
 from builders import row
 
 CONFIG = DecodeConfig(max_name_length=16)
@@ -47,7 +48,7 @@ def both(data: bytes, fast_stages: StageAttributes | None = None, reference_stag
 
 def same(fast, reference) -> None:
     def rows(decoded):
-        return [(r.trace_id, r.core, r.end, r.service, r.name, r.attrs) for r in decoded.rows]
+        return [(r.trace_id, r.core, r.end, r.service, r.name, r.attrs, r.instance) for r in decoded.rows]
 
     def events(decoded):
         return [(e.trace_id, e.span_id, e.time, e.severity_number, e.severity_text, e.body, e.service)
@@ -140,6 +141,27 @@ def field(number: int, wire: int, payload: bytes) -> bytes:
         "merge-rules", "resource-after-spans"])
 def test_edge_cases_decode_the_same(data):
     same(*both(data))
+
+
+@pytest.mark.parametrize("attributes, pod", [
+    ((kv("service.instance.id", string_value="cart-7f9c"), kv("k8s.pod.name", string_value="cart-5d8b-x2")),
+     "cart-5d8b-x2"),
+    ((kv("k8s.pod.name", string_value=""), kv("service.instance.id", string_value="i-1"),
+      kv("service.instance.id", string_value="i-2")), "i-1"),
+    ((kv("service.instance.id", int_value=3),), None),
+    ((), None),
+])
+def test_the_pod_is_k8s_pod_name_else_service_instance_id_in_both_encodings(attributes, pod):
+    data = request_of(good_span(), resource_attributes=(kv("service.name", string_value="cart"), *attributes))
+    fast, reference = both(data)
+    same(fast, reference)
+    assert [r.instance for r in fast.rows] == [pod]
+    document = orjson.loads(otlp_json(ExportTraceServiceRequest.FromString(data)))
+    fast_json, reference_json = json_c_walk(document), json_reference(document)
+    same(fast_json, reference_json)
+    assert [r.instance for r in fast_json.rows] == [pod]
+    (span,) = native.expand(fast.rows)[0]
+    assert span.instance == pod
 
 
 def test_a_cached_stage_is_shared_and_an_error_span_is_read_alone():
@@ -266,7 +288,7 @@ def test_messages_generated_from_the_schema_are_judged_and_decoded_as_upb_does()
 
 def spans_view(spans) -> list[tuple]:
     return [(s.span_id, s.parent_span_id, s.start, s.end, s.kind, s.status, s.has_links, s.service, s.name, s.attrs,
-             s.finished) for s in spans]
+             s.finished, s.instance) for s in spans]
 
 
 def expanded_view(result) -> tuple:

@@ -36,26 +36,31 @@
 static PyObject *Unsupported;
 
 /* A class with __slots__, and the offsets of the slots in the order given to bind(). */
+#define MAX_SLOTS 12
 typedef struct {
     PyTypeObject *type;
-    Py_ssize_t offset[11];
+    Py_ssize_t offset[MAX_SLOTS];
     int count;
 } Slots;
 
 static Slots row_slots, span_slots;
-static const char *ROW_SLOTS[] = {"trace_id", "core", "end", "service", "name", "attrs", NULL};
+static const char *ROW_SLOTS[] = {"trace_id", "core", "end", "service", "name", "attrs", "instance", NULL};
 static const char *SPAN_SLOTS[] = {"span_id", "parent_span_id", "start", "end", "kind", "status", "has_links",
-                                   "service", "name", "attrs", "finished", NULL};
-enum { ROW_TRACE_ID, ROW_CORE, ROW_END, ROW_SERVICE, ROW_NAME, ROW_ATTRS };
+                                   "service", "name", "attrs", "finished", "instance", NULL};
+enum { ROW_TRACE_ID, ROW_CORE, ROW_END, ROW_SERVICE, ROW_NAME, ROW_ATTRS, ROW_INSTANCE };
 
 static int bind_slots(Slots *slots, PyObject *type, const char **names) {
     if (!PyType_Check(type)) {
         PyErr_SetString(PyExc_TypeError, "bind() takes classes");
         return -1;
     }
-    Py_ssize_t offsets[11];
+    Py_ssize_t offsets[MAX_SLOTS];
     int i;
     for (i = 0; names[i] != NULL; i++) {
+        if (i == MAX_SLOTS) {
+            PyErr_SetString(PyExc_RuntimeError, "more slots than MAX_SLOTS");
+            return -1;
+        }
         PyObject *descr = PyObject_GetAttrString(type, names[i]);
         if (descr == NULL)
             return -1;
@@ -518,8 +523,22 @@ static int proto_response_attribute(Reader pair, Response *r) {
     return 0;
 }
 
-/* service.name of a ResourceSpans' resource(s): the first KeyValue with that key. */
-static int resource_service(Reader rs, const uint8_t **text, Py_ssize_t *size, int *found) {
+/* A resource attribute's string value; ``found`` once its key was seen. */
+typedef struct {
+    const uint8_t *text;
+    Py_ssize_t size;
+    int found;
+} ResourceText;
+
+static void resource_text(ResourceText *t, const Field *value) {
+    t->found = 1;
+    t->text = value->field == 1 ? value->data : NULL;
+    t->size = value->field == 1 ? value->size : 0;
+}
+
+/* service.name, k8s.pod.name and service.instance.id of a ResourceSpans'
+ * resource(s): the first KeyValue with each key. */
+static int resource_names(Reader rs, ResourceText *service, ResourceText *pod, ResourceText *instance) {
     Field f, a;
     int status, s2;
     FOR_FIELDS(rs, f, status) {
@@ -527,18 +546,19 @@ static int resource_service(Reader rs, const uint8_t **text, Py_ssize_t *size, i
             continue;
         Reader resource = READER(f);
         FOR_FIELDS(resource, a, s2) {
-            if (a.field != 1 || a.wire != LEN || *found)
+            if (a.field != 1 || a.wire != LEN)
                 continue;
             const uint8_t *key = NULL;
             Py_ssize_t key_size = 0;
             Field value = {0};
             if (key_value(READER(a), &key, &key_size, &value) < 0)
                 return -1;
-            if (key_size == 12 && memcmp(key, "service.name", 12) == 0) {
-                *found = 1;
-                *text = value.field == 1 ? value.data : NULL;
-                *size = value.field == 1 ? value.size : 0;
-            }
+            if (key_size == 12 && !service->found && memcmp(key, "service.name", 12) == 0)
+                resource_text(service, &value);
+            else if (key_size == 12 && !pod->found && memcmp(key, "k8s.pod.name", 12) == 0)
+                resource_text(pod, &value);
+            else if (key_size == 19 && !instance->found && memcmp(key, "service.instance.id", 19) == 0)
+                resource_text(instance, &value);
         }
         if (s2 < 0)
             return -1;
@@ -557,6 +577,7 @@ static void hex(char *out, const uint8_t *data, Py_ssize_t size) {
 
 typedef struct {
     PyObject *rows, *errors, *pending, *stages, *kept_keys, *service;
+    PyObject *instance; /* the resource's pod (k8s.pod.name, else service.instance.id) or None */
     Py_ssize_t name_limit, value_limit, max_errors, rejected;
     PyObject *evented; /* (row, the span's message bytes or JSON object) of the spans that have events */
 } Out;
@@ -693,7 +714,7 @@ static int add_row(Out *o, const uint8_t *trace, const uint8_t *core, uint64_t e
     }
     Py_INCREF(o->service);
     Py_INCREF(attrs);
-    PyObject *values[] = {trace_obj, core_obj, end_obj, o->service, name_obj, attrs};
+    PyObject *values[] = {trace_obj, core_obj, end_obj, o->service, name_obj, attrs, Py_NewRef(o->instance)};
     trace_obj = core_obj = end_obj = name_obj = NULL; /* stolen by fill */
     row = fill(&row_slots, values);
     if (row == NULL || PyList_Append(o->rows, row) < 0) goto done;
@@ -786,17 +807,22 @@ static int span(Out *o, Reader r) {
 }
 
 static int resource_spans(Out *o, Reader r, PyObject *unknown_service) {
-    const uint8_t *text = NULL;
-    Py_ssize_t size = 0;
-    int found = 0;
-    if (resource_service(r, &text, &size, &found) < 0)
+    ResourceText service = {0}, pod = {0}, instance = {0};
+    if (resource_names(r, &service, &pod, &instance) < 0)
         return unsupported();
-    if (text != NULL && size > 0) {
-        o->service = clipped_interned(text, size, o->name_limit);
+    if (service.text != NULL && service.size > 0) {
+        o->service = clipped_interned(service.text, service.size, o->name_limit);
         if (o->service == NULL) return -1;
     } else {
         Py_INCREF(unknown_service);
         o->service = unknown_service;
+    }
+    ResourceText *named = pod.text != NULL && pod.size > 0 ? &pod : &instance;
+    if (named->text != NULL && named->size > 0) {
+        o->instance = clipped_interned(named->text, named->size, o->name_limit);
+        if (o->instance == NULL) { Py_CLEAR(o->service); return -1; }
+    } else {
+        o->instance = Py_NewRef(Py_None);
     }
     Field f, sf;
     int status, s2, rc = 0;
@@ -815,6 +841,7 @@ static int resource_spans(Out *o, Reader r, PyObject *unknown_service) {
     if (status < 0) rc = unsupported();
 done:
     Py_CLEAR(o->service);
+    Py_CLEAR(o->instance);
     return rc;
 }
 
@@ -844,7 +871,7 @@ static PyObject *decode_spans(PyObject *Py_UNUSED(self), PyObject *args) {
         PyBuffer_Release(&data);
         return NULL;
     }
-    Out o = {PyList_New(0), PyList_New(0), PyList_New(0), stages, kept_keys, NULL, name_limit, value_limit,
+    Out o = {PyList_New(0), PyList_New(0), PyList_New(0), stages, kept_keys, NULL, NULL, name_limit, value_limit,
              max_errors, 0, PyList_New(0)};
     PyObject *result = NULL;
     if (o.rows == NULL || o.errors == NULL || o.pending == NULL || o.evented == NULL)
@@ -981,7 +1008,8 @@ static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
         memcpy(&start, c + 16, 8);
         PyObject *end = SLOT(row_slots, row, ROW_END), *service = SLOT(row_slots, row, ROW_SERVICE);
         PyObject *name = SLOT(row_slots, row, ROW_NAME), *attrs = SLOT(row_slots, row, ROW_ATTRS);
-        if (end == NULL || service == NULL || name == NULL || attrs == NULL) {
+        PyObject *instance = SLOT(row_slots, row, ROW_INSTANCE);
+        if (end == NULL || service == NULL || name == NULL || attrs == NULL || instance == NULL) {
             Py_DECREF(span_id);
             PyErr_SetString(PyExc_ValueError, "a SpanRow with an unset field");
             goto done;
@@ -1007,7 +1035,7 @@ static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
         }
         PyObject *values[] = {Py_NewRef(span_id), Py_NewRef(parent), start_obj, Py_NewRef(end), kind, status,
                               PyBool_FromLong(c[26] & 1), Py_NewRef(service), Py_NewRef(name), Py_NewRef(attrs),
-                              PyBool_FromLong(finished)};
+                              PyBool_FromLong(finished), Py_NewRef(instance)};
         PyObject *span = fill(&span_slots, values);
         PyObject *stage = span == NULL ? NULL : interned_stage(service, name, kind, c[24]); /* the span holds kind */
         int failed = stage == NULL || PyList_Append(spans, span) < 0 || PyDict_SetItem(by_id, span_id, span) < 0
@@ -1268,7 +1296,7 @@ enum { J_RESOURCE_SPANS, J_RESOURCE, J_ATTRIBUTES, J_KEY, J_VALUE, J_SCOPE_SPANS
 static const char *JSON_KEY_NAMES[] = {"resourceSpans", "resource", "attributes", "key", "value", "scopeSpans",
                                        "spans", "traceId", "spanId", "parentSpanId", "kind", "status", "code",
                                        "startTimeUnixNano", "endTimeUnixNano"};
-static PyObject *J_NAME, *J_LINKS, *J_EVENTS, *SERVICE_NAME, *VALUE_KEYS[4];
+static PyObject *J_NAME, *J_LINKS, *J_EVENTS, *SERVICE_NAME, *K8S_POD_NAME, *SERVICE_INSTANCE_ID, *VALUE_KEYS[4];
 
 /* dict[key] or NULL when absent; -1 on an error. */
 static int json_get(PyObject *dict, PyObject *key, PyObject **out) {
@@ -1384,9 +1412,38 @@ static PyObject *json_list(PyObject *node, PyObject *key) {
     return value;
 }
 
-/* otlp_json._resource_service: the first service.name whose value is a non-empty string. */
-static int json_resource_service(Out *o, PyObject *resource_spans, PyObject *unknown_service) {
-    PyObject *resource, *attributes;
+/* A JSON resource attribute's value as a clipped, interned str in ``*out``: 1; 0
+ * when it is no non-empty string (the reference then looks further). */
+static int json_resource_text(Out *o, PyObject *kv, PyObject **out) {
+    PyObject *value, *text;
+    if (json_get(kv, JSON_KEYS[J_VALUE], &value) < 0)
+        return -1;
+    int got = json_any_value(value, PY_SSIZE_T_MAX, &text);
+    if (got <= 0)
+        return got < 0 ? -1 : unsupported();
+    if (!PyUnicode_Check(text) || PyUnicode_GET_LENGTH(text) == 0) {
+        Py_DECREF(text);
+        return 0;
+    }
+    PyObject *cut = PyUnicode_CheckExact(text) && PyUnicode_GET_LENGTH(text) > o->name_limit
+                        ? PyUnicode_Substring(text, 0, o->name_limit) : Py_NewRef(text);
+    Py_DECREF(text);
+    if (cut == NULL)
+        return -1;
+    if (!PyUnicode_CheckExact(cut)) {
+        Py_DECREF(cut);
+        return unsupported();
+    }
+    PyUnicode_InternInPlace(&cut);
+    *out = cut;
+    return 1;
+}
+
+/* otlp_json._resource_names: the first service.name, k8s.pod.name and
+ * service.instance.id whose value is a non-empty string; the pod is the first
+ * of the last two found. */
+static int json_resource_names(Out *o, PyObject *resource_spans, PyObject *unknown_service) {
+    PyObject *resource, *attributes, *service = NULL, *pod = NULL, *instance = NULL;
     if (json_get(resource_spans, JSON_KEYS[J_RESOURCE], &resource) < 0)
         return -1;
     if (resource != NULL && PyDict_Check(resource)) {
@@ -1395,38 +1452,34 @@ static int json_resource_service(Out *o, PyObject *resource_spans, PyObject *unk
         if (attributes != NULL && attributes != Py_None && !PyList_Check(attributes))
             return unsupported();
         for (Py_ssize_t i = 0; attributes != NULL && attributes != Py_None && i < PyList_GET_SIZE(attributes); i++) {
-            PyObject *kv = PyList_GET_ITEM(attributes, i), *key, *name;
+            PyObject *kv = PyList_GET_ITEM(attributes, i), *key, **slot = NULL;
             if (!PyDict_Check(kv))
-                return unsupported();
+                goto fail_unsupported;
             if (json_get(kv, JSON_KEYS[J_KEY], &key) < 0)
-                return -1;
-            if (key == NULL || !PyUnicode_CheckExact(key) || !_PyUnicode_Equal(key, SERVICE_NAME))
+                goto fail;
+            if (key == NULL || !PyUnicode_CheckExact(key))
                 continue;
-            PyObject *value;
-            if (json_get(kv, JSON_KEYS[J_VALUE], &value) < 0)
-                return -1;
-            int got = json_any_value(value, PY_SSIZE_T_MAX, &name);
-            if (got <= 0)
-                return got < 0 ? -1 : unsupported();
-            if (PyUnicode_Check(name) && PyUnicode_GET_LENGTH(name) > 0) {
-                PyObject *cut = PyUnicode_CheckExact(name) && PyUnicode_GET_LENGTH(name) > o->name_limit
-                                    ? PyUnicode_Substring(name, 0, o->name_limit) : Py_NewRef(name);
-                Py_DECREF(name);
-                if (cut == NULL)
-                    return -1;
-                if (!PyUnicode_CheckExact(cut)) {
-                    Py_DECREF(cut);
-                    return unsupported();
-                }
-                PyUnicode_InternInPlace(&cut);
-                o->service = cut;
-                return 0;
-            }
-            Py_DECREF(name);
+            if (_PyUnicode_Equal(key, SERVICE_NAME))
+                slot = &service;
+            else if (_PyUnicode_Equal(key, K8S_POD_NAME))
+                slot = &pod;
+            else if (_PyUnicode_Equal(key, SERVICE_INSTANCE_ID))
+                slot = &instance;
+            if (slot != NULL && *slot == NULL && json_resource_text(o, kv, slot) < 0)
+                goto fail;
         }
     }
-    o->service = Py_NewRef(unknown_service);
+    o->service = service != NULL ? service : Py_NewRef(unknown_service);
+    o->instance = pod != NULL ? pod : instance != NULL ? Py_NewRef(instance) : Py_NewRef(Py_None);
+    Py_XDECREF(instance);
     return 0;
+fail_unsupported:
+    unsupported();
+fail:
+    Py_XDECREF(service);
+    Py_XDECREF(pod);
+    Py_XDECREF(instance);
+    return -1;
 }
 
 /* The kept attributes of a JSON span (the reference's lambda in _walk_traces). */
@@ -1627,7 +1680,7 @@ static PyObject *decode_json_spans(PyObject *Py_UNUSED(self), PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!O!O!nnU", &PyDict_Type, &document, &PyDict_Type, &stages, &PyFrozenSet_Type,
                           &kept_keys, &name_limit, &value_limit, &unknown_service))
         return NULL;
-    Out o = {PyList_New(0), NULL, PyList_New(0), stages, kept_keys, NULL, name_limit, value_limit, 0, 0,
+    Out o = {PyList_New(0), NULL, PyList_New(0), stages, kept_keys, NULL, NULL, name_limit, value_limit, 0, 0,
              PyList_New(0)};
     PyObject *result = NULL, *resources = NULL;
     if (o.rows == NULL || o.pending == NULL || o.evented == NULL || (resources = json_list(document, JSON_KEYS[J_RESOURCE_SPANS])) == NULL)
@@ -1638,7 +1691,7 @@ static PyObject *decode_json_spans(PyObject *Py_UNUSED(self), PyObject *args) {
             unsupported();
             goto done;
         }
-        if (json_resource_service(&o, resource_spans, unknown_service) < 0)
+        if (json_resource_names(&o, resource_spans, unknown_service) < 0)
             goto done;
         int failed = (scopes = json_list(resource_spans, JSON_KEYS[J_SCOPE_SPANS])) == NULL;
         for (Py_ssize_t s = 0; !failed && s < PyList_GET_SIZE(scopes); s++) {
@@ -1648,6 +1701,7 @@ static PyObject *decode_json_spans(PyObject *Py_UNUSED(self), PyObject *args) {
                 failed = json_span(&o, PyList_GET_ITEM(spans, i)) < 0;
         }
         Py_CLEAR(o.service);
+        Py_CLEAR(o.instance);
         if (failed)
             goto done;
     }
@@ -1736,7 +1790,9 @@ PyMODINIT_FUNC PyInit__rows(void) {
             return NULL;
     if ((J_NAME = PyUnicode_InternFromString("name")) == NULL || (J_LINKS = PyUnicode_InternFromString("links")) == NULL
         || (J_EVENTS = PyUnicode_InternFromString("events")) == NULL
-        || (SERVICE_NAME = PyUnicode_InternFromString("service.name")) == NULL)
+        || (SERVICE_NAME = PyUnicode_InternFromString("service.name")) == NULL
+        || (K8S_POD_NAME = PyUnicode_InternFromString("k8s.pod.name")) == NULL
+        || (SERVICE_INSTANCE_ID = PyUnicode_InternFromString("service.instance.id")) == NULL)
         return NULL;
     return m;
 }

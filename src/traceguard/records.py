@@ -39,10 +39,13 @@ class SpanRow:
     fields are packed into one ``bytes`` (``SPAN_CORE``); ``end`` stays a plain
     int because the assembler reads it for every span (event time). ``service``
     and ``name`` are interned strings and ``attrs`` an interned tuple of
-    ``(key, value)`` pairs, so rows of one stage share them.
+    ``(key, value)`` pairs, so rows of one stage share them. ``instance`` is the
+    pod the span came from (its resource's ``k8s.pod.name``, else
+    ``service.instance.id``; interned, or None), which names a pod that differs
+    from its service's others.
     """
 
-    __slots__ = ("trace_id", "core", "end", "service", "name", "attrs")
+    __slots__ = ("trace_id", "core", "end", "service", "name", "attrs", "instance")
 
     def __init__(
         self,
@@ -52,6 +55,7 @@ class SpanRow:
         service: str,
         name: str,
         attrs: tuple[tuple[str, Any], ...] | None,
+        instance: str | None = None,
     ) -> None:
         self.trace_id = trace_id
         self.core = core
@@ -59,6 +63,7 @@ class SpanRow:
         self.service = service
         self.name = name
         self.attrs = attrs
+        self.instance = instance
 
     @property
     def start(self) -> int:
@@ -70,7 +75,7 @@ class Span:
 
     __slots__ = (
         "span_id", "parent_span_id", "start", "end", "kind", "status",
-        "has_links", "service", "name", "attrs", "finished",
+        "has_links", "service", "name", "attrs", "finished", "instance",
     )
 
     def __init__(
@@ -85,6 +90,7 @@ class Span:
         service: str,
         name: str,
         attrs: tuple[tuple[str, Any], ...] | None,
+        instance: str | None = None,
     ) -> None:
         self.span_id = span_id
         self.parent_span_id = parent_span_id
@@ -98,6 +104,7 @@ class Span:
         self.attrs = attrs
         #: an end time that is set and not before the start
         self.finished = end > 0 and end >= start
+        self.instance = instance
 
     def attr(self, key: str) -> Any:
         for k, v in self.attrs or ():

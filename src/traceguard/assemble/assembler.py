@@ -275,7 +275,7 @@ def to_span(row: SpanRow, unpack=SPAN_CORE.unpack) -> Span:
     """The expanded view of a buffered row."""
     span_id, parent, start, kind, status, flags = unpack(row.core)
     return Span(span_id, None if parent == NO_PARENT else parent, start, row.end, kind, status,
-                bool(flags & FLAG_HAS_LINKS), row.service, row.name, row.attrs)
+                bool(flags & FLAG_HAS_LINKS), row.service, row.name, row.attrs, row.instance)
 
 
 _STAGE_CACHE = 65536

@@ -14,6 +14,9 @@ Row = TypeVar("Row")
 MAX_ERROR_MESSAGES = 5
 # service.name of a resource that has none (the SDKs' own default)
 UNKNOWN_SERVICE = "unknown_service"
+# The resource attributes read: the service, and what names its pod (the first
+# of k8s.pod.name and service.instance.id that is set)
+RESOURCE_KEYS = frozenset({"service.name", "k8s.pod.name", "service.instance.id"})
 
 # Attributes kept on a span row. Reading an attribute costs about as much as
 # reading a whole span header, so only the kinds whose detection depends on

@@ -21,6 +21,7 @@ from traceguard.config import DecodeConfig
 from traceguard.decode.common import (
     ATTRIBUTE_KINDS,
     KEPT_ATTRIBUTES,
+    RESOURCE_KEYS,
     StageAttributes,
     UNKNOWN_SERVICE,
     Decoded,
@@ -102,14 +103,18 @@ def _any_value(value: Any) -> Any:
     return None
 
 
-def _resource_service(resource: Any, limit: int) -> str:
+def _resource_names(resource: Any, limit: int) -> tuple[str, str | None]:
+    """The service (the first non-empty service.name) and the pod (the first
+    non-empty k8s.pod.name, else service.instance.id; or None)."""
+    first: dict[str, str] = {}
     if isinstance(resource, dict):
         for kv in resource.get("attributes") or ():
-            if kv.get("key") == "service.name":
-                name = _any_value(kv.get("value"))
-                if isinstance(name, str) and name:
-                    return intern_name(name, limit)
-    return UNKNOWN_SERVICE
+            key = kv.get("key")
+            if isinstance(key, str) and key in RESOURCE_KEYS and key not in first:
+                value = _any_value(kv.get("value"))
+                if isinstance(value, str) and value:
+                    first[key] = intern_name(value, limit)
+    return first.get("service.name", UNKNOWN_SERVICE), first.get("k8s.pod.name") or first.get("service.instance.id")
 
 
 def _list(node: Any, key: str) -> list:
@@ -199,7 +204,7 @@ def _walk_traces(document: dict, config: DecodeConfig, stages: StageAttributes) 
     name_limit = config.max_name_length
     value_limit = config.max_attribute_length
     for resource_spans in _list(document, "resourceSpans"):
-        service = _resource_service(resource_spans.get("resource"), name_limit)
+        service, instance = _resource_names(resource_spans.get("resource"), name_limit)
         for scope_spans in _list(resource_spans, "scopeSpans"):
             for span in _list(scope_spans, "spans"):
                 try:
@@ -230,6 +235,7 @@ def _walk_traces(document: dict, config: DecodeConfig, stages: StageAttributes) 
                     service,
                     name,
                     attrs,
+                    instance,
                 )
                 append(row)
                 if span.get("events"):
@@ -272,7 +278,7 @@ def _walk_logs(document: dict, config: DecodeConfig) -> Decoded[LogRow]:
     out: Decoded[LogRow] = Decoded()
     body_limit = config.max_log_body_length
     for resource_logs in _list(document, "resourceLogs"):
-        service = _resource_service(resource_logs.get("resource"), config.max_name_length)
+        service = _resource_names(resource_logs.get("resource"), config.max_name_length)[0]
         for scope_logs in _list(resource_logs, "scopeLogs"):
             for record in _list(scope_logs, "logRecords"):
                 try:

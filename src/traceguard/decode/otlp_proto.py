@@ -25,6 +25,7 @@ from traceguard.config import DecodeConfig
 from traceguard.decode.common import (
     ATTRIBUTE_KINDS,
     KEPT_ATTRIBUTES,
+    RESOURCE_KEYS,
     MAX_ERROR_MESSAGES,
     UNKNOWN_SERVICE,
     StageAttributes,
@@ -42,11 +43,16 @@ from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, LogRow, Spa
 _ZERO_TRACE = bytes(16)
 
 
-def _resource_service(resource, limit: int) -> str:
+def _resource_names(resource, limit: int) -> tuple[str, str | None]:
+    """The service (the first service.name) and the pod (the first k8s.pod.name,
+    else the first service.instance.id; None without a non-empty one)."""
+    first: dict[str, str] = {}
     for kv in resource.attributes:
-        if kv.key == "service.name":
-            return intern_name(kv.value.string_value or UNKNOWN_SERVICE, limit)
-    return UNKNOWN_SERVICE
+        if kv.key in RESOURCE_KEYS:
+            first.setdefault(kv.key, kv.value.string_value)
+    service = intern_name(first.get("service.name") or UNKNOWN_SERVICE, limit)
+    pod = first.get("k8s.pod.name") or first.get("service.instance.id")
+    return service, intern_name(pod, limit) if pod else None
 
 
 def _any_value(value):
@@ -110,7 +116,7 @@ def decode_traces_message(
     name_limit = config.max_name_length
     value_limit = config.max_attribute_length
     for resource_spans in request.resource_spans:
-        service = _resource_service(resource_spans.resource, name_limit)
+        service, instance = _resource_names(resource_spans.resource, name_limit)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 trace_id = span.trace_id
@@ -147,6 +153,7 @@ def decode_traces_message(
                     service,
                     name,
                     attrs,
+                    instance,
                 )
                 append(row)
                 if span.events:
@@ -174,7 +181,7 @@ def decode_logs_message(request, config: DecodeConfig) -> Decoded[LogRow]:
     out: Decoded[LogRow] = Decoded()
     body_limit = config.max_log_body_length
     for resource_logs in request.resource_logs:
-        service = _resource_service(resource_logs.resource, config.max_name_length)
+        service = _resource_names(resource_logs.resource, config.max_name_length)[0]
         for scope_logs in resource_logs.scope_logs:
             for record in scope_logs.log_records:
                 trace_id = record.trace_id
