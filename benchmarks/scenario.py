@@ -116,10 +116,11 @@ class ErrorFault:
     rate: float
     exception: str = "redis.exceptions.ResponseError"
     message: str = "MOVED 3999 10.0.7.{node}:6379"
+    pod: int | None = None  # only this pod's calls (``ScenarioConfig.pods``), or all
 
     @property
     def name(self) -> str:
-        return f"errors_{self.rate:.0%}"
+        return f"errors_{self.rate:.0%}" + (f"_pod{self.pod}" if self.pod is not None else "")
 
 
 @dataclass
@@ -154,6 +155,9 @@ class ScenarioConfig:
     tail_rate: float = 0.01
     stall_rate: float = 0.003
     routine_outlive_rate: float = 0.12
+    # Pods per service (resource service.instance.id "<service>-<i>"): each call
+    # into a service lands on one, drawn from a stream of its own.
+    pods: int = 1
 
 
 @dataclass(frozen=True)
@@ -167,10 +171,12 @@ class LatencyFault:
     end_s: float
     factor: float
     ramp: bool = False
+    pod: int | None = None  # only this pod's calls (``ScenarioConfig.pods``), or all
 
     @property
     def name(self) -> str:
-        return f"{'leak' if self.ramp else 'slowdown'}_{self.factor}x"
+        return f"{'leak' if self.ramp else 'slowdown'}_{self.factor}x" + (f"_pod{self.pod}" if self.pod is not None
+                                                                          else "")
 
 
 @dataclass
@@ -281,28 +287,40 @@ class _LogOutbox(LogRecordExporter):
 class _Service:
     """One emulated service: its tracer, its logger and its clock skew."""
 
-    def __init__(self, name: str, rng: random.Random, spans: _Outbox, logs: _Outbox, max_skew_ms: float) -> None:
-        resource = Resource.create({"service.name": name, "service.version": "1.4.2",
-                                    "service.instance.id": f"{name}-0"})
+    def __init__(self, name: str, rng: random.Random, spans: _Outbox, logs: _Outbox, max_skew_ms: float,
+                 pods: int = 1) -> None:
         phase = rng.randrange(BATCH_PERIOD)
         self.name = name
         self.skew = int(rng.uniform(-max_skew_ms, max_skew_ms) * MS)
-        self.provider = TracerProvider(resource=resource, id_generator=_SeededIds(rng))
-        self.provider.add_span_processor(SimpleSpanProcessor(_SpanOutbox(spans, name, phase)))
-        self.tracer = self.provider.get_tracer("shop." + name)
-        self.log_provider = LoggerProvider(resource=resource)
-        self.log_provider.add_log_record_processor(SimpleLogRecordProcessor(_LogOutbox(logs, name, phase)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            handler = LoggingHandler(logger_provider=self.log_provider)
-        self.logger = logging.Logger("shop." + name)
-        self.logger.propagate = False
-        self.logger.addHandler(handler)
+        self.pod = 0  # the pod serving the current call
+        self.providers, self.tracers, self.log_providers, self.loggers = [], [], [], []
+        ids = _SeededIds(rng)
+        for pod in range(pods):
+            resource = Resource.create({"service.name": name, "service.version": "1.4.2",
+                                        "service.instance.id": f"{name}-{pod}"})
+            provider = TracerProvider(resource=resource, id_generator=ids)
+            provider.add_span_processor(SimpleSpanProcessor(_SpanOutbox(spans, name, phase)))
+            self.providers.append(provider)
+            self.tracers.append(provider.get_tracer("shop." + name))
+            log_provider = LoggerProvider(resource=resource)
+            log_provider.add_log_record_processor(SimpleLogRecordProcessor(_LogOutbox(logs, name, phase)))
+            self.log_providers.append(log_provider)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                handler = LoggingHandler(logger_provider=log_provider)
+            logger = logging.Logger("shop." + name)
+            logger.propagate = False
+            logger.addHandler(handler)
+            self.loggers.append(logger)
+
+    def shutdown(self) -> None:
+        for provider in (*self.providers, *self.log_providers):
+            provider.shutdown()
 
     def start(self, name, kind, parent, t, attributes=None, links=None):
         context = trace_api.set_span_in_context(parent) if parent is not None else Context()
-        return self.tracer.start_span(name, context=context, kind=kind, attributes=attributes,
-                                      links=links, start_time=t + self.skew)
+        return self.tracers[self.pod].start_span(name, context=context, kind=kind, attributes=attributes,
+                                                 links=links, start_time=t + self.skew)
 
     def end(self, span, t) -> None:
         span.end(end_time=t + self.skew)
@@ -317,10 +335,11 @@ class _Service:
 
     def log(self, span, t, level: int, message: str) -> None:
         """A log record at simulated time ``t`` inside ``span``, through the logging bridge."""
-        record = self.logger.makeRecord(self.logger.name, level, f"shop/{self.name}.py", 0, message, None, None)
+        logger = self.loggers[self.pod]
+        record = logger.makeRecord(logger.name, level, f"shop/{self.name}.py", 0, message, None, None)
         record.created = (t + self.skew) / SECOND
         with trace_api.use_span(span, end_on_exit=False):
-            self.logger.handle(record)
+            logger.handle(record)
 
 
 class Shop:
@@ -331,7 +350,9 @@ class Shop:
         self.rng = random.Random(config.seed)
         self.spans = _Outbox()
         self.logs = _Outbox()
-        self.svc = {name: _Service(name, self.rng, self.spans, self.logs, config.max_skew_ms) for name in SERVICES}
+        self.svc = {name: _Service(name, self.rng, self.spans, self.logs, config.max_skew_ms, config.pods)
+                    for name in SERVICES}
+        self.pods = random.Random(config.seed ^ 0x9005)  # which pod serves a call: the other streams stay as they were
         self.labels: list[Label] = []
         self.fault: str | None = None
         self.outlier: str | None = None
@@ -357,7 +378,8 @@ class Shop:
         offset = t / SECOND - self.config.start_unix_s
         factor = 1.0
         for fault in self.config.latency_faults:
-            if fault.service == service and fault.operation == operation and fault.start_s <= offset < fault.end_s:
+            if fault.service == service and fault.operation == operation and fault.start_s <= offset < fault.end_s \
+                    and fault.pod in (None, self.svc[service].pod):
                 progress = (offset - fault.start_s) / (fault.end_s - fault.start_s) if fault.ramp else 1.0
                 factor *= 1.0 + (fault.factor - 1.0) * progress
         return factor
@@ -367,7 +389,7 @@ class Shop:
         offset = t / SECOND - self.config.start_unix_s
         for fault in (*self.config.natural_errors, *self.config.error_faults):
             if fault.service == service and fault.operation == operation and fault.start_s <= offset < fault.end_s \
-                    and self.errors.random() < fault.rate:
+                    and fault.pod in (None, self.svc[service].pod) and self.errors.random() < fault.rate:
                 return fault
         return None
 
@@ -437,6 +459,7 @@ class Shop:
                                         {**attributes, **transport, "peer.service": callee})
         t_server = t + self.net()
         server_svc = self.svc[callee]
+        self.land(server_svc)
         server = server_svc.start(name, SpanKind.SERVER, client, t_server,
                                   {**attributes, **transport, "client.address": f"10.0.1.{self.rng.randrange(2, 250)}"})
         if self.fault == "exporter_drop" and callee in ("catalog", "payment", "cart"):
@@ -566,8 +589,14 @@ class Shop:
         self.count("decoy_consumer_after_root")
 
     # -- root operations -----------------------------------------------------
+    def land(self, service: _Service) -> None:
+        """The pod that serves this call into ``service`` (and the spans it makes)."""
+        if self.config.pods > 1:
+            service.pod = self.pods.randrange(self.config.pods)
+
     def request(self, t0: int) -> None:
         frontend = self.svc["frontend"]
+        self.land(frontend)
         self.failing = False
         roll = self.rng.random()
         if self.outlier == "n_plus_one":
@@ -676,8 +705,7 @@ def generate(config: ScenarioConfig, write_traces: Callable[[str, list], None],
             drain(t - FLUSH_HORIZON)
     drain(1 << 63)
     for service in shop.svc.values():
-        service.provider.shutdown()
-        service.log_provider.shutdown()
+        service.shutdown()
     shop.counts["exporter_dropped_spans"] = shop.spans.dropped_count
     for kind, faults in (("latency_regression", config.latency_faults), ("error_regression", config.error_faults)):
         for fault in faults:

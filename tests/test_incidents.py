@@ -168,3 +168,28 @@ def test_replay_incidents_out_one_incident_per_injected_regression(tmp_path):
     pointed = {json.loads(line)["incident_id"] for line in findings.read_text().splitlines()} - {None}
     assert pointed == {incident.id}
     assert "1 incidents" in result.stderr.splitlines()[0]
+
+
+def test_a_fault_on_one_pod_names_the_pod_and_a_service_wide_one_does_not(tmp_path):
+    """Three pods per service: one pod of the database stage 4x slower, one pod's
+    cache lookups failing half the time, then a slowdown on every pod of another
+    service. Each incident's culprit names the odd pod, and only where there is one."""
+    from benchmarks.scenario import ErrorFault, LatencyFault, ScenarioConfig, write_scenario
+    from test_replay_cli import replay
+
+    config = ScenarioConfig(traces=7200, seed=5, duration_s=3600, fault_rate=0.0, pods=3,
+                            latency_faults=(LatencyFault("catalog", "SELECT products", 1200, 1800, 4.0, pod=1),
+                                            LatencyFault("checkout", "INSERT orders", 2400, 3000, 3.0)),
+                            error_faults=(ErrorFault("cart", "GET cart:*", 1800, 2400, 0.5, pod=2),))
+    write_scenario(tmp_path, config)
+    incidents = tmp_path / "incidents.jsonl"
+    result = replay(tmp_path / "traces.jsonl", "--logs", tmp_path / "logs.jsonl", "--out", tmp_path / "f.jsonl",
+                    "--incidents-out", incidents)
+    assert result.returncode == 0, result.stderr
+    last = {r.id: r for r in (Incident.model_validate_json(line) for line in incidents.read_text().splitlines())}
+    culprits = {(c.service, c.operation, c.signal): c.instance for i in last.values() for c in i.culprits}
+    assert culprits[("catalog", "SELECT products", "latency")] == "catalog-1"
+    assert culprits[("cart", "GET cart:*", "errors")] == "cart-2"
+    assert culprits[("checkout", "INSERT orders", "latency")] is None  # every pod slowed alike
+    assert any("on pod catalog-1" in i.summary for i in last.values())
+    assert all(c.instance in (None, "catalog-1", "cart-2") for i in last.values() for c in i.culprits)

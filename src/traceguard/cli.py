@@ -307,7 +307,8 @@ def _print_summary(snapshot: dict, command: str, tally: _StageTally | None = Non
             onset = dt.datetime.fromtimestamp(incident.onset / 1e9, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
             lead = incident.culprits[0]
             lines.append(f"  {onset:<21} {incident.state:<9} {sum(incident.attached.values()):>9}  "
-                         f"{lead.service} {lead.operation!r} ({lead.signal} {times(lead.magnitude)})")
+                         f"{lead.service} {lead.operation!r} ({lead.signal} {times(lead.magnitude)})"
+                         + (f" on pod {lead.instance}" if lead.instance else ""))
         if len(incidents) > 20:
             lines.append(f"  … and {len(incidents) - 20} more")
     if isinstance(attached, dict) and attached:

@@ -224,6 +224,14 @@ class IncidentConfig(_Section):
     update_interval: DurationNs = Field(parse_duration("60s"), description="How often an open incident's counts are written again.")
     max_open: int = Field(1_000, ge=1, description="Open incidents; changes beyond stay plain findings.")
     max_affected: int = Field(20, ge=1, description="Affected caller stages listed per incident.")
+    pod_min_calls: int = Field(
+        20, ge=1, description="Calls of a culprit stage a pod needs while the incident is open before it is compared "
+                              "with the service's other pods.",
+    )
+    pod_ratio: float = Field(
+        2.0, gt=1.0, description="A culprit names a pod when that pod's median time (its failure rate, for errors) is "
+                                 "this many times every other pod's: the fault is the pod's, not the service's.",
+    )
 
 
 class LogConfig(_Section):

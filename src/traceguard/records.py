@@ -263,6 +263,10 @@ class IncidentStage(BaseModel):
                                     "caller (affected stages)")
     magnitude: float = Field(description="culprits: current/baseline; callers: traces seen through them")
     finding_id: str | None = None
+    instance: str | None = Field(
+        None, description="culprits: the pod (k8s.pod.name, else service.instance.id) whose calls changed while the "
+                          "service's other pods' did not; null when they changed alike or fewer than two pods report",
+    )
 
 
 class Incident(BaseModel):

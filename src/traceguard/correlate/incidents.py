@@ -31,6 +31,11 @@ culprit stage, a missing call a culprit stopped making — carry its
 ``incident_id``, are counted on it, and only the first ``exemplar_findings``
 of them go to the sinks: the on-call engineer gets one incident, not one
 finding per request.
+Where the culprit stage's service runs on several pods (``k8s.pod.name`` or
+``service.instance.id`` on its spans), the traces seen through it while the
+incident is open are counted per pod; a culprit names the pod whose median
+time (failure rate, for failures) is ``pod_ratio`` times every other pod's:
+the fault is that pod's, and restarting or draining it is the remedy.
 An incident resolves when all its stage-level changes have resolved and no
 finding came for ``quiet``. Every state change is written again under the
 same id (the last version wins), as stage-level findings are.
@@ -39,13 +44,15 @@ same id (the last version wins), as stage-level findings are.
 from __future__ import annotations
 
 import hashlib
+import statistics
 from collections import Counter, OrderedDict, deque
 from typing import Callable
 
 from traceguard.config import IncidentConfig
 from traceguard.detect.base import times, utc
-from traceguard.models.features import latency_keys, network_parts, stages
-from traceguard.records import KIND_NAMES, KIND_NETWORK, Anomaly, AnomalyKind, Incident, IncidentStage, Trace
+from traceguard.models.features import callee_of, latency_keys, latency_samples, network_parts, stages
+from traceguard.records import (KIND_NAMES, KIND_NETWORK, STATUS_ERROR, Anomaly, AnomalyKind, Incident, IncidentStage,
+                                Trace)
 
 Stage = tuple[str, str, int]
 
@@ -73,15 +80,62 @@ _EXEMPLARS = 5
 # trace was decided (the forest scores in batches of at most forest.batch).
 _RECENT_TRACES = 4096
 _OBSERVE_ALL, _OBSERVE_EVERY = 500, 16
+# Per culprit: the pods compared, and the latest times kept of each.
+_MAX_PODS, _POD_TIMES = 64, 256
+
+
+class _PodCalls:
+    """A culprit stage's calls on one pod, seen while the incident is open."""
+
+    __slots__ = ("calls", "failed", "times")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.failed = 0
+        self.times: deque[int] = deque(maxlen=_POD_TIMES)
 
 
 class _Culprit:
-    __slots__ = ("stage", "signal", "magnitude", "finding_id", "open", "dropped")
+    __slots__ = ("stage", "signal", "magnitude", "finding_id", "open", "dropped", "pods")
 
     def __init__(self, stage: Stage, signal: str, magnitude: float, finding_id: str | None, open_: bool,
                  dropped: Stage | None = None) -> None:
         self.stage, self.signal, self.magnitude, self.finding_id, self.open = stage, signal, magnitude, finding_id, open_
         self.dropped = dropped  # calls_dropped: the call the stage stopped making
+        self.pods: dict[str, _PodCalls] = {}
+
+    def count(self, pod: str, failed: bool, time: int | None) -> None:
+        calls = self.pods.get(pod)
+        if calls is None:
+            if len(self.pods) >= _MAX_PODS:
+                return
+            calls = self.pods[pod] = _PodCalls()
+        calls.calls += 1
+        calls.failed += failed
+        if time is not None:
+            calls.times.append(time)
+
+    def odd_pod(self, min_calls: int, ratio: float) -> str | None:
+        """The pod whose calls changed while the service's other pods' did not, if one did."""
+        pods = {pod: calls for pod, calls in self.pods.items() if calls.calls >= min_calls}
+        if len(pods) < 2:
+            return None
+        if self.signal == "errors":
+            rates = {pod: calls.failed / calls.calls for pod, calls in pods.items()}
+            worst = max(rates, key=lambda pod: (rates[pod], pod))
+            others = [calls for pod, calls in pods.items() if pod != worst]
+            # the others' pooled rate, one failure added: a pod is not odd against a rate of zero by chance
+            others_rate = (sum(c.failed for c in others) + 1) / (sum(c.calls for c in others) + 1)
+            return worst if pods[worst].failed >= 5 and rates[worst] >= ratio * others_rate else None
+        if self.signal in _SLOWER:
+            medians = {pod: statistics.median(calls.times) for pod, calls in pods.items()
+                       if len(calls.times) >= min_calls}
+            if len(medians) < 2:
+                return None
+            worst = max(medians, key=lambda pod: (medians[pod], pod))
+            rest = max(median for pod, median in medians.items() if pod != worst)
+            return worst if medians[worst] >= ratio * max(rest, 1) else None
+        return None
 
 
 class _Open:
@@ -172,8 +226,7 @@ class IncidentTracker:
                 continue
             by_id = trace.by_id
             callers: set[Stage] = set()
-            measured = [s for s, key in zip(trace.spans, latency_keys(trace))
-                        if key in culprits or (s.service, s.name, s.kind) in culprits]
+            measured = self._measure(incident, trace, culprits)
             for span in measured:
                 parent = by_id.get(span.parent_span_id) if span.parent_span_id else None
                 while parent is not None:
@@ -195,6 +248,27 @@ class IncidentTracker:
                     incident.emitted_at = -1  # the first one is written at once: the incident page links it
                 exemplar = True
         return exemplar
+
+    @staticmethod
+    def _measure(incident: _Open, trace: Trace, culprits: set[Stage]) -> list:
+        """The trace's spans of the culprit stages, each counted on its culprit's pod
+        (a network culprit's pod is its callee's: a delayed network to a pod is that pod's)."""
+        measured = []
+        by_stage = {c.stage: c for c in incident.culprits if c.stage in culprits}
+        times = None
+        for i, (span, key) in enumerate(zip(trace.spans, latency_keys(trace))):
+            culprit = by_stage.get(key) or by_stage.get((span.service, span.name, span.kind))
+            if culprit is None:
+                continue
+            measured.append(span)
+            pod = span.instance
+            if key[2] == KIND_NETWORK and culprit.stage == key:
+                callee = callee_of(span, trace.children)
+                pod = callee.instance if callee is not None else None
+            if pod is not None:
+                times = times if times is not None else latency_samples(trace)  # the latency detectors' already
+                culprit.count(pod, span.status == STATUS_ERROR, times[i])
+        return measured
 
     # -- time ------------------------------------------------------------------
     def advance(self, now: int) -> None:
@@ -355,7 +429,7 @@ class IncidentTracker:
 
     def _write(self, incident: _Open, now: int) -> None:
         incident.emitted_at, incident.dirty = now, False
-        self._emit(_record(incident, now))
+        self._emit(_record(incident, now, self.config))
 
 
 def _magnitude(anomaly: Anomaly) -> float:
@@ -414,9 +488,10 @@ def _explains(incident: _Open, anomaly: Anomaly, present: list[Stage] | None) ->
     return present is not None and any(c.signal in _SLOWER and c.stage in present for c in culprits)
 
 
-def _record(incident: _Open, now: int) -> Incident:
+def _record(incident: _Open, now: int, config: IncidentConfig) -> Incident:
     lead = incident.culprits[0]
     service, operation, _ = lead.stage
+    pods = [c.odd_pod(config.pod_min_calls, config.pod_ratio) for c in incident.culprits]
     callers = sorted(incident.callers.items(), key=lambda item: (-item[1], item[0]))
     affected = [
         IncidentStage(service=s, operation=o, span_kind=KIND_NAMES[k],
@@ -428,8 +503,8 @@ def _record(incident: _Open, now: int) -> Incident:
     explained = sum(incident.attached.values())
     others = len(incident.culprits) - 1
     summary = (
-        f"{service} '{operation}': {_SIGNAL_WORDS.get(lead.signal, lead.signal)} ({times(lead.magnitude)}) since "
-        f"{utc(incident.onset)}"
+        f"{service} '{operation}': {_SIGNAL_WORDS.get(lead.signal, lead.signal)} ({times(lead.magnitude)})"
+        + (f" on pod {pods[0]}" if pods[0] else "") + f" since {utc(incident.onset)}"
         + (f", with {others} more stage{'s' if others > 1 else ''} of the same cause" if others else "")
         + (f"; {explained} per-trace findings explained" if explained else "")
         + (f"; callers affected: {', '.join(f'{s} {o!r}' for (s, o, _), _ in callers[:3])}" if callers else "")
@@ -447,8 +522,8 @@ def _record(incident: _Open, now: int) -> Incident:
         severity="critical" if max(c.magnitude for c in incident.culprits) >= 2 else "warning",
         summary=summary,
         culprits=[IncidentStage(service=c.stage[0], operation=c.stage[1], span_kind=KIND_NAMES[c.stage[2]],
-                                signal=c.signal, magnitude=c.magnitude, finding_id=c.finding_id)
-                  for c in incident.culprits],
+                                signal=c.signal, magnitude=c.magnitude, finding_id=c.finding_id, instance=pod)
+                  for c, pod in zip(incident.culprits, pods)],
         affected=affected,
         attached=dict(sorted(incident.attached.items())),
         finding_ids=incident.finding_ids[:50],

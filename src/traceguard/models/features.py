@@ -90,7 +90,7 @@ def latency_keys(trace: Trace) -> list[Stage]:
     network: dict[int, int] = {}  # span index -> the callee's duration
     for i, span in enumerate(trace.spans):
         if span.kind == KIND_CLIENT and span.finished:
-            callee = _callee(span, children)
+            callee = callee_of(span, children)
             if callee is not None:
                 if keys is trace.derived["stages"]:
                     keys = list(keys)
@@ -101,7 +101,8 @@ def latency_keys(trace: Trace) -> list[Stage]:
     return keys
 
 
-def _callee(span, children):
+def callee_of(span, children):
+    """A CLIENT span's callee: its SERVER child in another service (finished), or None."""
     for child in children.get(span.span_id, ()):
         if child.kind == KIND_SERVER and child.service != span.service and child.finished:
             return child

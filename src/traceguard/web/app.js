@@ -123,6 +123,11 @@
         "</td></tr>").join("") + "</tbody></table>";
   }
 
+  // A culprit whose fault is one pod's (its service's other pods did not change).
+  function podOf(stage) {
+    return stage.instance ? ' <span class="pod">on pod ' + esc(stage.instance) + "</span>" : "";
+  }
+
   function incidentRows(incidents) {
     if (!incidents.length) return '<p class="muted">No incidents.</p>';
     incidents = incidents.slice().sort((a, b) => (a.state === "open" ? 0 : 1) - (b.state === "open" ? 0 : 1) ||
@@ -131,7 +136,7 @@
       "<th>summary</th><th>findings explained</th></tr></thead><tbody>" + incidents.map((i) =>
       '<tr class="incident ' + esc(i.state) + '"><td>' + badge(i.state) + '</td><td><a href="#/incident/' +
         esc(i.id) + '">' + esc(utc(i.onset)) + "</a></td><td>" + i.culprits.map((c) =>
-        stageLink(c.service, c.operation) + " " + esc(c.signal) + " ×" + esc(c.magnitude)).join("<br>") +
+        stageLink(c.service, c.operation) + " " + esc(c.signal) + " ×" + esc(c.magnitude) + podOf(c)).join("<br>") +
         "</td><td>" + esc(i.summary) + "</td><td>" + esc(Object.entries(i.attached || {}).map((e) =>
         e[0] + " " + e[1]).join(", ")) + "</td></tr>").join("") + "</tbody></table>";
   }
@@ -171,7 +176,7 @@
       "<th>" + (culprit ? "what changed" : "how it is affected") + "</th><th>" + (culprit ? "magnitude" :
       "traces seen through it") + "</th></tr></thead><tbody>" + list.map((s) => '<tr class="' +
       (culprit ? "culprit" : "affected") + '"><td>' + stageLink(s.service, s.operation) + "</td><td>" +
-      esc(s.span_kind) + "</td><td>" + esc(s.signal) + "</td><td>" + esc(s.magnitude) + "</td></tr>").join("") +
+      esc(s.span_kind) + "</td><td>" + esc(s.signal) + podOf(s) + "</td><td>" + esc(s.magnitude) + "</td></tr>").join("") +
       "</tbody></table>" : '<p class="muted">None.</p>';
     return {data: i, html: "<h1>Incident " + badge(i.state) + " <small>" + esc(i.id) + "</small></h1>" +
       '<p class="summary">' + esc(i.summary) + "</p><p>onset " + esc(utc(i.onset)) + (i.resolved_at ?
