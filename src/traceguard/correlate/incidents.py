@@ -27,9 +27,11 @@ the call graph seen in the traces of the open incident:
 While an incident is open, the per-trace findings it explains — a slow span
 of a culprit stage, a trace outlier led by a culprit stage (or led by its
 duration, through a culprit that got slower), an outlived context on a
-culprit stage, a missing call a culprit stopped making — carry its
-``incident_id``, are counted on it, and only the first ``exemplar_findings``
-of them go to the sinks: the on-call engineer gets one incident, not one
+culprit stage, a missing call a culprit stopped making, a rare log line of
+the failing service or in a trace through its failing stage (a caller
+logging the failure it was passed up) — carry its ``incident_id``, are
+counted on it, and only the first ``exemplar_findings`` of them go to the
+sinks: the on-call engineer gets one incident, not one
 finding per request.
 Where the culprit stage's service runs on several pods (``k8s.pod.name`` or
 ``service.instance.id`` on its spans), the traces seen through it while the
@@ -466,12 +468,15 @@ def _explains(incident: _Open, anomaly: Anomaly, present: list[Stage] | None) ->
     span of a culprit stage, a trace unlike its normal ones through a slow
     culprit (or led by a culprit stage), a rise of outliving on a culprit
     stage, a missing call a culprit stopped making, a rare log line of a service
-    whose failures rose. ``present``: the trace's
+    whose failures rose or of a trace through its failing stage. ``present``: the trace's
     latency keys, where every slower culprit's stage would be."""
     culprits = incident.culprits
-    if anomaly.kind is AnomalyKind.LOG_ANOMALY:  # a rare line of a service that fails or logs a burst of them
+    if anomaly.kind is AnomalyKind.LOG_ANOMALY:
+        # a rare line of a service that fails or logs a burst of them, or of a trace
+        # through such a culprit: a caller logging the failure it was passed up
         services = {template["service"] for template in anomaly.evidence["templates"]}
-        return any(c.signal in _LOGGED and c.stage[0] in services for c in culprits)
+        return any(c.signal in _LOGGED and (c.stage[0] in services or (present is not None and c.stage in present))
+                   for c in culprits)
     if anomaly.kind is AnomalyKind.MISSING_EXPECTED_SPAN:
         missing = {(m["service"], m["operation"]) for m in anomaly.evidence["missing_stages"]}
         return any(c.dropped is not None and c.dropped[:2] in missing for c in culprits)
