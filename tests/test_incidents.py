@@ -199,3 +199,26 @@ def test_a_fault_on_one_pod_names_the_pod_and_a_service_wide_one_does_not(tmp_pa
     # fault below the frontend would join
     onsets = sorted((i.onset - config.start_unix_s * 10**9) / 1e9 for i in last.values())
     assert len(onsets) == 3 and all(start <= onset <= start + 60 for onset, start in zip(onsets, (1200, 1800, 2400)))
+
+
+def test_a_later_fault_below_a_caller_that_only_passed_the_first_up_is_another_incident(tmp_path):
+    """The frontend's log burst about failing checkouts opens the incident of a cart
+    failure before the cart's error rate is sure, and is then demoted to affected.
+    A slowdown of the database under checkout ten minutes later (the frontend calls
+    it, the cart does not) is a fault of its own: it does not join the cart's incident."""
+    from benchmarks.scenario import ErrorFault, LatencyFault, ScenarioConfig, write_scenario
+    from test_replay_cli import replay
+
+    config = ScenarioConfig(traces=7200, seed=1, duration_s=3600, fault_rate=0.0, pods=3,
+                            latency_faults=(LatencyFault("checkout", "INSERT orders", 2400, 3000, 3.0),),
+                            error_faults=(ErrorFault("cart", "GET cart:*", 1800, 2400, 0.5, pod=2),))
+    write_scenario(tmp_path, config)
+    incidents = tmp_path / "incidents.jsonl"
+    result = replay(tmp_path / "traces.jsonl", "--logs", tmp_path / "logs.jsonl", "--out", tmp_path / "f.jsonl",
+                    "--incidents-out", incidents)
+    assert result.returncode == 0, result.stderr
+    last = {r.id: r for r in (Incident.model_validate_json(line) for line in incidents.read_text().splitlines())}
+    leads = sorted(((i.onset - config.start_unix_s * 10**9) / 1e9, i.culprits[0].service, i.culprits[0].operation)
+                   for i in last.values())
+    assert [lead[1:] for lead in leads] == [("cart", "GET cart:*"), ("checkout", "INSERT orders")]
+    assert 1800 <= leads[0][0] <= 1860 and 2400 <= leads[1][0] <= 2460

@@ -54,7 +54,7 @@ from traceguard.config import IncidentConfig
 from traceguard.detect.base import times, utc
 from traceguard.models.features import callee_of, latency_keys, latency_samples, network_parts, stages
 from traceguard.records import (KIND_NAMES, KIND_NETWORK, STATUS_ERROR, Anomaly, AnomalyKind, Incident, IncidentStage,
-                                Trace)
+                                Span, Trace)
 
 Stage = tuple[str, str, int]
 
@@ -149,7 +149,7 @@ class _Open:
         self.opened_at = now
         self.culprits: list[_Culprit] = []
         self.callers: Counter = Counter()   # stage -> traces seen through it, above a culprit
-        self.below: set[Stage] = set()      # stages called by a culprit
+        self.below: dict[Stage, set[Stage]] = {}  # culprit stage -> the stages it calls, however deep
         self.caller_changes: dict[Stage, tuple[str, str]] = {}  # affected stages that changed: signal, finding id
         self.attached: Counter = Counter()
         self.finding_ids: list[str] = []
@@ -164,6 +164,17 @@ class _Open:
 
     def stages(self) -> set[Stage]:
         return {c.stage for c in self.culprits}
+
+    def calls(self, stage: Stage) -> bool:
+        """Whether a current culprit calls ``stage``: a change there joins this incident. A
+        culprit demoted to affected no longer counts (a later fault below a caller that only
+        passed the first one up is another fault)."""
+        return any(stage in self.below.get(c.stage, ()) for c in self.culprits)
+
+    def ever_called(self, stage: Stage) -> bool:
+        """Whether any stage that was a culprit of this incident calls ``stage``: a change
+        there, in this incident, is deeper in the fault's call graph and leads."""
+        return any(stage in called for called in self.below.values())
 
 
 class IncidentTracker:
@@ -229,17 +240,17 @@ class IncidentTracker:
             by_id = trace.by_id
             callers: set[Stage] = set()
             measured = self._measure(incident, trace, culprits)
-            for span in measured:
+            for span, _ in measured:
                 parent = by_id.get(span.parent_span_id) if span.parent_span_id else None
                 while parent is not None:
                     callers.add((parent.service, parent.name, parent.kind))
                     parent = by_id.get(parent.parent_span_id) if parent.parent_span_id else None
-            below = measured
-            while below:  # every stage under a culprit, however deep
-                span = below.pop()
-                for child in trace.children.get(span.span_id, ()):
-                    incident.below.add((child.service, child.name, child.kind))
-                    below.append(child)
+            for span, culprit in measured:
+                below, called = [span], incident.below.setdefault(culprit, set())
+                while below:  # every stage under the culprit, however deep
+                    for child in trace.children.get(below.pop().span_id, ()):
+                        called.add((child.service, child.name, child.kind))
+                        below.append(child)
             for caller in callers - culprits:
                 if caller in incident.callers or len(incident.callers) < self.config.max_affected:
                     incident.callers[caller] += 1
@@ -252,9 +263,10 @@ class IncidentTracker:
         return exemplar
 
     @staticmethod
-    def _measure(incident: _Open, trace: Trace, culprits: set[Stage]) -> list:
-        """The trace's spans of the culprit stages, each counted on its culprit's pod
-        (a network culprit's pod is its callee's: a delayed network to a pod is that pod's)."""
+    def _measure(incident: _Open, trace: Trace, culprits: set[Stage]) -> list[tuple[Span, Stage]]:
+        """The trace's spans of the culprit stages with their culprit's stage, each counted on
+        its culprit's pod (a network culprit's pod is its callee's: a delayed network to a pod
+        is that pod's)."""
         measured = []
         by_stage = {c.stage: c for c in incident.culprits if c.stage in culprits}
         times = None
@@ -262,7 +274,7 @@ class IncidentTracker:
             culprit = by_stage.get(key) or by_stage.get((span.service, span.name, span.kind))
             if culprit is None:
                 continue
-            measured.append(span)
+            measured.append((span, culprit.stage))
             pod = span.instance
             if key[2] == KIND_NETWORK and culprit.stage == key:
                 callee = callee_of(span, trace.children)
@@ -340,7 +352,7 @@ class IncidentTracker:
                 break
         else:
             incident.culprits.append(_Culprit(stage, signal, magnitude, anomaly.id, True, dropped))
-        if stage in incident.below and network_parts(stage) is None:
+        if incident.ever_called(stage) and network_parts(stage) is None:
             self._deepen(incident, stage)
         self._demote_networks_of(incident, stage[0])
         self._write(incident, now)
@@ -369,7 +381,7 @@ class IncidentTracker:
                      lambda i: caller is None and any(network_parts(c.stage) is not None
                                                       and network_parts(c.stage)[1] == stage[0] for c in i.culprits),
                      lambda i: explained_by_child and stage in i.callers,
-                     lambda i: stage in i.below, lambda i: any(c.stage[0] == stage[0] for c in i.culprits)):
+                     lambda i: i.calls(stage), lambda i: any(c.stage[0] == stage[0] for c in i.culprits)):
             for incident in self.open_:
                 if test(incident):
                     return incident
@@ -425,7 +437,7 @@ class IncidentTracker:
         incident.finding_ids.extend(i for _, _, i, _ in recent if i not in incident.finding_ids)
         anomaly.incident_id = incident.id
         incident.last_evidence, incident.last_event = anomaly.detected_at, anomaly.event_time
-        if stage in incident.below:
+        if incident.ever_called(stage):
             self._deepen(incident, stage)
         self._write(incident, anomaly.detected_at)
 
