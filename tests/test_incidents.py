@@ -170,24 +170,34 @@ def test_replay_incidents_out_one_incident_per_injected_regression(tmp_path):
     assert "1 incidents" in result.stderr.splitlines()[0]
 
 
-def test_a_fault_on_one_pod_names_the_pod_and_a_service_wide_one_does_not(tmp_path):
-    """Three pods per service: one pod of the database stage 4x slower, one pod's
-    cache lookups failing half the time, then a slowdown on every pod of another
-    service. One incident per fault; its culprit names the odd pod, and only
-    where there is one."""
-    from benchmarks.scenario import ErrorFault, LatencyFault, ScenarioConfig, write_scenario
+def _pod_scenario_incidents(tmp_path, seed: int, latency_faults: tuple, error_faults: tuple) -> tuple[dict, int]:
+    """The last state of each incident of a replay of the generator with three pods per
+    service and these faults (an hour, 7,200 requests); and the scenario's start, ns."""
+    from benchmarks.scenario import ScenarioConfig, write_scenario
     from test_replay_cli import replay
 
-    config = ScenarioConfig(traces=7200, seed=5, duration_s=3600, fault_rate=0.0, pods=3,
-                            latency_faults=(LatencyFault("catalog", "SELECT products", 1200, 1800, 4.0, pod=1),
-                                            LatencyFault("checkout", "INSERT orders", 2400, 3000, 3.0)),
-                            error_faults=(ErrorFault("cart", "GET cart:*", 1800, 2400, 0.5, pod=2),))
+    config = ScenarioConfig(traces=7200, seed=seed, duration_s=3600, fault_rate=0.0, pods=3,
+                            latency_faults=latency_faults, error_faults=error_faults)
     write_scenario(tmp_path, config)
     incidents = tmp_path / "incidents.jsonl"
     result = replay(tmp_path / "traces.jsonl", "--logs", tmp_path / "logs.jsonl", "--out", tmp_path / "f.jsonl",
                     "--incidents-out", incidents)
     assert result.returncode == 0, result.stderr
     last = {r.id: r for r in (Incident.model_validate_json(line) for line in incidents.read_text().splitlines())}
+    return last, config.start_unix_s * 10**9
+
+
+def test_a_fault_on_one_pod_names_the_pod_and_a_service_wide_one_does_not(tmp_path):
+    """Three pods per service: one pod of the database stage 4x slower, one pod's
+    cache lookups failing half the time, then a slowdown on every pod of another
+    service. One incident per fault; its culprit names the odd pod, and only
+    where there is one."""
+    from benchmarks.scenario import ErrorFault, LatencyFault
+
+    last, start_ns = _pod_scenario_incidents(
+        tmp_path, 5, (LatencyFault("catalog", "SELECT products", 1200, 1800, 4.0, pod=1),
+                      LatencyFault("checkout", "INSERT orders", 2400, 3000, 3.0)),
+        (ErrorFault("cart", "GET cart:*", 1800, 2400, 0.5, pod=2),))
     culprits = {(c.service, c.operation, c.signal): c.instance for i in last.values() for c in i.culprits}
     assert culprits[("catalog", "SELECT products", "latency")] == "catalog-1"
     assert culprits[("cart", "GET cart:*", "errors")] == "cart-2"
@@ -197,7 +207,7 @@ def test_a_fault_on_one_pod_names_the_pod_and_a_service_wide_one_does_not(tmp_pa
     # one incident per fault, each from its own onset: the frontend's "answered 500" lines in the
     # failing requests are the cart failure passed up, not an incident of their own that a later
     # fault below the frontend would join
-    onsets = sorted((i.onset - config.start_unix_s * 10**9) / 1e9 for i in last.values())
+    onsets = sorted((i.onset - start_ns) / 1e9 for i in last.values())
     assert len(onsets) == 3 and all(start <= onset <= start + 60 for onset, start in zip(onsets, (1200, 1800, 2400)))
 
 
@@ -206,19 +216,11 @@ def test_a_later_fault_below_a_caller_that_only_passed_the_first_up_is_another_i
     failure before the cart's error rate is sure, and is then demoted to affected.
     A slowdown of the database under checkout ten minutes later (the frontend calls
     it, the cart does not) is a fault of its own: it does not join the cart's incident."""
-    from benchmarks.scenario import ErrorFault, LatencyFault, ScenarioConfig, write_scenario
-    from test_replay_cli import replay
+    from benchmarks.scenario import ErrorFault, LatencyFault
 
-    config = ScenarioConfig(traces=7200, seed=1, duration_s=3600, fault_rate=0.0, pods=3,
-                            latency_faults=(LatencyFault("checkout", "INSERT orders", 2400, 3000, 3.0),),
-                            error_faults=(ErrorFault("cart", "GET cart:*", 1800, 2400, 0.5, pod=2),))
-    write_scenario(tmp_path, config)
-    incidents = tmp_path / "incidents.jsonl"
-    result = replay(tmp_path / "traces.jsonl", "--logs", tmp_path / "logs.jsonl", "--out", tmp_path / "f.jsonl",
-                    "--incidents-out", incidents)
-    assert result.returncode == 0, result.stderr
-    last = {r.id: r for r in (Incident.model_validate_json(line) for line in incidents.read_text().splitlines())}
-    leads = sorted(((i.onset - config.start_unix_s * 10**9) / 1e9, i.culprits[0].service, i.culprits[0].operation)
-                   for i in last.values())
+    last, start_ns = _pod_scenario_incidents(
+        tmp_path, 1, (LatencyFault("checkout", "INSERT orders", 2400, 3000, 3.0),),
+        (ErrorFault("cart", "GET cart:*", 1800, 2400, 0.5, pod=2),))
+    leads = sorted(((i.onset - start_ns) / 1e9, i.culprits[0].service, i.culprits[0].operation) for i in last.values())
     assert [lead[1:] for lead in leads] == [("cart", "GET cart:*"), ("checkout", "INSERT orders")]
     assert 1800 <= leads[0][0] <= 1860 and 2400 <= leads[1][0] <= 2460
