@@ -84,9 +84,14 @@ def feed(bootstrap: str, scenario: Path, traces_topic: str, logs_topic: str | No
     """Produces the scenario (traces, then logs interleaved in file order); returns messages per topic.
 
     ``extra``: (topic, key, value) records produced first (poison records in tests).
+    Idempotent, one request in flight: a batch retried after a produce error (a
+    loaded broker) must not land after the batches sent behind it, or the topic
+    would hold the traffic in another order than the file (and event-time
+    decisions would differ from a replay of it).
     """
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=50, batch_size=1 << 20,
-                             max_request_size=8 << 20, compression_type=compression)
+                             max_request_size=8 << 20, compression_type=compression, enable_idempotence=True,
+                             max_in_flight_requests_per_connection=1)
     counts = {traces_topic: 0, logs_topic: 0}
     for topic, key, value in extra:
         producer.send(topic, key=key, value=value)
