@@ -176,6 +176,27 @@ class _Open:
         there, in this incident, is deeper in the fault's call graph and leads."""
         return any(stage in called for called in self.below.values())
 
+    def measure(self, trace: Trace, culprits: set[Stage]) -> list[tuple[Span, Stage]]:
+        """The trace's spans of the culprit stages with their culprit's stage, each counted on
+        its culprit's pod (a network culprit's pod is its callee's: a delayed network to a pod
+        is that pod's)."""
+        measured = []
+        by_stage = {c.stage: c for c in self.culprits if c.stage in culprits}
+        times = None
+        for i, (span, key) in enumerate(zip(trace.spans, latency_keys(trace))):
+            culprit = by_stage.get(key) or by_stage.get((span.service, span.name, span.kind))
+            if culprit is None:
+                continue
+            measured.append((span, culprit.stage))
+            pod = span.instance
+            if key[2] == KIND_NETWORK and culprit.stage == key:
+                callee = callee_of(span, trace.children)
+                pod = callee.instance if callee is not None else None
+            if pod is not None:
+                times = times if times is not None else latency_samples(trace)  # the latency detectors' already
+                culprit.count(pod, span.status == STATUS_ERROR, times[i])
+        return measured
+
 
 class IncidentTracker:
     """Groups findings into incidents; ``emit`` receives each incident state change."""
@@ -239,7 +260,7 @@ class IncidentTracker:
                 continue
             by_id = trace.by_id
             callers: set[Stage] = set()
-            measured = self._measure(incident, trace, culprits)
+            measured = incident.measure(trace, culprits)
             for span, _ in measured:
                 parent = by_id.get(span.parent_span_id) if span.parent_span_id else None
                 while parent is not None:
@@ -261,28 +282,6 @@ class IncidentTracker:
                     incident.emitted_at = -1  # the first one is written at once: the incident page links it
                 exemplar = True
         return exemplar
-
-    @staticmethod
-    def _measure(incident: _Open, trace: Trace, culprits: set[Stage]) -> list[tuple[Span, Stage]]:
-        """The trace's spans of the culprit stages with their culprit's stage, each counted on
-        its culprit's pod (a network culprit's pod is its callee's: a delayed network to a pod
-        is that pod's)."""
-        measured = []
-        by_stage = {c.stage: c for c in incident.culprits if c.stage in culprits}
-        times = None
-        for i, (span, key) in enumerate(zip(trace.spans, latency_keys(trace))):
-            culprit = by_stage.get(key) or by_stage.get((span.service, span.name, span.kind))
-            if culprit is None:
-                continue
-            measured.append((span, culprit.stage))
-            pod = span.instance
-            if key[2] == KIND_NETWORK and culprit.stage == key:
-                callee = callee_of(span, trace.children)
-                pod = callee.instance if callee is not None else None
-            if pod is not None:
-                times = times if times is not None else latency_samples(trace)  # the latency detectors' already
-                culprit.count(pod, span.status == STATUS_ERROR, times[i])
-        return measured
 
     # -- time ------------------------------------------------------------------
     def advance(self, now: int) -> None:

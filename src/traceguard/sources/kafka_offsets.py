@@ -157,12 +157,12 @@ class OffsetTracker:
 
     def straddlers(self, partition: Hashable, offset: int) -> dict[bytes, int]:
         """Decided traces with records on both sides of ``offset``: trace → its last offset read."""
-        part = self._partitions.get(partition)
-        if part is None:
+        after = self.read_since(partition, offset)
+        if not after:
             return {}
+        part = self._partitions[partition]
         before = {t for o, ids, _ in part.records if o < offset for t in ids}
-        after = {t for o, ids, _ in part.records if o >= offset for t in ids}
-        return {t: part.last_offset[t] for t in (before | part.straddlers) & after}
+        return {t: last for t, last in after.items() if t in before or t in part.straddlers}
 
     def read_since(self, partition: Hashable, offset: int) -> dict[bytes, int]:
         """The traces with records at or after ``offset`` (not committed yet): trace → its last offset read."""
