@@ -195,7 +195,7 @@ def test_a_fault_on_one_pod_names_the_pod_and_a_service_wide_one_does_not(tmp_pa
     from benchmarks.scenario import ErrorFault, LatencyFault
 
     last, start_ns = _pod_scenario_incidents(
-        tmp_path, 5, (LatencyFault("catalog", "SELECT products", 1200, 1800, 4.0, pod=1),
+        tmp_path, 4, (LatencyFault("catalog", "SELECT products", 1200, 1800, 4.0, pod=1),
                       LatencyFault("checkout", "INSERT orders", 2400, 3000, 3.0)),
         (ErrorFault("cart", "GET cart:*", 1800, 2400, 0.5, pod=2),))
     culprits = {(c.service, c.operation, c.signal): c.instance for i in last.values() for c in i.culprits}

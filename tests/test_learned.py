@@ -113,6 +113,66 @@ def test_the_baseline_does_not_absorb_an_open_regression():
     assert [a.evidence["state"] for a in opened] == ["open"]
 
 
+def _pods_stream(minutes: float, slow_pods: set[int], factor: float, *, rate_per_s: float = 0.5, pods: int = 3,
+                 config: PipelineConfig | None = None):
+    """Requests spread over ``pods`` replicas of the api (its spans carry the pod); the
+    database calls of ``slow_pods`` are ``factor`` times slower from minute 60 to 90."""
+    rng = np.random.default_rng(3)
+    sink = MemorySink()
+    pipeline = Pipeline(config or PipelineConfig(), EventTimeClock(5 * 10**9), [sink])
+    for i in range(int(minutes * 60 * rate_per_s)):
+        t_ms = i * 1000 / rate_per_s
+        pod = int(rng.integers(pods))
+        slow = pod in slow_pods and 60 <= t_ms / MINUTE_MS < 90
+        rows = request(i, t_ms, rng, db_factor=factor if slow else 1.0)
+        for span_row in rows:
+            span_row.instance = f"api-{pod}"
+        pipeline.accept_spans(rows)
+        pipeline.advance()
+    pipeline.close()
+    return pipeline, of_kind(sink, "latency_regression")
+
+
+def test_one_slow_pod_of_three_is_found_and_named():
+    """Each pod sees five database calls a window (pooled until there are enough).
+    (The stage's own test may see the shift too: here its spread is narrow.)"""
+    pipeline, found = _pods_stream(120, {1}, 4.0)
+    by_pod = [a for a in found if a.evidence.get("instance") is not None]
+    opened = [a for a in by_pod if a.evidence["state"] == "open"]
+    assert [(a.operation, a.evidence["instance"]) for a in opened] == [("SELECT item", "api-1")]
+    (regression,) = opened
+    assert "on pod api-1" in regression.summary
+    onset_ns = T0 + 60 * MINUTE_MS * 10**6
+    assert abs(regression.evidence["onset_unix_nano"] - onset_ns) <= 2 * 60 * 10**9
+    assert 3.0 <= regression.evidence["magnitude"] <= 5.0
+    (resolved,) = [a for a in by_pod if a.evidence["state"] == "resolved"]
+    assert resolved.id == regression.id and resolved.evidence["resolved_at_unix_nano"] >= onset_ns + 30 * 60 * 10**9
+    # the pods' windows are judged against the stage's baseline, which only the stage's windows teach
+    assert pipeline.models.pod_latency.model.stages_[(*DB_STAGE, "api-1")].self_hist is \
+        pipeline.models.latency.stages_[DB_STAGE].self_hist
+
+
+def test_every_pod_slower_is_the_stage_s_regression_and_names_no_pod():
+    _, found = _pods_stream(120, {0, 1, 2}, 3.0)
+    opened = [a for a in found if a.evidence["state"] == "open"]
+    assert [(a.operation, a.evidence.get("instance")) for a in opened] == [("SELECT item", None)]
+
+
+def test_a_stage_one_pod_serves_keeps_no_pod_windows():
+    pipeline, found = _pods_stream(40, set(), 1.0, pods=1)
+    assert found == [] and pipeline.models.pod_latency.model.stages_ == {}
+
+
+def test_contract_pod_windows_are_bounded_by_max_stages():
+    from traceguard.config import LatencyConfig, LearnedConfig
+
+    config = PipelineConfig(learned=LearnedConfig(latency=LatencyConfig(max_stages=4)))
+    pipeline, _ = _pods_stream(10, set(), 1.0, config=config)
+    pods = pipeline.models.pod_latency
+    assert len(pods.model.stages_) == 4 and len(pods.pods_) == 4 and pods.model.untracked_samples_ > 0
+    assert pipeline.metrics.get("traceguard_latency_untracked_samples_total") >= pods.model.untracked_samples_
+
+
 def test_slow_stage_points_at_the_guilty_span_not_its_parents():
     pipeline, sink = stream(30, rate_per_s=3.0)  # 5,400 traces: slow_stage judges after 5,000 samples
     rng = np.random.default_rng(5)

@@ -147,6 +147,13 @@ class LatencyConfig(_Section):
     )
     slow_stage_max_per_trace: int = Field(3, ge=1)
     max_stages: int = Field(20_000, ge=1, description="Stages with a baseline; further stages are not tracked and are counted.")
+    per_pod: bool = Field(
+        True,
+        description="Also keep a baseline per pod (k8s.pod.name, else service.instance.id) of each stage that more "
+                    "than one pod serves, and report one pod that turns slower while its peers do not: one slow pod "
+                    "of three moves its stage's median too little for the stage's own test. Up to max_stages "
+                    "(stage, pod) pairs.",
+    )
 
 
 class StructureConfig(_Section):

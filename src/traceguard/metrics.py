@@ -108,7 +108,8 @@ DECLARED: tuple[Metric, ...] = (
            (("open",), ("resolved",))),
     Metric("traceguard_incidents_open", "gauge", "Incidents open now."),
     Metric("traceguard_latency_untracked_samples_total", "counted",
-           "Latency samples of stages past learned.latency.max_stages (not learned)."),
+           "Latency samples of stages (or of a stage's pods) past learned.latency.max_stages, or past 64 pods "
+           "a stage (not learned)."),
     Metric("traceguard_series_untracked_windows_total", "counted",
            "Stage windows not kept for the web view's stage pages (stages past ui.series_stages)."),
     Metric("traceguard_context_outlived_parent_routine_stages", "gauge",

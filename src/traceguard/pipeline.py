@@ -56,7 +56,10 @@ class Pipeline:
         self._detectors = [*self._completeness, *self._timing, *self._every]
         self._learners = [d for d in self._detectors if hasattr(d, "learn")]
         self._windowed = [d for d in self._detectors if hasattr(d, "advance")]
-        self.metrics.counted("traceguard_latency_untracked_samples_total", lambda: self.models.latency.untracked_samples_)
+        pods = self.models.pod_latency
+        self.metrics.counted("traceguard_latency_untracked_samples_total",
+                             lambda: self.models.latency.untracked_samples_
+                             + (pods.model.untracked_samples_ if pods is not None else 0))
         self.metrics.counted("traceguard_series_untracked_windows_total", lambda: self.series.untracked_)
         if self.models.rates:
             self.restore({"detectors": self.models.rates})

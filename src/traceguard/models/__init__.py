@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from traceguard.config import LearnedConfig
 from traceguard.models.forest import ForestModel
-from traceguard.models.latency import LatencyModel
+from traceguard.models.latency import LatencyModel, PodLatency
 from traceguard.models.structure import StructureModel
 from traceguard.models.templates import TemplateModel
 
@@ -26,8 +26,11 @@ class Models:
     # outlived children, its calls), JSON-ready and keyed by kind: the pipeline
     # writes them before a save (``Pipeline.models_for_saving``) and reads them at start
     rates: dict[str, dict] = field(default_factory=dict)
+    pod_latency: PodLatency | None = None  # learned.latency.per_pod
 
     @classmethod
     def new(cls, config: LearnedConfig) -> "Models":
-        return cls(LatencyModel(config.latency, config.alert_rate), StructureModel(config.structure),
-                   ForestModel(config.forest, config.alert_rate), TemplateModel(config.templates, config.alert_rate))
+        latency = LatencyModel(config.latency, config.alert_rate)
+        return cls(latency, StructureModel(config.structure), ForestModel(config.forest, config.alert_rate),
+                   TemplateModel(config.templates, config.alert_rate),
+                   pod_latency=PodLatency(config.latency, latency) if config.latency.per_pod else None)

@@ -27,9 +27,10 @@ import numpy as np
 from scipy.stats import binom, norm
 
 from traceguard.config import LatencyConfig
-from traceguard.models.features import Stage
+from traceguard.models.features import Stage, latency_keys, latency_samples, stages
 from traceguard.models.histogram import LogHistogram
 from traceguard.models.tails import MIN_TAIL_SAMPLES, SHARE, exponential_tail, tail_reference
+from traceguard.records import Trace
 
 # Normal-consistent scale from the interquartile range; median standard error factor.
 _IQR_TO_SIGMA = 1.349
@@ -41,6 +42,7 @@ _MAX_RUN = 20  # windows of a run of shifted ones kept for the pooled test
 # Windows before a run kept for its onset: a quiet stage's first shifted window
 # may not lean far enough by chance, and the run then starts a window late.
 _LOOKBACK = 2
+_MAX_POOLED = 8  # sparse windows pooled into one (shared_baselines)
 QUANTILES = (0.5, 0.95, 0.99)
 
 
@@ -62,7 +64,7 @@ class Regression:
 
 
 class _Window:
-    __slots__ = ("index", "self_ns", "total_ns", "trace_ids", "ends", "min_event")
+    __slots__ = ("index", "self_ns", "total_ns", "trace_ids", "ends", "min_event", "pooled")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -71,11 +73,18 @@ class _Window:
         self.trace_ids: list[str] = []
         self.ends: list[int] = []
         self.min_event = 0
+        self.pooled = 0  # earlier windows, too sparse to judge, whose samples this one holds
+
+    def take(self, earlier: "_Window") -> None:
+        self.self_ns[:0], self.total_ns[:0] = earlier.self_ns, earlier.total_ns
+        self.trace_ids[:0], self.ends[:0] = earlier.trace_ids, earlier.ends
+        self.min_event = min(self.min_event, earlier.min_event)
+        self.pooled = earlier.pooled + 1
 
 
 class StageLatency:
     __slots__ = ("self_hist", "total_hist", "window", "shifted", "before", "calm", "regression", "slow_threshold",
-                 "last_index", "merged")
+                 "last_index", "merged", "sparse")
 
     def __init__(self) -> None:
         self.self_hist = LogHistogram()
@@ -88,6 +97,7 @@ class StageLatency:
         self.slow_threshold: int | None = None  # self time (ns) beyond which a span is a slow_stage
         self.last_index = -1                # the last window that held samples
         self.merged = 0                     # windows merged since slow_threshold was set
+        self.sparse: _Window | None = None  # a closed window too sparse to judge, held for the next (shared_baselines)
 
 
 def _ms_quantiles(logs: np.ndarray) -> dict[str, float]:
@@ -103,8 +113,15 @@ def _hist_ms_quantiles(hist: LogHistogram) -> dict[str, float]:
 class LatencyModel:
     """All stage baselines; ``observe`` feeds samples, closing windows yields regression events."""
 
-    def __init__(self, config: LatencyConfig, alert_rate: float = 1e-4) -> None:
+    def __init__(self, config: LatencyConfig, alert_rate: float = 1e-4, shared_baselines: bool = False) -> None:
+        """``shared_baselines``: the keys are judged against baselines another
+        model learns (``PodLatency`` sets them on each key's ``StageLatency``):
+        nothing is merged into them here. A window with fewer than
+        ``min_window_samples`` is then pooled into the next, up to
+        ``_MAX_POOLED`` windows, so that a quiet key (one pod's share of a stage)
+        is judged over longer windows instead of never."""
         self.config = config
+        self._shared = shared_baselines
         # slow_stage: a span beyond its stage's tail at this rarity (models.tails).
         self._sample_rate = alert_rate / SHARE
         self.stages_: dict[Stage, StageLatency] = {}
@@ -141,6 +158,8 @@ class LatencyModel:
                     self._close(key, stage, events)
                 window = stage.window = _Window(index)
                 window.min_event = span.end
+                if stage.sparse is not None:
+                    self._pool(stage, window)
             if len(window.self_ns) < cap:
                 window.self_ns.append(self_ns or 1)
                 window.total_ns.append((span.end - span.start) or 1)
@@ -162,9 +181,19 @@ class LatencyModel:
     def flush(self, events: list[Regression]) -> None:
         for key, stage in self.stages_.items():
             if stage.window is not None:
-                self._close(key, stage, events)
+                self._close(key, stage, events, last=True)
+            elif stage.sparse is not None:
+                self._judge_sparse(stage, stage.sparse)
 
-    def _close(self, key: Stage, stage: StageLatency, events: list[Regression]) -> None:
+    def _pool(self, stage: StageLatency, window: _Window) -> None:
+        """The held sparse window joins ``window``, if it is recent enough (else it is what a sparse window is)."""
+        sparse, stage.sparse = stage.sparse, None
+        if window.index - sparse.index <= _MAX_POOLED:
+            window.take(sparse)
+        else:
+            self._judge_sparse(stage, sparse)
+
+    def _close(self, key: Stage, stage: StageLatency, events: list[Regression], last: bool = False) -> None:
         window, stage.window = stage.window, None
         config = self.config
         if window.index - stage.last_index > config.persist_windows:
@@ -179,8 +208,10 @@ class LatencyModel:
             self._merge(stage, window, logs)
             return
         if len(logs) < config.min_window_samples:
-            if stage.regression is None and not stage.shifted:
-                self._merge(stage, window, logs)
+            if self._shared and window.pooled < _MAX_POOLED and not last:
+                stage.sparse = window
+            else:
+                self._judge_sparse(stage, window, logs)
             return
         q25, median, q75, q90 = stage.self_hist.quantiles((0.25, 0.5, 0.75, 0.9))
         scale = max((q75 - q25) / _IQR_TO_SIGMA, _MIN_SCALE)
@@ -234,6 +265,11 @@ class LatencyModel:
         stage.shifted, stage.before = [], []
         stage.slow_threshold = None  # the regression speaks for this stage's slow spans
         events.append(regression)
+
+    def _judge_sparse(self, stage: StageLatency, window: _Window, logs: np.ndarray | None = None) -> None:
+        """Too few samples to judge: they are normal unless the stage is regressed or shifting."""
+        if stage.regression is None and not stage.shifted:
+            self._merge(stage, window, np.log(np.asarray(window.self_ns, dtype=float)) if logs is None else logs)
 
     def _beyond_chance(self, stage: StageLatency, pooled: np.ndarray, median: float) -> bool:
         """Whether the run's samples above the baseline median × ``regression_min_ratio``
@@ -299,6 +335,8 @@ class LatencyModel:
 
     def _merge(self, stage: StageLatency, window: _Window, logs: np.ndarray) -> None:
         stage.before = stage.before[1 - _LOOKBACK:] + [(window.self_ns, window.ends)]
+        if self._shared:
+            return
         stage.self_hist.decay(self._decay)
         stage.total_hist.decay(self._decay)
         stage.self_hist.add_logs(logs)
@@ -322,7 +360,7 @@ class LatencyModel:
     def set_slow_threshold(self, stage: StageLatency) -> None:
         config = self.config
         stage.merged = 0
-        if stage.self_hist.total < MIN_TAIL_SAMPLES or stage.regression is not None:
+        if stage.self_hist.total < MIN_TAIL_SAMPLES or stage.regression is not None or self._shared:
             stage.slow_threshold = None
             return
         reference = tail_reference(stage.self_hist.total)
@@ -340,3 +378,100 @@ class LatencyModel:
         tail = min(tail, seen + _LN10)
         stage.slow_threshold = int(max(math.exp(median + config.slow_stage_z * scale), math.exp(tail),
                                        math.exp(seen + _LN2), math.exp(q99) + config.slow_stage_min_excess))
+
+
+_MAX_PODS = 64  # pods of one stage with a baseline each
+
+
+class PodLatency:
+    """One stage's windows per pod, judged against the stage's baseline.
+
+    A slowdown on one pod of three moves its stage's median about 1.4x: at the
+    edge of the stage's own test, and one pod of ten would not move it at all.
+    The pods of a service are replicas: their normal is the service's. So each
+    (stage, pod) pair of a stage that more than one pod serves is a key of a
+    ``LatencyModel`` of its own (``(service, operation, kind, pod)``) whose
+    baseline is the stage's, learned by the stage model (``stage_model``); its
+    sparse windows are pooled. What it reports is a pod that differs from its
+    peers: a regression that opens while at least half of the stage's other
+    pods are shifted or regressed too is the whole service's, left to the
+    stage's test, and is not reported (nor, later, its resolution). Only a
+    span's own stage is kept per pod (not the network stage a client's time is
+    judged as).
+    """
+
+    def __init__(self, config: LatencyConfig, stage_model: LatencyModel) -> None:
+        self.model = LatencyModel(config, shared_baselines=True)
+        self._stages = stage_model.stages_
+        self.pods_: dict[Stage, set[str]] = {}  # the pods seen serving each stage
+        self._max_stages = config.max_stages
+        self._shared: set[tuple] = set()  # pod keys whose open regression their peers share
+
+    def observe(self, trace: Trace, now: int, events: list[Regression]) -> None:
+        """One decided trace's spans (``LatencyModel.observe``), those of stages more than one pod serves."""
+        pods_of = self.pods_
+        pod_keys, pod_spans, pod_times = [], [], []
+        for key, judged_as, span, self_ns in zip(stages(trace), latency_keys(trace), trace.spans,
+                                                 latency_samples(trace)):
+            pod = span.instance
+            if pod is None or self_ns is None or judged_as is not key:
+                continue
+            pods = pods_of.get(key)
+            if pods is None:
+                if len(pods_of) < self._max_stages:
+                    pods_of[key] = {pod}
+                continue
+            if pod not in pods:
+                if len(pods) >= _MAX_PODS or not self._track(key, pod):
+                    self.model.untracked_samples_ += 1
+                    continue
+                pods.add(pod)
+                if len(pods) == 2:
+                    self._track(key, next(p for p in pods if p != pod))
+            if len(pods) > 1:
+                pod_keys.append((*key, pod))
+                pod_spans.append(span)
+                pod_times.append(self_ns)
+        if pod_keys:
+            found: list[Regression] = []
+            self.model.observe(pod_keys, pod_spans, pod_times, trace.trace_id.hex(), now, found)
+            self._odd(found, events)
+
+    def _track(self, stage: Stage, pod: str) -> bool:
+        """A key for this pod of the stage, on the stage's baseline (none past max_stages)."""
+        baseline = self._stages.get(stage)
+        if baseline is None or len(self.model.stages_) >= self.model.config.max_stages:
+            return False
+        key = self.model.stages_[(*stage, pod)] = StageLatency()
+        key.self_hist, key.total_hist = baseline.self_hist, baseline.total_hist
+        return True
+
+    def advance(self, now: int, events: list[Regression]) -> None:
+        found: list[Regression] = []
+        self.model.advance(now, found)
+        self._odd(found, events)
+
+    def flush(self, events: list[Regression]) -> None:
+        found: list[Regression] = []
+        self.model.flush(found)
+        self._odd(found, events)
+
+    def _odd(self, found: list[Regression], events: list[Regression]) -> None:
+        for regression in found:
+            key = regression.stage
+            if regression.resolved_at is not None:
+                if key in self._shared:
+                    self._shared.discard(key)
+                    continue
+            elif self._peers_shifted(key):
+                self._shared.add(key)
+                continue
+            events.append(regression)
+
+    def _peers_shifted(self, key: tuple) -> bool:
+        stage, pod = key[:3], key[3]
+        keys = self.model.stages_
+        peers = [peer for other in self.pods_.get(stage, ()) if other != pod
+                 and (peer := keys.get((*stage, other))) is not None]
+        shifted = sum(1 for peer in peers if peer.regression is not None or peer.shifted)
+        return bool(peers) and shifted >= max(1, (len(peers) + 1) // 2)
