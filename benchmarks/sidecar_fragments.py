@@ -14,7 +14,7 @@ deterministic; ``serve`` uses the same pipeline). Then:
   sidecar, so its labels are left out. A finding counts in its own sidecar.
 * the same scenario replayed whole (``scope = "trace"``) for comparison.
 
-Run ``python -m benchmarks.sidecar_fragments [--traces N] [--seed S]``; prints JSON.
+Run ``python -m benchmarks.sidecar_fragments [--traces N] [--seed S] [--fault-rate F]``; prints JSON.
 """
 
 from __future__ import annotations
@@ -100,11 +100,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--traces", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--fault-rate", type=float, default=ScenarioConfig.fault_rate,
+                        help="share of requests with a structural fault (the labeled scenario's default)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         whole = Path(tmp) / "whole"
         write_scenario(whole, ScenarioConfig(traces=args.traces, seed=args.seed, duration_s=args.traces / 3,
-                                             fault_rate=0.1), proto=True)
+                                             fault_rate=args.fault_rate), proto=True)
         labels = [json.loads(line) for line in (whole / "labels.jsonl").read_text().splitlines()]
         services, exported = split(whole, Path(tmp) / "pods")
         found, blames, per_pod = set(), [], {}
@@ -134,7 +136,8 @@ def main() -> None:
     for key in {k for k in visible if k[:3] not in whole_found}:
         missed_whole[f"{key[0]} ({fault_of[key]}, {key[3]})"] += 1
     print(json.dumps({
-        "benchmark": "sidecar_fragments", "traces": args.traces, "seed": args.seed, "sidecars": services,
+        "benchmark": "sidecar_fragments", "traces": args.traces, "seed": args.seed, "fault_rate": args.fault_rate,
+        "sidecars": services,
         "per_trace_findings_per_sidecar": per_pod,
         "blames_of_another_pod": len(blames), "blames_first": blames[:5],
         "labels_visible_locally": len(visible),
