@@ -114,9 +114,10 @@ def test_the_baseline_does_not_absorb_an_open_regression():
 
 
 def _pods_stream(minutes: float, slow_pods: set[int], factor: float, *, rate_per_s: float = 0.5, pods: int = 3,
-                 config: PipelineConfig | None = None):
+                 config: PipelineConfig | None = None, replaced_every: float | None = None):
     """Requests spread over ``pods`` replicas of the api (its spans carry the pod); the
-    database calls of ``slow_pods`` are ``factor`` times slower from minute 60 to 90."""
+    database calls of ``slow_pods`` are ``factor`` times slower from minute 60 to 90.
+    ``replaced_every`` (minutes): every pod is replaced by a new one (a new name) this often."""
     rng = np.random.default_rng(3)
     sink = MemorySink()
     pipeline = Pipeline(config or PipelineConfig(), EventTimeClock(5 * 10**9), [sink])
@@ -125,8 +126,9 @@ def _pods_stream(minutes: float, slow_pods: set[int], factor: float, *, rate_per
         pod = int(rng.integers(pods))
         slow = pod in slow_pods and 60 <= t_ms / MINUTE_MS < 90
         rows = request(i, t_ms, rng, db_factor=factor if slow else 1.0)
+        generation = f"{int(t_ms / MINUTE_MS // replaced_every)}-" if replaced_every else ""
         for span_row in rows:
-            span_row.instance = f"api-{pod}"
+            span_row.instance = f"api-{generation}{pod}"
         pipeline.accept_spans(rows)
         pipeline.advance()
     pipeline.close()
@@ -161,6 +163,16 @@ def test_every_pod_slower_is_the_stage_s_regression_and_names_no_pod():
 def test_a_stage_one_pod_serves_keeps_no_pod_windows():
     pipeline, found = _pods_stream(40, set(), 1.0, pods=1)
     assert found == [] and pipeline.models.pod_latency.model.stages_ == {}
+
+
+def test_pods_replaced_all_day_make_room_for_the_new_ones():
+    """Rolling restarts: 3 pods replaced every 2 minutes, 180 pod names in 2 hours. A
+    stage keeps windows for 64 pods; one idle for 20 windows makes room for a new one."""
+    pipeline, found = _pods_stream(120, set(), 1.0, replaced_every=2)
+    pods = pipeline.models.pod_latency
+    assert found == [] and pods.model.untracked_samples_ == 0
+    assert len(pods.pods_[DB_STAGE]) <= 64 and {"api-59-0", "api-59-1", "api-59-2"} <= pods.pods_[DB_STAGE]
+    assert len([key for key in pods.model.stages_ if key[:3] == DB_STAGE]) == len(pods.pods_[DB_STAGE])
 
 
 def test_contract_pod_windows_are_bounded_by_max_stages():

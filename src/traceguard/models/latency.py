@@ -380,7 +380,8 @@ class LatencyModel:
                                        math.exp(seen + _LN2), math.exp(q99) + config.slow_stage_min_excess))
 
 
-_MAX_PODS = 64  # pods of one stage with a baseline each
+_MAX_PODS = 64  # pods of one stage with windows each
+_IDLE_WINDOWS = 20  # windows without a sample after which a pod's windows may make room for a new pod
 
 
 class PodLatency:
@@ -406,15 +407,27 @@ class PodLatency:
         self.pods_: dict[Stage, set[str]] = {}  # the pods seen serving each stage
         self._max_stages = config.max_stages
         self._shared: set[tuple] = set()  # pod keys whose open regression their peers share
+        # Services seen on more than one pod: only their spans are looked at one by one.
+        # Most traffic is of services with one pod; a trace's (service, pod) pairs, all
+        # seen before, tell that with one set operation.
+        self._first_pod: dict[str, str] = {}
+        self._multi: set[str] = set()
+        self._seen: set[tuple[str, str | None]] = set()
 
     def observe(self, trace: Trace, now: int, events: list[Regression]) -> None:
         """One decided trace's spans (``LatencyModel.observe``), those of stages more than one pod serves."""
+        pairs = {(span.service, span.instance) for span in trace.spans}
+        if not pairs <= self._seen:
+            self._meet(pairs - self._seen)
+        multi = self._multi
+        if not multi:
+            return
         pods_of = self.pods_
         pod_keys, pod_spans, pod_times = [], [], []
         for key, judged_as, span, self_ns in zip(stages(trace), latency_keys(trace), trace.spans,
                                                  latency_samples(trace)):
             pod = span.instance
-            if pod is None or self_ns is None or judged_as is not key:
+            if span.service not in multi or pod is None or self_ns is None or judged_as is not key:
                 continue
             pods = pods_of.get(key)
             if pods is None:
@@ -422,7 +435,7 @@ class PodLatency:
                     pods_of[key] = {pod}
                 continue
             if pod not in pods:
-                if len(pods) >= _MAX_PODS or not self._track(key, pod):
+                if (len(pods) >= _MAX_PODS and not self._evict_idle(key, pods, now)) or not self._track(key, pod):
                     self.model.untracked_samples_ += 1
                     continue
                 pods.add(pod)
@@ -436,6 +449,36 @@ class PodLatency:
             found: list[Regression] = []
             self.model.observe(pod_keys, pod_spans, pod_times, trace.trace_id.hex(), now, found)
             self._odd(found, events)
+
+    def _meet(self, pairs: set[tuple[str, str | None]]) -> None:
+        """(service, pod) pairs not seen before: a service's second pod makes it one to look at."""
+        for service, pod in pairs:
+            if pod is not None:
+                first = self._first_pod.get(service)
+                if first is None:
+                    if len(self._first_pod) < self._max_stages:
+                        self._first_pod[service] = pod
+                elif first != pod:
+                    self._multi.add(service)
+        if len(self._seen) + len(pairs) > self._max_stages:  # pods come and go: a cache, not a record
+            self._seen.clear()
+        self._seen |= pairs
+
+    def _evict_idle(self, stage: Stage, pods: set[str], now: int) -> bool:
+        """Room for a new pod of a stage that has ``_MAX_PODS``: the one idle longest goes,
+        if it has had no sample for ``_IDLE_WINDOWS`` windows and is not regressed
+        (rolling restarts replace pods all day)."""
+        keys, horizon = self.model.stages_, now // self.model.config.window - _IDLE_WINDOWS
+        idle = [(entry.last_index if entry is not None else -1, pod) for pod in pods
+                if (entry := keys.get((*stage, pod))) is None
+                or (entry.window is None and entry.regression is None and entry.last_index < horizon)]
+        if not idle:
+            return False
+        _, pod = min(idle)
+        pods.discard(pod)
+        keys.pop((*stage, pod), None)
+        self._shared.discard((*stage, pod))
+        return True
 
     def _track(self, stage: Stage, pod: str) -> bool:
         """A key for this pod of the stage, on the stage's baseline (none past max_stages)."""
