@@ -57,8 +57,12 @@ class Consumer:
             sinks.append(JsonlSink.append_to(c.out))
         self.producer = None
         if c.anomalies_topic or c.dead_letter_topic:
+            # A finding's states (open, then resolved) and an incident's updates share an id and are
+            # upserted by it downstream: a batch retried after a produce error must not land behind
+            # a later one, or the stale state wins. Idempotence with one request in flight keeps order.
             self.producer = KafkaProducer(bootstrap_servers=c.bootstrap_servers.split(","), acks="all",
-                                          linger_ms=20, client_id=f"traceguard-{c.group}")
+                                          linger_ms=20, client_id=f"traceguard-{c.group}", enable_idempotence=True,
+                                          max_in_flight_requests_per_connection=1)
         if c.anomalies_topic:
             sinks.append(KafkaTopicSink(self.producer, c.anomalies_topic, metrics))
         self.clock = EventTimeClock(config.assembler.allowed_lateness, config.assembler.max_ahead) if c.time == "event" else None
