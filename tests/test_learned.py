@@ -175,6 +175,25 @@ def test_pods_replaced_all_day_make_room_for_the_new_ones():
     assert len([key for key in pods.model.stages_ if key[:3] == DB_STAGE]) == len(pods.pods_[DB_STAGE])
 
 
+def test_a_single_replica_renamed_by_restarts_is_the_service_not_an_odd_pod():
+    """One pod, replaced every 25 minutes; the slowdown from minute 60 is the service's:
+    the new pod has no live peer to differ from."""
+    _, found = _pods_stream(120, {0}, 3.0, pods=1, replaced_every=25)
+    assert [a.evidence.get("instance") for a in found if a.evidence["state"] == "open"] == [None]
+
+
+def test_a_slow_pod_that_is_replaced_has_its_regression_resolved():
+    """The slow pod (api-2-1) is replaced at minute 75 while still slow: no sample will
+    close its regression, so it is resolved once the pod has been quiet for 20 windows,
+    at the end of its last window; its replacement (api-3-1, slow too) opens its own."""
+    _, found = _pods_stream(120, {1}, 4.0, replaced_every=25)
+    by_pod = [a for a in found if a.evidence.get("instance")]
+    assert sorted((a.evidence["instance"], a.evidence["state"]) for a in by_pod) == [
+        ("api-2-1", "open"), ("api-2-1", "resolved"), ("api-3-1", "open"), ("api-3-1", "resolved")]
+    (gone,) = [a for a in by_pod if a.evidence["instance"] == "api-2-1" and a.evidence["state"] == "resolved"]
+    assert gone.evidence["resolved_at_unix_nano"] <= T0 + 76 * MINUTE_MS * 10**6
+
+
 def test_contract_pod_windows_are_bounded_by_max_stages():
     from traceguard.config import LatencyConfig, LearnedConfig
 

@@ -178,6 +178,15 @@ class LatencyModel:
             if stage.window is not None and stage.window.index < index:
                 self._close(key, stage, events)
 
+    def resolve_idle(self, now: int, idle_windows: int, events: list[Regression]) -> None:
+        """Regressions of keys with no sample for ``idle_windows`` windows are
+        resolved at the end of the last window that showed them: a key that
+        went away (a replaced pod) will not bring samples that would."""
+        horizon = now // self.config.window - idle_windows
+        for stage in self.stages_.values():
+            if stage.regression is not None and stage.window is None and stage.last_index < horizon:
+                self._forget_run(stage, events)
+
     def flush(self, events: list[Regression]) -> None:
         for key, stage in self.stages_.items():
             if stage.window is not None:
@@ -395,8 +404,10 @@ class PodLatency:
     baseline is the stage's, learned by the stage model (``stage_model``); its
     sparse windows are pooled. What it reports is a pod that differs from its
     peers: a regression that opens while at least half of the stage's other
-    pods are shifted or regressed too is the whole service's, left to the
-    stage's test, and is not reported (nor, later, its resolution). Only a
+    live pods (a sample within ``_IDLE_WINDOWS``) are shifted or regressed too,
+    or while it has no live peer, is the whole service's, left to the stage's
+    test, and is not reported (nor, later, its resolution). A pod that went
+    away with its regression open has it resolved after ``_IDLE_WINDOWS``. Only a
     span's own stage is kept per pod (not the network stage a client's time is
     judged as).
     """
@@ -413,6 +424,7 @@ class PodLatency:
         self._first_pod: dict[str, str] = {}
         self._multi: set[str] = set()
         self._seen: set[tuple[str, str | None]] = set()
+        self._idle_checked = -1  # the window in which pods gone quiet were last resolved
 
     def observe(self, trace: Trace, now: int, events: list[Regression]) -> None:
         """One decided trace's spans (``LatencyModel.observe``), those of stages more than one pod serves."""
@@ -492,6 +504,10 @@ class PodLatency:
     def advance(self, now: int, events: list[Regression]) -> None:
         found: list[Regression] = []
         self.model.advance(now, found)
+        index = now // self.model.config.window
+        if index != self._idle_checked:
+            self._idle_checked = index
+            self.model.resolve_idle(now, _IDLE_WINDOWS, found)
         self._odd(found, events)
 
     def flush(self, events: list[Regression]) -> None:
@@ -506,15 +522,17 @@ class PodLatency:
                 if key in self._shared:
                     self._shared.discard(key)
                     continue
-            elif self._peers_shifted(key):
+            elif self._service_wide(key, regression.opened_at // self.model.config.window):
                 self._shared.add(key)
                 continue
             events.append(regression)
 
-    def _peers_shifted(self, key: tuple) -> bool:
+    def _service_wide(self, key: tuple, index: int) -> bool:
+        """Whether the pod has no live peer to differ from (a service of one replica,
+        renamed by a restart), or at least half of its live peers shifted too."""
         stage, pod = key[:3], key[3]
-        keys = self.model.stages_
+        keys, since = self.model.stages_, index - _IDLE_WINDOWS
         peers = [peer for other in self.pods_.get(stage, ()) if other != pod
-                 and (peer := keys.get((*stage, other))) is not None]
+                 and (peer := keys.get((*stage, other))) is not None and peer.last_index >= since]
         shifted = sum(1 for peer in peers if peer.regression is not None or peer.shifted)
-        return bool(peers) and shifted >= max(1, (len(peers) + 1) // 2)
+        return shifted >= max(1, (len(peers) + 1) // 2) or not peers
