@@ -86,9 +86,10 @@ class StageLatency:
     __slots__ = ("self_hist", "total_hist", "window", "shifted", "before", "calm", "regression", "slow_threshold",
                  "last_index", "merged", "sparse")
 
-    def __init__(self) -> None:
-        self.self_hist = LogHistogram()
-        self.total_hist = LogHistogram()
+    def __init__(self, self_hist: LogHistogram | None = None, total_hist: LogHistogram | None = None) -> None:
+        """The baselines given are shared (``PodLatency``: a pod's windows on its stage's)."""
+        self.self_hist = self_hist if self_hist is not None else LogHistogram()
+        self.total_hist = total_hist if total_hist is not None else LogHistogram()
         self.window: _Window | None = None
         self.shifted: list[_Window] = []   # the current run of shifted windows
         self.before: list[tuple[list[int], list[int]]] = []  # (self times, ends) of the last merged windows
@@ -98,6 +99,10 @@ class StageLatency:
         self.last_index = -1                # the last window that held samples
         self.merged = 0                     # windows merged since slow_threshold was set
         self.sparse: _Window | None = None  # a closed window too sparse to judge, held for the next (shared_baselines)
+
+    def quiet_since(self, index: int) -> bool:
+        """No sample since window ``index`` (none in it, nor after)."""
+        return self.window is None and self.last_index < index
 
 
 def _ms_quantiles(logs: np.ndarray) -> dict[str, float]:
@@ -184,7 +189,7 @@ class LatencyModel:
         went away (a replaced pod) will not bring samples that would."""
         horizon = now // self.config.window - idle_windows
         for stage in self.stages_.values():
-            if stage.regression is not None and stage.window is None and stage.last_index < horizon:
+            if stage.regression is not None and stage.quiet_since(horizon):
                 self._forget_run(stage, events)
 
     def flush(self, events: list[Regression]) -> None:
@@ -483,7 +488,7 @@ class PodLatency:
         keys, horizon = self.model.stages_, now // self.model.config.window - _IDLE_WINDOWS
         idle = [(entry.last_index if entry is not None else -1, pod) for pod in pods
                 if (entry := keys.get((*stage, pod))) is None
-                or (entry.window is None and entry.regression is None and entry.last_index < horizon)]
+                or (entry.regression is None and entry.quiet_since(horizon))]
         if not idle:
             return False
         _, pod = min(idle)
@@ -497,8 +502,7 @@ class PodLatency:
         baseline = self._stages.get(stage)
         if baseline is None or len(self.model.stages_) >= self.model.config.max_stages:
             return False
-        key = self.model.stages_[(*stage, pod)] = StageLatency()
-        key.self_hist, key.total_hist = baseline.self_hist, baseline.total_hist
+        self.model.stages_[(*stage, pod)] = StageLatency(baseline.self_hist, baseline.total_hist)
         return True
 
     def advance(self, now: int, events: list[Regression]) -> None:
@@ -533,6 +537,6 @@ class PodLatency:
         stage, pod = key[:3], key[3]
         keys, since = self.model.stages_, index - _IDLE_WINDOWS
         peers = [peer for other in self.pods_.get(stage, ()) if other != pod
-                 and (peer := keys.get((*stage, other))) is not None and peer.last_index >= since]
+                 and (peer := keys.get((*stage, other))) is not None and not peer.quiet_since(since)]
         shifted = sum(1 for peer in peers if peer.regression is not None or peer.shifted)
         return shifted >= max(1, (len(peers) + 1) // 2) or not peers

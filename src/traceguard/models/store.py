@@ -226,9 +226,8 @@ def _load_latency(models: Models, path: Path, bound: int) -> None:
     keys = json.loads(str(data["keys"]))
     model = models.latency
     for key, self_counts, total_counts in zip(keys, data["self_counts"], data["total_counts"], strict=True):
-        stage = model.stages_[(str(key[0]), str(key[1]), int(key[2]))] = StageLatency()
-        stage.self_hist = LogHistogram(self_counts)
-        stage.total_hist = LogHistogram(total_counts)
+        stage = model.stages_[(str(key[0]), str(key[1]), int(key[2]))] = StageLatency(LogHistogram(self_counts),
+                                                                                       LogHistogram(total_counts))
         model.set_slow_threshold(stage)
 
 
