@@ -44,7 +44,13 @@ def test_the_live_view_lists_findings_updates_itself_and_opens_traces_and_stages
         tab.goto(f"http://127.0.0.1:{server.api}/")
         tab.wait_for_selector("form#token")  # the page holds no data; the API wants the token
         page.shot("token")
+        tab.fill("form#token input", "not-the-token")
+        tab.click("form#token button")
+        tab.wait_for_function("() => document.getElementById('status').textContent === 'the API refused this token'")
         tab.fill("form#token input", TOKEN)
+        # two refreshes while the token is typed in: they must leave the form (and what is in it) alone
+        updates = int(tab.get_attribute("body", "data-updates"))
+        tab.wait_for_function("n => Number(document.body.dataset.updates) >= n", arg=updates + 2)
         tab.click("form#token button")
         tab.wait_for_selector("tr.finding")
         tab.evaluate("window.notReloaded = true")

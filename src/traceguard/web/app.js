@@ -14,6 +14,7 @@
   const SINCE = {"15m": 9e11, "1h": 36e11, "6h": 216e11, "24h": 864e11, "7d": 6048e11, "all": 0};
   const expanded = new Set();  // span ids whose details are open, kept across refreshes
   let shown = "";              // the last rendered data, to redraw only on a change
+  let updates = 0;             // renders finished, on <body data-updates> for whoever waits on the page
 
   // -- helpers ---------------------------------------------------------------
   function esc(value) {
@@ -399,9 +400,11 @@
     return () => home(filters);
   }
 
+  // One render at a time. A forced one (a click, a new token) asked for while a refresh is in flight
+  // runs after it: the refresh may have started before the token was kept and would end on the form.
   let rendering = null;
   async function render(force) {
-    if (rendering) return rendering;
+    if (rendering) return force ? rendering.then(() => render(true)) : rendering;
     rendering = (async () => {
       try {
         const view = await route()();
@@ -415,14 +418,19 @@
         document.body.dataset.rendered = "yes";
       } catch (error) {
         if (error instanceof NeedToken) {
-          app.innerHTML = '<h1>This traceguard needs its API token</h1><form id="token"><input type="password" ' +
-            'name="token" placeholder="bearer token" autocomplete="off"> <button>use it</button></form>' +
-            '<p class="muted">Kept for this browser tab only (sessionStorage).</p>';
+          // The refresh keeps asking while the form is up; drawing it again would wipe what is being typed.
+          if (!document.getElementById("token")) {
+            app.innerHTML = '<h1>This traceguard needs its API token</h1><form id="token"><input type="password" ' +
+              'name="token" placeholder="bearer token" autocomplete="off"> <button>use it</button></form>' +
+              '<p class="muted">Kept for this browser tab only (sessionStorage).</p>';
+          }
+          status.textContent = sessionStorage.getItem("traceguard.token") ? "the API refused this token" : "";
         } else {
           status.textContent = "could not update: " + error.message;
         }
         document.body.dataset.rendered = "yes";
       } finally {
+        document.body.dataset.updates = ++updates;
         rendering = null;
       }
     })();
