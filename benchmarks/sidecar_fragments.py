@@ -14,7 +14,16 @@ deterministic; ``serve`` uses the same pipeline). Then:
   sidecar, so its labels are left out. A finding counts in its own sidecar.
 * the same scenario replayed whole (``scope = "trace"``) for comparison.
 
-Run ``python -m benchmarks.sidecar_fragments [--traces N] [--seed S] [--fault-rate F]``; prints JSON.
+``--live``: each service's share goes instead to its own ``traceguard serve``
+process (``TRACEGUARD_SERVE__SCOPE=local``, as ``deploy/k8s/sidecar.yaml``
+sets it) over OTLP/HTTP, as that pod's exporter would send it: its export
+requests and log requests in their order, all sidecars at once, on the wall
+clock with the default decision wait. A late export is late only in the
+generator's time (sent at once, it is not late), so the scenario then places
+every fault but that one (``LIVE_FAULTS``). Findings are read from each sidecar's
+JSONL output once it has decided everything and stopped.
+
+Run ``python -m benchmarks.sidecar_fragments [--traces N] [--seed S] [--fault-rate F] [--live]``; prints JSON.
 """
 
 from __future__ import annotations
@@ -22,16 +31,21 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import threading
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from benchmarks.kafka_feed import read_length_prefixed
 from benchmarks.quality import STRUCTURAL_KINDS, every_finding, subject
-from benchmarks.scenario import ScenarioConfig, length_prefixed, write_scenario
+from benchmarks.scenario import FAULTS, LIVE_FAULTS, ScenarioConfig, length_prefixed, write_scenario
+from benchmarks.serve_process import ServeProcess
 from traceguard.config import load_config
+from traceguard.records import Anomaly
 from traceguard.replay import run_replay
 from traceguard.sinks import MemorySink
 
@@ -85,6 +99,75 @@ def replay(traces: Path, logs: Path, scope: str) -> list:
     return sink.anomalies
 
 
+def serve_live(share: Path, state: Path, *args: str) -> list:
+    """One service's share through a live sidecar (``args``: more ``serve`` flags); its
+    findings, the last version of each."""
+    out = state / "findings.jsonl"
+    server = ServeProcess(state, *args, env={"TRACEGUARD_SERVE__SCOPE": "local",
+                                             "TRACEGUARD_SERVE__JSONL_OUT": str(out),
+                                             "TRACEGUARD_INCIDENTS__EXEMPLAR_FINDINGS": str(10**9)})
+    try:
+        def send(name: str, path: str, message) -> None:
+            if not (share / name).exists():
+                return
+            with httpx.Client(base_url=f"http://127.0.0.1:{server.http}", timeout=60) as client:
+                for request in read_length_prefixed(share / name, message):
+                    client.post(path, content=request.SerializeToString(),
+                                headers={"content-type": "application/x-protobuf"}).raise_for_status()
+
+        senders = [threading.Thread(target=send, args=args) for args in
+                   (("traces.pb", "/v1/traces", ExportTraceServiceRequest),
+                    ("logs.pb", "/v1/logs", ExportLogsServiceRequest))]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        server.wait_for(lambda: server.metric("traceguard_traces_in_flight") == 0, timeout=600,
+                        what=f"{share.name}'s sidecar to decide every trace")
+        lost = server.metric("traceguard_traces_evicted_total") + server.metric("traceguard_traces_abandoned_total")
+    finally:
+        assert server.stop(timeout=120) == 0
+    assert lost == 0, f"{share.name}'s sidecar decided {lost} traces early or not at all"
+    last = {}
+    for line in out.read_text().splitlines():
+        anomaly = Anomaly.model_validate_json(line)
+        last[anomaly.id] = anomaly
+    return list(last.values())
+
+
+def sidecars(whole: Path, work: Path, live: bool, *serve_args: str) -> tuple[set, list, dict]:
+    """The scenario in ``whole`` split by service and judged by one sidecar each (in-process
+    replays, or ``live`` processes, all at once): the per-trace findings as (kind, trace,
+    span, sidecar), the blames of another pod, and each sidecar's count of findings."""
+    services, exported = split(whole, work / "pods")
+    if live:
+        with ThreadPoolExecutor(len(services)) as pool:
+            by_service = dict(zip(services, pool.map(
+                lambda service: serve_live(work / "pods" / service, work / "state" / service, *serve_args),
+                services)))
+    else:
+        by_service = {service: replay(work / "pods" / service / "traces.pb", work / "pods" / service / "logs.pb",
+                                      "local") for service in services}
+    found, blames, per_pod = set(), [], {}
+    for service, anomalies in by_service.items():
+        per_pod[service] = len([a for a in anomalies if a.trace_id])
+        for anomaly in anomalies:
+            if anomaly.trace_id is None:
+                continue
+            found.add((*subject(anomaly), service))
+            missing = next((anomaly.evidence[k] for k in BLAMING if k in anomaly.evidence), None)
+            if missing is not None and missing in exported:
+                blames.append({"sidecar": service, "kind": anomaly.kind.value, "trace_id": anomaly.trace_id,
+                               "names_as_missing": missing, "exported_by": exported[missing]})
+    return found, blames, per_pod
+
+
+def visible_labels(labels: list[dict]) -> set:
+    """The per-trace labels a sidecar can see, as (kind, trace, span, the service of the fault)."""
+    return {(label["kind"], label["trace_id"], label["span_id"], label["service"]) for label in labels
+            if label["trace_id"] and label["kind"] in KINDS and label["fault"] not in INVISIBLE}
+
+
 def table(found: set, truth: set) -> dict:
     out = {}
     for kind in KINDS:
@@ -102,29 +185,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--fault-rate", type=float, default=ScenarioConfig.fault_rate,
                         help="share of requests with a structural fault (the labeled scenario's default)")
+    parser.add_argument("--live", action="store_true", help="one live `traceguard serve` per service (OTLP/HTTP)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         whole = Path(tmp) / "whole"
         write_scenario(whole, ScenarioConfig(traces=args.traces, seed=args.seed, duration_s=args.traces / 3,
-                                             fault_rate=args.fault_rate), proto=True)
+                                             fault_rate=args.fault_rate,
+                                             faults=LIVE_FAULTS if args.live else tuple(FAULTS)), proto=True)
         labels = [json.loads(line) for line in (whole / "labels.jsonl").read_text().splitlines()]
-        services, exported = split(whole, Path(tmp) / "pods")
-        found, blames, per_pod = set(), [], {}
-        for service in services:
-            anomalies = replay(Path(tmp) / "pods" / service / "traces.pb", Path(tmp) / "pods" / service / "logs.pb",
-                               "local")
-            per_pod[service] = len([a for a in anomalies if a.trace_id])
-            for anomaly in anomalies:
-                if anomaly.trace_id is None:
-                    continue
-                found.add((*subject(anomaly), service))
-                missing = next((anomaly.evidence[k] for k in BLAMING if k in anomaly.evidence), None)
-                if missing is not None and missing in exported:
-                    blames.append({"sidecar": service, "kind": anomaly.kind.value, "trace_id": anomaly.trace_id,
-                                   "names_as_missing": missing, "exported_by": exported[missing]})
+        found, blames, per_pod = sidecars(whole, Path(tmp), args.live)
         whole_found = {subject(a) for a in replay(whole / "traces.pb", whole / "logs.pb", "trace") if a.trace_id}
-    visible = {(label["kind"], label["trace_id"], label["span_id"], label["service"]) for label in labels
-               if label["trace_id"] and label["kind"] in KINDS and label["fault"] not in INVISIBLE}
+    visible = visible_labels(labels)
     fault_of = {(label["kind"], label["trace_id"], label["span_id"], label["service"]): label["fault"] for label in labels
                 if label["trace_id"]}
     missed: dict[str, int] = defaultdict(int)
@@ -136,8 +207,9 @@ def main() -> None:
     for key in {k for k in visible if k[:3] not in whole_found}:
         missed_whole[f"{key[0]} ({fault_of[key]}, {key[3]})"] += 1
     print(json.dumps({
-        "benchmark": "sidecar_fragments", "traces": args.traces, "seed": args.seed, "fault_rate": args.fault_rate,
-        "sidecars": services,
+        "benchmark": "sidecar_fragments", "live": args.live, "traces": args.traces, "seed": args.seed,
+        "fault_rate": args.fault_rate,
+        "sidecars": sorted(per_pod),
         "per_trace_findings_per_sidecar": per_pod,
         "blames_of_another_pod": len(blames), "blames_first": blames[:5],
         "labels_visible_locally": len(visible),

@@ -8,8 +8,12 @@ finding, and so is a fragment whose entry span never came.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from benchmarks.scenario import LIVE_FAULTS, ScenarioConfig, write_scenario
+from benchmarks.sidecar_fragments import sidecars, visible_labels
 from builders import row
 from traceguard.assemble import EventTimeClock
 from traceguard.config import load_config
@@ -74,3 +78,21 @@ def test_a_fragment_is_decided_when_its_entry_span_has_come_and_the_decision_wai
     pipeline.accept_spans([row(2, 1, None, start_ms=60_000, end_ms=60_010)])  # event time moves a minute on
     pipeline.advance()
     assert [t.reason for t in decided] == ["quiet"] and decided[0].root.span_id == (1).to_bytes(8, "big")
+
+
+def test_live_sidecars_one_per_service_blame_no_other_pod_and_find_their_own_faults(tmp_path):
+    """The labeled scenario split by service, as each pod's exporter sends it, into one live
+    ``traceguard serve`` per service (scope local, as deploy/k8s/sidecar.yaml sets it)."""
+    whole = tmp_path / "whole"
+    write_scenario(whole, ScenarioConfig(traces=2000, seed=8, duration_s=2000 / 3, fault_rate=0.15, cooldown_s=30,
+                                         faults=LIVE_FAULTS), proto=True)
+    labels = [json.loads(line) for line in (whole / "labels.jsonl").read_text().splitlines()]
+    # a generous decision wait: a slow sender on a busy machine must not split a fragment
+    found, blames, _ = sidecars(whole, tmp_path, True, "--decision-wait", "10s", "--max-trace-age", "60s")
+    assert blames == []
+    visible = visible_labels(labels)
+    structural = {label for label in visible if label[0] != "missing_expected_span"}
+    assert len(structural) >= 40
+    assert structural <= found  # each structural fault found by the sidecar of its service
+    flagged = {f for f in found if f[0] in {label[0] for label in structural}}
+    assert len(flagged & structural) >= 0.95 * len(flagged)
