@@ -99,6 +99,24 @@ def test_a_burst_of_slow_spans_opens_an_incident_and_two_do_not():
     assert third.incident_id == incident.id
 
 
+def test_slow_spans_a_stage_always_has_open_no_incident_when_chance_brings_three_together():
+    written = []
+    tracker = IncidentTracker(IncidentConfig(burst=3), written.append)
+    for n in range(60):  # one slow request a minute for an hour: this stage's heavy tail
+        trace = _request(n, n * 60_000)
+        tracker.observe(trace)
+        tracker.route(_slow(trace, 4), trace)
+    bunched = [_request(n, 3_600_000 + (n - 60) * 5_000) for n in range(60, 63)]
+    for trace in bunched:  # three in ten seconds: at one a minute, 8 % of minutes hold three
+        tracker.observe(trace)
+        tracker.route(_slow(trace, 4), trace)
+    assert written == []
+    for trace in bunched:  # the same three on a stage that never had one are a change
+        tracker.route(_slow(trace, 3), trace)
+    (incident,) = written
+    assert (incident.service, incident.operation) == ("orders", "Get")
+
+
 def test_a_caller_that_stopped_calling_is_affected_and_a_deeper_change_leads():
     written = []
     tracker = IncidentTracker(IncidentConfig(), written.append)

@@ -50,6 +50,8 @@ import statistics
 from collections import Counter, OrderedDict, deque
 from typing import Callable
 
+from scipy.stats import poisson
+
 from traceguard.config import IncidentConfig
 from traceguard.detect.base import times, utc
 from traceguard.models.features import callee_of, latency_keys, latency_samples, network_parts, stages
@@ -210,6 +212,8 @@ class IncidentTracker:
         self._remember = remember_traces
         self.open_: list[_Open] = []
         self._bursts: dict[Stage, deque] = {}
+        # stage -> (per-trace findings blaming it that no incident explained, when the first came)
+        self._blamed: dict[Stage, tuple[int, int]] = {}
         self._recent: OrderedDict[str, list[Stage]] = OrderedDict()  # trace id -> its latency keys
         self._swept = 0  # when stale bursts were last dropped
 
@@ -414,17 +418,27 @@ class IncidentTracker:
 
     def _burst(self, anomaly: Anomaly, stage: Stage, signal: str) -> None:
         """Per-trace timing findings blaming one stage, ``burst`` of them within
-        ``burst_window``: the stage changed before a windowed test can be sure."""
+        ``burst_window``: the stage changed before a windowed test can be sure.
+        Unless the stage has always had them: requests that are slow now and
+        then for their own reasons (a heavy tail, a retry) come together by
+        chance every few hours, so a burst counts only when the stage's own
+        rate of such findings so far makes it unlikely (``burst_chance``)."""
         recent = self._bursts.get(stage)
         if recent is None:
             if len(self._bursts) >= self.config.max_open * 10:
                 return
             recent = self._bursts[stage] = deque(maxlen=self.config.burst)
         recent.append((anomaly.detected_at, anomaly.event_time, anomaly.id, _magnitude(anomaly)))
+        count, first = self._blamed.get(stage, (0, anomaly.detected_at))
+        if count or len(self._blamed) < self.config.max_open * 10:
+            self._blamed[stage] = (count + 1, first)
         window = self.config.outlived_burst_window if signal == "outlived_parent" else self.config.burst_window
         if len(recent) < self.config.burst or recent[-1][0] - recent[0][0] > window:
             return
         if len(self.open_) >= self.config.max_open:
+            return
+        before, history = count - (len(recent) - 1), recent[0][0] - first
+        if before > 0 and history > 0 and poisson.sf(len(recent) - 1, before / history * window) > self.config.burst_chance:
             return
         del self._bursts[stage]
         incident = self._incident_for(stage, signal)
