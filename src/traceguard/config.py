@@ -216,10 +216,10 @@ class IncidentConfig(_Section):
 
     burst: int = Field(3, ge=2, description="Per-trace findings blaming one stage within burst_window that open an incident.")
     burst_window: DurationNs = Field(parse_duration("60s"), description="Window of a burst of slow spans or outliers.")
-    burst_chance: float = Field(
-        1e-3, gt=0.0, le=1.0,
+    burst_by_chance: DurationNs = Field(
+        parse_duration("30d"), gt=0,
         description="A burst opens an incident only if the stage's own rate of such findings so far would bring "
-                    "that many within the window less often than this (routine slow requests come together by chance).",
+                    "one by chance less often than once in this long (routine slow requests come together by chance).",
     )
     outlived_burst_window: DurationNs = Field(
         parse_duration("10s"),

@@ -25,6 +25,8 @@ from traceguard.sinks import Sink
 _NOTHING: frozenset = frozenset()
 # Traces decided at a time when the in-flight rest is flushed (shutdown, end of input).
 _CLOSING_CHUNK = 1024
+# The key of the incident tracker's burst rates among the saved rates (no detector kind is named so).
+_BURSTS = "incident_bursts"
 
 
 class Pipeline:
@@ -61,8 +63,6 @@ class Pipeline:
                              lambda: self.models.latency.untracked_samples_
                              + (pods.model.untracked_samples_ if pods is not None else 0))
         self.metrics.counted("traceguard_series_untracked_windows_total", lambda: self.series.untracked_)
-        if self.models.rates:
-            self.restore({"detectors": self.models.rates})
         for detector in self._detectors:
             if hasattr(detector, "held_dropped_"):
                 self.metrics.counted(f"traceguard_{detector.kind.value}_held_dropped_total",
@@ -74,6 +74,8 @@ class Pipeline:
         self.incidents = IncidentTracker(config.incidents, self._emit_incident,
                                          remember_traces=config.learned.enabled)
         self.metrics.gauge("traceguard_incidents_open", lambda: len(self.incidents.open_))
+        if self.models.rates:
+            self.restore({"detectors": self.models.rates, "bursts": self.models.rates.get(_BURSTS, [])})
         self.logs = LogIndex(config.logs, clock.now, self.metrics)
         self.assembler = TraceAssembler(config.assembler, clock, self._on_trace, self._on_late, self.metrics,
                                         local=config.serve.scope == "local")
@@ -137,11 +139,14 @@ class Pipeline:
         return {
             "detectors": {d.kind.value: d.state() for d in self._detectors if hasattr(d, "state")},
             "structure": model_store.structure_state(self.models),
+            "bursts": self.incidents.state(),
         }
 
     def models_for_saving(self) -> Models:
-        """The models with the rate detectors' current states in them."""
-        self.models.rates = self.checkpoint()["detectors"]
+        """The models with the rate detectors' current states in them, and the incident
+        tracker's rates of per-trace findings per stage."""
+        checkpoint = self.checkpoint()
+        self.models.rates = {**checkpoint["detectors"], _BURSTS: checkpoint["bursts"]}
         return self.models
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
@@ -153,6 +158,8 @@ class Pipeline:
                 detector.restore(state)
         if "structure" in checkpoint:
             model_store.restore_structure(self.models, checkpoint["structure"])
+        if "bursts" in checkpoint:
+            self.incidents.restore(checkpoint["bursts"])
 
     def close(self, decide_in_flight: bool = True, deadline: float | None = None) -> int:
         """Decides everything still in flight and settles the learned detectors

@@ -287,6 +287,15 @@ class IncidentTracker:
                 exemplar = True
         return exemplar
 
+    # -- state -----------------------------------------------------------------
+    def state(self) -> list[list]:
+        """What bursts are judged against (each stage's count of findings blaming it and
+        when the first came), JSON-ready: a restart must not forget a stage's heavy tail."""
+        return [[*stage, count, first] for stage, (count, first) in self._blamed.items()]
+
+    def restore(self, rows: list[list]) -> None:
+        self._blamed = {(service, operation, kind): (count, first) for service, operation, kind, count, first in rows}
+
     # -- time ------------------------------------------------------------------
     def advance(self, now: int) -> None:
         for incident in list(self.open_) if self.open_ else ():
@@ -422,7 +431,9 @@ class IncidentTracker:
         Unless the stage has always had them: requests that are slow now and
         then for their own reasons (a heavy tail, a retry) come together by
         chance every few hours, so a burst counts only when the stage's own
-        rate of such findings so far makes it unlikely (``burst_chance``)."""
+        rate of such findings so far would make one by chance rarer than once
+        in ``burst_by_chance``. (A window slides: at rate r, bursts of k within
+        w start about r · P(Poisson(r · w) ≥ k − 1) times per unit of time.)"""
         recent = self._bursts.get(stage)
         if recent is None:
             if len(self._bursts) >= self.config.max_open * 10:
@@ -438,8 +449,10 @@ class IncidentTracker:
         if len(self.open_) >= self.config.max_open:
             return
         before, history = count - (len(recent) - 1), recent[0][0] - first
-        if before > 0 and history > 0 and poisson.sf(len(recent) - 1, before / history * window) > self.config.burst_chance:
-            return
+        if before > 0 and history > 0:
+            rate = before / history
+            if rate * poisson.sf(len(recent) - 2, rate * window) * self.config.burst_by_chance > 1:
+                return
         del self._bursts[stage]
         incident = self._incident_for(stage, signal)
         if incident is None:

@@ -2,7 +2,8 @@
 
 A directory holds ``manifest.json`` (format name, version, the SHA-256 of
 every file) plus ``latency.npz``, ``structure.json``, ``forest.npz``,
-``rates.json`` (the rate detectors' states, keyed by kind) and
+``rates.json`` (the rate detectors' states, keyed by kind, and the incident
+tracker's rates of per-trace findings per stage) and
 ``templates.json`` (each service's log templates and their baselines).
 Arrays are read with ``allow_pickle=False``; forests are stored as the
 normal traces they were fitted on and refitted on load, which gives the same
