@@ -1,15 +1,17 @@
-"""Shared by the benchmarks: scenario traffic packed into 512-span requests, medians."""
+"""Shared by the benchmarks: scenario traffic packed into 512-span requests, medians, findings files."""
 
 from __future__ import annotations
 
 import statistics
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
 from benchmarks.scenario import ScenarioConfig, generate
+from traceguard.records import Anomaly
 
 REQUEST_SPANS = 512
 
@@ -80,3 +82,13 @@ def send_back_to_back(export, bodies: list[bytes], streams: int, every: float = 
     for thread in threads:
         thread.join()
     return latencies, errors
+
+
+def last_versions(path: Path) -> dict[str, Anomaly]:
+    """A JSONL findings file by finding id, the last version of each (a stage-level
+    finding is written again at every state change)."""
+    findings = {}
+    for line in path.read_text().splitlines():
+        anomaly = Anomaly.model_validate_json(line)
+        findings[anomaly.id] = anomaly
+    return findings

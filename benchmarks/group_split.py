@@ -32,6 +32,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+from benchmarks.common import last_versions
 from benchmarks.kafka_feed import create_topics, feed
 from benchmarks.scenario import latency_scenario, write_scenario
 from traceguard.records import Anomaly
@@ -63,9 +64,7 @@ def run_group(bootstrap: str, scenario: Path, members: int, partitions: int, wor
     findings: dict[str, Anomaly] = {}
     incidents: list[dict] = []
     for member in range(members):
-        for line in (work / f"member{member}.jsonl").read_text().splitlines():
-            anomaly = Anomaly.model_validate_json(line)
-            findings[anomaly.id] = anomaly
+        findings.update(last_versions(work / f"member{member}.jsonl"))
         with sqlite3.connect(work / f"member{member}" / "anomalies.sqlite") as db:
             incidents += [{**json.loads(body), "member": member} for (body,) in db.execute("SELECT body FROM incidents")]
     return list(findings.values()), incidents

@@ -40,12 +40,12 @@ import httpx
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from benchmarks.common import last_versions
 from benchmarks.kafka_feed import read_length_prefixed
 from benchmarks.quality import STRUCTURAL_KINDS, every_finding, subject
 from benchmarks.scenario import FAULTS, LIVE_FAULTS, ScenarioConfig, length_prefixed, write_scenario
 from benchmarks.serve_process import ServeProcess
 from traceguard.config import load_config
-from traceguard.records import Anomaly
 from traceguard.replay import run_replay
 from traceguard.sinks import MemorySink
 
@@ -115,7 +115,7 @@ def serve_live(share: Path, state: Path, *args: str) -> list:
                     client.post(path, content=request.SerializeToString(),
                                 headers={"content-type": "application/x-protobuf"}).raise_for_status()
 
-        senders = [threading.Thread(target=send, args=args) for args in
+        senders = [threading.Thread(target=send, args=signal) for signal in
                    (("traces.pb", "/v1/traces", ExportTraceServiceRequest),
                     ("logs.pb", "/v1/logs", ExportLogsServiceRequest))]
         for sender in senders:
@@ -128,11 +128,7 @@ def serve_live(share: Path, state: Path, *args: str) -> list:
     finally:
         assert server.stop(timeout=120) == 0
     assert lost == 0, f"{share.name}'s sidecar decided {lost} traces early or not at all"
-    last = {}
-    for line in out.read_text().splitlines():
-        anomaly = Anomaly.model_validate_json(line)
-        last[anomaly.id] = anomaly
-    return list(last.values())
+    return list(last_versions(out).values())
 
 
 def sidecars(whole: Path, work: Path, live: bool, *serve_args: str) -> tuple[set, list, dict]:
