@@ -14,6 +14,9 @@ directory), for each N of ``--members``. Per N:
   have the single consumer's id;
 * the per-trace learned kinds, counted, against the single consumer's.
 
+A size written ``jN`` runs N members with one judge (``--decided-topic``);
+the first size is the baseline the others are compared with.
+
 Run ``python -m benchmarks.group_split --bootstrap HOST:PORT [--members 1,2,3]
 [--partitions 6] [--seed 7] [--rate 1.0]``; prints JSON. The broker:
 ``scripts/kafka start`` prints its address.
@@ -42,9 +45,11 @@ PER_TRACE_LEARNED = ("missing_expected_span", "slow_stage", "trace_outlier", "co
 REGRESSIONS = ("latency_regression", "error_regression")
 
 
-def run_group(bootstrap: str, scenario: Path, members: int, partitions: int, work: Path) -> tuple[list, list]:
-    """The scenario through a group of ``members``: every finding (last version of each, all
-    members) and every incident (last version of each, with the member that opened it)."""
+def run_group(bootstrap: str, scenario: Path, members: int, partitions: int, work: Path,
+              judged: bool = False) -> tuple[list, list]:
+    """The scenario through a group of ``members`` (``judged``: with one judge, through a decided
+    topic): every finding (last version of each, all members) and every incident (last version
+    of each, with the member whose store holds it)."""
     suffix = uuid.uuid4().hex[:8]
     traces, logs = f"spans_{suffix}", f"logs_{suffix}"
     create_topics(bootstrap, {traces: partitions, logs: partitions})
@@ -54,7 +59,8 @@ def run_group(bootstrap: str, scenario: Path, members: int, partitions: int, wor
         args = [sys.executable, "-m", "traceguard", "consume", "--bootstrap-servers", bootstrap, "--group",
                 f"g_{suffix}", "--traces-topic", traces, "--logs-topic", logs, "--time", "event",
                 "--initial-offset", "earliest", "--exit-at-end", "--anomalies-topic", "",
-                "--state-dir", str(work / f"member{member}"), "--out", str(work / f"member{member}.jsonl")]
+                "--state-dir", str(work / f"member{member}"), "--out", str(work / f"member{member}.jsonl"),
+                *(["--decided-topic", f"decided_{suffix}"] if judged else [])]
         processes.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                           env={**os.environ, **ENV}))
     for process in processes:
@@ -62,12 +68,15 @@ def run_group(bootstrap: str, scenario: Path, members: int, partitions: int, wor
         if process.returncode != 0:
             raise SystemExit(f"a member failed ({process.returncode}): {stderr[-3000:]}")
     findings: dict[str, Anomaly] = {}
-    incidents: list[dict] = []
+    incidents: dict[str, dict] = {}
     for member in range(members):
         findings.update(last_versions(work / f"member{member}.jsonl"))
         with sqlite3.connect(work / f"member{member}" / "anomalies.sqlite") as db:
-            incidents += [{**json.loads(body), "member": member} for (body,) in db.execute("SELECT body FROM incidents")]
-    return list(findings.values()), incidents
+            for (body,) in db.execute("SELECT body FROM incidents"):
+                incident = {**json.loads(body), "member": member}
+                if incident["updated_at"] >= incidents.get(incident["id"], incident)["updated_at"]:
+                    incidents[incident["id"]] = incident  # a judge's and its successor's copies: the later
+    return list(findings.values()), list(incidents.values())
 
 
 def regressions(findings: list[Anomaly], labels: list[dict], single: dict | None) -> list[dict]:
@@ -102,7 +111,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1.0, help="requests per second of the 4 h scenario")
     parser.add_argument("--keep", type=Path, help="keep the scenario and each member's output here")
     args = parser.parse_args()
-    sizes = [int(n) for n in args.members.split(",")]
+    sizes = [(int(n.lstrip("j")), n.startswith("j")) for n in args.members.split(",")]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.keep is not None:
@@ -112,10 +121,10 @@ def main() -> None:
         write_scenario(scenario, latency_scenario(traces_per_s=args.rate, seed=args.seed), proto=True)
         labels = [json.loads(line) for line in (scenario / "labels.jsonl").read_text().splitlines()]
         single = single_incidents = single_counts = None
-        for n in sizes:
-            work = Path(tmp) / f"group{n}"
+        for n, judged in sizes:
+            work = Path(tmp) / f"group{'j' if judged else ''}{n}"
             work.mkdir()
-            findings, incidents = run_group(args.bootstrap, scenario, n, args.partitions, work)
+            findings, incidents = run_group(args.bootstrap, scenario, n, args.partitions, work, judged)
             rows = regressions(findings, labels, single)
             counts = Counter(a.kind.value for a in findings if a.kind.value in PER_TRACE_LEARNED and a.trace_id)
             if single is None:
@@ -123,6 +132,7 @@ def main() -> None:
                 single_incidents, single_counts = {i["id"] for i in incidents}, counts
             results.append({
                 "members": n,
+                "judged": judged,
                 "regressions": rows,
                 "incidents": len(incidents),
                 "incidents_with_the_single_consumer_id": sum(i["id"] in single_incidents for i in incidents),

@@ -119,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     consume.add_argument("--anomalies-topic", help="findings topic (default traceguard_anomalies; '' for none)")
     consume.add_argument("--dead-letter-topic", help="copy undecodable records here")
     consume.add_argument("--api-listen", help="serve the HTTP API and /metrics on HOST:PORT")
+    consume.add_argument("--decided-topic", help="one judge for the group: members send decided traces to this "
+                                                 "topic and the member that holds it detects on all of them")
     consume.add_argument("--exit-at-end", action="store_const", const=True,
                          help="stop once caught up with the end offsets seen at start and everything is decided")
     _timing_flags(consume, lateness=True)
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         flags["assembler.allowed_lateness"] = args.allowed_lateness
         flags.update({f"consume.{name}": getattr(args, name) for name in (
             "bootstrap_servers", "group", "traces_topic", "logs_topic", "encoding", "time", "initial_offset",
-            "state_dir", "out", "anomalies_topic", "dead_letter_topic", "api_listen", "exit_at_end")})
+            "state_dir", "out", "anomalies_topic", "dead_letter_topic", "api_listen", "exit_at_end",
+            "decided_topic")})
     else:
         flags["assembler.allowed_lateness"] = args.allowed_lateness
     try:

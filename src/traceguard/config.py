@@ -391,6 +391,16 @@ class ConsumeConfig(_Section):
     pause_at: float = Field(0.95, gt=0, le=1, description="Share of max_spans_in_flight in use at which partitions pause (wall time).")
     resume_at: float = Field(0.8, gt=0, le=1, description="...and at or below which they resume.")
     snapshot_interval: DurationNs = Field(parse_duration("5m"), description="How often learned models are saved to state_dir.")
+    decided_topic: str | None = Field(
+        None, description="One judge for the group: members only assemble and send each decided trace here "
+                          "(one partition; made with a compacted `<topic>_state` beside it if missing); the member "
+                          "that holds it runs every detector on the whole traffic and writes all findings and "
+                          "incidents, its state snapshotted to `<topic>_state` every snapshot_interval for the next "
+                          "holder. Empty: each member detects on its own share.")
+    watermark_step: DurationNs = Field(
+        parse_duration("1s"), gt=0,
+        description="With decided_topic: how far a member's clock moves between the watermarks it sends the judge, "
+                    "which judges traces only up to the watermark every partition has passed.")
 
     @model_validator(mode="after")
     def _check(self) -> "ConsumeConfig":

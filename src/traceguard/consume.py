@@ -23,6 +23,7 @@ from kafka.errors import KafkaError
 
 from traceguard.assemble import EventTimeClock, WallClock
 from traceguard.config import PipelineConfig
+from traceguard.group import Forwarder, Judge, create_topics
 from traceguard.metrics import Metrics
 from traceguard.models import store as model_store
 from traceguard.pipeline import Pipeline
@@ -56,26 +57,38 @@ class Consumer:
         if c.out is not None:
             sinks.append(JsonlSink.append_to(c.out))
         self.producer = None
-        if c.anomalies_topic or c.dead_letter_topic:
+        if c.anomalies_topic or c.dead_letter_topic or c.decided_topic:
             # A finding's states (open, then resolved) and an incident's updates share an id and are
             # upserted by it downstream: a batch retried after a produce error must not land behind
             # a later one, or the stale state wins. Idempotence with one request in flight keeps order.
             self.producer = KafkaProducer(bootstrap_servers=c.bootstrap_servers.split(","), acks="all",
                                           linger_ms=20, client_id=f"traceguard-{c.group}", enable_idempotence=True,
-                                          max_in_flight_requests_per_connection=1)
+                                          max_in_flight_requests_per_connection=1,
+                                          max_request_size=c.fetch_max_bytes)
         if c.anomalies_topic:
             sinks.append(KafkaTopicSink(self.producer, c.anomalies_topic, metrics))
         self.clock = EventTimeClock(config.assembler.allowed_lateness, config.assembler.max_ahead) if c.time == "event" else None
         self.tracker = OffsetTracker()
-        self.pipeline = Pipeline(config, self.clock or WallClock(), sinks, metrics, models,
-                                 on_decided=lambda trace: self.tracker.release(trace.trace_id),
-                                 keep_trace=self.store.keep_trace if self.store is not None else None)
-        self._restore_checkpoint()
+        keep_trace = self.store.keep_trace if self.store is not None else None
+        on_decided = lambda trace: self.tracker.release(trace.trace_id)  # noqa: E731
+        self.judge = self.forwarder = None
         relink = None
-        if self.store is not None:
-            relink = lambda trace_id, logs: self.store.relink(trace_id, logs, config.logs.max_linked)  # noqa: E731
+        if c.decided_topic:
+            # members only assemble; whichever holds the decided topic detects, into these sinks
+            create_topics(config)
+            self.forwarder = Forwarder(self.producer, c.decided_topic, c.watermark_step, metrics)
+            self.pipeline = Pipeline(config, self.clock or WallClock(), [], metrics, on_decided=on_decided,
+                                     forward=self.forwarder)
+            self.judge = Judge(config, sinks, metrics, self.producer, keep_trace)
+        else:
+            self.pipeline = Pipeline(config, self.clock or WallClock(), sinks, metrics, models,
+                                     on_decided=on_decided, keep_trace=keep_trace)
+            self._restore_checkpoint()
+            if self.store is not None:
+                relink = lambda trace_id, logs: self.store.relink(trace_id, logs, config.logs.max_linked)  # noqa: E731
         self.source = KafkaSource(config, self.pipeline, self.tracker, self.clock, self.producer,
-                                  on_commit=self._checkpoint, relink=relink)
+                                  on_commit=self._checkpoint, relink=relink,
+                                  between_polls=self._tell_judge if self.judge is not None else None)
         self._next_snapshot = time.monotonic() + c.snapshot_interval / 1e9
 
     def _restore_checkpoint(self) -> None:
@@ -86,9 +99,20 @@ class Consumer:
         except (ValueError, TypeError, KeyError) as exc:
             log.warning("ignoring an unreadable checkpoint %s: %s", self.state_dir / CHECKPOINT, exc)
 
+    def _tell_judge(self) -> None:
+        """Between polls (group judging): this member's watermark, and the judge's turn."""
+        self.forwarder.watermark(self.pipeline.now(), self.source.traces_partitions())
+        self.judge.poll()
+
     def _checkpoint(self) -> None:
         """Before every commit: the detectors' state, atomically; the store's retention
-        and the models when due."""
+        and the models when due (a group's: the judge's state, if this member is it)."""
+        if self.judge is not None:
+            if self.store is not None and self.judge.judging:
+                self.store.prune_if_due(self.judge.pipeline.now())
+            if time.monotonic() >= self._next_snapshot:
+                self.snapshot()
+            return
         if self.state_dir is None:
             return
         model_store.write_atomically(self.state_dir / CHECKPOINT, json.dumps(self.pipeline.checkpoint()).encode())
@@ -96,10 +120,30 @@ class Consumer:
         if time.monotonic() >= self._next_snapshot:
             self.snapshot()
 
-    def snapshot(self) -> None:
-        if self.state_dir is not None:
+    def snapshot(self, force: bool = False) -> None:
+        if self.judge is not None:
+            if not self.judge.snapshot(force):
+                return
+        elif self.state_dir is not None:
             model_store.save(self.pipeline.models_for_saving(), self.state_dir / "models")
-            self._next_snapshot = time.monotonic() + self.config.consume.snapshot_interval / 1e9
+        self._next_snapshot = time.monotonic() + self.config.consume.snapshot_interval / 1e9
+
+    def _end_group(self, stop: threading.Event) -> None:
+        """After this member caught up (``exit_at_end``): its partitions' final watermark,
+        then, as the judge, judging until every member has ended; otherwise waiting until
+        the judge has read past that watermark, so the group never ends without one."""
+        self.forwarder.watermark(self.pipeline.now(), self.source.traces_partitions(), final=True)
+        self.forwarder.flush()
+        judge = self.judge
+        end = judge.consumer.end_offsets([judge.partition])[judge.partition]
+        while not stop.is_set():
+            judge.poll(self.config.consume.poll_timeout // 1_000_000)
+            if judge.judging and judge.done():
+                judge.finish()
+                return
+            committed = judge.consumer.committed(judge.partition)
+            if not judge.judging and committed is not None and committed >= end:
+                return
 
     def run(self, stop: threading.Event) -> int:
         """Returns the exit status: 0 when stopped or caught up, 1 when findings could not be written."""
@@ -107,7 +151,10 @@ class Consumer:
         try:
             caught_up = self.source.run(stop.is_set)
             self.source.finish(caught_up)
-            self.snapshot()
+            if self.judge is not None and caught_up:
+                self._end_group(stop)
+            else:
+                self.snapshot(force=True)
             log.info("%s", "caught up: everything read is decided and committed" if caught_up
                      else "stopped: decided offsets committed")
         except SinkFailed as exc:
@@ -115,6 +162,8 @@ class Consumer:
             status = 1
         finally:
             self.source.close()
+            if self.judge is not None:
+                self.judge.close()
             if self.producer is not None:
                 try:
                     self.producer.close(timeout=5)

@@ -160,6 +160,18 @@ DECLARED: tuple[Metric, ...] = (
     Metric("traceguard_kafka_assigned_partitions", "gauge", "Partitions assigned to this member."),
     Metric("traceguard_kafka_paused_partitions", "gauge", "Partitions paused for back-pressure."),
     Metric("traceguard_kafka_buffered_records", "gauge", "Records fetched and not yet taken in."),
+    # a consumer group's one judge (consume.decided_topic)
+    Metric("traceguard_group_traces_forwarded_total", "counter", "Decided traces this member sent to the judge."),
+    Metric("traceguard_group_traces_judged_total", "counter", "Traces this member judged as the group's judge."),
+    Metric("traceguard_group_traces_judged_before_total", "counter",
+           "Traces a member sent again (decided again after a crash or a rebalance), judged once."),
+    Metric("traceguard_group_traces_out_of_order_total", "counter",
+           "Traces that came after the judge had passed their decision time (their member's clock started "
+           "over), judged at once."),
+    Metric("traceguard_group_snapshots_total", "counter", "Judge states saved to the state topic."),
+    Metric("traceguard_group_judging", "gauge", "1 while this member is the group's judge."),
+    Metric("traceguard_group_traces_waiting", "gauge",
+           "Traces the judge holds until every partition's watermark has passed them."),
 )
 _DECLARED = {metric.name: metric for metric in DECLARED}
 

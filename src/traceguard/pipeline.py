@@ -7,7 +7,7 @@ Nothing here knows where rows came from.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from traceguard.assemble import Clock, TraceAssembler
 from traceguard.config import PipelineConfig
@@ -29,6 +29,18 @@ _CLOSING_CHUNK = 1024
 _BURSTS = "incident_bursts"
 
 
+class Forward(Protocol):
+    """Where a consumer group member sends what it decided, for the group's judge
+    (``traceguard.group``) to detect on: the member detects nothing itself."""
+
+    def trace(self, trace: Trace) -> None: ...
+
+    def late(self, anomaly: Anomaly, logs: list[LogRow]) -> None: ...
+
+    def flush(self) -> None:
+        """Raises OSError when something did not reach the judge."""
+
+
 class Pipeline:
     def __init__(
         self,
@@ -39,45 +51,55 @@ class Pipeline:
         models: Models | None = None,
         on_decided: Callable[[Trace], None] | None = None,
         keep_trace: Callable[[Trace, bool], None] | None = None,
+        forward: Forward | None = None,
+        judging: bool = False,
     ) -> None:
         """``models`` starts the learned detectors from saved state instead of from nothing;
         ``on_decided`` hears of each decided trace once its findings are in the sinks
         (the Kafka source commits offsets by it; the replay report samples it);
         ``keep_trace`` of each trace worth keeping for its page: one with findings,
-        before them (``exemplar`` false), and an incident's exemplar (true)."""
+        before them (``exemplar`` false), and an incident's exemplar (true);
+        ``forward`` takes each decided trace (with its logs) and late span instead of
+        the detectors: the pipeline only assembles, for a group's judge; ``judging``: the
+        judge's pipeline, fed decided traces by ``judge()``, whose assembler and log index
+        count into metrics of their own (they would double the member's counts and gauges)."""
         self.config = config
         self.metrics = metrics or Metrics()
         self._clock = clock
         self._sinks = list(sinks)
         self.models = models or Models.new(config.learned)
-        if not clock.deterministic:  # live: a refit must not stall decisions (replay stays reproducible)
+        if not clock.deterministic and forward is None:  # live: a refit must not stall decisions (replay stays reproducible)
             self.models.forest.fit_in_background()
         self.series = StageSeries(config.ui.series_windows, config.ui.series_stages)
-        groups = build(config, self.models, self.series)
+        self._forward = forward
+        groups = (build(config, self.models, self.series) if forward is None
+                  else {"completeness": [], "timing": [], "every": []})
         self._completeness, self._timing, self._every = groups["completeness"], groups["timing"], groups["every"]
         self._detectors = [*self._completeness, *self._timing, *self._every]
         self._learners = [d for d in self._detectors if hasattr(d, "learn")]
         self._windowed = [d for d in self._detectors if hasattr(d, "advance")]
-        pods = self.models.pod_latency
-        self.metrics.counted("traceguard_latency_untracked_samples_total",
-                             lambda: self.models.latency.untracked_samples_
-                             + (pods.model.untracked_samples_ if pods is not None else 0))
-        self.metrics.counted("traceguard_series_untracked_windows_total", lambda: self.series.untracked_)
-        for detector in self._detectors:
-            if hasattr(detector, "held_dropped_"):
-                self.metrics.counted(f"traceguard_{detector.kind.value}_held_dropped_total",
-                                     lambda d=detector: d.held_dropped_)
-            if hasattr(detector, "routine_"):
-                self.metrics.gauge(f"traceguard_{detector.kind.value}_routine_stages",
-                                   lambda d=detector: sum(d.routine_.values()))
         self._late = LateSpan()
         self.incidents = IncidentTracker(config.incidents, self._emit_incident,
                                          remember_traces=config.learned.enabled)
-        self.metrics.gauge("traceguard_incidents_open", lambda: len(self.incidents.open_))
+        if forward is None:
+            pods = self.models.pod_latency
+            self.metrics.counted("traceguard_latency_untracked_samples_total",
+                                 lambda: self.models.latency.untracked_samples_
+                                 + (pods.model.untracked_samples_ if pods is not None else 0))
+            self.metrics.counted("traceguard_series_untracked_windows_total", lambda: self.series.untracked_)
+            for detector in self._detectors:
+                if hasattr(detector, "held_dropped_"):
+                    self.metrics.counted(f"traceguard_{detector.kind.value}_held_dropped_total",
+                                         lambda d=detector: d.held_dropped_)
+                if hasattr(detector, "routine_"):
+                    self.metrics.gauge(f"traceguard_{detector.kind.value}_routine_stages",
+                                       lambda d=detector: sum(d.routine_.values()))
+            self.metrics.gauge("traceguard_incidents_open", lambda: len(self.incidents.open_))
         if self.models.rates:
             self.restore({"detectors": self.models.rates, "bursts": self.models.rates.get(_BURSTS, [])})
-        self.logs = LogIndex(config.logs, clock.now, self.metrics)
-        self.assembler = TraceAssembler(config.assembler, clock, self._on_trace, self._on_late, self.metrics,
+        own = Metrics() if judging else self.metrics
+        self.logs = LogIndex(config.logs, clock.now, own)
+        self.assembler = TraceAssembler(config.assembler, clock, self._on_trace, self._on_late, own,
                                         local=config.serve.scope == "local")
         self._on_decided = on_decided
         self._keep_trace = keep_trace
@@ -96,11 +118,23 @@ class Pipeline:
     def advance(self, limit: int | None = None) -> bool:
         """Decides due traces (at most ``limit``); returns whether more are due."""
         more = self.assembler.advance(limit)
-        self._advance_detectors()
+        self.advance_detectors()
         return more
 
-    def _advance_detectors(self) -> None:
-        """The windowed detectors' work for the time that passed (the forest scores its batch)."""
+    def judge(self, trace: Trace) -> None:
+        """A trace a group member decided (``Forward``): its logs into the index, for
+        the stage-level findings' exemplars, then the detectors, as if decided here."""
+        if trace.logs:
+            self.logs.add(trace.logs)
+        self._on_trace(trace)
+
+    def judge_late(self, anomaly: Anomaly, logs: list[LogRow]) -> None:
+        """A late span a group member found."""
+        self._emit(anomaly, logs)
+
+    def advance_detectors(self) -> None:
+        """The windowed detectors' work for the time that passed (the forest scores its
+        batch); a judge calls it as the members' watermark moves its clock."""
         now = self._clock.now()
         for detector in self._windowed:
             for anomaly in detector.advance(now):
@@ -131,6 +165,8 @@ class Pipeline:
         """Makes every finding emitted so far durable in the sinks (before a source commits)."""
         for sink in self._sinks:
             sink.flush()
+        if self._forward is not None:
+            self._forward.flush()
 
     def checkpoint(self) -> dict[str, Any]:
         """The learned state that is cheap to write at every commit, as JSON-ready
@@ -179,7 +215,7 @@ class Pipeline:
             # scores (and refits on) what a chunk decided, seconds for 100k traces.
             while self.assembler.traces_in_flight and not abandoned:
                 abandoned = self.assembler.flush(deadline, _CLOSING_CHUNK)
-                self._advance_detectors()
+                self.advance_detectors()
             now = self._clock.now()
             # Last declared first: a trace still waiting for its forest batch is scored
             # before the latency baselines take in the windows it was decided in.
@@ -195,6 +231,12 @@ class Pipeline:
         """Completeness checks first; only a complete trace reaches the timing
         checks; what it logged is judged whatever was found; then every learner
         hears what was found in it."""
+        if self._forward is not None:
+            trace.logs = self.logs.get(trace.trace_id)
+            self._forward.trace(trace)
+            if self._on_decided is not None:
+                self._on_decided(trace)
+            return
         trace.logs = self.logs.get(trace.trace_id)
         found: list[Anomaly] = []
         for detector in self._completeness:
@@ -233,6 +275,9 @@ class Pipeline:
 
     def _on_late(self, trace_id: bytes, span: Span, decided_at: int) -> None:
         anomaly = self._late.detect_late(trace_id, span, decided_at, self._clock.now())
+        if self._forward is not None:
+            self._forward.late(anomaly, self.logs.get(trace_id))
+            return
         self._emit(anomaly, self.logs.get(trace_id))
 
     def _emit(self, anomaly: Anomaly, logs: list[LogRow], trace: Trace | None = None) -> None:

@@ -144,3 +144,36 @@ class WallClock:
 
     def finish(self) -> None:
         """Wall time goes on; nothing to do."""
+
+
+class SetClock:
+    """Time moved from outside: a consumer group's judge sets it to the decision
+    times of the traces the members decided, and to the watermark they have all
+    passed. Its pipeline assembles nothing, so spans never reach it."""
+
+    def __init__(self, deterministic: bool) -> None:
+        """``deterministic``: the members run on event time (a live group's judge
+        refits its forest in the background, as a live member would)."""
+        self.deterministic = deterministic
+        self._now = 0
+
+    def set(self, now: int) -> None:
+        self._now = max(self._now, now)
+
+    def observe(self, end: int, start: int, trace_id: bytes) -> int:
+        return self._now
+
+    def stamping(self) -> tuple[int, int, int]:
+        return 0, self._now, -1
+
+    def count_with(self, counter: Callable[[int], None]) -> None:
+        """Nothing is stamped here."""
+
+    def seen(self, largest: int) -> None:
+        """Nothing is stamped here."""
+
+    def now(self) -> int:
+        return self._now
+
+    def finish(self) -> None:
+        """The members have ended; the time was set by their last watermark."""

@@ -66,11 +66,13 @@ class KafkaSource:
     def __init__(self, config: PipelineConfig, pipeline: Pipeline, tracker: OffsetTracker,
                  clock: EventTimeClock | None, producer: KafkaProducer | None = None,
                  on_commit: Callable[[], None] | None = None,
-                 relink: Callable[[bytes, list], None] | None = None) -> None:
+                 relink: Callable[[bytes, list], None] | None = None,
+                 between_polls: Callable[[], None] | None = None) -> None:
         """``clock`` is the pipeline's event-time clock (None: wall time); ``producer`` is
         shared with the anomalies sink and carries dead letters; ``on_commit`` runs after the
         sinks flushed and before offsets are committed (the state-dir checkpoint); ``relink``
-        gets the logs that came for an already decided trace."""
+        gets the logs that came for an already decided trace; ``between_polls`` runs after
+        each poll's records are taken in (a group member's turn to talk to its judge)."""
         self.config = config
         self.consume = config.consume
         self.pipeline = pipeline
@@ -80,6 +82,7 @@ class KafkaSource:
         self.producer = producer
         self._on_commit = on_commit
         self._relink = relink
+        self._between_polls = between_polls
         self._stages = StageAttributes(config.decode.max_stages)
         self._buffers: dict[TopicPartition, deque[_Record]] = {}
         self._paused_full: set[TopicPartition] = set()
@@ -145,6 +148,8 @@ class KafkaSource:
             self._process()
             if self.clock is None:
                 self.pipeline.advance()
+            if self._between_polls is not None:
+                self._between_polls()
             self._flow_control()
             if c.exit_at_end and self._caught_up():
                 caught_up = True
@@ -165,6 +170,10 @@ class KafkaSource:
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
+
+    def traces_partitions(self) -> list[int]:
+        """The traces topic's partitions this member holds."""
+        return [p.partition for p in self._buffers if p.topic == self.consume.traces_topic]
 
     # -- decoding and processing ---------------------------------------------
     def _decode(self, partition: TopicPartition, message) -> _Record:
