@@ -106,12 +106,10 @@ class Consumer:
 
     def _checkpoint(self) -> None:
         """Before every commit: the detectors' state, atomically; the store's retention
-        and the models when due (a group's: the judge's state, if this member is it)."""
+        and the models when due. (A group's judge snapshots its own state.)"""
         if self.judge is not None:
             if self.store is not None and self.judge.judging:
                 self.store.prune_if_due(self.judge.pipeline.now())
-            if time.monotonic() >= self._next_snapshot:
-                self.snapshot()
             return
         if self.state_dir is None:
             return
@@ -120,13 +118,12 @@ class Consumer:
         if time.monotonic() >= self._next_snapshot:
             self.snapshot()
 
-    def snapshot(self, force: bool = False) -> None:
+    def snapshot(self) -> None:
         if self.judge is not None:
-            if not self.judge.snapshot(force):
-                return
+            self.judge.snapshot()
         elif self.state_dir is not None:
             model_store.save(self.pipeline.models_for_saving(), self.state_dir / "models")
-        self._next_snapshot = time.monotonic() + self.config.consume.snapshot_interval / 1e9
+            self._next_snapshot = time.monotonic() + self.config.consume.snapshot_interval / 1e9
 
     def _end_group(self, stop: threading.Event) -> None:
         """After this member caught up (``exit_at_end``): its partitions' final watermark,
@@ -154,7 +151,7 @@ class Consumer:
             if self.judge is not None and caught_up:
                 self._end_group(stop)
             else:
-                self.snapshot(force=True)
+                self.snapshot()
             log.info("%s", "caught up: everything read is decided and committed" if caught_up
                      else "stopped: decided offsets committed")
         except SinkFailed as exc:

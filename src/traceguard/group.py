@@ -34,6 +34,7 @@ import logging
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -205,6 +206,7 @@ class Judge:
         self._next = 0  # the offset to read next
         self._late_from = 0  # late-span records below it were judged before the snapshot
         self._prune_at = 1 << 16
+        self._snapshot_at = time.monotonic() + self.config.consume.snapshot_interval / 1e9
 
     @property
     def judging(self) -> bool:
@@ -282,6 +284,8 @@ class Judge:
                 self._waiting_ids.discard(trace_id)
                 self._judge(trace)
             self.pipeline.advance_detectors()
+            if time.monotonic() >= self._snapshot_at and not self.pipeline.batched():
+                self.snapshot()
         if self._clock.now() < horizon < _NEVER:
             self._clock.set(horizon)
             self.pipeline.advance_detectors()
@@ -304,14 +308,16 @@ class Judge:
         time, the state is saved and the partition committed to its end."""
         self._clock.set(self._final_time)
         self.pipeline.close(decide_in_flight=True)
-        self.snapshot(force=True)
+        self.snapshot()
 
     # -- state ------------------------------------------------------------------------
-    def snapshot(self, force: bool = False) -> bool:
-        """Saves the state to the state topic, then commits where a next judge reads from;
-        not while the forest holds traces for its batch (unless ``force``: at the end)."""
-        if self.pipeline is None or (self.pipeline.batched() and not force):
-            return False
+    def snapshot(self) -> None:
+        """Saves the state to the state topic, then commits where a next judge reads from.
+        Taken every ``snapshot_interval`` between two decision times when the forest holds
+        no trace for its batch (the state would not hold them), and when this member stops."""
+        if self.pipeline is None:
+            return
+        self._snapshot_at = time.monotonic() + self.config.consume.snapshot_interval / 1e9
         if not self.pipeline.closed:
             self.pipeline.flush_sinks()
         read_from = min((offset for _, _, offset, _ in self._waiting), default=self._next)
@@ -327,7 +333,6 @@ class Judge:
         self._producer.send(self._state_topic, key=_STATE_KEY, value=buffer.getvalue(), partition=0).get(timeout=120)
         self.consumer.commit({self.partition: OffsetAndMetadata(read_from, "", -1)})
         self._metrics.inc("traceguard_group_snapshots_total")
-        return True
 
     def _take_over(self) -> None:
         """This member now holds the partition: the last judge's state, or a fresh one."""

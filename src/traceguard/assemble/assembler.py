@@ -7,6 +7,12 @@ pod's spans) an entry span (SERVER or CONSUMER) counts as a root: its parent
 is in another pod, and the fragment's spans hang off it. Decided ids are remembered (bounded, with TTL) so a span
 that comes afterwards is reported as late instead of starting a new trace.
 At the in-flight bounds the oldest traces are decided early ("evicted").
+
+On event time a trace is stamped as decided when it became due (at the latest
+of its stamps so far), not at the watermark that passed that: the watermark
+moves in steps of what this process reads, so a consumer group member, which
+reads some partitions, would stamp a trace otherwise than one consumer of all
+of them, and the windows the stamp puts its samples in would differ.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ class TraceAssembler:
         # (due, seq, trace_id); stale entries are skipped or re-pushed on pop.
         self._due: list[tuple[int, int, bytes]] = []
         self._seq = 0
+        self._stamp_due = clock.deterministic
+        self._last_stamp = 0  # stamps never go back: a stage's windows only move forward
         self._decided: OrderedDict[bytes, int] = OrderedDict()
         self._count_decided = {reason: metrics.counter("traceguard_traces_decided_total", reason=reason)
                                for reason in get_args(DecisionReason)}
@@ -185,6 +193,8 @@ class TraceAssembler:
             # decision lag, not hidden in the time from decision to finding.
             decided_at = clock_now()
             lags.append(max(0, decided_at - due) / 1e9)
+            if self._stamp_due:
+                decided_at = max(due, self._last_stamp)
             quiet = trace.has_root and trace.last_seen + wait <= now
             self._decide(trace_id, "quiet" if quiet else "max_age", decided_at)
         if lags:
@@ -251,7 +261,14 @@ class TraceAssembler:
             self._metrics.inc("traceguard_traces_evicted_total")
             self._decide(next(iter(self._pending)), "evicted", now)
 
+    def restart(self) -> None:
+        """The input starts over from an earlier point (the clock was reset: a Kafka
+        rebalance): decision stamps may go back with it."""
+        self._last_stamp = 0
+
     def _decide(self, trace_id: bytes, reason: DecisionReason, now: int) -> None:
+        if now > self._last_stamp:
+            self._last_stamp = now
         pending = self._pending.pop(trace_id)
         self.spans_in_flight -= len(pending.rows)
         if self._config.decided_memory:

@@ -415,6 +415,7 @@ class KafkaSource:
         self.metrics.inc("traceguard_kafka_traces_dropped_on_revoke_total", dropped)
         if self.clock is not None and not self._buffers:
             self.clock.reset()  # what is read next may be older than what was read so far
+            self.pipeline.assembler.restart()
         log.info("partitions revoked: %s (%d undecided traces left to their next owner)",
                  _names(partitions), dropped)
 

@@ -1,0 +1,122 @@
+"""A consumer group with one judge (``consume --decided-topic``) against the real broker:
+the group finds what one consumer finds, also when the judge is killed and replaced.
+
+The latency scenario (a 3x DB slowdown, a 1.5x one, a slow leak and a burst of
+cache failures) goes in as the Collector's kafka exporter writes it; the
+reference is one plain consumer of the same topics.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from benchmarks.kafka_feed import committed, feed
+from benchmarks.scenario import latency_scenario, write_scenario
+from test_consume import FAST, consume_args, finish, start, topics
+
+RATE = 1.0  # traces per second of the 4 h scenario: 14,400 traces
+PER_TRACE_LEARNED = ("missing_expected_span", "slow_stage", "trace_outlier", "context_outlived_parent")
+STAGE_LEVEL = ("latency_regression", "error_regression")
+
+
+@pytest.fixture(scope="module")
+def latency(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("latency")
+    write_scenario(directory, latency_scenario(traces_per_s=RATE), proto=True)
+    return directory
+
+
+def outcome(outs: list[Path], states: list[Path]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Every finding (last version by id) and every incident (last version by id) of these members."""
+    findings: dict[str, dict] = {}
+    for out in outs:
+        for line in out.read_text().splitlines():
+            finding = json.loads(line)
+            findings[finding["id"]] = finding
+    incidents: dict[str, dict] = {}
+    for state in states:
+        with sqlite3.connect(state / "anomalies.sqlite") as db:
+            for (body,) in db.execute("SELECT body FROM incidents"):
+                incident = json.loads(body)
+                if incident["updated_at"] >= incidents.get(incident["id"], incident)["updated_at"]:
+                    incidents[incident["id"]] = incident
+    return findings, incidents
+
+
+@pytest.fixture(scope="module")
+def one_consumer(kafka_bootstrap, latency, tmp_path_factory):
+    work = tmp_path_factory.mktemp("one")
+    traces, logs = topics(kafka_bootstrap)
+    feed(kafka_bootstrap, latency, traces, logs)
+    finish(start(consume_args(kafka_bootstrap, traces, logs, work / "out.jsonl", "--state-dir", str(work / "state"))))
+    return outcome([work / "out.jsonl"], [work / "state"])
+
+
+def culprits(incidents: dict[str, dict]) -> dict[str, tuple]:
+    return {i: (v["service"], v["operation"], v["onset"], [(c["service"], c["operation"]) for c in v["culprits"]])
+            for i, v in incidents.items()}
+
+
+def assert_same_as_one(group: tuple[dict, dict], one: tuple[dict, dict]) -> None:
+    (found, incidents), (expected, expected_incidents) = group, one
+    assert expected_incidents, "the scenario's faults open incidents"
+    assert culprits(incidents) == culprits(expected_incidents)
+    stage = {k for k, v in expected.items() if v["kind"] in STAGE_LEVEL}
+    assert stage and stage == {k for k, v in found.items() if v["kind"] in STAGE_LEVEL}
+    per_trace = Counter(v["kind"] for v in found.values() if v["trace_id"] and v["kind"] in PER_TRACE_LEARNED)
+    reference = Counter(v["kind"] for v in expected.values() if v["trace_id"] and v["kind"] in PER_TRACE_LEARNED)
+    for kind, count in reference.items():
+        assert abs(per_trace[kind] - count) <= 0.02 * count, (kind, per_trace[kind], count)
+    learned = set(PER_TRACE_LEARNED) | set(STAGE_LEVEL) | {"log_anomaly"}
+    # what needs no learned state is the same finding for finding
+    assert ({k for k, v in found.items() if v["kind"] not in learned}
+            == {k for k, v in expected.items() if v["kind"] not in learned})
+
+
+def judged_args(bootstrap: str, traces: str, logs: str, work: Path, name: str) -> list[str]:
+    return consume_args(bootstrap, traces, logs, work / f"{name}.jsonl", "--state-dir", str(work / name),
+                        "--decided-topic", f"decided_{traces}")
+
+
+def test_a_group_with_one_judge_finds_what_one_consumer_finds(kafka_bootstrap, latency, one_consumer, tmp_path):
+    traces, logs = topics(kafka_bootstrap)
+    feed(kafka_bootstrap, latency, traces, logs)
+    members = [start(judged_args(kafka_bootstrap, traces, logs, tmp_path, name)) for name in ("a", "b", "c")]
+    stderr = [finish(member) for member in members]
+    assert sum("judging the group" in text for text in stderr) == 1  # one judge, no handover
+    names = ("a", "b", "c")
+    assert_same_as_one(outcome([tmp_path / f"{n}.jsonl" for n in names], [tmp_path / n for n in names]), one_consumer)
+
+
+def test_the_judge_killed_mid_stream_and_replaced(kafka_bootstrap, latency, one_consumer, tmp_path, monkeypatch):
+    monkeypatch.setitem(FAST, "TRACEGUARD_CONSUME__SNAPSHOT_INTERVAL", "1s")
+    traces, logs = topics(kafka_bootstrap)
+    sent = feed(kafka_bootstrap, latency, traces, logs)
+    judge = start(judged_args(kafka_bootstrap, traces, logs, tmp_path, "a"))  # alone, so the judge
+    deadline = time.monotonic() + 300
+    while committed(kafka_bootstrap, f"g_{traces}.judge") == 0:  # its first snapshot
+        assert judge.poll() is None, "the judge ended before a second member joined"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    other = start(judged_args(kafka_bootstrap, traces, logs, tmp_path, "b"))
+    while committed(kafka_bootstrap, f"g_{traces}") < sent[traces] // 3:
+        assert judge.poll() is None, "the judge ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    judge.send_signal(signal.SIGKILL)
+    judge.wait()
+    assert committed(kafka_bootstrap, f"g_{traces}") < sent[traces] + sent[logs], "killed mid-stream"
+    replacement = start(judged_args(kafka_bootstrap, traces, logs, tmp_path, "c"))
+    stderr = finish(other) + finish(replacement)
+    assert "judging the group from the last judge's state" in stderr
+    names = ("a", "b", "c")
+    assert_same_as_one(outcome([tmp_path / f"{n}.jsonl" for n in names],
+                               [tmp_path / n for n in names if (tmp_path / n / "anomalies.sqlite").exists()]),
+                       one_consumer)
