@@ -1,5 +1,6 @@
 """The learned detectors on synthetic event-time streams (fixed seeds, no sleeping)."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -281,6 +282,52 @@ def test_model_files_round_trip(tmp_path):
     assert json.loads(json.dumps(again.models_for_saving().rates)) == saved  # with the incident tracker's burst rates
 
 
+def test_a_saved_forest_is_the_one_in_memory_and_saving_changes_nothing(tmp_path):
+    """A snapshot must not change what a running process finds after it (it refitted
+    forests that had new rows, at a time an uninterrupted run would not), and a
+    process that loads it must go on as the one that saved it would, refits included."""
+    pipeline, _ = stream(20)
+    root = ("api", "GET /item")
+    forest = pipeline.models.forest.forests_[root]
+    rng = np.random.default_rng(5)
+    since = forest.since_fit_ + 7
+    for row in forest.reservoir_[rng.integers(0, forest.filled_, 7)]:
+        forest.add(row.copy())  # rows since the last fit: a refit would change the forest
+    assert 7 <= forest.since_fit_ == since < forest.config.refit_every
+    rows = forest.reservoir_[:50].copy()
+    scores, threshold = forest.score(rows)[0], forest.threshold_
+    store.save(pipeline.models_for_saving(), tmp_path)
+    assert forest.since_fit_ == since and forest.threshold_ == threshold
+    np.testing.assert_array_equal(forest.score(rows)[0], scores)
+    loaded = store.load(tmp_path, PipelineConfig().learned).forest.forests_[root]
+    np.testing.assert_array_equal(loaded.score(rows)[0], scores)
+    assert (loaded.next_, loaded.since_fit_, loaded.threshold_) == (forest.next_, since, threshold)
+    more = forest.reservoir_[rng.integers(0, forest.filled_, forest.config.refit_every)].copy()
+    for row in more:  # both refit once, on the same rows in the same order
+        forest.add(row.copy())
+        loaded.add(row.copy())
+    assert loaded.since_fit_ == forest.since_fit_ < since + len(more)  # refitted
+    np.testing.assert_array_equal(loaded.score(rows)[0], forest.score(rows)[0])
+
+
+def test_a_version_2_model_file_is_read_and_its_forests_refitted(tmp_path):
+    models = _trained(tmp_path)
+    forests = list(models.forest.forests_.items())
+    oldest_first = {f"rows_{i}": np.roll(f.reservoir_[: f.filled_], -f.next_ if f.filled_ == len(f.reservoir_) else 0,
+                                         axis=0) for i, (_, f) in enumerate(forests)}
+    meta = [{"root": list(key), "stages": [[*stage, column] for stage, column in f.stage_index_.items()]}
+            for key, f in forests]
+    shared = models.forest.shared_
+    np.savez_compressed(tmp_path / "forest.npz", meta=np.array(json.dumps(meta)),
+                        shared=shared.reservoir_[: shared.filled_], **oldest_first)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["version"] = 2
+    manifest["files"]["forest.npz"] = hashlib.sha256((tmp_path / "forest.npz").read_bytes()).hexdigest()
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    loaded = store.load(tmp_path, PipelineConfig().learned).forest.forests_[("api", "GET /item")]
+    assert loaded.fitted and loaded.filled_ == models.forest.forests_[("api", "GET /item")].filled_
+
+
 def test_tampered_old_and_missing_model_files_are_refused(tmp_path):
     _trained(tmp_path)
     with open(tmp_path / "structure.json", "a") as handle:
@@ -290,7 +337,7 @@ def test_tampered_old_and_missing_model_files_are_refused(tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["version"] = 0
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelFileError, match="version 0, this traceguard reads version 2"):
+    with pytest.raises(ModelFileError, match="version 0, this traceguard reads versions 2, 3"):
         store.load(tmp_path, PipelineConfig().learned)
     with pytest.raises(ModelFileError, match="no manifest.json"):
         store.load(tmp_path / "nowhere", PipelineConfig().learned)

@@ -397,6 +397,11 @@ class ConsumeConfig(_Section):
                           "that holds it runs every detector on the whole traffic and writes all findings and "
                           "incidents, its state snapshotted to `<topic>_state` every snapshot_interval for the next "
                           "holder. Empty: each member detects on its own share.")
+    judge_max_waiting: int = Field(
+        50_000, ge=1,
+        description="With decided_topic: decided traces the judge holds until every partition's watermark has passed "
+                    "them; past it the oldest are judged early (counted), so a member far behind bounds memory, "
+                    "not the order.")
     watermark_step: DurationNs = Field(
         parse_duration("1s"), gt=0,
         description="With decided_topic: how far a member's clock moves between the watermarks it sends the judge, "

@@ -126,21 +126,21 @@ class Consumer:
             self._next_snapshot = time.monotonic() + self.config.consume.snapshot_interval / 1e9
 
     def _end_group(self, stop: threading.Event) -> None:
-        """After this member caught up (``exit_at_end``): its partitions' final watermark,
-        then, as the judge, judging until every member has ended; otherwise waiting until
-        the judge has read past that watermark, so the group never ends without one."""
-        self.forwarder.watermark(self.pipeline.now(), self.source.traces_partitions(), final=True)
-        self.forwarder.flush()
+        """After this member caught up (``exit_at_end``) and sent its partitions' final
+        watermark: as the judge, judging until every member has ended; otherwise waiting
+        until the judge has read past that watermark, so the group never ends without one."""
         judge = self.judge
         end = judge.consumer.end_offsets([judge.partition])[judge.partition]
         while not stop.is_set():
+            # before polling: the judge that is done leaves, and a poll would take its place
+            committed = judge.consumer.committed(judge.partition)
+            if not judge.judging and committed is not None and committed >= end:
+                return
             judge.poll(self.config.consume.poll_timeout // 1_000_000)
             if judge.judging and judge.done():
                 judge.finish()
                 return
-            committed = judge.consumer.committed(judge.partition)
-            if not judge.judging and committed is not None and committed >= end:
-                return
+        judge.snapshot()  # stopped while judging: the next judge starts from here
 
     def run(self, stop: threading.Event) -> int:
         """Returns the exit status: 0 when stopped or caught up, 1 when findings could not be written."""
@@ -149,6 +149,12 @@ class Consumer:
             caught_up = self.source.run(stop.is_set)
             self.source.finish(caught_up)
             if self.judge is not None and caught_up:
+                self.forwarder.watermark(self.pipeline.now(), self.source.traces_partitions(), final=True)
+                try:
+                    self.forwarder.flush()
+                except OSError as exc:
+                    raise SinkFailed(str(exc)) from exc
+                self.source.close()  # leaves the group now, not after the judge is done
                 self._end_group(stop)
             else:
                 self.snapshot()

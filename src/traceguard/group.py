@@ -28,6 +28,7 @@ and counted.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import io
 import logging
@@ -57,7 +58,11 @@ from traceguard.sinks import Sink
 log = logging.getLogger("traceguard.group")
 
 _NEVER = 1 << 63  # the watermark of a partition whose member has ended
-_STATE_KEY = b"judge"
+_STATE_KEY = b"judge"  # the last whole snapshot: which slot holds it, in how many chunks, its digest
+# A snapshot is written in chunks (under the broker's default message size) to the slot the
+# last one is not in: a judge killed while writing leaves the last whole one readable.
+_CHUNK = 512 << 10
+_SLOTS = ("a", "b")
 
 
 class BadRecord(ValueError):
@@ -152,14 +157,14 @@ class Forwarder:
 
 
 def create_topics(config: PipelineConfig) -> None:
-    """The decided topic (one partition: one judge reads it in order) and its compacted state
-    topic, if missing; both allow a record as large as the consumer fetches."""
+    """The decided topic (one partition: one judge reads it in order; a record as large as
+    the consumer fetches, for a trace of many spans) and its compacted state topic, if missing."""
     c = config.consume
     size = str(c.fetch_max_bytes)
     admin = KafkaAdminClient(bootstrap_servers=c.bootstrap_servers.split(","), client_id=f"traceguard-{c.group}")
     try:
         for topic, configs in ((c.decided_topic, {"max.message.bytes": size}),
-                               (f"{c.decided_topic}_state", {"max.message.bytes": size, "cleanup.policy": "compact"})):
+                               (f"{c.decided_topic}_state", {"cleanup.policy": "compact"})):
             try:
                 admin.create_topics([NewTopic(topic, 1, 1, topic_configs=configs)])
             except TopicAlreadyExistsError:
@@ -186,6 +191,7 @@ class Judge:
         self._clock = SetClock(deterministic=c.time == "event")
         self._reset()
         self._traces_partitions = 0
+        self._slot: str | None = None  # where the last snapshot is
         self.consumer = KafkaConsumer(
             bootstrap_servers=c.bootstrap_servers.split(","), group_id=f"{c.group}.judge",
             client_id=f"traceguard-{c.group}-judge", enable_auto_commit=False, auto_offset_reset="earliest",
@@ -214,13 +220,24 @@ class Judge:
 
     # -- reading ----------------------------------------------------------------------
     def poll(self, timeout_ms: int = 0) -> None:
+        """Reads what came and judges what the members' watermark allows, at most
+        ``max_poll_records`` traces a call: a judge far behind must still poll its
+        consumers (and its member's) within max.poll.interval.ms, or the group takes
+        its partitions away; a call with traces left to judge does not wait."""
+        if self._due():
+            timeout_ms = 0
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         if self.pipeline is None:
             return
         for messages in polled.values():
             for message in messages:
                 self._read(message)
-        self._release()
+        self._release(self.config.consume.max_poll_records)
+
+    def _due(self) -> bool:
+        waiting = self._waiting
+        return self.pipeline is not None and bool(waiting) and (
+            waiting[0][0] <= self._horizon() or len(waiting) > self.config.consume.judge_max_waiting)
 
     def _read(self, message) -> None:
         self._next = message.offset + 1
@@ -273,20 +290,30 @@ class Judge:
                 return 0
         return min(self._watermarks.get(p, 0) for p in range(self._traces_partitions))
 
-    def _release(self) -> None:
+    def _release(self, limit: int) -> None:
+        """Judges the waiting traces the horizon has passed, oldest first, about ``limit``
+        of them (whole decision times). Past ``judge_max_waiting`` the oldest are judged
+        before the horizon passes them (a member far behind the others holds it back),
+        as the assembler decides the oldest early at its bounds, and counted."""
         horizon = self._horizon()
         waiting = self._waiting
-        while waiting and waiting[0][0] <= horizon:
+        bound = self.config.consume.judge_max_waiting
+        judged = 0
+        while waiting and judged < limit and (waiting[0][0] <= horizon or len(waiting) > bound):
             decided_at = waiting[0][0]
+            early = decided_at > horizon
             self._clock.set(decided_at)
             while waiting and waiting[0][0] == decided_at:
                 _, trace_id, _, trace = heapq.heappop(waiting)
                 self._waiting_ids.discard(trace_id)
                 self._judge(trace)
+                judged += 1
+                if early:
+                    self._metrics.inc("traceguard_group_traces_judged_early_total")
             self.pipeline.advance_detectors()
             if time.monotonic() >= self._snapshot_at and not self.pipeline.batched():
                 self.snapshot()
-        if self._clock.now() < horizon < _NEVER:
+        if self._clock.now() < horizon < _NEVER and not self._due():
             self._clock.set(horizon)
             self.pipeline.advance_detectors()
 
@@ -330,7 +357,14 @@ class Judge:
             (Path(tmp) / "checkpoint.json").write_bytes(orjson.dumps(self.pipeline.checkpoint()))
             (Path(tmp) / "judge.json").write_bytes(orjson.dumps(ledger))
             tar.add(tmp, arcname="state")
-        self._producer.send(self._state_topic, key=_STATE_KEY, value=buffer.getvalue(), partition=0).get(timeout=120)
+        blob = buffer.getvalue()
+        slot = _SLOTS[(_SLOTS.index(self._slot) + 1) % len(_SLOTS)] if self._slot else _SLOTS[0]
+        chunks = [blob[i:i + _CHUNK] for i in range(0, len(blob), _CHUNK)] or [b""]
+        for i, chunk in enumerate(chunks):
+            self._producer.send(self._state_topic, key=f"judge/{slot}/{i}".encode(), value=chunk, partition=0)
+        header = {"slot": slot, "chunks": len(chunks), "sha256": hashlib.sha256(blob).hexdigest()}
+        self._producer.send(self._state_topic, key=_STATE_KEY, value=orjson.dumps(header), partition=0).get(timeout=120)
+        self._slot = slot
         self.consumer.commit({self.partition: OffsetAndMetadata(read_from, "", -1)})
         self._metrics.inc("traceguard_group_snapshots_total")
 
@@ -338,7 +372,11 @@ class Judge:
         """This member now holds the partition: the last judge's state, or a fresh one."""
         self._reset()
         self._clock = SetClock(deterministic=self.config.consume.time == "event")
-        blob = self._last_state()
+        try:
+            blob = self._last_state()
+        except BadRecord as exc:  # not expected: a snapshot is written whole before it is named
+            log.error("%s: judging without it", exc)
+            blob = None
         models = checkpoint = None
         with tempfile.TemporaryDirectory() as tmp:
             if blob is not None:
@@ -373,15 +411,25 @@ class Judge:
             reader.assign([partition])
             reader.seek_to_beginning(partition)
             end = reader.end_offsets([partition])[partition]
-            last = None
+            last: dict[bytes, bytes] = {}
             while reader.position(partition) < end:
                 for messages in reader.poll(timeout_ms=1000).values():
                     for message in messages:
-                        if message.key == _STATE_KEY:
-                            last = message.value
-            return last
+                        if message.key is not None and message.value is not None:
+                            last[message.key] = message.value
         finally:
             reader.close()
+        if _STATE_KEY not in last:
+            return None
+        try:
+            header = orjson.loads(last[_STATE_KEY])
+            self._slot = header["slot"]
+            blob = b"".join(last[f"judge/{header['slot']}/{i}".encode()] for i in range(int(header["chunks"])))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise BadRecord(f"the last judge state in {self._state_topic} is incomplete: {exc}") from None
+        if hashlib.sha256(blob).hexdigest() != header["sha256"]:
+            raise BadRecord(f"the last judge state in {self._state_topic} does not match its digest")
+        return blob
 
     def _lost(self) -> None:
         if self.pipeline is not None:

@@ -168,6 +168,8 @@ DECLARED: tuple[Metric, ...] = (
     Metric("traceguard_group_traces_out_of_order_total", "counter",
            "Traces that came after the judge had passed their decision time (their member's clock started "
            "over), judged at once."),
+    Metric("traceguard_group_traces_judged_early_total", "counter",
+           "Traces the judge judged before every partition's watermark had passed them (consume.judge_max_waiting)."),
     Metric("traceguard_group_snapshots_total", "counter", "Judge states saved to the state topic."),
     Metric("traceguard_group_judging", "gauge", "1 while this member is the group's judge."),
     Metric("traceguard_group_traces_waiting", "gauge",

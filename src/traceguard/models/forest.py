@@ -10,8 +10,10 @@ time of the stages that carry the most self time at fit time.
 
 Each forest keeps a ring buffer of recent normal traces and is fitted on it
 after ``warmup_traces`` and again every ``refit_every``. A fitted forest is a
-function of that buffer and the seed, which is why a model file stores the
-buffer, not the trees: loading refits, and nothing is unpickled.
+function of the buffer at that fit and the seed. A model file stores the buffer
+and what the last fit made, the trees included, as arrays: a loaded forest
+is the one in memory (nothing is unpickled, and saving does not refit, which
+would change what a running process finds after it).
 
 A fit takes 150-200 ms (100 trees). In event time it runs where it is due.
 Live (wall clock), it runs on a thread of its own
@@ -91,6 +93,29 @@ class _StackedTrees:
         self.roots = np.arange(count, dtype=np.intp) * width
         self.norm = count * float(_average_path_length([estimator.max_samples_])[0])
 
+    _ARRAYS = ("feature", "threshold", "left", "right", "leaf_length", "roots")
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The trees as arrays (a model file keeps them: no refit, nothing unpickled)."""
+        return {**{name: getattr(self, name) for name in self._ARRAYS},
+                "shape": np.array([self.levels, self.norm])}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "_StackedTrees":
+        trees = cls.__new__(cls)
+        for name in cls._ARRAYS:
+            setattr(trees, name, arrays[name].astype(np.intp if name in ("feature", "left", "right", "roots")
+                                                     else float))
+        nodes = len(trees.feature)
+        if not all(len(trees.__dict__[name]) == nodes for name in ("threshold", "left", "right", "leaf_length")):
+            raise ValueError("forest trees of unequal lengths")
+        if (trees.left >= nodes).any() or (trees.right >= nodes).any() or not ((trees.roots >= 0)
+                                                                                & (trees.roots < nodes)).all():
+            raise ValueError("forest trees that point outside themselves")
+        levels, norm = arrays["shape"]
+        trees.levels, trees.norm = int(levels), float(norm)
+        return trees
+
     def score_samples(self, rows: np.ndarray) -> np.ndarray:
         """Same as ``IsolationForest.score_samples`` (lower = more anomalous)."""
         rows = np.ascontiguousarray(rows, dtype=float)
@@ -138,7 +163,33 @@ class RootForest:
 
     @property
     def fitted(self) -> bool:
-        return self.estimator_ is not None
+        return self.trees_ is not None
+
+    def fitted_state(self) -> tuple[dict, dict[str, np.ndarray]] | None:
+        """What the last fit set, as (JSON-ready values, arrays), for a model file:
+        a loaded forest is then the one in memory (a refit on load would fit the
+        buffer as it is now, not as it was at the fit). None before the first fit."""
+        if self.trees_ is None:
+            return None
+        values = {"feature_names": self.feature_names_, "column_stages": self.column_stages_,
+                  "threshold": self.threshold_}
+        arrays = {"columns": self.columns_, "median": self.median_, "scale": self.scale_,
+                  "z_threshold": self.z_threshold_, **{f"trees_{k}": v for k, v in self.trees_.arrays().items()}}
+        return values, arrays
+
+    def restore_fitted(self, values: dict, arrays: dict[str, np.ndarray]) -> None:
+        columns = arrays["columns"].astype(np.intp)
+        width = self.reservoir_.shape[1]
+        if len(columns) != len(values["feature_names"]) or ((columns < 0) | (columns >= width)).any():
+            raise ValueError("forest columns that do not fit its rows")
+        trees = _StackedTrees.from_arrays({k[len("trees_"):]: v for k, v in arrays.items() if k.startswith("trees_")})
+        if len(trees.feature) and trees.feature.max() >= len(columns):
+            raise ValueError("forest trees that split on a column the forest does not have")
+        self._apply({"columns_": columns, "feature_names_": [str(n) for n in values["feature_names"]],
+                     "column_stages_": [None if s is None else (str(s[0]), str(s[1]), int(s[2]))
+                                        for s in values["column_stages"]],
+                     "threshold_": float(values["threshold"]), "median_": arrays["median"],
+                     "scale_": arrays["scale"], "z_threshold_": arrays["z_threshold"], "trees_": trees})
 
     def row(self, trace: Trace) -> list[float]:
         """The trace's raw feature values in this forest's layout (stage times in ns):
@@ -177,7 +228,7 @@ class RootForest:
         self.filled_ = min(self.filled_ + 1, len(self.reservoir_))
         self.since_fit_ += 1
         warm = self.filled_ >= min(self.config.warmup_traces, len(self.reservoir_))
-        fitted = self.estimator_ is not None or self._fitting is not None
+        fitted = self.trees_ is not None or self._fitting is not None
         if not warm or (fitted and self.since_fit_ < self.config.refit_every):
             return
         if self.background is None:

@@ -39,7 +39,8 @@ from traceguard.models.latency import StageLatency
 from traceguard.models.structure import RootStructure
 
 FORMAT = "traceguard-models"
-VERSION = 2  # 2: rates.json, templates.json
+VERSION = 3  # 2: rates.json, templates.json; 3: forests' fitted trees and buffer order (2 is read: refit on load)
+READS = (2, 3)
 FILES = ("latency.npz", "structure.json", "forest.npz", "rates.json", "templates.json")
 
 
@@ -150,10 +151,10 @@ def load(directory: Path, config: LearnedConfig) -> Models:
         raise ModelFileError(f"{manifest_path} is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ModelFileError(f"{manifest_path} is not a traceguard model manifest")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READS:
         raise ModelFileError(
             f"{directory} holds model format version {manifest.get('version')}, this traceguard reads "
-            f"version {VERSION}: retrain with 'traceguard train'"
+            f"versions {', '.join(map(str, READS))}: retrain with 'traceguard train'"
         )
     for name in FILES:
         path = directory / name
@@ -188,7 +189,9 @@ def _latency_bytes(config: LearnedConfig) -> int:
 
 def _forest_bytes(config: LearnedConfig) -> int:
     forest = config.forest
-    return (forest.max_root_operations + 1) * forest.reservoir * (len(GENERIC_FEATURES) + STAGE_COLUMNS) * 8
+    rows = forest.reservoir * (len(GENERIC_FEATURES) + STAGE_COLUMNS)
+    trees = forest.n_estimators * (2 * 256) * 6  # at most 2 x max_samples nodes a tree, 6 arrays of them
+    return (forest.max_root_operations + 1) * (rows + trees) * 8
 
 
 def _npz(path: Path, bound: int, counts: bool = False) -> dict[str, np.ndarray]:
@@ -257,44 +260,64 @@ def _load_structure(models: Models, path: Path) -> None:
     restore_structure(models, json.loads(path.read_text()))
 
 
-def _rows(forest: RootForest) -> np.ndarray:
-    """The buffer oldest first."""
-    if forest.filled_ < len(forest.reservoir_):
-        return forest.reservoir_[: forest.filled_]
-    return np.roll(forest.reservoir_, -forest.next_, axis=0)
-
-
 def _save_forest(models: Models, path: Path) -> None:
-    forests = list(models.forest.forests_.items())
-    # A forest is stored as its buffer and refitted on load; refit now so that
-    # the loaded forest is the one in memory, not one from an older buffer.
-    for forest in (*models.forest.forests_.values(), models.forest.shared_):
-        if forest.fitted and forest.since_fit_:
-            forest.fit()
-    meta = [{"root": list(key), "stages": [[*stage, column] for stage, column in forest.stage_index_.items()]}
-            for key, forest in forests]
-    arrays = {f"rows_{i}": _rows(forest) for i, (_, forest) in enumerate(forests)}
-    np.savez_compressed(path, meta=np.array(json.dumps(meta)), shared=_rows(models.forest.shared_), **arrays)
+    """Each forest's buffer in slot order with its write position, and what its last
+    fit made (``RootForest.fitted_state``): loading gives the forest in memory, and
+    its later refits fit the same rows in the same order as the running one's."""
+    forests = [*models.forest.forests_.items(), (None, models.forest.shared_)]
+    meta, arrays = [], {}
+    for i, (key, forest) in enumerate(forests):
+        name = "shared" if key is None else f"rows_{i}"
+        arrays[name] = forest.reservoir_[: forest.filled_]
+        item = {"next": forest.next_, "since_fit": forest.since_fit_, "fit": None}
+        if key is not None:
+            item.update(root=list(key), stages=[[*stage, column] for stage, column in forest.stage_index_.items()])
+        fitted = forest.fitted_state()
+        if fitted is not None and all(np.isfinite(v).all() for v in fitted[1].values()):
+            item["fit"] = fitted[0]
+            arrays.update({f"fit_{name}_{k}": v for k, v in fitted[1].items()})
+        meta.append(item)
+    np.savez_compressed(path, meta=np.array(json.dumps(meta)), **arrays)
 
 
 def _load_forest(models: Models, path: Path, bound: int) -> None:
     data = _npz(path, bound)
     model = models.forest
-    for i, item in enumerate(json.loads(str(data["meta"]))):
+    meta = json.loads(str(data["meta"]))
+    for i, item in enumerate(meta):
+        if "root" not in item:  # the shared one, last
+            _refill(model.shared_, data["shared"], item, _fitted(data, "shared"))
+            return
         forest = model.forest_for((str(item["root"][0]), str(item["root"][1])))
         if forest is None:
             break
         forest.stage_index_ = {(str(s), str(o), int(k)): int(c) for s, o, k, c in item["stages"]}
-        _refill(forest, data[f"rows_{i}"])
-    _refill(model.shared_, data["shared"])
+        _refill(forest, data[f"rows_{i}"], item, _fitted(data, f"rows_{i}"))
+    _refill(model.shared_, data["shared"], {}, {})  # a file of version 2 or one cut at max_root_operations
 
 
-def _refill(forest: RootForest, rows: np.ndarray) -> None:
+def _fitted(data: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    prefix = f"fit_{name}_"
+    return {key[len(prefix):]: value for key, value in data.items() if key.startswith(prefix)}
+
+
+def _refill(forest: RootForest, rows: np.ndarray, item: dict, fitted: dict[str, np.ndarray]) -> None:
+    """The buffer back (``item``'s write position: slot order; a file without one, or
+    one saved with another reservoir size, holds or gets the rows oldest first), then
+    what the last fit made, or a fit now where the file has none."""
+    size = len(forest.reservoir_)
     if rows.ndim != 2 or rows.shape[1] != forest.reservoir_.shape[1]:
         raise ValueError(f"forest rows of shape {rows.shape}, expected (n, {forest.reservoir_.shape[1]})")
-    rows = rows[-len(forest.reservoir_):]
+    exact = "next" in item and len(rows) <= size and (len(rows) == size or item["next"] == len(rows) % size)
+    if not exact:
+        if "next" in item and len(rows):
+            rows = np.roll(rows, -int(item["next"]) % len(rows), axis=0)  # oldest first
+        rows = rows[-size:]
     forest.reservoir_[: len(rows)] = rows
     forest.filled_ = len(rows)
-    forest.next_ = len(rows) % len(forest.reservoir_)
-    if forest.filled_ >= min(forest.config.warmup_traces, len(forest.reservoir_)):
+    forest.next_ = int(item["next"]) % size if exact else len(rows) % size
+    forest.since_fit_ = int(item.get("since_fit", 0)) if exact else 0
+    if exact and item.get("fit") is not None:
+        forest.restore_fitted(item["fit"], fitted)
+    elif forest.filled_ >= min(forest.config.warmup_traces, size):
         forest.fit()
