@@ -17,9 +17,14 @@ from pathlib import Path
 
 import pytest
 
+import orjson
+
 from benchmarks.kafka_feed import committed, feed
 from benchmarks.scenario import latency_scenario, write_scenario
+from builders import T0, decide, row
 from test_consume import FAST, consume_args, finish, start, topics
+from traceguard.group import BadRecord, decode_trace, encode_trace
+from traceguard.records import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, LogRow
 
 RATE = 1.0  # traces per second of the 4 h scenario: 14,400 traces
 PER_TRACE_LEARNED = ("missing_expected_span", "slow_stage", "trace_outlier", "context_outlived_parent")
@@ -31,6 +36,34 @@ def latency(tmp_path_factory):
     directory = tmp_path_factory.mktemp("latency")
     write_scenario(directory, latency_scenario(traces_per_s=RATE), proto=True)
     return directory
+
+
+def test_a_decided_trace_reaches_the_judge_as_it_was_decided():
+    """What the judge rebuilds is what the member decided: spans (an unfinished one,
+    an orphan, an error with its attributes, links), the indexes detectors read, logs."""
+    trace = decide(row(1, 1, kind=KIND_SERVER, service="api", name="GET /", end_ms=50),
+                   row(1, 2, 1, kind=KIND_CLIENT, status=STATUS_ERROR, service="api", name="SELECT",
+                       attrs=(("db.system", "postgresql"), ("http.status_code", 503), ("retry", True)), links=True),
+                   row(1, 3, 1, end_ms=None, service="api", name="work"),
+                   row(1, 4, 99, service="cache", name="GET"))
+    trace.logs = [LogRow(trace.trace_id, (2).to_bytes(8, "big"), T0, 17, "ERROR", "boom", "api"),
+                  LogRow(trace.trace_id, None, T0 + 1, 9, "INFO", "done", "api")]
+    judged = decode_trace(orjson.loads(encode_trace(trace)))
+    fields = ("span_id", "parent_span_id", "start", "end", "kind", "status", "has_links", "service", "name",
+              "attrs", "finished", "instance")
+    assert ([[getattr(s, f) for f in fields] for s in judged.spans]
+            == [[getattr(s, f) for f in fields] for s in trace.spans])
+    assert (judged.trace_id, judged.reason, judged.decided_at, judged.first_seen) == (
+        trace.trace_id, trace.reason, trace.decided_at, trace.first_seen)
+    assert judged.root.span_id == trace.root.span_id and [s.span_id for s in judged.orphans] == [(4).to_bytes(8, "big")]
+    assert judged.derived["stages"] == trace.derived["stages"]
+    assert [s.span_id for s in judged.derived["failed"]] == [(2).to_bytes(8, "big")]
+    assert [(r.span_id, r.time, r.severity_number, r.body) for r in judged.logs] == [
+        (r.span_id, r.time, r.severity_number, r.body) for r in trace.logs]
+    document = orjson.loads(encode_trace(trace))
+    document["spans"][0][0] = "00"
+    with pytest.raises(BadRecord):
+        decode_trace(document)
 
 
 def outcome(outs: list[Path], states: list[Path]) -> tuple[dict[str, dict], dict[str, dict]]:

@@ -365,8 +365,11 @@ class Judge:
         header = {"slot": slot, "chunks": len(chunks), "sha256": hashlib.sha256(blob).hexdigest()}
         self._producer.send(self._state_topic, key=_STATE_KEY, value=orjson.dumps(header), partition=0).get(timeout=120)
         self._slot = slot
-        self.consumer.commit({self.partition: OffsetAndMetadata(read_from, "", -1)})
         self._metrics.inc("traceguard_group_snapshots_total")
+        try:  # the snapshot holds the offset; the commit shows the group's progress to Kafka's tools
+            self.consumer.commit({self.partition: OffsetAndMetadata(read_from, "", -1)})
+        except KafkaError as exc:
+            log.warning("committing the judge's offset failed (the snapshot holds it): %s", exc)
 
     def _take_over(self) -> None:
         """This member now holds the partition: the last judge's state, or a fresh one."""
