@@ -23,7 +23,11 @@ from benchmarks.kafka_feed import committed, feed
 from benchmarks.scenario import latency_scenario, write_scenario
 from builders import T0, decide, row
 from test_consume import FAST, consume_args, finish, start, topics
+from traceguard.assemble import SetClock
+from traceguard.config import PipelineConfig
 from traceguard.group import BadRecord, decode_trace, encode_trace
+from traceguard.models.series import StageSeries
+from traceguard.pipeline import Pipeline
 from traceguard.records import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, LogRow
 
 RATE = 1.0  # traces per second of the 4 h scenario: 14,400 traces
@@ -64,6 +68,22 @@ def test_a_decided_trace_reaches_the_judge_as_it_was_decided():
     document["spans"][0][0] = "00"
     with pytest.raises(BadRecord):
         decode_trace(document)
+
+
+def test_a_judges_traces_fill_the_stage_series_its_member_shows():
+    """The judge's pipeline is made anew at each takeover; the member's API holds one
+    series, which the judging pipeline fills."""
+    series = StageSeries(10, 10)
+    clock = SetClock(deterministic=True)
+    pipeline = Pipeline(PipelineConfig(), clock, [], judging=True, series=series)
+    for i in range(200):  # 20 calls a minute for 10 minutes
+        trace = decide(row(i + 1, 1, kind=KIND_SERVER, service="api", name="GET /", start_ms=i * 3000,
+                           end_ms=i * 3000 + 20))
+        clock.set(trace.decided_at)
+        pipeline.judge(decode_trace(orjson.loads(encode_trace(trace))))
+        pipeline.advance_detectors()
+    (stage,) = series.of("api", "GET /")
+    assert len(stage["latency"]) >= 8 and stage["errors"]
 
 
 def outcome(outs: list[Path], states: list[Path]) -> tuple[dict[str, dict], dict[str, dict]]:

@@ -193,7 +193,8 @@ def run(config: PipelineConfig) -> tuple[int, Metrics]:
         http = HttpServers(config.serve.max_connections, config.serve.read_timeout / 1e9, consumer.pipeline.metrics)
         c = config.consume
         port = http.add(create_api(consumer.store, consumer.pipeline.metrics, lambda: not stop.is_set(), token=c.token,
-                                   series=consumer.pipeline.series, ui=config.ui),
+                                   series=(consumer.judge.series if consumer.judge is not None
+                                           else consumer.pipeline.series), ui=config.ui),
                         c.api_listen, c.tls_cert, c.tls_key, name="api")
         http.start()
         log.info("API and /metrics on port %d", port)

@@ -51,6 +51,7 @@ from traceguard.assemble.assembler import expand_rows
 from traceguard.config import PipelineConfig
 from traceguard.metrics import Metrics
 from traceguard.models import store as model_store
+from traceguard.models.series import StageSeries
 from traceguard.pipeline import Pipeline
 from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, Anomaly, LogRow, SpanRow, Trace
 from traceguard.sinks import Sink
@@ -188,6 +189,8 @@ class Judge:
         self.partition = TopicPartition(c.decided_topic, 0)
         self._state_topic = f"{c.decided_topic}_state"
         self.pipeline: Pipeline | None = None  # while this member is the judge
+        # the stage pages' windows, behind this member's API whichever pipeline judges
+        self.series = StageSeries(config.ui.series_windows, config.ui.series_stages)
         self._clock = SetClock(deterministic=c.time == "event")
         self._reset()
         self._traces_partitions = 0
@@ -389,8 +392,9 @@ class Judge:
                 models = model_store.load(state / "models", self.config.learned)
                 checkpoint = orjson.loads((state / "checkpoint.json").read_bytes())
                 ledger = orjson.loads((state / "judge.json").read_bytes())
+        self.series.clear()
         self.pipeline = Pipeline(self.config, self._clock, self._sinks, self._metrics, models,
-                                 keep_trace=self._keep_trace, judging=True)
+                                 keep_trace=self._keep_trace, judging=True, series=self.series)
         if blob is None:
             self.consumer.seek(self.partition, 0)
             log.info("judging the group from the start of %s", self.partition.topic)

@@ -53,6 +53,7 @@ class Pipeline:
         keep_trace: Callable[[Trace, bool], None] | None = None,
         forward: Forward | None = None,
         judging: bool = False,
+        series: StageSeries | None = None,
     ) -> None:
         """``models`` starts the learned detectors from saved state instead of from nothing;
         ``on_decided`` hears of each decided trace once its findings are in the sinks
@@ -62,7 +63,9 @@ class Pipeline:
         ``forward`` takes each decided trace (with its logs) and late span instead of
         the detectors: the pipeline only assembles, for a group's judge; ``judging``: the
         judge's pipeline, fed decided traces by ``judge()``, whose assembler and log index
-        count into metrics of their own (they would double the member's counts and gauges)."""
+        count into metrics of their own (they would double the member's counts and gauges);
+        ``series``: where the windowed detectors keep the stages' recent windows for the web
+        view, when it must outlive this pipeline (a judge's, behind the member's API)."""
         self.config = config
         self.metrics = metrics or Metrics()
         self._clock = clock
@@ -70,7 +73,7 @@ class Pipeline:
         self.models = models or Models.new(config.learned)
         if not clock.deterministic and forward is None:  # live: a refit must not stall decisions (replay stays reproducible)
             self.models.forest.fit_in_background()
-        self.series = StageSeries(config.ui.series_windows, config.ui.series_stages)
+        self.series = series or StageSeries(config.ui.series_windows, config.ui.series_stages)
         self._forward = forward
         groups = (build(config, self.models, self.series) if forward is None
                   else {"completeness": [], "timing": [], "every": []})

@@ -23,6 +23,10 @@ class StageSeries:
         self._errors: dict[Stage, deque] = {}
         self.untracked_ = 0
 
+    def clear(self) -> None:
+        """Starts again (a group's judge that takes over shows what it judges from then)."""
+        self._latency, self._errors = {}, {}
+
     def _series(self, table: dict[Stage, deque], stage: Stage) -> deque | None:
         series = table.get(stage)
         if series is None:
