@@ -22,7 +22,7 @@ import orjson
 from benchmarks.kafka_feed import committed, feed
 from benchmarks.scenario import latency_scenario, write_scenario
 from builders import T0, decide, row
-from test_consume import FAST, consume_args, finish, start, topics
+from test_consume import FAST, consume_args, finish, replay_findings, start, topics
 from traceguard.assemble import SetClock
 from traceguard.config import PipelineConfig
 from traceguard.group import BadRecord, decode_trace, encode_trace
@@ -176,3 +176,22 @@ def test_the_judge_killed_mid_stream_and_replaced(kafka_bootstrap, latency, one_
     assert_same_as_one(outcome([tmp_path / f"{n}.jsonl" for n in names],
                                [tmp_path / n for n in names if (tmp_path / n / "anomalies.sqlite").exists()]),
                        one_consumer)
+
+
+INTRINSIC = ("missing_parent", "missing_root", "unfinished_span")  # a whole trace's own content decides them
+
+
+def test_a_live_group_with_one_judge(kafka_bootstrap, scenario_proto, tmp_path):
+    """Wall time, as the manifest runs it: two members and their judge find in the structural
+    scenario what replay finds of the kinds a whole trace's content decides, and nothing twice."""
+    expected = replay_findings(scenario_proto, tmp_path / "replay.jsonl")
+    traces, logs = topics(kafka_bootstrap)
+    feed(kafka_bootstrap, scenario_proto, traces, logs)
+    live = ("--time", "wall", "--decision-wait", "2s")
+    members = [start(judged_args(kafka_bootstrap, traces, logs, tmp_path, name) + list(live)) for name in ("a", "b")]
+    stderr = [finish(member) for member in members]
+    assert sum("judging the group from the start" in text for text in stderr) == 1
+    lines = [json.loads(line) for name in ("a", "b") for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    found = {f["id"] for f in lines if f["kind"] in INTRINSIC}
+    assert len(found) == sum(f["kind"] in INTRINSIC for f in lines)  # each once
+    assert found == {k for k, v in expected.items() if v["kind"] in INTRINSIC} and len(found) > 20
