@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import statistics
 import threading
 import time
@@ -92,3 +94,17 @@ def last_versions(path: Path) -> dict[str, Anomaly]:
         anomaly = Anomaly.model_validate_json(line)
         findings[anomaly.id] = anomaly
     return findings
+
+
+def last_incidents(stores: list[Path]) -> dict[str, dict]:
+    """Each incident's last version (by ``updated_at``) over these state directories' SQLite
+    stores, with ``member``: the index of the store it came from (a group's judges and
+    their successors each keep the incidents they wrote)."""
+    incidents: dict[str, dict] = {}
+    for member, store in enumerate(stores):
+        with sqlite3.connect(store / "anomalies.sqlite") as db:
+            for (body,) in db.execute("SELECT body FROM incidents"):
+                incident = {**json.loads(body), "member": member}
+                if incident["updated_at"] >= incidents.get(incident["id"], incident)["updated_at"]:
+                    incidents[incident["id"]] = incident
+    return incidents

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.common import last_versions
+from benchmarks.common import last_incidents, last_versions
 from benchmarks.kafka_feed import create_topics, feed
 from benchmarks.scenario import latency_scenario, write_scenario
 from traceguard.records import Anomaly
@@ -68,15 +67,9 @@ def run_group(bootstrap: str, scenario: Path, members: int, partitions: int, wor
         if process.returncode != 0:
             raise SystemExit(f"a member failed ({process.returncode}): {stderr[-3000:]}")
     findings: dict[str, Anomaly] = {}
-    incidents: dict[str, dict] = {}
     for member in range(members):
         findings.update(last_versions(work / f"member{member}.jsonl"))
-        with sqlite3.connect(work / f"member{member}" / "anomalies.sqlite") as db:
-            for (body,) in db.execute("SELECT body FROM incidents"):
-                incident = {**json.loads(body), "member": member}
-                if incident["updated_at"] >= incidents.get(incident["id"], incident)["updated_at"]:
-                    incidents[incident["id"]] = incident  # a judge's and its successor's copies: the later
-    return list(findings.values()), list(incidents.values())
+    return list(findings.values()), list(last_incidents([work / f"member{m}" for m in range(members)]).values())
 
 
 def regressions(findings: list[Anomaly], labels: list[dict], single: dict | None) -> list[dict]:

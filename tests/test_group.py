@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 import orjson
 
+from benchmarks.common import last_incidents
 from benchmarks.kafka_feed import committed, feed
 from benchmarks.scenario import latency_scenario, write_scenario
 from builders import T0, decide, row
@@ -93,14 +93,7 @@ def outcome(outs: list[Path], states: list[Path]) -> tuple[dict[str, dict], dict
         for line in out.read_text().splitlines():
             finding = json.loads(line)
             findings[finding["id"]] = finding
-    incidents: dict[str, dict] = {}
-    for state in states:
-        with sqlite3.connect(state / "anomalies.sqlite") as db:
-            for (body,) in db.execute("SELECT body FROM incidents"):
-                incident = json.loads(body)
-                if incident["updated_at"] >= incidents.get(incident["id"], incident)["updated_at"]:
-                    incidents[incident["id"]] = incident
-    return findings, incidents
+    return findings, last_incidents(states)
 
 
 @pytest.fixture(scope="module")

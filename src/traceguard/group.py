@@ -28,6 +28,7 @@ and counted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import io
@@ -55,6 +56,7 @@ from traceguard.models.series import StageSeries
 from traceguard.pipeline import Pipeline
 from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, Anomaly, LogRow, SpanRow, Trace
 from traceguard.sinks import Sink
+from traceguard.sinks.kafka import TopicWriter
 
 log = logging.getLogger("traceguard.group")
 
@@ -115,21 +117,19 @@ class Forwarder:
     """A member's side (``Pipeline``'s ``forward``): what it decided, to the judge's partition."""
 
     def __init__(self, producer: KafkaProducer, topic: str, step: int, metrics: Metrics) -> None:
-        self._producer = producer
-        self._topic = topic
+        self._writer = TopicWriter(producer, topic, metrics, "decided traces")
         self._step = step
         self._metrics = metrics
         self._sent_at: int | None = None
         self._sent_for: tuple[int, ...] = ()
-        self._failure: Exception | None = None
 
     def trace(self, trace: Trace) -> None:
-        self._send(trace.trace_id, encode_trace(trace))
+        self._writer.send(trace.trace_id, encode_trace(trace), partition=0)
         self._metrics.inc("traceguard_group_traces_forwarded_total")
 
     def late(self, anomaly: Anomaly, logs: list[LogRow]) -> None:
-        self._send(bytes.fromhex(anomaly.trace_id),
-                   orjson.dumps({"late": anomaly.model_dump(mode="json"), "logs": _logs(logs)}))
+        self._writer.send(bytes.fromhex(anomaly.trace_id),
+                          orjson.dumps({"late": anomaly.model_dump(mode="json"), "logs": _logs(logs)}), partition=0)
 
     def watermark(self, now: int, partitions: Sequence[int], final: bool = False) -> None:
         """Tells the judge that nothing this member decides for ``partitions`` from now on
@@ -139,22 +139,14 @@ class Forwarder:
                                   or now >= self._sent_at + self._step):
             return
         self._sent_at, self._sent_for = now, partitions
-        self._send(b"", orjson.dumps({"watermark": now, "partitions": partitions, "final": final}))
-
-    def _send(self, key: bytes, value: bytes) -> None:
-        self._producer.send(self._topic, key=key, value=value, partition=0).add_errback(self._failed)
-
-    def _failed(self, exc: Exception) -> None:
-        self._metrics.inc("traceguard_kafka_produce_failures_total", topic=self._topic)
-        self._failure = exc
+        self._writer.send(b"", orjson.dumps({"watermark": now, "partitions": partitions, "final": final}),
+                          partition=0)
 
     def flush(self) -> None:
         """Raises:
             OSError: a record did not reach the judge's topic (the source commits nothing past it).
         """
-        self._producer.flush()
-        if self._failure is not None:
-            raise OSError(f"writing decided traces to {self._topic} failed: {self._failure}")
+        self._writer.flush()
 
 
 def create_topics(config: PipelineConfig) -> None:
@@ -166,10 +158,8 @@ def create_topics(config: PipelineConfig) -> None:
     try:
         for topic, configs in ((c.decided_topic, {"max.message.bytes": size}),
                                (f"{c.decided_topic}_state", {"cleanup.policy": "compact"})):
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # made by another member, or by hand
                 admin.create_topics([NewTopic(topic, 1, 1, topic_configs=configs)])
-            except TopicAlreadyExistsError:
-                pass
     finally:
         admin.close()
 
@@ -459,7 +449,7 @@ class _Listener(ConsumerRebalanceListener):
         self._judge = judge
 
     def on_partitions_revoked(self, revoked) -> None:
-        pass
+        """Nothing yet: whether the partition is lost is known at the assignment."""
 
     def on_partitions_assigned(self, assigned) -> None:
         judge = self._judge

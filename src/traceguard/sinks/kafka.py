@@ -16,12 +16,41 @@ from traceguard.records import Anomaly, Incident
 log = logging.getLogger("traceguard.kafka")
 
 
-class KafkaTopicSink:
-    def __init__(self, producer: KafkaProducer, topic: str, metrics: Metrics) -> None:
+class TopicWriter:
+    """Records to one topic whose loss must stop the commit: a record the producer could
+    not write (after its own retries) is counted, logged, and makes ``flush`` raise."""
+
+    def __init__(self, producer: KafkaProducer, topic: str, metrics: Metrics, what: str) -> None:
+        """``what``: the records, as the log and the error name them."""
         self._producer = producer
         self._topic = topic
         self._metrics = metrics
+        self._what = what
         self._failure: Exception | None = None
+
+    def send(self, key: bytes, value: bytes, **kwargs) -> None:
+        """``kwargs``: the producer's ``send`` arguments (headers, partition)."""
+        self._producer.send(self._topic, key=key, value=value, **kwargs).add_errback(self._failed)
+
+    def _failed(self, exc: Exception) -> None:
+        self._metrics.inc("traceguard_kafka_produce_failures_total", topic=self._topic)
+        log.error("%s could not be written to %s: %s", self._what, self._topic, exc)
+        self._failure = exc
+
+    def flush(self) -> None:
+        """Waits until every record is acknowledged.
+
+        Raises:
+            OSError: one could not be written.
+        """
+        self._producer.flush()
+        if self._failure is not None:
+            raise OSError(f"writing {self._what} to {self._topic} failed: {self._failure}")
+
+
+class KafkaTopicSink:
+    def __init__(self, producer: KafkaProducer, topic: str, metrics: Metrics) -> None:
+        self._writer = TopicWriter(producer, topic, metrics, "findings")
         self._closed = False
 
     def emit(self, anomaly: Anomaly) -> None:
@@ -32,14 +61,7 @@ class KafkaTopicSink:
         self._send(f"incident/{incident.id}", incident.model_dump_json(), b"incident")
 
     def _send(self, key: str, value: str, record: bytes) -> None:
-        future = self._producer.send(self._topic, key=key.encode(), value=value.encode(),
-                                     headers=[("traceguard.record", record)])
-        future.add_errback(self._failed)
-
-    def _failed(self, exc: Exception) -> None:
-        self._metrics.inc("traceguard_kafka_produce_failures_total", topic=self._topic)
-        log.error("a finding could not be written to %s: %s", self._topic, exc)
-        self._failure = exc
+        self._writer.send(key.encode(), value.encode(), headers=[("traceguard.record", record)])
 
     def flush(self) -> None:
         """Waits until every finding is acknowledged.
@@ -47,9 +69,7 @@ class KafkaTopicSink:
         Raises:
             OSError: one could not be written (after the producer's own retries).
         """
-        self._producer.flush()
-        if self._failure is not None:
-            raise OSError(f"writing findings to {self._topic} failed: {self._failure}")
+        self._writer.flush()
 
     def close(self) -> None:
         if not self._closed:
