@@ -188,3 +188,9 @@ def test_a_live_group_with_one_judge(kafka_bootstrap, scenario_proto, tmp_path):
     found = {f["id"] for f in lines if f["kind"] in INTRINSIC}
     assert len(found) == sum(f["kind"] in INTRINSIC for f in lines)  # each once
     assert found == {k for k, v in expected.items() if v["kind"] in INTRINSIC} and len(found) > 20
+    # a rebalance re-reads log records past the last commit: still each record once
+    linked = [f for f in lines if f["kind"] in INTRINSIC and f["logs"]]
+    assert linked
+    for finding in linked:
+        records = [json.dumps(record, sort_keys=True) for record in finding["logs"]]
+        assert len(set(records)) == len(records), finding["id"]

@@ -32,7 +32,7 @@ def test_index_is_bounded_per_trace_and_in_total_and_counts_what_it_drops():
     index.add([log(trace=1, time=i) for i in range(4)])
     assert len(index.get(tid(1))) == 3
     assert metrics.get("traceguard_logs_dropped_total", reason="per_trace_bound") == 1
-    index.add([log(trace=2), log(trace=2), log(trace=2)])
+    index.add([log(trace=2, time=i) for i in range(3)])
     assert index.get(tid(1)) == [] and len(index.get(tid(2))) == 3
     assert metrics.get("traceguard_logs_evicted_total", reason="bound") == 3
     assert index.records == 3
@@ -47,3 +47,17 @@ def test_index_expires_by_ttl_of_the_pipeline_clock():
     index.add([log(trace=2)])
     assert index.get(tid(1)) == [] and index.get(tid(2))
     assert metrics.get("traceguard_logs_evicted_total", reason="ttl") == 1
+
+
+def test_a_record_delivered_again_is_held_once_and_counted():
+    """A Kafka partition re-read after a rebalance (or an exporter's retry) delivers
+    records the index holds already; a finding must list each once."""
+    metrics = Metrics()
+    index = LogIndex(LogConfig(), lambda: 0, metrics)
+    first = [log(span=2, time=5, body="a"), log(span=2, time=5, body="b"), log(span=3, time=5, body="a")]
+    index.add(first)
+    index.add([log(span=2, time=5, body="a"), log(span=3, time=5, body="a"), log(span=3, time=6, body="a")])
+    assert [(l.span_id, l.time, l.body) for l in index.get(tid(1))] == [
+        (sid(2), 5, "a"), (sid(2), 5, "b"), (sid(3), 5, "a"), (sid(3), 6, "a")]
+    assert metrics.get("traceguard_logs_dropped_total", reason="duplicate") == 2
+    assert index.records == 4

@@ -97,8 +97,10 @@ DECLARED: tuple[Metric, ...] = (
     Metric("traceguard_logs_evicted_total", "counter",
            "Log records leaving the index unlinked: ttl (logs.ttl passed with no finding to link them to: normal) "
            "or bound (logs.max_records).", ("reason",), (("ttl",), ("bound",))),
-    Metric("traceguard_logs_dropped_total", "counter", "Log records not kept: past logs.max_per_trace for one trace.",
-           ("reason",), (("per_trace_bound",),)),
+    Metric("traceguard_logs_dropped_total", "counter",
+           "Log records not kept: per_trace_bound (past logs.max_per_trace for one trace) or duplicate (the trace "
+           "holds the same record already: delivered again after a rebalance or an exporter's retry).",
+           ("reason",), (("per_trace_bound",), ("duplicate",))),
     # detection
     Metric("traceguard_anomalies_total", "counter", "Findings written to the sinks, by kind and service.",
            ("kind", "service")),

@@ -1,7 +1,10 @@
 """LogIndex: log records by trace id, bounded in count and age.
 
 Logs arrive on their own path and usually before their trace is decided; the
-index keeps them until then. Bounds: ``max_records`` in all (the traces whose
+index keeps them until then, each record once: an at-least-once source
+delivers some again (a Kafka partition re-read after a rebalance, an
+exporter's retry), and a finding must not list a record twice. Two records
+alike in span, time, severity, body and service are taken as one. Bounds: ``max_records`` in all (the traces whose
 logs came first are evicted first), ``max_per_trace``, and ``ttl`` against the
 pipeline clock. Everything dropped at a bound is counted.
 """
@@ -37,6 +40,9 @@ class LogIndex:
                 # look a lifetime old and be evicted at once.
                 entry = self._by_trace[row.trace_id] = (max(now, row.time), [])
             records = entry[1]
+            if any(_same(row, held) for held in records):
+                self._metrics.inc("traceguard_logs_dropped_total", reason="duplicate")
+                continue
             if len(records) >= config.max_per_trace:
                 self._metrics.inc("traceguard_logs_dropped_total", reason="per_trace_bound")
                 continue
@@ -67,6 +73,11 @@ class LogIndex:
             self.records -= len(records)
             reason = "ttl" if stamp < horizon else "bound"
             self._metrics.inc("traceguard_logs_evicted_total", len(records), reason=reason)
+
+
+def _same(a: LogRow, b: LogRow) -> bool:
+    return (a.time == b.time and a.span_id == b.span_id and a.body == b.body
+            and a.severity_number == b.severity_number and a.service == b.service)
 
 
 def link_logs(anomaly: Anomaly, logs: list[LogRow], limit: int) -> None:
