@@ -81,3 +81,44 @@ class ServeProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout)
+
+
+def exporters(transport: str, server: ServeProcess):
+    """The OpenTelemetry SDK's OTLP span and log exporters (``grpc`` or ``http``), aimed at ``server``."""
+    if transport == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        endpoint = f"127.0.0.1:{server.grpc}"
+        return OTLPSpanExporter(endpoint=endpoint, insecure=True), OTLPLogExporter(endpoint=endpoint, insecure=True)
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    base = f"http://127.0.0.1:{server.http}"
+    return OTLPSpanExporter(endpoint=f"{base}/v1/traces"), OTLPLogExporter(endpoint=f"{base}/v1/logs")
+
+
+def send_balanced(servers: list[ServeProcess], config) -> list[dict]:
+    """The scenario ``config`` generates, through the SDK's OTLP/gRPC exporters, each span
+    and log record to the instance its trace id picks (``trace_id % len(servers)``), as the
+    Collector's load-balancing exporter routes; returns the labels."""
+    from benchmarks.scenario import generate
+
+    pairs = [exporters("grpc", server) for server in servers]
+    results = []
+
+    def route(batch, trace_id, signal):
+        shares = [[] for _ in servers]
+        for item in batch:
+            shares[trace_id(item) % len(servers)].append(item)
+        results.extend(pairs[i][signal].export(share) for i, share in enumerate(shares) if share)
+
+    generated = generate(config, lambda _, batch: route(batch, lambda span: span.context.trace_id, 0),
+                         lambda _, batch: route(batch, lambda record: record.log_record.trace_id, 1))
+    for spans, logs in pairs:
+        spans.shutdown()
+        logs.shutdown()
+    failed = [r for r in results if r.name != "SUCCESS"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(results)} exports failed")
+    return [label.__dict__ for label in generated.labels]

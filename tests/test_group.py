@@ -20,15 +20,18 @@ import orjson
 
 from benchmarks.common import last_incidents
 from benchmarks.kafka_feed import committed, feed
-from benchmarks.scenario import latency_scenario, write_scenario
+from benchmarks.quality import score
+from benchmarks.scenario import LIVE_FAULTS, ScenarioConfig, latency_scenario, write_scenario
+from benchmarks.serve_process import ServeProcess, send_balanced
 from builders import T0, decide, row
 from test_consume import FAST, consume_args, finish, replay_findings, start, topics
+from test_serve import LIVE_KINDS
 from traceguard.assemble import SetClock
 from traceguard.config import PipelineConfig
 from traceguard.group import BadRecord, decode_trace, encode_trace
 from traceguard.models.series import StageSeries
 from traceguard.pipeline import Pipeline
-from traceguard.records import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, LogRow
+from traceguard.records import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, Anomaly, LogRow
 
 RATE = 1.0  # traces per second of the 4 h scenario: 14,400 traces
 PER_TRACE_LEARNED = ("missing_expected_span", "slow_stage", "trace_outlier", "context_outlived_parent")
@@ -194,3 +197,63 @@ def test_a_live_group_with_one_judge(kafka_bootstrap, scenario_proto, tmp_path):
     for finding in linked:
         records = [json.dumps(record, sort_keys=True) for record in finding["logs"]]
         assert len(set(records)) == len(records), finding["id"]
+
+
+def _serve_group(bootstrap: str, topic: str, work: Path, name: str) -> ServeProcess:
+    # a generous decision wait: on a busy machine two exports of one trace can be seconds apart
+    return ServeProcess(work / name, "--decision-wait", "10s", "--max-trace-age", "20s", "--decided-topic", topic,
+                        "--bootstrap-servers", bootstrap, "--group", f"g_{topic}",
+                        env={"TRACEGUARD_INCIDENTS__EXEMPLAR_FINDINGS": "1000000000"})
+
+
+def _send_balanced(servers: list[ServeProcess], seed: int) -> list[dict]:
+    return send_balanced(servers, ScenarioConfig(traces=1500, seed=seed, duration_s=900, fault_rate=0.2,
+                                                 cooldown_s=30, faults=LIVE_FAULTS))
+
+
+def _found_all(judge: ServeProcess, labels: list[dict]):
+    expected = sum(1 for label in labels if label["kind"] in LIVE_KINDS)
+
+    def settled():
+        table = score([Anomaly.model_validate(a) for a in judge.anomalies()], labels, LIVE_KINDS)
+        return table if sum(row["true_positives"] for row in table.values()) >= expected else None
+
+    return judge.wait_for(settled, timeout=300, what="every labelled finding from the judge")
+
+
+def test_load_balanced_serve_instances_with_one_judge(kafka_bootstrap, tmp_path):
+    """``serve`` instances behind the load-balancing exporter, with a broker: one judge
+    detects on all traces, each finding is stored once, by the judge; when the judge
+    stops the other instance takes over from its state and the traffic it now gets
+    all is judged as well."""
+    topic = f"decided_serve_{time.time_ns()}"
+    servers = [_serve_group(kafka_bootstrap, topic, tmp_path, name) for name in ("a", "b")]
+    labels = _send_balanced(servers, seed=5)
+    which = servers[0].wait_for(lambda: [s for s in servers if s.metric("traceguard_group_judging") == 1],
+                                timeout=120, what="a judge")
+    assert len(which) == 1
+    judge, other = which[0], next(s for s in servers if s is not which[0])
+    table = _found_all(judge, labels)
+    for kind in LIVE_KINDS:
+        assert table[kind]["labels"] >= 3, (kind, table[kind])
+        assert table[kind]["precision"] >= 0.99 and table[kind]["recall"] >= 0.99, (kind, table[kind])
+    assert other.anomalies() == []  # the member only assembles
+
+    def all_judged():
+        forwarded = [s.metric("traceguard_group_traces_forwarded_total") for s in servers]
+        return forwarded if judge.metric("traceguard_group_traces_judged_total") == sum(forwarded) else None
+
+    assert min(judge.wait_for(all_judged, timeout=120, what="every decided trace judged")) > 500
+    first = {a["id"] for a in judge.anomalies() if a["trace_id"]}
+
+    assert judge.stop() == 0  # SIGTERM: it saves its state and leaves; the load balancer sends all to the other
+    second = _send_balanced([other], seed=6)
+    other.wait_for(lambda: other.metric("traceguard_group_judging") == 1, timeout=120, what="the takeover")
+    table = _found_all(other, second)
+    for kind in LIVE_KINDS:
+        assert table[kind]["precision"] >= 0.99 and table[kind]["recall"] >= 0.99, (kind, table[kind])
+    assert not first & {a["id"] for a in other.anomalies() if a["trace_id"]}  # no trace judged twice
+    assert other.stop() == 0
+    log = "".join(judge.lines + other.lines)
+    assert log.count("judging the group from the start") == 1
+    assert log.count("judging the group from the last judge's state") == 1

@@ -18,25 +18,11 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from benchmarks.quality import score
 from benchmarks.scenario import LIVE_FAULTS, ScenarioConfig, generate
 from builders import logs_request, sid, tid, traces_request
-from benchmarks.serve_process import ServeProcess
+from benchmarks.serve_process import ServeProcess, exporters
 
 LIVE_KINDS = ("missing_parent", "missing_root", "unfinished_span", "context_outlived_parent",
               "unpaired_client_span", "missing_expected_span")
 FAST = ("--decision-wait", "2s", "--max-trace-age", "4s")
-
-
-def exporters(transport: str, server: ServeProcess):
-    if transport == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        endpoint = f"127.0.0.1:{server.grpc}"
-        return OTLPSpanExporter(endpoint=endpoint, insecure=True), OTLPLogExporter(endpoint=endpoint, insecure=True)
-    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    base = f"http://127.0.0.1:{server.http}"
-    return OTLPSpanExporter(endpoint=f"{base}/v1/traces"), OTLPLogExporter(endpoint=f"{base}/v1/logs")
 
 
 def send_scenario(server: ServeProcess, transport: str, traces: int = 1500):

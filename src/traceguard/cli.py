@@ -100,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     _timing_flags(serve, lateness=False)
     serve.add_argument("--forward-to", help="upstream OTLP/gRPC HOST:PORT that gets every accepted request")
     serve.add_argument("--model-dir", help="trained models (traceguard train) to start from if the state dir has none")
+    serve.add_argument("--decided-topic", help="one judge for load-balanced instances: each sends the traces it "
+                                               "decides to this topic and the instance that holds it detects on all")
+    serve.add_argument("--bootstrap-servers", help="with --decided-topic: Kafka brokers, HOST:PORT[,HOST:PORT...]")
+    serve.add_argument("--group", help="with --decided-topic: the instances' group name (default traceguard)")
     consume = _command(
         commands, "consume", "Kafka stream processor reading the Collector's kafka exporter topics",
         "A member of a consumer group: offsets are committed only up to what is decided and stored, so a crash "
@@ -150,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         flags.update({"serve.grpc_listen": args.grpc_listen, "serve.http_listen": args.http_listen,
                       "serve.api_listen": args.api_listen, "serve.state_dir": args.state_dir,
-                      "serve.forward_to": args.forward_to, "serve.model_dir": args.model_dir})
+                      "serve.forward_to": args.forward_to, "serve.model_dir": args.model_dir,
+                      "consume.decided_topic": args.decided_topic, "consume.bootstrap_servers": args.bootstrap_servers,
+                      "consume.group": args.group})
     elif args.command == "consume":
         flags["assembler.allowed_lateness"] = args.allowed_lateness
         flags.update({f"consume.{name}": getattr(args, name) for name in (

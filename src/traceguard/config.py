@@ -348,7 +348,8 @@ def _check_listener_security(token: str | None, tls_cert: Path | None, tls_key: 
 
 
 class ConsumeConfig(_Section):
-    """The Kafka stream processor (``traceguard consume``); names and formats as the Collector's kafka exporter."""
+    """The Kafka stream processor (``traceguard consume``); names and formats as the Collector's kafka exporter.
+    Also the broker, group and judge settings of ``serve`` instances that share one judge (``decided_topic``)."""
 
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated HOST:PORT list of Kafka brokers.")
     group: str = Field("traceguard", min_length=1, description="Consumer group: consumers in one group split the partitions.")
@@ -396,12 +397,20 @@ class ConsumeConfig(_Section):
                           "(one partition; made with a compacted `<topic>_state` beside it if missing); the member "
                           "that holds it runs every detector on the whole traffic and writes all findings and "
                           "incidents, its state snapshotted to `<topic>_state` every snapshot_interval for the next "
-                          "holder. Empty: each member detects on its own share.")
+                          "holder. Empty: each member detects on its own share. Also for `serve` instances behind "
+                          "the Collector's load-balancing exporter: with it set they are such a group (bootstrap_servers "
+                          "and group name it).")
     judge_max_waiting: int = Field(
         50_000, ge=1,
         description="With decided_topic: decided traces the judge holds until every partition's watermark has passed "
                     "them; past it the oldest are judged early (counted), so a member far behind bounds memory, "
                     "not the order.")
+    judge_delay: DurationNs = Field(
+        parse_duration("2s"), gt=0,
+        description="`serve` with decided_topic: the judge takes a trace once its wall clock is this far past the "
+                    "trace's decision (the members decide on the wall clock they share, so they send no watermarks); "
+                    "it covers the way through the broker and the hosts' clock skew. A trace that comes later is "
+                    "judged at once and counted as out of order.")
     watermark_step: DurationNs = Field(
         parse_duration("1s"), gt=0,
         description="With decided_topic: how far a member's clock moves between the watermarks it sends the judge, "

@@ -18,7 +18,6 @@ import signal
 import threading
 import time
 
-from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from traceguard.assemble import EventTimeClock, WallClock
@@ -28,7 +27,7 @@ from traceguard.metrics import Metrics
 from traceguard.models import store as model_store
 from traceguard.pipeline import Pipeline
 from traceguard.sinks import JsonlSink
-from traceguard.sinks.kafka import KafkaTopicSink
+from traceguard.sinks.kafka import KafkaTopicSink, ordered_producer
 from traceguard.sinks.sqlite import SqliteStore
 from traceguard.sources.kafka import KafkaSource, SinkFailed
 from traceguard.sources.kafka_offsets import OffsetTracker
@@ -58,13 +57,7 @@ class Consumer:
             sinks.append(JsonlSink.append_to(c.out))
         self.producer = None
         if c.anomalies_topic or c.dead_letter_topic or c.decided_topic:
-            # A finding's states (open, then resolved) and an incident's updates share an id and are
-            # upserted by it downstream: a batch retried after a produce error must not land behind
-            # a later one, or the stale state wins. Idempotence with one request in flight keeps order.
-            self.producer = KafkaProducer(bootstrap_servers=c.bootstrap_servers.split(","), acks="all",
-                                          linger_ms=20, client_id=f"traceguard-{c.group}", enable_idempotence=True,
-                                          max_in_flight_requests_per_connection=1,
-                                          max_request_size=c.fetch_max_bytes)
+            self.producer = ordered_producer(c)
         if c.anomalies_topic:
             sinks.append(KafkaTopicSink(self.producer, c.anomalies_topic, metrics))
         self.clock = EventTimeClock(config.assembler.allowed_lateness, config.assembler.max_ahead) if c.time == "event" else None
@@ -79,7 +72,7 @@ class Consumer:
             self.forwarder = Forwarder(self.producer, c.decided_topic, c.watermark_step, metrics)
             self.pipeline = Pipeline(config, self.clock or WallClock(), [], metrics, on_decided=on_decided,
                                      forward=self.forwarder)
-            self.judge = Judge(config, sinks, metrics, self.producer, keep_trace)
+            self.judge = Judge(config, sinks, metrics, self.producer, keep_trace, models)
         else:
             self.pipeline = Pipeline(config, self.clock or WallClock(), sinks, metrics, models,
                                      on_decided=on_decided, keep_trace=keep_trace)

@@ -51,7 +51,7 @@ from traceguard.assemble import SetClock
 from traceguard.assemble.assembler import expand_rows
 from traceguard.config import PipelineConfig
 from traceguard.metrics import Metrics
-from traceguard.models import store as model_store
+from traceguard.models import Models, store as model_store
 from traceguard.models.series import StageSeries
 from traceguard.pipeline import Pipeline
 from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, Anomaly, LogRow, SpanRow, Trace
@@ -169,19 +169,25 @@ class Judge:
     """The decided topic's reader; it judges while this member holds the partition."""
 
     def __init__(self, config: PipelineConfig, sinks: Sequence[Sink], metrics: Metrics, producer: KafkaProducer,
-                 keep_trace: Callable[[Trace, bool], None] | None = None) -> None:
+                 keep_trace: Callable[[Trace, bool], None] | None = None, models: Models | None = None,
+                 wall_delay: int | None = None) -> None:
+        """``models``: what a judge starts from when the group has no state yet (trained
+        models). ``wall_delay``: the members are ``serve`` instances, which decide on the
+        wall clock they all share and send no watermarks: a trace is taken once this
+        judge's wall clock is that far past its decision."""
         self.config = config
         c = config.consume
         self._sinks = sinks
         self._metrics = metrics
         self._producer = producer
         self._keep_trace = keep_trace
+        self._start_models = models
+        self._wall_delay = wall_delay
         self.partition = TopicPartition(c.decided_topic, 0)
         self._state_topic = f"{c.decided_topic}_state"
         self.pipeline: Pipeline | None = None  # while this member is the judge
         # the stage pages' windows, behind this member's API whichever pipeline judges
         self.series = StageSeries(config.ui.series_windows, config.ui.series_stages)
-        self._clock = SetClock(deterministic=c.time == "event")
         self._reset()
         self._traces_partitions = 0
         self._slot: str | None = None  # where the last snapshot is
@@ -277,6 +283,8 @@ class Judge:
 
     def _horizon(self) -> int:
         """The time every traces partition's member has passed (0 until each has reported)."""
+        if self._wall_delay is not None:
+            return time.time_ns() - self._wall_delay
         if not self._traces_partitions:
             self._traces_partitions = len(self.consumer.partitions_for_topic(self.config.consume.traces_topic) or ())
             if not self._traces_partitions:
@@ -367,13 +375,13 @@ class Judge:
     def _take_over(self) -> None:
         """This member now holds the partition: the last judge's state, or a fresh one."""
         self._reset()
-        self._clock = SetClock(deterministic=self.config.consume.time == "event")
+        self._clock = SetClock(deterministic=self._wall_delay is None and self.config.consume.time == "event")
         try:
             blob = self._last_state()
         except BadRecord as exc:  # not expected: a snapshot is written whole before it is named
             log.error("%s: judging without it", exc)
             blob = None
-        models = checkpoint = None
+        models, checkpoint = self._start_models, None
         with tempfile.TemporaryDirectory() as tmp:
             if blob is not None:
                 with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:

@@ -165,9 +165,12 @@ class Pipeline:
         return self.assembler.discard(trace_ids)
 
     def flush_sinks(self) -> None:
-        """Makes every finding emitted so far durable in the sinks (before a source commits)."""
-        for sink in self._sinks:
-            sink.flush()
+        """Makes every finding emitted so far durable in the sinks (before a source commits),
+        and every decided trace acknowledged by the judge's topic, also after ``close``
+        (which flushed and closed the sinks, not the topic's producer)."""
+        if not self._closed:
+            for sink in self._sinks:
+                sink.flush()
         if self._forward is not None:
             self._forward.flush()
 

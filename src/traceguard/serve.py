@@ -22,6 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kafka.errors import KafkaError
+
+from traceguard import group
 from traceguard.api import create_api
 from traceguard.assemble import WallClock
 from traceguard.config import PipelineConfig
@@ -31,6 +34,7 @@ from traceguard.models import Models, store as model_store
 from traceguard.models.store import ModelFileError
 from traceguard.pipeline import Pipeline
 from traceguard.sinks import JsonlSink
+from traceguard.sinks.kafka import ordered_producer
 from traceguard.sinks.sqlite import SqliteStore
 from traceguard.sources.forward import Forwarder
 from traceguard.sources.kafka_offsets import OffsetTracker
@@ -92,9 +96,21 @@ class Server:
             wal = WriteAheadLog(serve.state_dir / "wal", max_bytes=serve.wal_max_bytes,
                                 segment_bytes=serve.wal_segment_bytes, fsync=serve.wal_fsync, metrics=metrics)
             tracker = OffsetTracker()
-        self.pipeline = Pipeline(config, WallClock(), sinks, metrics, models,
-                                 on_decided=(lambda trace: tracker.release(trace.trace_id)) if tracker else None,
-                                 keep_trace=self.store.keep_trace)
+        on_decided = (lambda trace: tracker.release(trace.trace_id)) if tracker else None
+        c = config.consume
+        self.producer = self.judge = None
+        if c.decided_topic:
+            # one judge for the instances behind a load balancer: each only assembles and sends what it
+            # decides; whichever holds the decided topic runs every detector, into its own sinks
+            group.create_topics(config)
+            self.producer = ordered_producer(c)
+            self.pipeline = Pipeline(config, WallClock(), [], metrics, on_decided=on_decided,
+                                     forward=group.Forwarder(self.producer, c.decided_topic, c.watermark_step, metrics))
+            self.judge = group.Judge(config, sinks, metrics, self.producer, self.store.keep_trace, models,
+                                     wall_delay=c.judge_delay)
+        else:
+            self.pipeline = Pipeline(config, WallClock(), sinks, metrics, models, on_decided=on_decided,
+                                     keep_trace=self.store.keep_trace)
         self.forwarder = (Forwarder(serve.forward_to, self.pipeline.metrics, serve.forward_queue)
                           if serve.forward_to else None)
         self.ingest = LiveIngest(self.pipeline, self.store, config, self.forwarder, wal, tracker)
@@ -108,6 +124,7 @@ class Server:
         self._stopping = threading.Event()
         self._http = HttpServers(config.serve.max_connections, config.serve.read_timeout / 1e9, self.pipeline.metrics)
         self._ticker: threading.Thread | None = None
+        self._judging: threading.Thread | None = None
         self._grpc = None
         self.bound: Bound | None = None
 
@@ -150,7 +167,8 @@ class Server:
         otlp_http = create_otlp_http(self.ingest, max_request_bytes=serve.max_request_bytes, token=serve.token,
                                      read_timeout_s=serve.read_timeout / 1e9, max_receiving_bytes=serve.max_receiving_bytes)
         api = create_api(self.store, self.pipeline.metrics, self.ready, token=serve.token,
-                         series=self.pipeline.series, ui=self.config.ui)
+                         series=self.judge.series if self.judge is not None else self.pipeline.series,
+                         ui=self.config.ui)
         http_port = self._http.add(otlp_http, serve.http_listen, serve.tls_cert, serve.tls_key, name="otlp_http")
         api_port = self._http.add(api, serve.api_listen, serve.tls_cert, serve.tls_key, name="api")
         try:
@@ -162,6 +180,9 @@ class Server:
         self._http.start()
         self._ticker = threading.Thread(target=self._tick, name="ticker", daemon=True)
         self._ticker.start()
+        if self.judge is not None:
+            self._judging = threading.Thread(target=self._judge, name="judge", daemon=True)
+            self._judging.start()
         self.bound = Bound(grpc_port, http_port, api_port)
         self._ready = True
         return self.bound
@@ -186,6 +207,18 @@ class Server:
                 log.exception("tick failed")
                 self.pipeline.metrics.inc("traceguard_tick_errors_total")
 
+    def _judge(self) -> None:
+        """The group's judge, while this instance holds the decided topic: its own thread,
+        whose consumer only it touches, so judging never holds up the receivers' decisions."""
+        timeout_ms = self.config.consume.poll_timeout // 1_000_000
+        while not self._stopping.is_set():
+            try:
+                self.judge.poll(timeout_ms)
+            except Exception:  # as the ticker: one bad poll must not end judging
+                log.exception("judging failed")
+                self.pipeline.metrics.inc("traceguard_tick_errors_total")
+                self._stopping.wait(timeout_ms / 1000)
+
     def snapshot(self, when_settled: bool = False) -> bool:
         """Saves the learned state with the write-ahead log position it covers, so that
         after a crash the log replays exactly what it lacks. ``when_settled``: not
@@ -206,6 +239,17 @@ class Server:
         model_store.save(self.pipeline.models_for_saving(), self.model_dir, extras)
         if self.ingest.wal is not None:
             self._covered = position.seq
+
+    def _stop_judging(self, deadline: float) -> None:
+        """The judge saves its state for the next one (which reads on from the oldest
+        trace it still held) and leaves the group, before the store closes."""
+        if self._judging is not None:
+            self._judging.join(max(0.0, deadline - time.monotonic()))
+        try:
+            self.judge.snapshot()
+        except (KafkaError, OSError) as exc:  # the next judge starts from the last snapshot that was written
+            log.error("the judge's state could not be saved: %s", exc)
+        self.judge.close()
 
     def stop(self) -> None:
         """Stops accepting, decides what is in flight, saves the models and closes the
@@ -237,11 +281,18 @@ class Server:
                 self._save_locked()
             except OSError as exc:  # a full disk: the snapshot before stays whole (saves are atomic)
                 log.error("the learned state could not be saved: %s", exc)
+        if self.judge is not None:
+            self._stop_judging(started + timeout * 7 / 8)
         self.store.close()
         if self.ingest.wal is not None:
             # what was decided is trimmed; the undecided rest is replayed next start
             self.ingest.commit_log(self._covered)
             self.ingest.wal.close()
+        if self.producer is not None:
+            try:
+                self.producer.close(timeout=max(0.0, started + timeout - time.monotonic()))
+            except KafkaError as exc:  # what the log was trimmed for is acknowledged already
+                log.warning("closing the Kafka producer failed: %s", exc)
         if self.store.backlog or self.store.dropped_:
             log.error("%d findings could not be written to the store (%s) and are lost",
                       self.store.backlog + self.store.dropped_, self.store.failing)

@@ -10,10 +10,21 @@ import logging
 
 from kafka import KafkaProducer
 
+from traceguard.config import ConsumeConfig
 from traceguard.metrics import Metrics
 from traceguard.records import Anomaly, Incident
 
 log = logging.getLogger("traceguard.kafka")
+
+
+def ordered_producer(consume: ConsumeConfig) -> KafkaProducer:
+    """The producer of findings, incidents and decided traces. A finding's states (open,
+    then resolved) and an incident's updates share an id and are upserted by it downstream:
+    a batch retried after a produce error must not land behind a later one, or the stale
+    state wins. Idempotence with one request in flight keeps order."""
+    return KafkaProducer(bootstrap_servers=consume.bootstrap_servers.split(","), acks="all", linger_ms=20,
+                         client_id=f"traceguard-{consume.group}", enable_idempotence=True,
+                         max_in_flight_requests_per_connection=1, max_request_size=consume.fetch_max_bytes)
 
 
 class TopicWriter:

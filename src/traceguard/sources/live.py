@@ -239,6 +239,7 @@ class LiveIngest:
             assembler = self.pipeline.assembler
             straddlers = {trace_id: (last, assembler.decided_at(trace_id) or 0)
                           for trace_id, last in self.tracker.straddlers(WAL, seq).items()}
+        self.pipeline.flush_sinks()  # what the log drops is in the sinks, or with the group's judge
         self.wal.commit(Checkpoint(seq, straddlers), keep_from)
         with self.lock:
             self.tracker.committed(WAL, seq)
