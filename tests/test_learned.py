@@ -9,7 +9,7 @@ import pytest
 from builders import MS, T0, row
 from traceguard.assemble import EventTimeClock
 from traceguard.config import PipelineConfig
-from traceguard.models import store
+from traceguard.models import forest as forest_module, store
 from traceguard.models.store import ModelFileError
 from traceguard.pipeline import Pipeline
 from traceguard.records import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER
@@ -350,6 +350,40 @@ def test_stacked_tree_scores_equal_scikit_learn():
     rows = forest.reservoir_[:300] * rng.uniform(0.5, 3.0, size=(300, forest.reservoir_.shape[1]))
     features = rows[:, forest.columns_]
     np.testing.assert_allclose(forest.score(rows)[0], forest.estimator_.score_samples(features), rtol=1e-12)
+
+
+
+@pytest.mark.skipif(forest_module._forest is None, reason="the C tree walk is not built")
+def test_the_c_tree_walk_sums_the_numpy_walks_path_lengths_bit_for_bit():
+    """The scores (so the findings) must not depend on whether _forest.c is built."""
+    pipeline, _ = stream(20)
+    trees = pipeline.models.forest.forests_[("api", "GET /item")].trees_
+    rng = np.random.default_rng(1)
+    for count in (1, 7, 256):
+        rows = rng.normal(size=(count, int(trees.feature.max()) + 1)) * 3
+        rows[0, 0] = np.nan  # goes right in both
+        c = trees.score_samples(rows)
+        reference = -np.power(2.0, -trees.path_lengths(np.ascontiguousarray(rows)) / trees.norm)
+        assert c.tobytes() == reference.tobytes()
+
+
+@pytest.mark.skipif(forest_module._forest is None, reason="the C tree walk is not built")
+def test_the_c_tree_walk_refuses_nodes_outside_the_trees():
+    from traceguard import _forest
+
+    one = np.zeros(1, dtype=np.intp)
+    rows, out = np.zeros((2, 1)), np.empty(2)
+    leaf = np.array([-1], dtype=np.intp)
+    with pytest.raises(ValueError, match="a root outside the trees"):
+        _forest.path_lengths(one, np.zeros(1), leaf, leaf, np.zeros(1), np.array([5], dtype=np.intp), 3, rows, out)
+    with pytest.raises(ValueError, match="a child outside the trees"):
+        _forest.path_lengths(one, np.zeros(1), np.array([9], dtype=np.intp), leaf, np.zeros(1), one, 3, rows, out)
+    with pytest.raises(ValueError, match="a split on a column the rows do not have"):
+        _forest.path_lengths(np.array([4], dtype=np.intp), np.zeros(1), one, one, np.zeros(1), one, 3, rows, out)
+    with pytest.raises(TypeError, match="feature"):
+        _forest.path_lengths(np.zeros(1), np.zeros(1), leaf, leaf, np.zeros(1), one, 3, rows, out)
+    with pytest.raises(ValueError, match="a row per out item"):
+        _forest.path_lengths(one, np.zeros(1), leaf, leaf, np.zeros(1), one, 3, rows, np.empty(3))
 
 
 def _findings_json(seed, background_fits=False):

@@ -38,6 +38,11 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 import numpy as np
 from sklearn.ensemble import IsolationForest
 
+try:  # the tree walk in C; the numpy walk below where it is not built
+    from traceguard import _forest
+except ImportError:
+    _forest = None
+
 from traceguard.config import ForestConfig
 from traceguard.models.features import Stage, latency_keys, latency_samples, shape
 from traceguard.models.tails import SHARE, exponential_tail, tail_reference
@@ -109,8 +114,8 @@ class _StackedTrees:
         nodes = len(trees.feature)
         if not all(len(trees.__dict__[name]) == nodes for name in ("threshold", "left", "right", "leaf_length")):
             raise ValueError("forest trees of unequal lengths")
-        if (trees.left >= nodes).any() or (trees.right >= nodes).any() or not ((trees.roots >= 0)
-                                                                                & (trees.roots < nodes)).all():
+        if ((trees.left >= nodes).any() or (trees.right >= nodes).any() or ((trees.left >= 0) & (trees.right < 0)).any()
+                or not ((trees.roots >= 0) & (trees.roots < nodes)).all()):
             raise ValueError("forest trees that point outside themselves")
         levels, norm = arrays["shape"]
         trees.levels, trees.norm = int(levels), float(norm)
@@ -119,6 +124,17 @@ class _StackedTrees:
     def score_samples(self, rows: np.ndarray) -> np.ndarray:
         """Same as ``IsolationForest.score_samples`` (lower = more anomalous)."""
         rows = np.ascontiguousarray(rows, dtype=float)
+        if _forest is None:
+            lengths = self.path_lengths(rows)
+        else:
+            lengths = np.empty(len(rows))
+            _forest.path_lengths(self.feature, self.threshold, self.left, self.right, self.leaf_length, self.roots,
+                                 self.levels, rows, lengths)
+        return -np.power(2.0, -lengths / self.norm)
+
+    def path_lengths(self, rows: np.ndarray) -> np.ndarray:
+        """Per row, the path lengths summed over the trees: the reference for ``_forest.c``
+        and the walk where it is not built."""
         values = rows.ravel()
         row_starts = (np.arange(len(rows), dtype=np.intp) * rows.shape[1])[None, :]
         node = np.repeat(self.roots[:, None], len(rows), axis=1)  # (trees, rows): flat node numbers
@@ -126,8 +142,7 @@ class _StackedTrees:
             left = self.left.take(node)
             go_left = values.take(row_starts + self.feature.take(node)) <= self.threshold.take(node)
             node = np.where(left < 0, node, np.where(go_left, left, self.right.take(node)))
-        lengths = self.leaf_length.take(node).sum(axis=0)
-        return -np.power(2.0, -lengths / self.norm)
+        return self.leaf_length.take(node).sum(axis=0)
 
 
 def stage_label(stage: Stage) -> str:
