@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 
 import orjson
@@ -23,7 +24,7 @@ from benchmarks.kafka_feed import committed, feed
 from benchmarks.quality import score
 from benchmarks.scenario import LIVE_FAULTS, ScenarioConfig, latency_scenario, write_scenario
 from benchmarks.serve_process import ServeProcess, send_balanced
-from builders import T0, decide, row
+from builders import T0, decide, logs_request, row
 from test_consume import FAST, consume_args, finish, replay_findings, start, topics
 from test_serve import LIVE_KINDS
 from traceguard.assemble import SetClock
@@ -245,6 +246,17 @@ def test_load_balanced_serve_instances_with_one_judge(kafka_bootstrap, tmp_path)
 
     assert min(judge.wait_for(all_judged, timeout=120, what="every decided trace judged")) > 500
     first = {a["id"] for a in judge.anomalies() if a["trace_id"]}
+
+    # a log that comes after its trace was decided, to the member that decided it: the judge links it
+    at = servers.index(other)
+    finding = next(a for a in judge.anomalies(kind="missing_root") if int(a["trace_id"], 16) % 2 == at)
+    late_log = logs_request(dict(trace_id=bytes.fromhex(finding["trace_id"]), time_unix_nano=3,
+                                 severity_number=17, severity_text="ERROR", body="late: pool exhausted"))
+    assert httpx.post(f"http://127.0.0.1:{other.http}/v1/logs", content=late_log.SerializeToString(),
+                      headers={"content-type": "application/x-protobuf"}).status_code == 200
+    judge.wait_for(lambda: "late: pool exhausted" in [
+        log["body"] for log in judge.client.get(f"/api/anomalies/{finding['id']}").json()["logs"]],
+        what="the late log linked by the judge")
 
     assert judge.stop() == 0  # SIGTERM: it saves its state and leaves; the load balancer sends all to the other
     second = _send_balanced([other], seed=6)

@@ -255,6 +255,19 @@ def test_n_plus_one_and_whole_trace_slowdowns_are_outliers_with_their_reasons():
     assert len(outliers) <= 3
 
 
+def test_a_judge_that_hands_over_has_the_forest_score_its_batch_first():
+    pipeline, sink = stream(90)
+    rng = np.random.default_rng(4)
+    pipeline.accept_spans(request(10**7, 90 * MINUTE_MS, rng, repeats=30, cache=False))
+    for second in (5, 20, 33, 36):  # the clock passes its decision, not yet its batch's max_delay
+        stream(1 / 60, start_ms=90 * MINUTE_MS + second * 1000, first_n=10**8 + second, pipeline=pipeline)
+    held = pipeline.batched()
+    assert held and f"{10**7:032x}" not in {a.trace_id for a in of_kind(sink, "trace_outlier")}
+    pipeline.score_batches()
+    assert pipeline.batched() == 0
+    assert f"{10**7:032x}" in {a.trace_id for a in of_kind(sink, "trace_outlier")}
+
+
 def _trained(tmp_path):
     pipeline, _ = stream(20)
     pipeline.close()
@@ -291,8 +304,8 @@ def test_a_saved_forest_is_the_one_in_memory_and_saving_changes_nothing(tmp_path
     forest = pipeline.models.forest.forests_[root]
     rng = np.random.default_rng(5)
     since = forest.since_fit_ + 7
-    for row in forest.reservoir_[rng.integers(0, forest.filled_, 7)]:
-        forest.add(row.copy())  # rows since the last fit: a refit would change the forest
+    for kept in forest.reservoir_[rng.integers(0, forest.filled_, 7)]:
+        forest.add(kept.copy())  # rows since the last fit: a refit would change the forest
     assert 7 <= forest.since_fit_ == since < forest.config.refit_every
     rows = forest.reservoir_[:50].copy()
     scores, threshold = forest.score(rows)[0], forest.threshold_
@@ -303,9 +316,9 @@ def test_a_saved_forest_is_the_one_in_memory_and_saving_changes_nothing(tmp_path
     np.testing.assert_array_equal(loaded.score(rows)[0], scores)
     assert (loaded.next_, loaded.since_fit_, loaded.threshold_) == (forest.next_, since, threshold)
     more = forest.reservoir_[rng.integers(0, forest.filled_, forest.config.refit_every)].copy()
-    for row in more:  # both refit once, on the same rows in the same order
-        forest.add(row.copy())
-        loaded.add(row.copy())
+    for kept in more:  # both refit once, on the same rows in the same order
+        forest.add(kept.copy())
+        loaded.add(kept.copy())
     assert loaded.since_fit_ == forest.since_fit_ < since + len(more)  # refitted
     np.testing.assert_array_equal(loaded.score(rows)[0], forest.score(rows)[0])
 

@@ -12,6 +12,7 @@ end offsets seen at start, decide everything and commit all.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -65,20 +66,21 @@ class Consumer:
         keep_trace = self.store.keep_trace if self.store is not None else None
         on_decided = lambda trace: self.tracker.release(trace.trace_id)  # noqa: E731
         self.judge = self.forwarder = None
-        relink = None
+        # a decided trace's later logs, linked to its findings in the store (a judge's, in a judged group)
+        relink = (functools.partial(self.store.relink, limit=config.logs.max_linked)
+                  if self.store is not None else None)
         if c.decided_topic:
             # members only assemble; whichever holds the decided topic detects, into these sinks
             create_topics(config)
             self.forwarder = Forwarder(self.producer, c.decided_topic, c.watermark_step, metrics)
             self.pipeline = Pipeline(config, self.clock or WallClock(), [], metrics, on_decided=on_decided,
                                      forward=self.forwarder)
-            self.judge = Judge(config, sinks, metrics, self.producer, keep_trace, models)
+            self.judge = Judge(config, sinks, metrics, self.producer, keep_trace, models, relink=relink)
+            relink = self.forwarder.relink
         else:
             self.pipeline = Pipeline(config, self.clock or WallClock(), sinks, metrics, models,
                                      on_decided=on_decided, keep_trace=keep_trace)
             self._restore_checkpoint()
-            if self.store is not None:
-                relink = lambda trace_id, logs: self.store.relink(trace_id, logs, config.logs.max_linked)  # noqa: E731
         self.source = KafkaSource(config, self.pipeline, self.tracker, self.clock, self.producer,
                                   on_commit=self._checkpoint, relink=relink,
                                   between_polls=self._tell_judge if self.judge is not None else None)
@@ -133,7 +135,7 @@ class Consumer:
             if judge.judging and judge.done():
                 judge.finish()
                 return
-        judge.snapshot()  # stopped while judging: the next judge starts from here
+        judge.hand_over()  # stopped while judging: the next judge starts from here
 
     def run(self, stop: threading.Event) -> int:
         """Returns the exit status: 0 when stopped or caught up, 1 when findings could not be written."""

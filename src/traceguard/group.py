@@ -131,6 +131,11 @@ class Forwarder:
         self._writer.send(bytes.fromhex(anomaly.trace_id),
                           orjson.dumps({"late": anomaly.model_dump(mode="json"), "logs": _logs(logs)}), partition=0)
 
+    def relink(self, trace_id: bytes, logs: list[LogRow]) -> None:
+        """Logs that came after their trace was decided (all the trace's logs this member
+        holds): the judge links them to the trace's findings in its store."""
+        self._writer.send(trace_id, orjson.dumps({"relink": trace_id.hex(), "logs": _logs(logs)}), partition=0)
+
     def watermark(self, now: int, partitions: Sequence[int], final: bool = False) -> None:
         """Tells the judge that nothing this member decides for ``partitions`` from now on
         was decided at or before ``now``; sent when it moved by a step, or changed hands."""
@@ -170,11 +175,13 @@ class Judge:
 
     def __init__(self, config: PipelineConfig, sinks: Sequence[Sink], metrics: Metrics, producer: KafkaProducer,
                  keep_trace: Callable[[Trace, bool], None] | None = None, models: Models | None = None,
-                 wall_delay: int | None = None) -> None:
+                 wall_delay: int | None = None,
+                 relink: Callable[[bytes, list[LogRow]], None] | None = None) -> None:
         """``models``: what a judge starts from when the group has no state yet (trained
         models). ``wall_delay``: the members are ``serve`` instances, which decide on the
         wall clock they all share and send no watermarks: a trace is taken once this
-        judge's wall clock is that far past its decision."""
+        judge's wall clock is that far past its decision. ``relink``: links a judged
+        trace's logs that came after its decision to its stored findings."""
         self.config = config
         c = config.consume
         self._sinks = sinks
@@ -183,6 +190,7 @@ class Judge:
         self._keep_trace = keep_trace
         self._start_models = models
         self._wall_delay = wall_delay
+        self._relink = relink
         self.partition = TopicPartition(c.decided_topic, 0)
         self._state_topic = f"{c.decided_topic}_state"
         self.pipeline: Pipeline | None = None  # while this member is the judge
@@ -206,7 +214,7 @@ class Judge:
         self._watermarks: dict[int, int] = {}
         self._final_time = 0
         self._waiting: list[tuple[int, bytes, int, Trace]] = []  # (decided at, trace id, offset, trace): a heap
-        self._waiting_ids: set[bytes] = set()
+        self._waiting_by_id: dict[bytes, Trace] = {}
         self._judged: dict[bytes, int] = {}  # trace id → decided at, for the late horizon
         self._next = 0  # the offset to read next
         self._late_from = 0  # late-span records below it were judged before the snapshot
@@ -246,20 +254,25 @@ class Judge:
                 self._take(document, message.offset)
             elif "watermark" in document:
                 self._watermark(document)
+            elif "relink" in document:
+                trace_id = bytes.fromhex(document["relink"])
+                # below _late_from they were linked before the snapshot, unless the trace still waits
+                if message.offset >= self._late_from or trace_id in self._waiting_by_id:
+                    self._logs_after(trace_id, document["logs"])
             elif "late" in document:
                 if message.offset >= self._late_from:
                     trace_id = bytes.fromhex(document["late"]["trace_id"])
                     self.pipeline.judge_late(Anomaly.model_validate(document["late"]),
                                              _log_rows(trace_id, document["logs"]))
             else:
-                raise BadRecord("neither a trace, a late span nor a watermark")
+                raise BadRecord("neither a trace, a late span, late logs nor a watermark")
         except (orjson.JSONDecodeError, BadRecord, KeyError, TypeError, ValueError) as exc:
             self._metrics.inc("traceguard_kafka_poison_records_total", topic=self.partition.topic)
             log.warning("poison record skipped: %s/0@%d: %s", self.partition.topic, message.offset, exc)
 
     def _take(self, document: dict, offset: int) -> None:
         trace_id = bytes.fromhex(document["trace"])
-        if trace_id in self._judged or trace_id in self._waiting_ids:
+        if trace_id in self._judged or trace_id in self._waiting_by_id:
             self._metrics.inc("traceguard_group_traces_judged_before_total")
             return
         trace = decode_trace(document)
@@ -270,7 +283,17 @@ class Judge:
             self.pipeline.advance_detectors()
             return
         heapq.heappush(self._waiting, (trace.decided_at, trace_id, offset, trace))
-        self._waiting_ids.add(trace_id)
+        self._waiting_by_id[trace_id] = trace
+
+    def _logs_after(self, trace_id: bytes, logs: list[list]) -> None:
+        """A member's logs of a trace it decided: the waiting trace is judged with them;
+        a judged one's findings get them in the store."""
+        rows = _log_rows(trace_id, logs)
+        waiting = self._waiting_by_id.get(trace_id)
+        if waiting is not None:
+            waiting.logs = rows
+        elif self._relink is not None and trace_id in self._judged:
+            self._relink(trace_id, rows)
 
     def _watermark(self, document: dict) -> None:
         now = int(document["watermark"])
@@ -306,7 +329,7 @@ class Judge:
             self._clock.set(decided_at)
             while waiting and waiting[0][0] == decided_at:
                 _, trace_id, _, trace = heapq.heappop(waiting)
-                self._waiting_ids.discard(trace_id)
+                del self._waiting_by_id[trace_id]
                 self._judge(trace)
                 judged += 1
                 if early:
@@ -339,6 +362,14 @@ class Judge:
         self.snapshot()
 
     # -- state ------------------------------------------------------------------------
+    def hand_over(self) -> None:
+        """This member stops while judging: the forest scores what it holds for its batch
+        (its verdicts would be lost with this judge; a batch boundary one process would not
+        have), then the state is saved for the next judge."""
+        if self.pipeline is not None and not self.pipeline.closed:
+            self.pipeline.score_batches()
+        self.snapshot()
+
     def snapshot(self) -> None:
         """Saves the state to the state topic, then commits where a next judge reads from.
         Taken every ``snapshot_interval`` between two decision times when the forest holds

@@ -144,6 +144,15 @@ class Pipeline:
                 self._emit(anomaly, self._logs_of(anomaly))
         self.incidents.advance(now)
 
+    def score_batches(self) -> None:
+        """The forest scores the decided traces it holds for its next batch now, early:
+        for a group's judge that hands over, whose saved state does not hold them."""
+        now = self._clock.now()
+        for detector in self._windowed:
+            if hasattr(detector, "waiting"):
+                for anomaly in detector.flush(now):
+                    self._emit(anomaly, self._logs_of(anomaly))
+
     def batched(self) -> int:
         """Decided traces a detector still holds for its batch (the forest's). A model
         snapshot waits until there are none: they are decided, so a replay after a

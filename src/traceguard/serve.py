@@ -14,6 +14,7 @@ decided by then stays in the write-ahead log for the next start.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import ssl
@@ -98,22 +99,24 @@ class Server:
             tracker = OffsetTracker()
         on_decided = (lambda trace: tracker.release(trace.trace_id)) if tracker else None
         c = config.consume
-        self.producer = self.judge = None
+        self.producer = self.judge = member = None
         if c.decided_topic:
             # one judge for the instances behind a load balancer: each only assembles and sends what it
             # decides; whichever holds the decided topic runs every detector, into its own sinks
             group.create_topics(config)
             self.producer = ordered_producer(c)
-            self.pipeline = Pipeline(config, WallClock(), [], metrics, on_decided=on_decided,
-                                     forward=group.Forwarder(self.producer, c.decided_topic, c.watermark_step, metrics))
+            member = group.Forwarder(self.producer, c.decided_topic, c.watermark_step, metrics)
+            self.pipeline = Pipeline(config, WallClock(), [], metrics, on_decided=on_decided, forward=member)
             self.judge = group.Judge(config, sinks, metrics, self.producer, self.store.keep_trace, models,
-                                     wall_delay=c.judge_delay)
+                                     wall_delay=c.judge_delay,
+                                     relink=functools.partial(self.store.relink, limit=config.logs.max_linked))
         else:
             self.pipeline = Pipeline(config, WallClock(), sinks, metrics, models, on_decided=on_decided,
                                      keep_trace=self.store.keep_trace)
         self.forwarder = (Forwarder(serve.forward_to, self.pipeline.metrics, serve.forward_queue)
                           if serve.forward_to else None)
-        self.ingest = LiveIngest(self.pipeline, self.store, config, self.forwarder, wal, tracker)
+        self.ingest = LiveIngest(self.pipeline, self.store, config, self.forwarder, wal, tracker,
+                                 relink=member.relink if member is not None else None)
         self._covered: int | None = None  # the log position the last model snapshot covers
         if wal is not None:
             replayed = self.ingest.recover(self._loaded_position())
@@ -246,7 +249,7 @@ class Server:
         if self._judging is not None:
             self._judging.join(max(0.0, deadline - time.monotonic()))
         try:
-            self.judge.snapshot()
+            self.judge.hand_over()
         except (KafkaError, OSError) as exc:  # the next judge starts from the last snapshot that was written
             log.error("the judge's state could not be saved: %s", exc)
         self.judge.close()

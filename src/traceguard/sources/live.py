@@ -12,6 +12,7 @@ are still needed is tracked as the Kafka source tracks offsets.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from typing import Callable, Iterator
@@ -24,6 +25,7 @@ from traceguard.config import DecodeConfig, PipelineConfig
 from traceguard.decode import Decoded, DecodeError, decode_logs_json, decode_logs_proto, decode_traces_json, decode_traces_proto
 from traceguard.decode.common import StageAttributes
 from traceguard.pipeline import Pipeline
+from traceguard.records import LogRow
 from traceguard.sinks.sqlite import SqliteStore
 from traceguard.sources.forward import Forwarder
 from traceguard.sources.kafka_offsets import OffsetTracker, after_straddlers
@@ -80,8 +82,11 @@ class Overloaded(Exception):
 class LiveIngest:
     def __init__(self, pipeline: Pipeline, store: SqliteStore, config: PipelineConfig,
                  forwarder: Forwarder | None = None, wal: WriteAheadLog | None = None,
-                 tracker: OffsetTracker | None = None) -> None:
-        """``tracker`` hears of every decided trace (the pipeline's ``on_decided``) when ``wal`` is on."""
+                 tracker: OffsetTracker | None = None,
+                 relink: Callable[[bytes, list[LogRow]], None] | None = None) -> None:
+        """``tracker`` hears of every decided trace (the pipeline's ``on_decided``) when ``wal``
+        is on. ``relink`` takes a decided trace's logs when more come (default: linked to its
+        findings in ``store``; a group's member sends them to the judge)."""
         self.pipeline = pipeline
         self.forwarder = forwarder
         self.store = store
@@ -90,6 +95,7 @@ class LiveIngest:
         self.stages = StageAttributes(config.decode.max_stages)
         self.lock = threading.Lock()
         self.wal, self.tracker = wal, tracker
+        self._relink = relink or functools.partial(store.relink, limit=config.logs.max_linked)
 
     def _check_store(self, transport: str, signal: str) -> None:
         """While the store refuses writes nothing more is accepted: what is in flight
@@ -163,9 +169,8 @@ class LiveIngest:
             traces = self._accept_logs(decoded, seq)
         self._durable(transport, "logs", seq)
         for trace_id, logs in traces.items():
-            self.store.relink(trace_id, logs, self.config.logs.max_linked)
+            self._relink(trace_id, logs)
         return decoded.rejected, "; ".join(decoded.errors)
-
     def _track(self, signal: str, decoded: Decoded, seq: int | None) -> set[bytes]:
         """The record's trace ids, tracked against its sequence number when it is logged."""
         trace_ids = {row.trace_id for row in decoded.rows}
