@@ -245,3 +245,24 @@ def test_wall_time_at_the_bound_pauses_instead_of_evicting(kafka_bootstrap, scen
     received = metrics.get("traceguard_spans_received_total")  # every span is assembled or reported late
     taken = metrics.get("traceguard_spans_accepted_total") + metrics.get("traceguard_late_spans_total")
     assert taken == received > 15_000
+
+
+def test_a_send_refused_while_the_broker_is_away_fails_the_flush():
+    """The producer's buffer still full after max_block_ms (here: no broker at all)
+    raises from ``send``; the writer must remember it, or a commit after it (offsets,
+    the write-ahead log's trim) would pass over records that never reached the topic."""
+    from kafka import KafkaProducer
+
+    from traceguard.metrics import Metrics
+    from traceguard.sinks.kafka import TopicWriter
+
+    producer = KafkaProducer(bootstrap_servers="127.0.0.1:1", max_block_ms=300, api_version=(2, 8))
+    metrics = Metrics()
+    writer = TopicWriter(producer, "nowhere", metrics, "decided traces")
+    try:
+        writer.send(b"key", b"value")  # does not raise
+        with pytest.raises(OSError, match="writing decided traces to nowhere failed"):
+            writer.flush()
+        assert metrics.get("traceguard_kafka_produce_failures_total", topic="nowhere") == 1
+    finally:
+        producer.close(timeout=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from kafka import KafkaProducer
+from kafka.errors import KafkaError
 
 from traceguard.config import ConsumeConfig
 from traceguard.metrics import Metrics
@@ -40,8 +41,15 @@ class TopicWriter:
         self._failure: Exception | None = None
 
     def send(self, key: bytes, value: bytes, **kwargs) -> None:
-        """``kwargs``: the producer's ``send`` arguments (headers, partition)."""
-        self._producer.send(self._topic, key=key, value=value, **kwargs).add_errback(self._failed)
+        """``kwargs``: the producer's ``send`` arguments (headers, partition). A send the
+        producer refuses at once (its buffer still full after ``max_block_ms``: the broker
+        is away) fails like one the broker refused: ``flush`` raises, nothing is committed."""
+        try:
+            future = self._producer.send(self._topic, key=key, value=value, **kwargs)
+        except KafkaError as exc:
+            self._failed(exc)
+            return
+        future.add_errback(self._failed)
 
     def _failed(self, exc: Exception) -> None:
         self._metrics.inc("traceguard_kafka_produce_failures_total", topic=self._topic)
