@@ -261,8 +261,10 @@ def test_a_send_refused_while_the_broker_is_away_fails_the_flush():
     writer = TopicWriter(producer, "nowhere", metrics, "decided traces")
     try:
         writer.send(b"key", b"value")  # does not raise
+        writer.send(b"key", b"more")  # after a failure: not sent, no second wait on the broker
         with pytest.raises(OSError, match="writing decided traces to nowhere failed"):
             writer.flush()
         assert metrics.get("traceguard_kafka_produce_failures_total", topic="nowhere") == 1
+        assert writer.failing is not None
     finally:
         producer.close(timeout=1)

@@ -147,6 +147,11 @@ class Forwarder:
         self._writer.send(b"", orjson.dumps({"watermark": now, "partitions": partitions, "final": final}),
                           partition=0)
 
+    @property
+    def failing(self) -> Exception | None:
+        """Why a record did not reach the judge's topic (None: none failed)."""
+        return self._writer.failing
+
     def flush(self) -> None:
         """Raises:
             OSError: a record did not reach the judge's topic (the source commits nothing past it).

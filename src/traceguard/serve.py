@@ -115,6 +115,7 @@ class Server:
                                      keep_trace=self.store.keep_trace)
         self.forwarder = (Forwarder(serve.forward_to, self.pipeline.metrics, serve.forward_queue)
                           if serve.forward_to else None)
+        self._member = member
         self.ingest = LiveIngest(self.pipeline, self.store, config, self.forwarder, wal, tracker,
                                  relink=member.relink if member is not None else None)
         self._covered: int | None = None  # the log position the last model snapshot covers
@@ -132,10 +133,12 @@ class Server:
         self.bound: Bound | None = None
 
     def ready(self) -> bool:
-        """Taking exports: started, not stopping, and the store and the write-ahead log write."""
+        """Taking exports: started, not stopping, and the store and the write-ahead log write
+        (and, in a group, the decided traces reach the judge's topic: a member that cannot
+        send them is taken out of the load balancer's rotation until it is restarted)."""
         wal = self.ingest.wal
         return (self._ready and not self._stopping.is_set() and self.store.failing is None
-                and (wal is None or wal.failing is None))
+                and (wal is None or wal.failing is None) and (self._member is None or self._member.failing is None))
 
     def _loaded_position(self) -> Checkpoint | None:
         """The log position the state dir's snapshot covers (None: it has none; the log's

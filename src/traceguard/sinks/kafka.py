@@ -44,12 +44,19 @@ class TopicWriter:
         """``kwargs``: the producer's ``send`` arguments (headers, partition). A send the
         producer refuses at once (its buffer still full after ``max_block_ms``: the broker
         is away) fails like one the broker refused: ``flush`` raises, nothing is committed."""
+        if self._failure is not None:
+            return  # nothing commits past the failure; sending more would only wait on the broker again
         try:
             future = self._producer.send(self._topic, key=key, value=value, **kwargs)
         except KafkaError as exc:
             self._failed(exc)
             return
         future.add_errback(self._failed)
+
+    @property
+    def failing(self) -> Exception | None:
+        """The first record's failure, if one could not be written."""
+        return self._failure
 
     def _failed(self, exc: Exception) -> None:
         self._metrics.inc("traceguard_kafka_produce_failures_total", topic=self._topic)
