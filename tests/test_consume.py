@@ -268,3 +268,15 @@ def test_a_send_refused_while_the_broker_is_away_fails_the_flush():
         assert writer.failing is not None
     finally:
         producer.close(timeout=1)
+
+
+@pytest.mark.parametrize("command", ["consume", "serve"])
+def test_no_broker_at_the_address_is_said_plainly(tmp_path, command):
+    args = ["--bootstrap-servers", "127.0.0.1:1", "--decided-topic", "decided"]
+    if command == "serve":
+        args += ["--state-dir", str(tmp_path), "--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+                 "--api-listen", "127.0.0.1:0"]
+    done = subprocess.run([sys.executable, "-m", "traceguard", command, *args], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    assert f"traceguard: cannot {command}: no Kafka broker answers at 127.0.0.1:1" in done.stderr

@@ -175,18 +175,16 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return serve.run(config)
-        except (OSError, RuntimeError, ModelFileError) as exc:
-            print(f"traceguard: cannot serve: {exc}", file=sys.stderr)
+        except (OSError, RuntimeError, ModelFileError) as exc:  # KafkaError is a RuntimeError
+            print(f"traceguard: cannot serve: {_reason(exc, config)}", file=sys.stderr)
             return 2
     if args.command == "consume":
-        from kafka.errors import KafkaError
-
         from traceguard import consume
 
         try:
             status, metrics = consume.run(config)
-        except (KafkaError, OSError, RuntimeError, ModelFileError) as exc:
-            print(f"traceguard: cannot consume: {exc}", file=sys.stderr)
+        except (OSError, RuntimeError, ModelFileError) as exc:  # KafkaError is a RuntimeError
+            print(f"traceguard: cannot consume: {_reason(exc, config)}", file=sys.stderr)
             return 2
         _print_summary(metrics.snapshot(), "consume")
         return status
@@ -198,6 +196,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"traceguard: {exc}", file=sys.stderr)
             return 2
     return _replay(args, config, models)
+
+
+def _reason(exc: Exception, config) -> str:
+    """What stopped a front end, said plainly (kafka-python names an unreachable broker only by its class)."""
+    from kafka.errors import NoBrokersAvailable
+
+    if isinstance(exc, NoBrokersAvailable):
+        return f"no Kafka broker answers at {config.consume.bootstrap_servers}"
+    return str(exc)
 
 
 def _replay(args, config, models) -> int:

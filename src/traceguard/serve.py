@@ -307,6 +307,7 @@ class Server:
 def run(config: PipelineConfig) -> int:
     """``traceguard serve``: runs until SIGTERM/SIGINT, then stops cleanly."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # with a decided topic: the client narrates at INFO
     server = Server(config)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
