@@ -60,6 +60,28 @@ def test_stream_processor_manifest_has_probes_limits_and_a_disruption_budget():
     assert config["consume"]["api_listen"].endswith(":8080")  # what the probes call
 
 
+def test_load_balanced_manifest_is_the_backend_set_the_collector_routes_to():
+    """The Collector's load_balancing hostnames are this StatefulSet's pods behind its
+    headless Service, and the replicas share one judge through Kafka."""
+    docs = {doc["kind"]: doc for doc in documents(DEPLOY / "k8s" / "loadbalanced.yaml")}
+    service, statefulset = docs["Service"], docs["StatefulSet"]
+    assert service["spec"]["clusterIP"] == "None" and statefulset["spec"]["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["selector"] == statefulset["spec"]["selector"]["matchLabels"]
+    assert docs["PodDisruptionBudget"]["spec"]["selector"] == statefulset["spec"]["selector"]
+    balancing = documents(DEPLOY / "collector" / "loadbalancing.yaml")[0]["exporters"]["load_balancing"]
+    default = balancing["resolver"]["static"]["hostnames"].split(":-", 1)[1].rstrip("}")
+    pods = {f"{statefulset['metadata']['name']}-{i}.{service['metadata']['name']}:4317"
+            for i in range(statefulset["spec"]["replicas"])}
+    assert set(yaml.safe_load(default)) == pods
+    pod = statefulset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][0] == "serve" and pod["enableServiceLinks"] is False
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert {v["metadata"]["name"] for v in statefulset["spec"]["volumeClaimTemplates"]} == {"state"}
+    config = yaml.safe_load(docs["ConfigMap"]["data"]["traceguard.yaml"])
+    assert config["serve"]["grpc_listen"] == "0.0.0.0:4317" and config["consume"]["decided_topic"]
+
+
 def test_sidecar_manifest_points_the_app_at_localhost_and_forwards():
     docs = {doc["kind"]: doc for doc in documents(DEPLOY / "k8s" / "sidecar.yaml")}
     pod = docs["Deployment"]["spec"]["template"]["spec"]
