@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.ensemble import IsolationForest
 
 try:  # the tree walk in C; the numpy walk below where it is not built
     from traceguard import _forest
@@ -47,6 +47,9 @@ from traceguard.config import ForestConfig
 from traceguard.models.features import Stage, latency_keys, latency_samples, shape
 from traceguard.models.tails import SHARE, exponential_tail, tail_reference
 from traceguard.records import KIND_NAMES, Trace
+
+if TYPE_CHECKING:
+    from sklearn.ensemble import IsolationForest
 
 GENERIC_FEATURES = ("log_duration_ms", "span_count", "depth", "max_fan_out", "errors", "services", "max_repeated_calls")
 STAGE_COLUMNS = 32  # stages of one root operation whose self time is recorded
@@ -324,6 +327,10 @@ def _fit(forest: RootForest, data: np.ndarray, stage_index: dict[Stage, int]) ->
             column_stages.append(by_index[int(column)])
     chosen = np.asarray(columns)
     features = data[:, chosen]
+    # imported at the first fit: a process that loads fitted forests (model files hold
+    # the trees) does not pay scikit-learn's ~1.3 s of imports until it refits
+    from sklearn.ensemble import IsolationForest
+
     estimator = IsolationForest(
         n_estimators=config.n_estimators, max_samples=min(256, len(features)), random_state=config.seed,
     ).fit(features)
