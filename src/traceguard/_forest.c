@@ -50,16 +50,13 @@ PyDoc_STRVAR(path_lengths_doc,
              "feature, left, right, roots: intp; threshold, leaf_length, rows (rows x columns), out: float64.");
 
 static PyObject *path_lengths(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *objects[9];
-    Py_ssize_t levels;
-    if (!PyArg_ParseTuple(args, "OOOOOOnOO", &objects[0], &objects[1], &objects[2], &objects[3], &objects[4],
-                          &objects[5], &levels, &objects[7], &objects[8]))
-        return NULL;
-    objects[6] = NULL;
     enum { FEATURE, THRESHOLD, LEFT, RIGHT, LEAF, ROOTS, ROWS, OUT, COUNT };
     static const char *names[COUNT] = {"feature", "threshold", "left", "right", "leaf_length", "roots", "rows", "out"};
-    PyObject *sources[COUNT] = {objects[0], objects[1], objects[2], objects[3], objects[4], objects[5], objects[7],
-                                objects[8]};
+    PyObject *sources[COUNT];
+    Py_ssize_t levels;
+    if (!PyArg_ParseTuple(args, "OOOOOOnOO", &sources[FEATURE], &sources[THRESHOLD], &sources[LEFT], &sources[RIGHT],
+                          &sources[LEAF], &sources[ROOTS], &levels, &sources[ROWS], &sources[OUT]))
+        return NULL;
     Buffer b[COUNT];
     memset(b, 0, sizeof(b));
     for (int i = 0; i < COUNT; i++) {
