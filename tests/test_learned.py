@@ -1,6 +1,8 @@
 """The learned detectors on synthetic event-time streams (fixed seeds, no sleeping)."""
 
 import hashlib
+import subprocess
+import sys
 import json
 
 import numpy as np
@@ -357,12 +359,66 @@ def test_tampered_old_and_missing_model_files_are_refused(tmp_path):
 
 
 def test_stacked_tree_scores_equal_scikit_learn():
+    from sklearn.ensemble import IsolationForest
+
     pipeline, _ = stream(20)
     forest = pipeline.models.forest.forests_[("api", "GET /item")]
     rng = np.random.default_rng(0)
-    rows = forest.reservoir_[:300] * rng.uniform(0.5, 3.0, size=(300, forest.reservoir_.shape[1]))
-    features = rows[:, forest.columns_]
-    np.testing.assert_allclose(forest.score(rows)[0], forest.estimator_.score_samples(features), rtol=1e-12)
+    fitted = forest.reservoir_[: forest.filled_][:, forest.columns_]
+    estimator = IsolationForest(n_estimators=100, max_samples=min(256, len(fitted)), random_state=0).fit(fitted)
+    rows = fitted[:300] * rng.uniform(0.5, 3.0, size=(min(300, len(fitted)), fitted.shape[1]))
+    trees = forest_module._StackedTrees([e.tree_ for e in estimator.estimators_], estimator.max_samples_)
+    np.testing.assert_allclose(trees.score_samples(rows), estimator.score_samples(rows), rtol=1e-12)
+
+
+def _training_sets():
+    """Buffers a forest may fit on: ties, a constant column, fewer rows than a tree
+    samples, repeated rows, wide value ranges, a real reservoir."""
+    rng = np.random.default_rng(3)
+    ties = np.round(rng.normal(size=(900, 9)))
+    constant = rng.normal(size=(400, 12))
+    constant[:, 4] = 0.0
+    few = rng.lognormal(size=(37, 7))
+    repeated = np.repeat(rng.normal(size=(20, 5)), 30, axis=0)
+    wide = rng.normal(size=(2000, 15)) * np.logspace(-6, 9, 15)
+    pipeline, _ = stream(20)
+    forest = pipeline.models.forest.forests_[("api", "GET /item")]
+    return [ties, constant, few, repeated, wide, forest.reservoir_[: forest.filled_][:, forest.columns_]]
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_trees_grown_directly_are_the_trees_isolation_forest_grows(seed):
+    """The fits call scikit-learn's tree builder without the estimator (7x faster); the
+    findings depend on the trees, so they must be the estimator's, node for node."""
+    from sklearn.ensemble import IsolationForest
+
+    for features in _training_sets():
+        estimator = IsolationForest(n_estimators=100, max_samples=min(256, len(features)),
+                                    random_state=seed).fit(features)
+        direct = forest_module._grow_directly(features, 100, seed)
+        assert len(direct) == 100
+        for reference, tree in zip((e.tree_ for e in estimator.estimators_), direct):
+            for name in forest_module._TREE_ARRAYS:
+                np.testing.assert_array_equal(getattr(tree, name), getattr(reference, name))
+        trees = forest_module._StackedTrees(direct, min(256, len(features)))
+        np.testing.assert_array_equal(trees.score_samples(features), estimator.score_samples(features))
+
+
+def test_fits_go_through_isolation_forest_where_growing_directly_differs(monkeypatch, caplog):
+    """Another scikit-learn version may change the private classes: then (checked at
+    the first fit of the process) every fit uses the estimator, and a warning says so."""
+    features = _training_sets()[1]
+    reference = forest_module._grow_directly(features, 100, 0)
+    for broken, said in ((lambda features, n, seed: reference[:-1] + reference[:1], "grows other trees"),
+                         (lambda features, n, seed: 1 / 0, "division by zero")):
+        monkeypatch.setattr(forest_module, "_direct_growth", None)
+        monkeypatch.setattr(forest_module, "_grow_directly", broken)
+        caplog.clear()
+        for _ in range(2):
+            trees = forest_module._grow(features, 100, 0)
+            assert all(np.array_equal(a.threshold, b.threshold) for a, b in zip(trees, reference))
+        assert forest_module._direct_growth is False
+        assert said in caplog.text and caplog.text.count("forest fits use IsolationForest") == 1
 
 
 
@@ -526,3 +582,22 @@ def test_a_background_refit_runs_while_traces_are_added_and_equals_a_fit_in_plac
     forest.fit()
     assert in_background[0] == forest.threshold_
     np.testing.assert_array_equal(in_background[1], forest.median_)
+
+
+def test_scikit_learn_is_imported_at_start_only_where_fits_run_in_the_background():
+    """Live, the first refit runs on the fit thread: importing scikit-learn there would
+    hold the interpreter lock from decisions for its whole import, so a live pipeline
+    imports it when it is built. A replay (event time) loads fitted forests and need
+    not import it until it refits."""
+    program = """
+import sys
+from traceguard.assemble import EventTimeClock, WallClock
+from traceguard.config import PipelineConfig
+from traceguard.pipeline import Pipeline
+Pipeline(PipelineConfig(), EventTimeClock(0), [])
+print("sklearn.ensemble" in sys.modules)
+Pipeline(PipelineConfig(), WallClock(), [])
+print("sklearn.ensemble" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
