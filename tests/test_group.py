@@ -126,8 +126,10 @@ def assert_same_as_one(group: tuple[dict, dict], one: tuple[dict, dict]) -> None
         assert abs(per_trace[kind] - count) <= 0.02 * count, (kind, per_trace[kind], count)
     learned = set(PER_TRACE_LEARNED) | set(STAGE_LEVEL) | {"log_anomaly"}
     # what needs no learned state is the same finding for finding
-    assert ({k for k, v in found.items() if v["kind"] not in learned}
-            == {k for k, v in expected.items() if v["kind"] not in learned})
+    a = {k for k, v in found.items() if v["kind"] not in learned}
+    b = {k for k, v in expected.items() if v["kind"] not in learned}
+    assert a == b, ([(found[k]["kind"], found[k]["trace_id"], found[k]["summary"]) for k in a - b],
+                    [(expected[k]["kind"], expected[k]["trace_id"], expected[k]["summary"]) for k in b - a])
 
 
 def judged_args(bootstrap: str, traces: str, logs: str, work: Path, name: str) -> list[str]:

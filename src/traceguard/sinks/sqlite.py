@@ -5,7 +5,14 @@ same id again, so the table holds one row per finding, last version wins.
 Rows keep the sequence number of their first insert, which is what the API
 pages by (a cursor that does not move under updates).
 
-When the database refuses writes (disk full, I/O error), rows are held in
+Rows are written in transactions of up to ``_TRANSACTION_ROWS``, committed
+at ``flush`` (``serve`` flushes at the end of every tick and before it trims
+its write-ahead log; ``consume`` before it commits offsets): a commit per row
+cost 50 µs, about 30 µs more than a row in a shared transaction. Reads share
+the connection, so they see a row as soon as it is written.
+
+When the database refuses writes (disk full, I/O error), the rows of the
+failed transaction and every later one are held in
 order in a bounded backlog instead of being lost, ``failing`` says why (the
 receivers stop accepting and ``/readyz`` says not ready while it is set), and
 ``retry`` writes the backlog once the disk takes writes again. Past the bound,
@@ -80,6 +87,7 @@ CREATE INDEX IF NOT EXISTS traces_stored ON traces (stored_at);
 """
 log = logging.getLogger(__name__)
 _BACKLOG = 100_000  # rows held while the database refuses writes
+_TRANSACTION_ROWS = 512  # rows written in one transaction at most (a flush commits sooner)
 # Schema versions and the statements that bring a store of the version before up to
 # each: 1 is the first schema (before incidents; written without a user_version),
 # 2 added the incident of a finding, 3 the spans of traces with findings (a new
@@ -118,6 +126,7 @@ class SqliteStore:
         self._lock = threading.Lock()
         self._closed = False
         self._backlog: deque[tuple[str, tuple]] = deque()
+        self._uncommitted: list[tuple[str, tuple]] = []  # the open transaction's rows, held if it fails
         self.failing: str | None = None  # why writes fail, while they do
         self.dropped_ = 0
 
@@ -152,6 +161,7 @@ class SqliteStore:
         with self._lock:
             if self._closed:
                 return deleted
+            self._commit_or_hold()  # a failed delete may roll back the open transaction
             try:
                 deleted["age"] = self._db.execute("DELETE FROM anomalies WHERE detected_at < ?", (horizon,)).rowcount
                 deleted["age"] += self._db.execute(
@@ -191,14 +201,43 @@ class SqliteStore:
         with self._lock:
             if not self._backlog:
                 try:
+                    if not self._uncommitted:
+                        self._db.execute("BEGIN")
                     self._db.execute(statement, values)
+                    self._uncommitted.append((statement, values))
+                    if len(self._uncommitted) >= _TRANSACTION_ROWS:
+                        self._commit()
                     return
                 except sqlite3.OperationalError as exc:  # disk full, I/O error, read-only
-                    self.failing = str(exc)
-            if len(self._backlog) < _BACKLOG:
-                self._backlog.append((statement, values))
-            else:
-                self.dropped_ += 1
+                    self._hold_uncommitted(exc)
+            self._hold((statement, values))
+
+    def _hold(self, row: tuple[str, tuple]) -> None:
+        if len(self._backlog) < _BACKLOG:
+            self._backlog.append(row)
+        else:
+            self.dropped_ += 1
+
+    def _commit(self) -> None:
+        """Commits the open transaction (under the lock); raises OperationalError."""
+        if self._uncommitted:
+            self._db.execute("COMMIT")
+            self._uncommitted.clear()
+
+    def _hold_uncommitted(self, exc: sqlite3.OperationalError) -> None:
+        """The open transaction failed: its rows go first into the backlog, in order."""
+        self.failing = str(exc)
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+        for row in self._uncommitted:
+            self._hold(row)
+        self._uncommitted.clear()
+
+    def _commit_or_hold(self) -> None:
+        try:
+            self._commit()
+        except sqlite3.OperationalError as exc:
+            self._hold_uncommitted(exc)
 
     def retry(self) -> bool:
         """Writes the held rows, in order; whether none is left."""
@@ -325,10 +364,15 @@ class SqliteStore:
         return changed
 
     def flush(self) -> None:
-        """Every upsert is its own committed transaction already."""
+        """Commits the rows written since the last flush; rows the database refuses
+        are held back (``backlog``, ``failing``), not raised."""
+        with self._lock:
+            if not self._closed:
+                self._commit_or_hold()
 
     def close(self) -> None:
         """Closes the database; rows it still refuses are lost, which ``backlog`` says."""
+        self.flush()
         self.retry()
         with self._lock:
             if not self._closed:

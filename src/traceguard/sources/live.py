@@ -245,6 +245,8 @@ class LiveIngest:
             straddlers = {trace_id: (last, assembler.decided_at(trace_id) or 0)
                           for trace_id, last in self.tracker.straddlers(WAL, seq).items()}
         self.pipeline.flush_sinks()  # what the log drops is in the sinks, or with the group's judge
+        if self.store.backlog:  # the store could not commit them: the log keeps them
+            return
         self.wal.commit(Checkpoint(seq, straddlers), keep_from)
         with self.lock:
             self.tracker.committed(WAL, seq)
@@ -258,7 +260,7 @@ class LiveIngest:
         """Decides what is due, a chunk at a time: between chunks the receivers
         get the lock, so a burst of due traces does not stall ingestion. Rows the
         store held back while it refused writes are tried again first, and a log
-        that could not write is probed."""
+        that could not write is probed. The store commits what the tick wrote."""
         if self.store.backlog:
             self.store.retry()
         if self.wal is not None and self.wal.failing is not None:
@@ -267,3 +269,4 @@ class LiveIngest:
         while more:
             with self.lock:
                 more = self.pipeline.advance(self.config.serve.decisions_per_lock)
+        self.store.flush()
