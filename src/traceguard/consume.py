@@ -50,6 +50,8 @@ class Consumer:
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.store = SqliteStore(self.state_dir / "anomalies.sqlite", config.store, metrics)
+            metrics.gauge("traceguard_store_backlog", lambda: self.store.backlog)
+            metrics.counted("traceguard_store_dropped_total", lambda: self.store.dropped_)
             sinks.append(self.store)
             if model_store.exists(self.state_dir / "models"):
                 models = model_store.load(self.state_dir / "models", config.learned)
@@ -101,7 +103,12 @@ class Consumer:
 
     def _checkpoint(self) -> None:
         """Before every commit: the detectors' state, atomically; the store's retention
-        and the models when due. (A group's judge snapshots its own state.)"""
+        and the models when due. (A group's judge snapshots its own state.) Findings
+        the store holds back (the disk refuses writes) stop the commit, as a sink that
+        cannot flush does: consume ends with an error and reads them again on restart."""
+        store = self.store
+        if store is not None and store.backlog and not store.retry():
+            raise SinkFailed(f"findings could not be made durable: the findings store cannot write ({store.failing})")
         if self.judge is not None:
             if self.store is not None and self.judge.judging:
                 self.store.prune_if_due(self.judge.pipeline.now())

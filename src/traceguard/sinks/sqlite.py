@@ -240,8 +240,11 @@ class SqliteStore:
             self._hold_uncommitted(exc)
 
     def retry(self) -> bool:
-        """Writes the held rows, in order; whether none is left."""
+        """Writes the held rows, in order; whether none is left (after ``close``: whether
+        none was left)."""
         with self._lock:
+            if self._closed:
+                return not self._backlog
             while self._backlog:
                 try:
                     self._db.execute(*self._backlog[0])
