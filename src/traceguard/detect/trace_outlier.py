@@ -112,15 +112,15 @@ class TraceOutlier:
             scores, z = forest.score(rows)
             beyond = z >= forest.z_threshold_
             confirmed = beyond & (rows[:, forest.columns_] > self._history_bars(forest, pending[positions[0]].root))
+            out = np.flatnonzero(beyond.any(axis=1))  # rows out in any feature: few
             # A stall is one process: stages of two services out at once are not one.
             services = [stage[0] if stage is not None else None for stage in forest.column_stages_]
-            for i in range(len(positions)):
+            for i in out:
                 if len({services[c] for c in np.flatnonzero(beyond[i]) if services[c] is not None}) >= 2:
                     confirmed[i] |= beyond[i]
             extreme = (z >= np.maximum(forest.z_threshold_, self.config.extreme_feature_z)) & confirmed
-            for i, p in enumerate(positions):
-                if not beyond[i].any():
-                    continue
+            for i in out:
+                p = positions[i]
                 deviant.add(p)
                 if confirmed[i].any() and (scores[i] < forest.threshold_ or extreme[i].any()):
                     flagged[p] = self._anomaly(pending[p], forest, float(scores[i]), z[i], rows[i], now, own)
