@@ -402,6 +402,10 @@ def test_trees_grown_directly_are_the_trees_isolation_forest_grows(seed):
                 np.testing.assert_array_equal(getattr(tree, name), getattr(reference, name))
         trees = forest_module._StackedTrees(direct, min(256, len(features)))
         np.testing.assert_array_equal(trees.score_samples(features), estimator.score_samples(features))
+        # what the first fit of a process checks: the first trees are the same whatever the count
+        few = forest_module._grow_directly(features, forest_module._CHECKED_TREES, seed)
+        assert all(np.array_equal(a.threshold, b.threshold) and np.array_equal(a.feature, b.feature)
+                   for a, b in zip(few, direct))
 
 
 def test_fits_go_through_isolation_forest_where_growing_directly_differs(monkeypatch, caplog):
@@ -409,7 +413,8 @@ def test_fits_go_through_isolation_forest_where_growing_directly_differs(monkeyp
     the first fit of the process) every fit uses the estimator, and a warning says so."""
     features = _training_sets()[1]
     reference = forest_module._grow_directly(features, 100, 0)
-    for broken, said in ((lambda features, n, seed: reference[:-1] + reference[:1], "grows other trees"),
+    for broken, said in ((lambda features, n, seed: reference[1: n + 1], "grows other trees"),
+                         (lambda features, n, seed: reference[:n - 1], "grows other trees"),
                          (lambda features, n, seed: 1 / 0, "division by zero")):
         monkeypatch.setattr(forest_module, "_direct_growth", None)
         monkeypatch.setattr(forest_module, "_grow_directly", broken)

@@ -365,35 +365,42 @@ def _grow_directly(features: np.ndarray, n_estimators: int, seed: int) -> list:
 
 _MAX_INT = np.iinfo(np.int32).max
 _TREE_ARRAYS = ("feature", "threshold", "children_left", "children_right", "n_node_samples")
+_CHECKED_TREES = 8  # grown both ways at the first fit: tree i has the same draws whatever the count
 _direct_growth: bool | None = None  # whether _grow_directly grows the estimator's trees (None: not checked yet)
 
 
 def _grow(features: np.ndarray, n_estimators: int, seed: int) -> list:
     """The fitted trees of ``IsolationForest(n_estimators, max_samples=min(256, n),
     random_state=seed)`` on ``features``: by ``_grow_directly`` once, at the first
-    fit of the process, it has grown the very trees the estimator grows on that
-    fit's data; by the estimator where it has not (another scikit-learn version,
-    whose private classes changed), with a warning."""
+    fit of the process, its first trees on that fit's data were the very trees the
+    estimator grows; by the estimator where they were not (another scikit-learn
+    version, whose private classes changed), with a warning."""
     global _direct_growth
+    if _direct_growth is None:
+        _direct_growth = _grows_like_the_estimator(features, seed)
     if _direct_growth:
         return _grow_directly(features, n_estimators, seed)
     estimator = _isolation_forest()(n_estimators=n_estimators, max_samples=min(256, len(features)),
                                     random_state=seed).fit(features)
-    reference = [tree.tree_ for tree in estimator.estimators_]
-    if _direct_growth is None:
-        try:
-            direct = _grow_directly(features, n_estimators, seed)
-            _direct_growth = all(np.array_equal(getattr(a, name), getattr(b, name))
-                                 for a, b in zip(reference, direct, strict=True) for name in _TREE_ARRAYS)
-        except Exception as exc:  # private classes of another version: whatever they raise
-            log.warning("forest fits use IsolationForest (5-8x slower): growing its trees directly failed "
-                        "with this scikit-learn: %s", exc)
-            _direct_growth = False
-        else:
-            if not _direct_growth:
-                log.warning("forest fits use IsolationForest (5-8x slower): this scikit-learn grows other trees "
-                            "than its tree builder called directly")
-    return reference
+    return [tree.tree_ for tree in estimator.estimators_]
+
+
+def _grows_like_the_estimator(features: np.ndarray, seed: int) -> bool:
+    estimator = _isolation_forest()(n_estimators=_CHECKED_TREES, max_samples=min(256, len(features)),
+                                    random_state=seed).fit(features)
+    try:
+        direct = _grow_directly(features, _CHECKED_TREES, seed)
+    except Exception as exc:  # private classes of another version: whatever they raise
+        log.warning("forest fits use IsolationForest (7x slower): growing its trees directly failed "
+                    "with this scikit-learn: %s", exc)
+        return False
+    if len(direct) == _CHECKED_TREES and all(np.array_equal(getattr(a.tree_, name), getattr(b, name))
+                                             for a, b in zip(estimator.estimators_, direct)
+                                             for name in _TREE_ARRAYS):
+        return True
+    log.warning("forest fits use IsolationForest (7x slower): this scikit-learn grows other trees "
+                "than its tree builder called directly")
+    return False
 
 
 def _fit(forest: RootForest, data: np.ndarray, stage_index: dict[Stage, int]) -> dict:
