@@ -12,6 +12,7 @@ from traceguard.config import StoreConfig
 from traceguard.detect.base import finding
 from traceguard.metrics import Metrics
 from traceguard.records import AnomalyKind, Incident
+from traceguard.sinks import sqlite as sqlite_module
 from traceguard.sinks.sqlite import SCHEMA_VERSION, SqliteStore, StoreUnusable
 
 DAY = 86_400 * 10**9
@@ -193,4 +194,12 @@ def test_rows_are_committed_at_flush_and_a_refused_commit_holds_all_its_rows(tmp
     assert store.retry() and store.failing is None
     assert [a.trace_id for a in store.query()[0]] == [tid(n).hex() for n in range(1, 6)]
     assert other.execute("SELECT count(*) FROM anomalies").fetchone()[0] == 5
+    # a transaction that fills up commits by itself; refused, each of its rows is held once
+    monkeypatch.setattr(sqlite_module, "_TRANSACTION_ROWS", 2)
+    monkeypatch.setattr(store, "_db", Refusing(real))
+    for n in (6, 7):
+        store.emit(_finding(n, T0 + n))
+    assert store.backlog == 2
+    monkeypatch.setattr(store, "_db", real)
+    assert store.retry() and len(store.query()[0]) == 7
     store.close()

@@ -204,12 +204,13 @@ class SqliteStore:
                     if not self._uncommitted:
                         self._db.execute("BEGIN")
                     self._db.execute(statement, values)
-                    self._uncommitted.append((statement, values))
-                    if len(self._uncommitted) >= _TRANSACTION_ROWS:
-                        self._commit()
-                    return
                 except sqlite3.OperationalError as exc:  # disk full, I/O error, read-only
                     self._hold_uncommitted(exc)
+                else:
+                    self._uncommitted.append((statement, values))
+                    if len(self._uncommitted) >= _TRANSACTION_ROWS:
+                        self._commit_or_hold()
+                    return
             self._hold((statement, values))
 
     def _hold(self, row: tuple[str, tuple]) -> None:
@@ -217,12 +218,6 @@ class SqliteStore:
             self._backlog.append(row)
         else:
             self.dropped_ += 1
-
-    def _commit(self) -> None:
-        """Commits the open transaction (under the lock); raises OperationalError."""
-        if self._uncommitted:
-            self._db.execute("COMMIT")
-            self._uncommitted.clear()
 
     def _hold_uncommitted(self, exc: sqlite3.OperationalError) -> None:
         """The open transaction failed: its rows go first into the backlog, in order."""
@@ -234,10 +229,15 @@ class SqliteStore:
         self._uncommitted.clear()
 
     def _commit_or_hold(self) -> None:
+        """Commits the open transaction (under the lock), or holds its rows if that fails."""
+        if not self._uncommitted:
+            return
         try:
-            self._commit()
+            self._db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             self._hold_uncommitted(exc)
+        else:
+            self._uncommitted.clear()
 
     def retry(self) -> bool:
         """Writes the held rows, in order; whether none is left (after ``close``: whether
