@@ -315,12 +315,30 @@ def _one_sided_z(features: np.ndarray, median: np.ndarray, scale: np.ndarray, ge
     return z
 
 
+_MAX_INT = np.iinfo(np.int32).max
+_TREE_ARRAYS = ("feature", "threshold", "children_left", "children_right", "n_node_samples")
+_CHECKED_TREES = 8  # grown both ways at the first fit: tree i has the same draws whatever the count
+_direct_growth: bool | None = None  # whether _grow_directly grows the estimator's trees (None: not checked yet)
+
+
 def _isolation_forest() -> type[IsolationForest]:
     """scikit-learn's forest, imported at the first fit: a replay that loads fitted forests
     (model files hold the trees) does not pay its ~0.6 s of imports until it refits."""
     from sklearn.ensemble import IsolationForest
 
     return IsolationForest
+
+
+def _max_samples(rows: int) -> int:
+    """Rows each tree is grown on (scikit-learn's "auto")."""
+    return min(256, rows)
+
+
+def _estimator_trees(features: np.ndarray, n_estimators: int, seed: int) -> list:
+    """The fitted ``Tree`` objects of ``IsolationForest`` itself: the reference."""
+    estimator = _isolation_forest()(n_estimators=n_estimators, max_samples=_max_samples(len(features)),
+                                    random_state=seed).fit(features)
+    return [tree.tree_ for tree in estimator.estimators_]
 
 
 def _grow_directly(features: np.ndarray, n_estimators: int, seed: int) -> list:
@@ -341,7 +359,7 @@ def _grow_directly(features: np.ndarray, n_estimators: int, seed: int) -> list:
 
     features = np.asarray(features, dtype=np.float32)
     count, width = features.shape
-    max_samples = min(256, count)
+    max_samples = _max_samples(count)
     max_depth = int(np.ceil(np.log2(max(max_samples, 2))))
     random = np.random.RandomState(seed)
     target = random.uniform(size=count).reshape(-1, 1)  # IsolationForest's random y
@@ -363,12 +381,6 @@ def _grow_directly(features: np.ndarray, n_estimators: int, seed: int) -> list:
     return trees
 
 
-_MAX_INT = np.iinfo(np.int32).max
-_TREE_ARRAYS = ("feature", "threshold", "children_left", "children_right", "n_node_samples")
-_CHECKED_TREES = 8  # grown both ways at the first fit: tree i has the same draws whatever the count
-_direct_growth: bool | None = None  # whether _grow_directly grows the estimator's trees (None: not checked yet)
-
-
 def _grow(features: np.ndarray, n_estimators: int, seed: int) -> list:
     """The fitted trees of ``IsolationForest(n_estimators, max_samples=min(256, n),
     random_state=seed)`` on ``features``: by ``_grow_directly`` once, at the first
@@ -378,25 +390,19 @@ def _grow(features: np.ndarray, n_estimators: int, seed: int) -> list:
     global _direct_growth
     if _direct_growth is None:
         _direct_growth = _grows_like_the_estimator(features, seed)
-    if _direct_growth:
-        return _grow_directly(features, n_estimators, seed)
-    estimator = _isolation_forest()(n_estimators=n_estimators, max_samples=min(256, len(features)),
-                                    random_state=seed).fit(features)
-    return [tree.tree_ for tree in estimator.estimators_]
+    return (_grow_directly if _direct_growth else _estimator_trees)(features, n_estimators, seed)
 
 
 def _grows_like_the_estimator(features: np.ndarray, seed: int) -> bool:
-    estimator = _isolation_forest()(n_estimators=_CHECKED_TREES, max_samples=min(256, len(features)),
-                                    random_state=seed).fit(features)
+    reference = _estimator_trees(features, _CHECKED_TREES, seed)
     try:
         direct = _grow_directly(features, _CHECKED_TREES, seed)
     except Exception as exc:  # private classes of another version: whatever they raise
         log.warning("forest fits use IsolationForest (7x slower): growing its trees directly failed "
                     "with this scikit-learn: %s", exc)
         return False
-    if len(direct) == _CHECKED_TREES and all(np.array_equal(getattr(a.tree_, name), getattr(b, name))
-                                             for a, b in zip(estimator.estimators_, direct)
-                                             for name in _TREE_ARRAYS):
+    if len(direct) == _CHECKED_TREES and all(np.array_equal(getattr(a, name), getattr(b, name))
+                                             for a, b in zip(reference, direct) for name in _TREE_ARRAYS):
         return True
     log.warning("forest fits use IsolationForest (7x slower): this scikit-learn grows other trees "
                 "than its tree builder called directly")
@@ -419,7 +425,7 @@ def _fit(forest: RootForest, data: np.ndarray, stage_index: dict[Stage, int]) ->
             column_stages.append(by_index[int(column)])
     chosen = np.asarray(columns)
     features = data[:, chosen]
-    trees = _StackedTrees(_grow(features, config.n_estimators, config.seed), min(256, len(features)))
+    trees = _StackedTrees(_grow(features, config.n_estimators, config.seed), _max_samples(len(features)))
     # Robust centre and scale per feature. A stage's self time is judged
     # among the traces that have the stage: whether it is there at all is
     # structure (missing_expected_span), and an optional branch would
@@ -449,7 +455,8 @@ def _fit(forest: RootForest, data: np.ndarray, stage_index: dict[Stage, int]) ->
     # show is judged against its latency history instead (TraceOutlier).
     z_threshold = np.maximum(tail, config.min_feature_z)
     z_threshold[generic:] = config.min_feature_z
-    return {"columns_": chosen, "feature_names_": names, "column_stages_": column_stages, "trees_": trees, "threshold_": float(np.quantile(trees.score_samples(features), config.score_quantile)),
+    return {"columns_": chosen, "feature_names_": names, "column_stages_": column_stages, "trees_": trees,
+            "threshold_": float(np.quantile(trees.score_samples(features), config.score_quantile)),
             "median_": median, "scale_": scale, "z_threshold_": z_threshold}
 
 
