@@ -11,7 +11,6 @@ the form the Collector writes are walked by ``_rows.decode_json_spans`` in C;
 from __future__ import annotations
 
 import binascii
-import contextlib
 from typing import Any
 
 import orjson
@@ -137,10 +136,13 @@ def decode_traces_json(
     stages = stages or StageAttributes()
     if native is not None:
         # the Collector's own form is walked in C; anything else, or anything to reject, here
-        with contextlib.suppress(native.Unsupported):
+        try:
             rows, pending, evented = native.decode_json_spans(
                 document, stages.known, KEPT_ATTRIBUTES, config.max_name_length, config.max_attribute_length,
                 UNKNOWN_SERVICE)
+        except native.Unsupported:
+            pass
+        else:
             stages.settle(pending)
             limit = config.max_log_body_length
             return Decoded(rows, events=[log for row, span in evented for log in _event_logs(row, span, limit)])

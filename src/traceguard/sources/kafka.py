@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -94,6 +94,11 @@ class KafkaSource:
         # partition → {trace id: last offset} of traces decided before this member read it
         self._skip: dict[TopicPartition, dict[bytes, int]] = {}
         self._topics = [t for t in (self.consume.traces_topic, self.consume.logs_topic) if t]
+        # a poll's counts, published to the metrics once per poll: a Prometheus
+        # increment takes a lock, and the exporter's records hold a few spans each
+        self._records_read: Counter[str] = Counter()  # topic → records
+        self._rows_read: Counter[str] = Counter()  # spans/logs → rows, rejected ones included
+        self._rows_rejected: Counter[str] = Counter()
         self.consumer = self._connect()
         self.metrics.gauge("traceguard_kafka_assigned_partitions", lambda: len(self._buffers))
         self.metrics.gauge("traceguard_kafka_paused_partitions", lambda: len(self.consumer.paused()))
@@ -217,9 +222,28 @@ class KafkaSource:
             self.metrics.inc("traceguard_kafka_dead_letters_total", topic=partition.topic)
 
     def _process(self) -> None:
-        if self.clock is None:
-            self._process_arrival_order()
-            return
+        try:
+            if self.clock is None:
+                self._process_arrival_order()
+            else:
+                self._process_event_order()
+        finally:
+            self._publish_counts()
+
+    def _publish_counts(self) -> None:
+        inc = self.metrics.inc
+        for topic, records in self._records_read.items():
+            inc("traceguard_kafka_records_total", records, topic=topic)
+        for kind, rows in self._rows_read.items():
+            inc(f"traceguard_{kind}_received_total", rows, transport="kafka")
+        for kind, rows in self._rows_rejected.items():
+            inc(f"traceguard_{kind}_rejected_total", rows, transport="kafka")
+        self._records_read.clear()
+        self._rows_read.clear()
+        self._rows_rejected.clear()
+
+    def _process_event_order(self) -> None:
+        """Event time: the partitions merged by their next record's event time."""
         while True:
             best = None
             for partition, buffer in self._buffers.items():
@@ -260,7 +284,7 @@ class KafkaSource:
 
     def _handle(self, record: _Record) -> None:
         partition = record.partition
-        self.metrics.inc("traceguard_kafka_records_total", topic=partition.topic)
+        self._records_read[partition.topic] += 1
         if record.corrupt:
             self.tracker.track_done(partition, record.offset, self.pipeline.now())
             return
@@ -271,9 +295,9 @@ class KafkaSource:
         self.tracker.track_record(partition, record.offset, record.signal, trace_ids, assembler, self.pipeline.now(),
                                   self.config.logs.ttl)
         kind = "spans" if record.signal == "traces" else "logs"
-        self.metrics.inc(f"traceguard_{kind}_received_total", len(record.rows) + record.rejected, transport="kafka")
+        self._rows_read[kind] += len(record.rows) + record.rejected
         if record.rejected:
-            self.metrics.inc(f"traceguard_{kind}_rejected_total", record.rejected, transport="kafka")
+            self._rows_rejected[kind] += record.rejected
             log.warning("%s: %d %s rejected: %s", record.where, record.rejected, kind, "; ".join(record.errors))
         if record.signal == "traces":
             self.pipeline.accept_spans(record.rows, record.events)
