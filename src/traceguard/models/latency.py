@@ -213,11 +213,12 @@ class LatencyModel:
         if window.index - stage.last_index > config.persist_windows:
             self._forget_run(stage, events)
         stage.last_index = window.index
+        # sorted once, for the series and the window's quantiles (the baseline's bins do not mind the order)
+        times = np.sort(window.self_ns)
         if self.on_window is not None:
-            times = np.sort(window.self_ns)
             self.on_window(key, window.index * config.window, len(times), times[len(times) // 2],
                            times[int(0.95 * (len(times) - 1))])
-        logs = np.log(np.asarray(window.self_ns, dtype=float))
+        logs = np.log(times.astype(float))
         if stage.self_hist.total < config.warmup_samples:
             self._merge(stage, window, logs)
             return
@@ -229,8 +230,8 @@ class LatencyModel:
             return
         q25, median, q75, q90 = stage.self_hist.quantiles((0.25, 0.5, 0.75, 0.9))
         scale = max((q75 - q25) / _IQR_TO_SIGMA, _MIN_SCALE)
-        ordered = np.sort(logs)  # small arrays: sorting is far cheaper than np.quantile
-        window_median, window_q90 = float(ordered[len(ordered) // 2]), float(ordered[int(0.9 * (len(ordered) - 1))])
+        # sorted: small arrays, where indexing is far cheaper than np.quantile
+        window_median, window_q90 = float(logs[len(logs) // 2]), float(logs[int(0.9 * (len(logs) - 1))])
         shift = window_median - median
         # The upper body must move too: a median that creeps while p90 stays
         # (or falls) is a change of mix, not a slower stage.
