@@ -358,6 +358,36 @@ def test_tampered_old_and_missing_model_files_are_refused(tmp_path):
         store.load(tmp_path / "nowhere", PipelineConfig().learned)
 
 
+def _interpolated_quantiles(counts: np.ndarray, qs) -> np.ndarray:
+    """The quantiles of a LogHistogram as whole-array numpy (bins, then linear within one)."""
+    from traceguard.models.histogram import BIN_WIDTH, BINS, LOG_LOW
+
+    qs = np.asarray(qs, dtype=float)
+    cumulative = np.cumsum(counts)
+    targets = qs * counts.sum()
+    index = np.minimum(np.searchsorted(cumulative, targets, side="left"), BINS - 1)
+    before = np.where(index > 0, cumulative[index - 1], 0.0)
+    within = np.divide(targets - before, counts[index], out=np.zeros_like(targets), where=counts[index] > 0)
+    return LOG_LOW + (index + np.clip(within, 0, 1)) * BIN_WIDTH
+
+
+def test_histogram_quantiles_are_the_whole_array_interpolation_bit_for_bit():
+    from traceguard.models.histogram import BINS, LogHistogram
+
+    rng = np.random.default_rng(5)
+    assert np.isnan(LogHistogram().quantiles((0.5, 0.9))).all()
+    for trial in range(3000):
+        hist = LogHistogram()
+        hist.add_logs(rng.normal(rng.uniform(8, 20), rng.uniform(0.01, 2), rng.integers(1, 3000)))
+        if trial % 3 == 0:
+            hist.decay(rng.uniform(0.3, 1))  # fractional counts
+        if trial % 5 == 0:
+            hist.counts_[rng.integers(0, BINS, 40)] = 0  # empty bins inside the body
+        qs = tuple(rng.choice([0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 0.9999, 1.0, rng.uniform()], rng.integers(1, 6)))
+        got = hist.quantiles(qs)
+        assert got.dtype == np.float64 and got.tobytes() == _interpolated_quantiles(hist.counts_, qs).tobytes(), qs
+
+
 def test_stacked_tree_scores_equal_scikit_learn():
     from sklearn.ensemble import IsolationForest
 
