@@ -463,9 +463,10 @@ def test_the_c_tree_walk_sums_the_numpy_walks_path_lengths_bit_for_bit():
     pipeline, _ = stream(20)
     trees = pipeline.models.forest.forests_[("api", "GET /item")].trees_
     rng = np.random.default_rng(1)
-    for count in (1, 7, 256):
+    for count in (1, 7, 13, 256):  # the C walk takes rows 8 at a time
         rows = rng.normal(size=(count, int(trees.feature.max()) + 1)) * 3
         rows[0, 0] = np.nan  # goes right in both
+        rows[count // 2] = np.nan
         c = trees.score_samples(rows)
         reference = -np.power(2.0, -trees.path_lengths(np.ascontiguousarray(rows)) / trees.norm)
         assert c.tobytes() == reference.tobytes()
@@ -486,6 +487,9 @@ def test_the_c_tree_walk_refuses_nodes_outside_the_trees():
         _forest.path_lengths(np.array([4], dtype=np.intp), np.zeros(1), one, one, np.zeros(1), one, 3, rows, out)
     with pytest.raises(TypeError, match="feature"):
         _forest.path_lengths(np.zeros(1), np.zeros(1), leaf, leaf, np.zeros(1), one, 3, rows, out)
+    # a leaf's column is never read, whatever a model file says it is
+    _forest.path_lengths(np.array([4], dtype=np.intp), np.zeros(1), leaf, leaf, np.full(1, 2.5), one, 3, rows, out)
+    assert out.tolist() == [2.5, 2.5]
     with pytest.raises(ValueError, match="a row per out item"):
         _forest.path_lengths(one, np.zeros(1), leaf, leaf, np.zeros(1), one, 3, rows, np.empty(3))
 

@@ -150,7 +150,9 @@ class _StackedTrees:
             left = self.left.take(node)
             go_left = values.take(row_starts + self.feature.take(node)) <= self.threshold.take(node)
             node = np.where(left < 0, node, np.where(go_left, left, self.right.take(node)))
-        return self.leaf_length.take(node).sum(axis=0)
+        # summed tree after tree, as the C walk does: a sum over axis 0 is pairwise
+        # when that axis is contiguous (a single row), and rounds differently
+        return self.leaf_length.take(node).cumsum(axis=0)[-1]
 
 
 def stage_label(stage: Stage) -> str:
