@@ -77,7 +77,8 @@ class Consumer:
             self.forwarder = Forwarder(self.producer, c.decided_topic, c.watermark_step, metrics)
             self.pipeline = Pipeline(config, self.clock or WallClock(), [], metrics, on_decided=on_decided,
                                      forward=self.forwarder)
-            self.judge = Judge(config, sinks, metrics, self.producer, keep_trace, models, relink=relink)
+            self.judge = Judge(config, sinks, metrics, self.producer, keep_trace, models, relink=relink,
+                               durable=self.store.retry if self.store is not None else None)
             relink = self.forwarder.relink
         else:
             self.pipeline = Pipeline(config, self.clock or WallClock(), sinks, metrics, models,

@@ -57,6 +57,7 @@ from traceguard.pipeline import Pipeline
 from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, Anomaly, LogRow, SpanRow, Trace
 from traceguard.sinks import Sink
 from traceguard.sinks.kafka import TopicWriter
+from traceguard.sources.kafka import SinkFailed
 
 log = logging.getLogger("traceguard.group")
 
@@ -181,12 +182,16 @@ class Judge:
     def __init__(self, config: PipelineConfig, sinks: Sequence[Sink], metrics: Metrics, producer: KafkaProducer,
                  keep_trace: Callable[[Trace, bool], None] | None = None, models: Models | None = None,
                  wall_delay: int | None = None,
-                 relink: Callable[[bytes, list[LogRow]], None] | None = None) -> None:
+                 relink: Callable[[bytes, list[LogRow]], None] | None = None,
+                 durable: Callable[[], bool] | None = None) -> None:
         """``models``: what a judge starts from when the group has no state yet (trained
         models). ``wall_delay``: the members are ``serve`` instances, which decide on the
         wall clock they all share and send no watermarks: a trace is taken once this
         judge's wall clock is that far past its decision. ``relink``: links a judged
-        trace's logs that came after its decision to its stored findings."""
+        trace's logs that came after its decision to its stored findings. ``durable``:
+        writes what the findings store holds back and says whether nothing is left (its
+        ``retry``); a snapshot is refused until then, since the next judge would start
+        past those findings."""
         self.config = config
         c = config.consume
         self._sinks = sinks
@@ -196,6 +201,7 @@ class Judge:
         self._start_models = models
         self._wall_delay = wall_delay
         self._relink = relink
+        self._durable = durable
         self.partition = TopicPartition(c.decided_topic, 0)
         self._state_topic = f"{c.decided_topic}_state"
         self.pipeline: Pipeline | None = None  # while this member is the judge
@@ -363,7 +369,10 @@ class Judge:
         """The group has ended (``exit_at_end``): the detectors settle at the last member's
         time, the state is saved and the partition committed to its end."""
         self._clock.set(self._final_time)
-        self.pipeline.close(decide_in_flight=True)
+        try:
+            self.pipeline.close(decide_in_flight=True)  # flushes and closes the sinks
+        except (KafkaError, OSError) as exc:
+            raise SinkFailed(f"findings could not be made durable: {exc}") from exc
         self.snapshot()
 
     # -- state ------------------------------------------------------------------------
@@ -378,12 +387,21 @@ class Judge:
     def snapshot(self) -> None:
         """Saves the state to the state topic, then commits where a next judge reads from.
         Taken every ``snapshot_interval`` between two decision times when the forest holds
-        no trace for its batch (the state would not hold them), and when this member stops."""
+        no trace for its batch (the state would not hold them), and when this member stops.
+
+        Raises:
+            SinkFailed: findings judged so far are not durable; no state is saved past them.
+        """
         if self.pipeline is None:
             return
         self._snapshot_at = time.monotonic() + self.config.consume.snapshot_interval / 1e9
-        if not self.pipeline.closed:
-            self.pipeline.flush_sinks()
+        try:
+            if not self.pipeline.closed:
+                self.pipeline.flush_sinks()
+        except (KafkaError, OSError) as exc:
+            raise SinkFailed(f"findings could not be made durable: {exc}") from exc
+        if self._durable is not None and not self._durable():
+            raise SinkFailed("findings could not be made durable: the findings store cannot write")
         read_from = min((offset for _, _, offset, _ in self._waiting), default=self._next)
         ledger = {"read_from": read_from, "next": self._next, "now": self._clock.now(),
                   "final_time": self._final_time, "watermarks": list(self._watermarks.items()),

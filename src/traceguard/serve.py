@@ -38,6 +38,7 @@ from traceguard.sinks import JsonlSink
 from traceguard.sinks.kafka import ordered_producer
 from traceguard.sinks.sqlite import SqliteStore
 from traceguard.sources.forward import Forwarder
+from traceguard.sources.kafka import SinkFailed
 from traceguard.sources.kafka_offsets import OffsetTracker
 from traceguard.sources.live import LiveIngest
 from traceguard.sources.wal import Checkpoint, WriteAheadLog
@@ -109,7 +110,8 @@ class Server:
             self.pipeline = Pipeline(config, WallClock(), [], metrics, on_decided=on_decided, forward=member)
             self.judge = group.Judge(config, sinks, metrics, self.producer, self.store.keep_trace, models,
                                      wall_delay=c.judge_delay,
-                                     relink=functools.partial(self.store.relink, limit=config.logs.max_linked))
+                                     relink=functools.partial(self.store.relink, limit=config.logs.max_linked),
+                                     durable=self.store.retry)
         else:
             self.pipeline = Pipeline(config, WallClock(), sinks, metrics, models, on_decided=on_decided,
                                      keep_trace=self.store.keep_trace)
@@ -253,7 +255,7 @@ class Server:
             self._judging.join(max(0.0, deadline - time.monotonic()))
         try:
             self.judge.hand_over()
-        except (KafkaError, OSError) as exc:  # the next judge starts from the last snapshot that was written
+        except (KafkaError, OSError, SinkFailed) as exc:  # the next judge starts from the last snapshot written
             log.error("the judge's state could not be saved: %s", exc)
         self.judge.close()
 
