@@ -22,7 +22,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from traceguard.config import DecodeConfig
 from traceguard.decode.common import KEPT_ATTRIBUTES, UNKNOWN_SERVICE, Decoded, DecodeError, StageAttributes
 from traceguard.decode.otlp_json import _event_logs, _walk_traces
-from traceguard.assemble.assembler import _expand_rows
+from traceguard.assemble.assembler import _expand_rows, span_self_times
 from traceguard.decode.otlp_proto import _decode_native, decode_traces_message
 from traceguard.detect.context_outlived_parent import _ended_after_parent
 from traceguard.native import rows as native
@@ -292,12 +292,13 @@ def spans_view(spans) -> list[tuple]:
 
 
 def expanded_view(result) -> tuple:
-    spans, by_id, children, orphans, duplicates, root, stages, failed = result
+    spans, by_id, children, orphans, duplicates, root, stages, failed, self_times = result
     assert all(by_id[s.span_id] is s for s in spans)
     assert stages == [(s.service, s.name, s.kind) for s in spans]
     assert failed == [s for s in spans if s.status == 2]
+    assert self_times == span_self_times(spans, children)
     return (spans_view(spans), sorted(by_id), {p: spans_view(g) for p, g in children.items()}, spans_view(orphans),
-            duplicates, spans_view([root]) if root is not None else None)
+            duplicates, spans_view([root]) if root is not None else None, self_times)
 
 
 def test_expand_matches_the_reference_on_the_scenario(scenario_proto):
@@ -352,12 +353,32 @@ def test_expand_edge_cases():
             row(1, 4, 9, start_ms=6, end_ms=7, status=2)]
     result = native.expand(rows)
     assert expanded_view(result) == expanded_view(_expand_rows(rows))
-    spans, _, children, orphans, duplicates, root, _, failed = result
+    spans, _, children, orphans, duplicates, root, _, failed, _ = result
     assert failed == [spans[3]]
     assert duplicates == 1 and root.span_id == spans[2].span_id and not spans[1].finished and not root.finished
     assert orphans == [spans[3]]
     assert expanded_view(native.expand(rows[4:])) == expanded_view(_expand_rows(rows[4:]))
-    assert native.expand([]) == ([], {}, {}, [], 0, None, [], [])
+    assert native.expand([]) == ([], {}, {}, [], 0, None, [], [], [])
+
+
+def test_expand_self_times_in_every_case():
+    """What the children of a span cover, clipped to it and counted once: overlapping,
+    out of order, beyond either end, unfinished, empty; and an unfinished parent."""
+    rows = [row(1, 1, None, start_ms=0, end_ms=100),
+            row(1, 2, 1, start_ms=50, end_ms=70), row(1, 3, 1, start_ms=10, end_ms=30),  # out of order
+            row(1, 4, 1, start_ms=20, end_ms=40),  # overlaps 3
+            row(1, 5, 1, start_ms=90, end_ms=150),  # past the parent's end
+            row(1, 6, 1, start_ms=60, end_ms=None),  # unfinished: covers nothing
+            row(1, 7, 1, start_ms=65, end_ms=65),  # empty
+            row(1, 8, None, start_ms=200, end_ms=210), row(1, 9, 8, start_ms=190, end_ms=205),  # one child, from before
+            row(1, 10, None, start_ms=300, end_ms=None), row(1, 11, 10, start_ms=300, end_ms=310),  # unfinished parent
+            row(1, 12, None, start_ms=400, end_ms=420), row(1, 13, 12, start_ms=430, end_ms=440),  # one child, after
+            row(1, 14, None, start_ms=500, end_ms=510), row(1, 15, 14, start_ms=500, end_ms=None)]  # its only child open
+    result = native.expand(rows)
+    assert expanded_view(result) == expanded_view(_expand_rows(rows))
+    ms = 1_000_000
+    assert result[8] == [40 * ms, 20 * ms, 20 * ms, 20 * ms, 60 * ms, None, 0, 5 * ms, 15 * ms, None, 10 * ms,
+                         20 * ms, 10 * ms, 10 * ms, None]
 
 
 def test_expand_gives_one_tuple_per_stage():

@@ -900,11 +900,12 @@ done:
 }
 
 PyDoc_STRVAR(expand_doc,
-"expand(rows) -> (spans, by_id, children, orphans, duplicates, root, stages, failed)\n\n"
+"expand(rows) -> (spans, by_id, children, orphans, duplicates, root, stages, failed, self_times)\n\n"
 "The Span objects of a decided trace's rows in arrival order (a repeated span id\n"
 "after the first is skipped and counted), by span id, children by parent id,\n"
 "the spans whose parent is not in the trace, the parentless span that started first,\n"
-"each span's (service, name, kind) and the spans with status ERROR.\n\n"
+"each span's (service, name, kind), the spans with status ERROR and each span's\n"
+"self time (None if unfinished).\n\n"
 "A stage tuple is the same object for every span of that stage (up to\n"
 "STAGE_CACHE stages, then the cache starts again): stage-keyed dicts then find\n"
 "their key by identity instead of comparing tuples, in every detector.");
@@ -962,6 +963,86 @@ static PyObject *interned_stage(PyObject *service, PyObject *name, PyObject *kin
     return stage;
 }
 
+enum { SPAN_ID = 0, SPAN_PARENT = 1, SPAN_START = 2, SPAN_END = 3, SPAN_KIND = 4, SPAN_HAS_LINKS = 6, SPAN_FINISHED = 10 };
+
+/* A finished span's start and end (both fit 64 bits: expand checked the end). */
+static int span_interval(PyObject *span, uint64_t *start, uint64_t *end) {
+    *start = PyLong_AsUnsignedLongLong(SLOT(span_slots, span, SPAN_START));
+    *end = PyLong_AsUnsignedLongLong(SLOT(span_slots, span, SPAN_END));
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static int by_interval(const void *a, const void *b) {
+    const uint64_t *x = a, *y = b;
+    return x[0] != y[0] ? (x[0] < y[0] ? -1 : 1) : (x[1] != y[1] ? (x[1] < y[1] ? -1 : 1) : 0);
+}
+
+/* Each span's duration minus what its finished children cover within it (None if
+ * unfinished): assembler.span_self_times, the reference, in unsigned 64-bit
+ * arithmetic (every value lies between the span's start and end). */
+static PyObject *span_self_times(PyObject *spans, PyObject *children) {
+    const Py_ssize_t count = PyList_GET_SIZE(spans);
+    PyObject *out = PyList_New(count);
+    uint64_t *pairs = NULL; /* (clipped start, clipped end) of a span's children */
+    Py_ssize_t room = 0;
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *span = PyList_GET_ITEM(spans, i), *value;
+        uint64_t start, end;
+        if (SLOT(span_slots, span, SPAN_FINISHED) != Py_True) {
+            PyList_SET_ITEM(out, i, Py_NewRef(Py_None));
+            continue;
+        }
+        if (span_interval(span, &start, &end) < 0)
+            goto fail;
+        PyObject *kids = PyDict_GetItemWithError(children, SLOT(span_slots, span, SPAN_ID));
+        if (kids == NULL && PyErr_Occurred())
+            goto fail;
+        const Py_ssize_t n = kids == NULL ? 0 : PyList_GET_SIZE(kids);
+        if (n > room) {
+            uint64_t *grown = PyMem_Realloc(pairs, (size_t)n * 2 * sizeof(uint64_t));
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                goto fail;
+            }
+            pairs = grown;
+            room = n;
+        }
+        Py_ssize_t used = 0;
+        for (Py_ssize_t k = 0; k < n; k++) {
+            PyObject *kid = PyList_GET_ITEM(kids, k);
+            uint64_t kid_start, kid_end;
+            if (SLOT(span_slots, kid, SPAN_FINISHED) != Py_True)
+                continue;
+            if (span_interval(kid, &kid_start, &kid_end) < 0)
+                goto fail;
+            pairs[2 * used] = kid_start > start ? kid_start : start;
+            pairs[2 * used + 1] = kid_end < end ? kid_end : end;
+            used++;
+        }
+        if (used > 1)
+            qsort(pairs, (size_t)used, 2 * sizeof(uint64_t), by_interval);
+        uint64_t covered = 0, cursor = start;
+        for (Py_ssize_t k = 0; k < used; k++) {
+            const uint64_t from = pairs[2 * k], to = pairs[2 * k + 1];
+            if (to <= cursor || from >= to)
+                continue; /* nothing left of it within the span */
+            covered += to - (from > cursor ? from : cursor);
+            cursor = to;
+        }
+        if ((value = PyLong_FromUnsignedLongLong(end - start - covered)) == NULL)
+            goto fail;
+        PyList_SET_ITEM(out, i, value);
+    }
+    PyMem_Free(pairs);
+    return out;
+fail:
+    PyMem_Free(pairs);
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
     if (span_slots.type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "bind() first");
@@ -974,7 +1055,7 @@ static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
     /* A copy holds a reference to every row while spans are made (which may run the GC). */
     PyObject *own = PyList_GetSlice(rows, 0, PyList_GET_SIZE(rows));
     PyObject *spans = PyList_New(0), *by_id = PyDict_New(), *children = PyDict_New(), *orphans = NULL, *result = NULL;
-    PyObject *stages = PyList_New(0), *failed_spans = PyList_New(0);
+    PyObject *stages = PyList_New(0), *failed_spans = PyList_New(0), *self_times = NULL;
     PyObject *root = Py_None;
     uint64_t root_start = 0;
     Py_ssize_t duplicates = 0;
@@ -1074,8 +1155,13 @@ static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
         if (known < 0 || (!known && PyList_SetSlice(orphans, end, end, group) < 0))
             goto done;
     }
-    result = Py_BuildValue("(OOOOnOOO)", spans, by_id, children, orphans, duplicates, root, stages, failed_spans);
+    self_times = span_self_times(spans, children);
+    if (self_times == NULL)
+        goto done;
+    result = Py_BuildValue("(OOOOnOOOO)", spans, by_id, children, orphans, duplicates, root, stages, failed_spans,
+                           self_times);
 done:
+    Py_XDECREF(self_times);
     Py_XDECREF(stages);
     Py_XDECREF(failed_spans);
     Py_XDECREF(orphans);
@@ -1085,8 +1171,6 @@ done:
     Py_XDECREF(children);
     return result;
 }
-
-enum { SPAN_PARENT = 1, SPAN_END = 3, SPAN_KIND = 4, SPAN_HAS_LINKS = 6, SPAN_FINISHED = 10 };
 
 PyDoc_STRVAR(ended_after_parent_doc,
 "ended_after_parent(spans, by_id, least) -> [(child, parent), ...]\n\n"
