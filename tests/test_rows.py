@@ -22,9 +22,10 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from traceguard.config import DecodeConfig
 from traceguard.decode.common import KEPT_ATTRIBUTES, UNKNOWN_SERVICE, Decoded, DecodeError, StageAttributes
 from traceguard.decode.otlp_json import _event_logs, _walk_traces
-from traceguard.assemble.assembler import _expand_rows, span_self_times
+from traceguard.assemble.assembler import _expand_rows
 from traceguard.decode.otlp_proto import _decode_native, decode_traces_message
 from traceguard.detect.context_outlived_parent import _ended_after_parent
+from traceguard.models.features import span_self_times
 from traceguard.native import rows as native
 from traceguard.native import wire_schema
 from traceguard.records import KIND_PRODUCER
@@ -292,10 +293,11 @@ def spans_view(spans) -> list[tuple]:
 
 
 def expanded_view(result) -> tuple:
-    spans, by_id, children, orphans, duplicates, root, stages, failed, self_times = result
+    spans, by_id, children, orphans, duplicates, root, stages, failed = result
     assert all(by_id[s.span_id] is s for s in spans)
     assert stages == [(s.service, s.name, s.kind) for s in spans]
     assert failed == [s for s in spans if s.status == 2]
+    self_times = native.self_times(spans, children)
     assert self_times == span_self_times(spans, children)
     return (spans_view(spans), sorted(by_id), {p: spans_view(g) for p, g in children.items()}, spans_view(orphans),
             duplicates, spans_view([root]) if root is not None else None, self_times)
@@ -353,17 +355,21 @@ def test_expand_edge_cases():
             row(1, 4, 9, start_ms=6, end_ms=7, status=2)]
     result = native.expand(rows)
     assert expanded_view(result) == expanded_view(_expand_rows(rows))
-    spans, _, children, orphans, duplicates, root, _, failed, _ = result
+    spans, _, children, orphans, duplicates, root, _, failed = result
     assert failed == [spans[3]]
     assert duplicates == 1 and root.span_id == spans[2].span_id and not spans[1].finished and not root.finished
     assert orphans == [spans[3]]
     assert expanded_view(native.expand(rows[4:])) == expanded_view(_expand_rows(rows[4:]))
-    assert native.expand([]) == ([], {}, {}, [], 0, None, [], [], [])
+    assert native.expand([]) == ([], {}, {}, [], 0, None, [], [])
 
 
-def test_expand_self_times_in_every_case():
+def test_self_times_in_every_case():
     """What the children of a span cover, clipped to it and counted once: overlapping,
-    out of order, beyond either end, unfinished, empty; and an unfinished parent."""
+    out of order, beyond either end, unfinished, empty; and an unfinished parent.
+    Spans no decoder makes (an end before the start) are left to the reference."""
+    from traceguard.models.features import self_times
+    from traceguard.records import Trace
+
     rows = [row(1, 1, None, start_ms=0, end_ms=100),
             row(1, 2, 1, start_ms=50, end_ms=70), row(1, 3, 1, start_ms=10, end_ms=30),  # out of order
             row(1, 4, 1, start_ms=20, end_ms=40),  # overlaps 3
@@ -377,8 +383,14 @@ def test_expand_self_times_in_every_case():
     result = native.expand(rows)
     assert expanded_view(result) == expanded_view(_expand_rows(rows))
     ms = 1_000_000
-    assert result[8] == [40 * ms, 20 * ms, 20 * ms, 20 * ms, 60 * ms, None, 0, 5 * ms, 15 * ms, None, 10 * ms,
-                         20 * ms, 10 * ms, 10 * ms, None]
+    assert expanded_view(result)[-1] == [40 * ms, 20 * ms, 20 * ms, 20 * ms, 60 * ms, None, 0, 5 * ms, 15 * ms, None,
+                                         10 * ms, 20 * ms, 10 * ms, 10 * ms, None]
+    spans, by_id, children, orphans, _, root, _, _ = result
+    spans[0].end = spans[0].start - 1  # finished, yet ending before it starts
+    with pytest.raises(native.Unsupported):
+        native.self_times(spans, children)
+    trace = Trace(spans[0].span_id * 2, spans, by_id, children, orphans, root, "complete", 0, 0)
+    assert self_times(trace) == span_self_times(spans, children) and self_times(trace)[0] < 0
 
 
 def test_expand_gives_one_tuple_per_stage():

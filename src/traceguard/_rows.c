@@ -1,5 +1,5 @@
 /*
- * Span rows in C, the two per-span hot paths:
+ * Span rows in C, the per-span hot paths:
  *
  * decode_spans: serialized ExportTraceServiceRequest / TracesData bytes ->
  * SpanRow objects, reading only the fields detection keeps.
@@ -23,9 +23,14 @@
  * expand: a decided trace's rows -> Span objects and the indexes every
  * detector uses (assembler._expand_rows is the reference).
  *
- * Both build SpanRow and Span objects by filling their __slots__ directly
- * (offsets read from the classes' member descriptors by bind()): running the
- * Python __init__ per span cost as much as the rest of the decode.
+ * self_times: each span's time minus what its children cover, which the
+ * latency baselines and the forest read for every span of every trace
+ * (models.features.span_self_times is the reference).
+ *
+ * decode_spans and expand build SpanRow and Span objects by filling their
+ * __slots__ directly (offsets read from the classes' member descriptors by
+ * bind()): running the Python __init__ per span cost as much as the rest of
+ * the decode.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -900,12 +905,11 @@ done:
 }
 
 PyDoc_STRVAR(expand_doc,
-"expand(rows) -> (spans, by_id, children, orphans, duplicates, root, stages, failed, self_times)\n\n"
+"expand(rows) -> (spans, by_id, children, orphans, duplicates, root, stages, failed)\n\n"
 "The Span objects of a decided trace's rows in arrival order (a repeated span id\n"
 "after the first is skipped and counted), by span id, children by parent id,\n"
 "the spans whose parent is not in the trace, the parentless span that started first,\n"
-"each span's (service, name, kind), the spans with status ERROR and each span's\n"
-"self time (None if unfinished).\n\n"
+"each span's (service, name, kind) and the spans with status ERROR.\n\n"
 "A stage tuple is the same object for every span of that stage (up to\n"
 "STAGE_CACHE stages, then the cache starts again): stage-keyed dicts then find\n"
 "their key by identity instead of comparing tuples, in every detector.");
@@ -965,11 +969,38 @@ static PyObject *interned_stage(PyObject *service, PyObject *name, PyObject *kin
 
 enum { SPAN_ID = 0, SPAN_PARENT = 1, SPAN_START = 2, SPAN_END = 3, SPAN_KIND = 4, SPAN_HAS_LINKS = 6, SPAN_FINISHED = 10 };
 
-/* A finished span's start and end (both fit 64 bits: expand checked the end). */
+/* A finished span's start and end; Unsupported for what no decoder makes (not a
+ * Span, an end before the start, times outside 64 bits): the reference decides. */
 static int span_interval(PyObject *span, uint64_t *start, uint64_t *end) {
-    *start = PyLong_AsUnsignedLongLong(SLOT(span_slots, span, SPAN_START));
-    *end = PyLong_AsUnsignedLongLong(SLOT(span_slots, span, SPAN_END));
-    return PyErr_Occurred() ? -1 : 0;
+    if (Py_TYPE(span) != span_slots.type) {
+        PyErr_SetString(Unsupported, "not a Span");
+        return -1;
+    }
+    PyObject *start_obj = SLOT(span_slots, span, SPAN_START), *end_obj = SLOT(span_slots, span, SPAN_END);
+    if (start_obj == NULL || end_obj == NULL || !PyLong_Check(start_obj) || !PyLong_Check(end_obj)) {
+        PyErr_SetString(Unsupported, "a Span without integer times");
+        return -1;
+    }
+    *start = PyLong_AsUnsignedLongLong(start_obj);
+    *end = PyLong_AsUnsignedLongLong(end_obj);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_SetString(Unsupported, "a time outside 64 bits");
+        return -1;
+    }
+    if (*end < *start) {
+        PyErr_SetString(Unsupported, "a finished span that ends before it starts");
+        return -1;
+    }
+    return 0;
+}
+
+static int finished(PyObject *span) {
+    if (Py_TYPE(span) != span_slots.type) {
+        PyErr_SetString(Unsupported, "not a Span");
+        return -1;
+    }
+    return SLOT(span_slots, span, SPAN_FINISHED) == Py_True;
 }
 
 static int by_interval(const void *a, const void *b) {
@@ -977,28 +1008,47 @@ static int by_interval(const void *a, const void *b) {
     return x[0] != y[0] ? (x[0] < y[0] ? -1 : 1) : (x[1] != y[1] ? (x[1] < y[1] ? -1 : 1) : 0);
 }
 
-/* Each span's duration minus what its finished children cover within it (None if
- * unfinished): assembler.span_self_times, the reference, in unsigned 64-bit
- * arithmetic (every value lies between the span's start and end). */
-static PyObject *span_self_times(PyObject *spans, PyObject *children) {
+PyDoc_STRVAR(self_times_doc,
+"self_times(spans, children) -> [int | None, ...]\n\n"
+"Each span's duration minus what its finished children (children: by parent\n"
+"span id) cover within it, None if it is unfinished: models.features.span_self_times,\n"
+"the reference, in unsigned 64-bit arithmetic (every value lies between the span's\n"
+"start and end). Raises Unsupported for spans no decoder makes.");
+
+static PyObject *self_times(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *spans, *children;
+    if (span_slots.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() first");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &spans, &PyDict_Type, &children))
+        return NULL;
     const Py_ssize_t count = PyList_GET_SIZE(spans);
     PyObject *out = PyList_New(count);
-    uint64_t *pairs = NULL; /* (clipped start, clipped end) of a span's children */
+    uint64_t *pairs = NULL; /* (clipped start, clipped end) of a span's finished children */
     Py_ssize_t room = 0;
     if (out == NULL)
         return NULL;
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *span = PyList_GET_ITEM(spans, i), *value;
         uint64_t start, end;
-        if (SLOT(span_slots, span, SPAN_FINISHED) != Py_True) {
+        int done = finished(span);
+        if (done < 0)
+            goto fail;
+        if (!done) {
             PyList_SET_ITEM(out, i, Py_NewRef(Py_None));
             continue;
         }
         if (span_interval(span, &start, &end) < 0)
             goto fail;
-        PyObject *kids = PyDict_GetItemWithError(children, SLOT(span_slots, span, SPAN_ID));
+        PyObject *span_id = SLOT(span_slots, span, SPAN_ID);
+        PyObject *kids = span_id == NULL ? NULL : PyDict_GetItemWithError(children, span_id);
         if (kids == NULL && PyErr_Occurred())
             goto fail;
+        if (kids != NULL && !PyList_Check(kids)) {
+            PyErr_SetString(Unsupported, "children that are not a list");
+            goto fail;
+        }
         const Py_ssize_t n = kids == NULL ? 0 : PyList_GET_SIZE(kids);
         if (n > room) {
             uint64_t *grown = PyMem_Realloc(pairs, (size_t)n * 2 * sizeof(uint64_t));
@@ -1013,7 +1063,10 @@ static PyObject *span_self_times(PyObject *spans, PyObject *children) {
         for (Py_ssize_t k = 0; k < n; k++) {
             PyObject *kid = PyList_GET_ITEM(kids, k);
             uint64_t kid_start, kid_end;
-            if (SLOT(span_slots, kid, SPAN_FINISHED) != Py_True)
+            int kid_done = finished(kid);
+            if (kid_done < 0)
+                goto fail;
+            if (!kid_done)
                 continue;
             if (span_interval(kid, &kid_start, &kid_end) < 0)
                 goto fail;
@@ -1055,7 +1108,7 @@ static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
     /* A copy holds a reference to every row while spans are made (which may run the GC). */
     PyObject *own = PyList_GetSlice(rows, 0, PyList_GET_SIZE(rows));
     PyObject *spans = PyList_New(0), *by_id = PyDict_New(), *children = PyDict_New(), *orphans = NULL, *result = NULL;
-    PyObject *stages = PyList_New(0), *failed_spans = PyList_New(0), *self_times = NULL;
+    PyObject *stages = PyList_New(0), *failed_spans = PyList_New(0);
     PyObject *root = Py_None;
     uint64_t root_start = 0;
     Py_ssize_t duplicates = 0;
@@ -1155,13 +1208,8 @@ static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
         if (known < 0 || (!known && PyList_SetSlice(orphans, end, end, group) < 0))
             goto done;
     }
-    self_times = span_self_times(spans, children);
-    if (self_times == NULL)
-        goto done;
-    result = Py_BuildValue("(OOOOnOOOO)", spans, by_id, children, orphans, duplicates, root, stages, failed_spans,
-                           self_times);
+    result = Py_BuildValue("(OOOOnOOO)", spans, by_id, children, orphans, duplicates, root, stages, failed_spans);
 done:
-    Py_XDECREF(self_times);
     Py_XDECREF(stages);
     Py_XDECREF(failed_spans);
     Py_XDECREF(orphans);
@@ -1841,6 +1889,7 @@ static PyMethodDef methods[] = {
     {"decode_spans", decode_spans, METH_VARARGS, decode_spans_doc},
     {"decode_json_spans", decode_json_spans, METH_VARARGS, decode_json_spans_doc},
     {"expand", expand, METH_O, expand_doc},
+    {"self_times", self_times, METH_VARARGS, self_times_doc},
     {"ended_after_parent", ended_after_parent, METH_VARARGS, ended_after_parent_doc},
     {"gather", gather, METH_VARARGS, gather_doc},
     {"json_nesting", json_nesting, METH_VARARGS, json_nesting_doc},

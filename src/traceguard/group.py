@@ -105,10 +105,11 @@ def decode_trace(document: dict) -> Trace:
             for core, end, service, name, attrs, instance in document["spans"]]
     if any(len(row.core) != SPAN_CORE.size for row in rows):
         raise BadRecord("a span row of the wrong length")
-    spans, by_id, children, orphans, _, root, stages, failed, self_times = expand_rows(rows)
+    spans, by_id, children, orphans, _, root, stages, failed = expand_rows(rows)
     trace = Trace(trace_id, spans, by_id, children, orphans, root, document["reason"], document["decided_at"],
                   document["first_seen"])
-    trace.derived.update(stages=stages, failed=failed, self_times=self_times)
+    trace.derived["stages"] = stages
+    trace.derived["failed"] = failed
     trace.logs = _log_rows(trace_id, document["logs"])
     return trace
 

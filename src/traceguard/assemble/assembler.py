@@ -307,14 +307,11 @@ def _interned(stage: tuple[str, str, int]) -> tuple[str, str, int]:
 
 
 def _expand_rows(rows: list[SpanRow]) -> tuple[list[Span], dict[bytes, Span], dict[bytes, list[Span]], list[Span],
-                                               int, Span | None, list[tuple[str, str, int]], list[Span],
-                                               list[int | None]]:
+                                               int, Span | None, list[tuple[str, str, int]], list[Span]]:
     """(spans, by id, children by parent id, orphans, duplicates skipped, root, each
-    span's stage, the failed spans, each span's self time): the reference for
-    ``_rows.expand``, which does the same in C. The stages are made here because
-    nearly every detector keys its state by them, the failed spans because nearly
-    every trace has none, the self times because the latency baselines and the
-    forest read every span's."""
+    span's stage, the failed spans): the reference for ``_rows.expand``, which does
+    the same in C. The stages are made here because nearly every detector keys its
+    state by them, the failed spans because nearly every trace has none."""
     spans: list[Span] = []
     by_id: dict[bytes, Span] = {}
     children: dict[bytes, list[Span]] = {}
@@ -336,36 +333,7 @@ def _expand_rows(rows: list[SpanRow]) -> tuple[list[Span], dict[bytes, Span], di
             children.setdefault(parent, []).append(span)
     orphans = [span for parent, group in children.items() if parent not in by_id for span in group]
     stages = [_interned((s.service, s.name, s.kind)) for s in spans]
-    return (spans, by_id, children, orphans, duplicates, root, stages, [s for s in spans if s.status == STATUS_ERROR],
-            span_self_times(spans, children))
-
-
-def span_self_times(spans: list[Span], children: dict[bytes, list[Span]]) -> list[int | None]:
-    """Each span's self time (``models.features.self_times``): the reference for
-    ``_rows.expand``'s."""
-    out: list[int | None] = []
-    for span in spans:
-        if not span.finished:
-            out.append(None)
-            continue
-        kids = children.get(span.span_id)
-        if not kids:
-            out.append(span.end - span.start)
-            continue
-        if len(kids) == 1:  # the common case, without the sort
-            kid = kids[0]
-            covered = min(kid.end, span.end) - max(kid.start, span.start) if kid.finished else 0
-            out.append(span.end - span.start - max(covered, 0))
-            continue
-        covered = 0
-        cursor = span.start
-        for start, end in sorted((max(c.start, span.start), min(c.end, span.end)) for c in kids if c.finished):
-            if end <= cursor or start >= end:  # nothing left of it within the span
-                continue
-            covered += end - max(start, cursor)
-            cursor = end
-        out.append(span.end - span.start - covered)
-    return out
+    return spans, by_id, children, orphans, duplicates, root, stages, [s for s in spans if s.status == STATUS_ERROR]
 
 
 expand_rows = native.expand if native is not None else _expand_rows
@@ -373,7 +341,7 @@ expand_rows = native.expand if native is not None else _expand_rows
 
 def _expand(trace_id: bytes, pending: _Pending, reason: DecisionReason, now: int, metrics: Metrics,
             local: bool = False) -> Trace:
-    spans, by_id, children, orphans, duplicates, root, stages, failed, self_times = expand_rows(pending.rows)
+    spans, by_id, children, orphans, duplicates, root, stages, failed = expand_rows(pending.rows)
     if duplicates:
         metrics.inc("traceguard_duplicate_spans_total", duplicates)
     if local and orphans:
@@ -385,6 +353,6 @@ def _expand(trace_id: bytes, pending: _Pending, reason: DecisionReason, now: int
             if root is None:
                 root = min(entries, key=lambda span: (span.start, span.span_id))
     trace = Trace(trace_id, spans, by_id, children, orphans, root, reason, now, pending.first_seen)
-    # see models.features: made here, where every span is visited anyway
-    trace.derived.update(stages=stages, failed=failed, self_times=self_times)
+    trace.derived["stages"] = stages  # see models.features.stages
+    trace.derived["failed"] = failed  # see models.features.failed
     return trace

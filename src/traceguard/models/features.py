@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from traceguard.assemble.assembler import span_self_times
+from traceguard.native import rows as native
 from traceguard.records import KIND_CLIENT, KIND_NETWORK, KIND_SERVER, STATUS_ERROR, Span, Trace
 
 Stage = tuple[str, str, int]  # (service, operation, span kind)
@@ -27,18 +27,52 @@ def failed(trace: Trace) -> list[Span]:
 
 
 def self_times(trace: Trace) -> list[int | None]:
-    """Each span's duration minus the time its children cover (None if unfinished):
-    made when the trace is expanded (``assemble.assembler.span_self_times``, in C);
-    computed here for a trace built another way.
+    """Each span's duration minus the time its children cover (None if unfinished),
+    made once per trace, in C where it is built.
 
     Self time points at the guilty stage: a parent that is slow only because
     a child is slow keeps its self time. Children are clipped to the parent,
     so asynchronous children after the parent's end cover nothing.
     """
     cached = trace.derived.get("self_times")
+    if cached is not None:
+        return cached
+    try:
+        cached = native.self_times(trace.spans, trace.children) if native is not None else None
+    except native.Unsupported:  # times no decoder makes (an end before the start): the reference says
+        cached = None
     if cached is None:
-        cached = trace.derived["self_times"] = span_self_times(trace.spans, trace.children)
+        cached = span_self_times(trace.spans, trace.children)
+    trace.derived["self_times"] = cached
     return cached
+
+
+def span_self_times(spans: list[Span], children: dict[bytes, list[Span]]) -> list[int | None]:
+    """``self_times`` in Python: the reference for ``_rows.self_times``, and the
+    code where it is not built."""
+    out: list[int | None] = []
+    for span in spans:
+        if not span.finished:
+            out.append(None)
+            continue
+        kids = children.get(span.span_id)
+        if not kids:
+            out.append(span.end - span.start)
+            continue
+        if len(kids) == 1:  # the common case, without the sort
+            kid = kids[0]
+            covered = min(kid.end, span.end) - max(kid.start, span.start) if kid.finished else 0
+            out.append(span.end - span.start - max(covered, 0))
+            continue
+        covered = 0
+        cursor = span.start
+        for start, end in sorted((max(c.start, span.start), min(c.end, span.end)) for c in kids if c.finished):
+            if end <= cursor or start >= end:  # nothing left of it within the span
+                continue
+            covered += end - max(start, cursor)
+            cursor = end
+        out.append(span.end - span.start - covered)
+    return out
 
 
 _NETWORK_FROM = " <- "
