@@ -282,39 +282,47 @@ def test_no_broker_at_the_address_is_said_plainly(tmp_path, command):
     assert f"traceguard: cannot {command}: no Kafka broker answers at 127.0.0.1:1" in done.stderr
 
 
-def test_findings_the_store_cannot_write_stop_the_commit_and_are_found_again(kafka_bootstrap, scenario_proto,
-                                                                              tmp_path):
-    """A full disk under ``--state-dir`` (SQLite's page limit stands in for it): the store
-    holds the findings back, so offsets are not committed past them and consume ends
-    with an error; run again with room, it reads them again and the store has them all."""
+def consume_in_process(bootstrap: str, traces: str, logs: str, work: Path, name: str, full: bool, **settings):
+    """(exit status, Consumer) of an in-process ``consume --exit-at-end`` (event time) into
+    ``work/state`` and ``work/<name>.jsonl``; ``full``: the store cannot grow (SQLite's
+    page limit stands in for a full disk)."""
     from traceguard.config import load_config
     from traceguard.consume import Consumer
+
+    config = load_config(None, {
+        "consume.bootstrap_servers": bootstrap, "consume.group": f"g_{traces}",
+        "consume.traces_topic": traces, "consume.logs_topic": logs, "consume.anomalies_topic": "",
+        "consume.initial_offset": "earliest", "consume.exit_at_end": True, "consume.time": "event",
+        "consume.state_dir": str(work / "state"), "consume.out": str(work / f"{name}.jsonl"), **settings,
+    }, environ={})
+    consumer = Consumer(config)
+    if full:
+        pages = consumer.store._db.execute("PRAGMA page_count").fetchone()[0]
+        consumer.store._db.execute(f"PRAGMA max_page_count = {pages + 1}")
+    return consumer.run(threading.Event()), consumer
+
+
+def stored_findings(work: Path) -> set[str]:
     from traceguard.sinks.sqlite import SqliteStore
 
+    return {a.id for a in SqliteStore(work / "state" / "anomalies.sqlite").query(limit=1_000_000)[0]}
+
+
+def test_findings_the_store_cannot_write_stop_the_commit_and_are_found_again(kafka_bootstrap, scenario_proto,
+                                                                              tmp_path):
+    """A full disk under ``--state-dir``: the store holds the findings back, so offsets
+    are not committed past them and consume ends with an error; run again with room, it
+    reads them again and the store has them all."""
     traces, logs = topics(kafka_bootstrap)
     feed(kafka_bootstrap, scenario_proto, traces, logs)
-
-    def run(name: str, full: bool) -> tuple[int, Consumer]:
-        config = load_config(None, {
-            "consume.bootstrap_servers": kafka_bootstrap, "consume.group": f"g_{traces}",
-            "consume.traces_topic": traces, "consume.logs_topic": logs, "consume.anomalies_topic": "",
-            "consume.initial_offset": "earliest", "consume.exit_at_end": True, "consume.time": "event",
-            "consume.state_dir": str(tmp_path / "state"), "consume.out": str(tmp_path / f"{name}.jsonl"),
-        }, environ={})
-        consumer = Consumer(config)
-        if full:
-            pages = consumer.store._db.execute("PRAGMA page_count").fetchone()[0]
-            consumer.store._db.execute(f"PRAGMA max_page_count = {pages + 1}")
-        return consumer.run(threading.Event()), consumer
-
-    status, first = run("first", full=True)
+    status, first = consume_in_process(kafka_bootstrap, traces, logs, tmp_path, "first", full=True)
     assert status == 1
     assert first.pipeline.metrics.get("traceguard_store_backlog") > 0
     before = committed(kafka_bootstrap, f"g_{traces}")
     held = set(findings(tmp_path / "first.jsonl"))
     assert held
-    status, second = run("second", full=False)
+    status, second = consume_in_process(kafka_bootstrap, traces, logs, tmp_path, "second", full=False)
     assert status == 0 and committed(kafka_bootstrap, f"g_{traces}") > before
-    stored = {a.id for a in SqliteStore(tmp_path / "state" / "anomalies.sqlite").query(limit=1_000_000)[0]}
+    stored = stored_findings(tmp_path)
     assert held <= stored and set(findings(tmp_path / "second.jsonl")) <= stored
     assert second.pipeline.metrics.get("traceguard_store_backlog") == 0

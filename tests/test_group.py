@@ -25,7 +25,8 @@ from benchmarks.quality import score
 from benchmarks.scenario import LIVE_FAULTS, ScenarioConfig, latency_scenario, write_scenario
 from benchmarks.serve_process import ServeProcess, send_balanced
 from builders import T0, decide, logs_request, row
-from test_consume import FAST, consume_args, findings, finish, replay_findings, start, topics
+from test_consume import (FAST, consume_args, consume_in_process, findings, finish, replay_findings, start,
+                          stored_findings, topics)
 from test_serve import LIVE_KINDS
 from traceguard.assemble import SetClock
 from traceguard.config import PipelineConfig
@@ -178,43 +179,23 @@ def test_the_judge_killed_mid_stream_and_replaced(kafka_bootstrap, latency, one_
 
 
 def test_a_judge_saves_no_state_past_findings_its_store_cannot_write(kafka_bootstrap, scenario_proto, tmp_path):
-    """A full disk under the judge's ``--state-dir`` (SQLite's page limit stands in for
-    it): the store holds the findings back, so no snapshot is taken past them (the next
-    judge would start after them) and consume ends with an error; run again with room,
-    the judge judges them again and the store has them all."""
-    import threading
-
-    from traceguard.config import load_config
-    from traceguard.consume import Consumer
-    from traceguard.sinks.sqlite import SqliteStore
-
+    """A full disk under the judge's ``--state-dir``: the store holds the findings back,
+    so no snapshot is taken past them (the next judge would start after them) and
+    consume ends with an error; run again with room, the judge judges them again and
+    the store has them all."""
     traces, logs = topics(kafka_bootstrap)
     feed(kafka_bootstrap, scenario_proto, traces, logs)
-
-    def run(name: str, full: bool) -> tuple[int, Consumer]:
-        config = load_config(None, {
-            "consume.bootstrap_servers": kafka_bootstrap, "consume.group": f"g_{traces}",
-            "consume.traces_topic": traces, "consume.logs_topic": logs, "consume.anomalies_topic": "",
-            "consume.initial_offset": "earliest", "consume.exit_at_end": True, "consume.time": "event",
-            "consume.decided_topic": f"decided_{traces}", "consume.state_dir": str(tmp_path / "state"),
-            "consume.out": str(tmp_path / f"{name}.jsonl"),
-            # the judge tries to snapshot all along; the member commits only at its end
-            "consume.snapshot_interval": "10ms", "consume.commit_interval": "1h",
-        }, environ={})
-        consumer = Consumer(config)
-        if full:
-            pages = consumer.store._db.execute("PRAGMA page_count").fetchone()[0]
-            consumer.store._db.execute(f"PRAGMA max_page_count = {pages + 1}")
-        return consumer.run(threading.Event()), consumer
-
-    status, first = run("first", full=True)
+    # the judge tries to snapshot all along; the member commits only at its end
+    judged = {"consume.decided_topic": f"decided_{traces}", "consume.snapshot_interval": "10ms",
+              "consume.commit_interval": "1h"}
+    status, first = consume_in_process(kafka_bootstrap, traces, logs, tmp_path, "first", full=True, **judged)
     assert status == 1
     assert first.pipeline.metrics.get("traceguard_store_backlog") > 0
     held = set(findings(tmp_path / "first.jsonl"))
     assert held
-    status, _ = run("second", full=False)
+    status, _ = consume_in_process(kafka_bootstrap, traces, logs, tmp_path, "second", full=False, **judged)
     assert status == 0
-    stored = {a.id for a in SqliteStore(tmp_path / "state" / "anomalies.sqlite").query(limit=1_000_000)[0]}
+    stored = stored_findings(tmp_path)
     assert held <= stored and set(findings(tmp_path / "second.jsonl")) <= stored
 
 
