@@ -969,13 +969,10 @@ static PyObject *interned_stage(PyObject *service, PyObject *name, PyObject *kin
 
 enum { SPAN_ID = 0, SPAN_PARENT = 1, SPAN_START = 2, SPAN_END = 3, SPAN_KIND = 4, SPAN_HAS_LINKS = 6, SPAN_FINISHED = 10 };
 
-/* A finished span's start and end; Unsupported for what no decoder makes (not a
- * Span, an end before the start, times outside 64 bits): the reference decides. */
+/* A finished span's start and end (finished() checked it is a Span); Unsupported
+ * for what no decoder makes (an end before the start, times outside 64 bits): the
+ * reference decides. */
 static int span_interval(PyObject *span, uint64_t *start, uint64_t *end) {
-    if (Py_TYPE(span) != span_slots.type) {
-        PyErr_SetString(Unsupported, "not a Span");
-        return -1;
-    }
     PyObject *start_obj = SLOT(span_slots, span, SPAN_START), *end_obj = SLOT(span_slots, span, SPAN_END);
     if (start_obj == NULL || end_obj == NULL || !PyLong_Check(start_obj) || !PyLong_Check(end_obj)) {
         PyErr_SetString(Unsupported, "a Span without integer times");

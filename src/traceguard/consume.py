@@ -30,7 +30,7 @@ from traceguard.pipeline import Pipeline
 from traceguard.sinks import JsonlSink
 from traceguard.sinks.kafka import KafkaTopicSink, ordered_producer
 from traceguard.sinks.sqlite import SqliteStore
-from traceguard.sources.kafka import KafkaSource, SinkFailed
+from traceguard.sources.kafka import KafkaSource, SinkFailed, require_stored, sinks_must_flush
 from traceguard.sources.kafka_offsets import OffsetTracker
 
 log = logging.getLogger("traceguard.consume")
@@ -78,7 +78,7 @@ class Consumer:
             self.pipeline = Pipeline(config, self.clock or WallClock(), [], metrics, on_decided=on_decided,
                                      forward=self.forwarder)
             self.judge = Judge(config, sinks, metrics, self.producer, keep_trace, models, relink=relink,
-                               durable=self.store.retry if self.store is not None else None)
+                               stored=functools.partial(require_stored, self.store) if self.store is not None else None)
             relink = self.forwarder.relink
         else:
             self.pipeline = Pipeline(config, self.clock or WallClock(), sinks, metrics, models,
@@ -107,9 +107,8 @@ class Consumer:
         and the models when due. (A group's judge snapshots its own state.) Findings
         the store holds back (the disk refuses writes) stop the commit, as a sink that
         cannot flush does: consume ends with an error and reads them again on restart."""
-        store = self.store
-        if store is not None and store.backlog and not store.retry():
-            raise SinkFailed(f"findings could not be made durable: the findings store cannot write ({store.failing})")
+        if self.store is not None:
+            require_stored(self.store)
         if self.judge is not None:
             if self.store is not None and self.judge.judging:
                 self.store.prune_if_due(self.judge.pipeline.now())
@@ -153,10 +152,8 @@ class Consumer:
             self.source.finish(caught_up)
             if self.judge is not None and caught_up:
                 self.forwarder.watermark(self.pipeline.now(), self.source.traces_partitions(), final=True)
-                try:
+                with sinks_must_flush():
                     self.forwarder.flush()
-                except OSError as exc:
-                    raise SinkFailed(str(exc)) from exc
                 self.source.close()  # leaves the group now, not after the judge is done
                 self._end_group(stop)
             else:

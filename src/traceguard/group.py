@@ -57,7 +57,7 @@ from traceguard.pipeline import Pipeline
 from traceguard.records import FLAG_HAS_LINKS, NO_PARENT, SPAN_CORE, Anomaly, LogRow, SpanRow, Trace
 from traceguard.sinks import Sink
 from traceguard.sinks.kafka import TopicWriter
-from traceguard.sources.kafka import SinkFailed
+from traceguard.sources.kafka import sinks_must_flush
 
 log = logging.getLogger("traceguard.group")
 
@@ -183,14 +183,14 @@ class Judge:
                  keep_trace: Callable[[Trace, bool], None] | None = None, models: Models | None = None,
                  wall_delay: int | None = None,
                  relink: Callable[[bytes, list[LogRow]], None] | None = None,
-                 durable: Callable[[], bool] | None = None) -> None:
+                 stored: Callable[[], None] | None = None) -> None:
         """``models``: what a judge starts from when the group has no state yet (trained
         models). ``wall_delay``: the members are ``serve`` instances, which decide on the
         wall clock they all share and send no watermarks: a trace is taken once this
         judge's wall clock is that far past its decision. ``relink``: links a judged
-        trace's logs that came after its decision to its stored findings. ``durable``:
-        writes what the findings store holds back and says whether nothing is left (its
-        ``retry``); a snapshot is refused until then, since the next judge would start
+        trace's logs that came after its decision to its stored findings. ``stored``:
+        raises ``SinkFailed`` while the findings store holds findings back
+        (``require_stored``); no snapshot is taken then, since the next judge would start
         past those findings."""
         self.config = config
         c = config.consume
@@ -201,7 +201,7 @@ class Judge:
         self._start_models = models
         self._wall_delay = wall_delay
         self._relink = relink
-        self._durable = durable
+        self._stored = stored
         self.partition = TopicPartition(c.decided_topic, 0)
         self._state_topic = f"{c.decided_topic}_state"
         self.pipeline: Pipeline | None = None  # while this member is the judge
@@ -369,10 +369,8 @@ class Judge:
         """The group has ended (``exit_at_end``): the detectors settle at the last member's
         time, the state is saved and the partition committed to its end."""
         self._clock.set(self._final_time)
-        try:
+        with sinks_must_flush():
             self.pipeline.close(decide_in_flight=True)  # flushes and closes the sinks
-        except (KafkaError, OSError) as exc:
-            raise SinkFailed(f"findings could not be made durable: {exc}") from exc
         self.snapshot()
 
     # -- state ------------------------------------------------------------------------
@@ -395,13 +393,11 @@ class Judge:
         if self.pipeline is None:
             return
         self._snapshot_at = time.monotonic() + self.config.consume.snapshot_interval / 1e9
-        try:
+        with sinks_must_flush():
             if not self.pipeline.closed:
                 self.pipeline.flush_sinks()
-        except (KafkaError, OSError) as exc:
-            raise SinkFailed(f"findings could not be made durable: {exc}") from exc
-        if self._durable is not None and not self._durable():
-            raise SinkFailed("findings could not be made durable: the findings store cannot write")
+        if self._stored is not None:
+            self._stored()
         read_from = min((offset for _, _, offset, _ in self._waiting), default=self._next)
         ledger = {"read_from": read_from, "next": self._next, "now": self._clock.now(),
                   "final_time": self._final_time, "watermarks": list(self._watermarks.items()),

@@ -38,7 +38,7 @@ from traceguard.sinks import JsonlSink
 from traceguard.sinks.kafka import ordered_producer
 from traceguard.sinks.sqlite import SqliteStore
 from traceguard.sources.forward import Forwarder
-from traceguard.sources.kafka import SinkFailed
+from traceguard.sources.kafka import SinkFailed, require_stored
 from traceguard.sources.kafka_offsets import OffsetTracker
 from traceguard.sources.live import LiveIngest
 from traceguard.sources.wal import Checkpoint, WriteAheadLog
@@ -111,7 +111,7 @@ class Server:
             self.judge = group.Judge(config, sinks, metrics, self.producer, self.store.keep_trace, models,
                                      wall_delay=c.judge_delay,
                                      relink=functools.partial(self.store.relink, limit=config.logs.max_linked),
-                                     durable=self.store.retry)
+                                     stored=functools.partial(require_stored, self.store))
         else:
             self.pipeline = Pipeline(config, WallClock(), sinks, metrics, models, on_decided=on_decided,
                                      keep_trace=self.store.keep_trace)

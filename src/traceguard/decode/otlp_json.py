@@ -141,7 +141,7 @@ def decode_traces_json(
                 document, stages.known, KEPT_ATTRIBUTES, config.max_name_length, config.max_attribute_length,
                 UNKNOWN_SERVICE)
         except native.Unsupported:
-            pass
+            pass  # decided by the walk below
         else:
             stages.settle(pending)
             limit = config.max_log_body_length

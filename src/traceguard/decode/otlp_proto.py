@@ -74,12 +74,11 @@ def decode_traces_proto(
     """
     stages = stages or StageAttributes()
     if native is not None:
-        # bytes the C walk cannot show valid, or a layout it does not walk: upb and the reference decide
         # (try, not contextlib.suppress: this runs per message, and a Kafka message holds a few spans)
         try:
             return _decode_native(data, config, stages)
         except native.Unsupported:
-            pass
+            pass  # bytes the C walk cannot show valid, or a layout it does not walk: upb and the reference decide
     return decode_traces_message(_parse_traces(data), config, stages)
 
 

@@ -23,6 +23,7 @@ dead-letter topic, and skipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -49,6 +50,22 @@ log = logging.getLogger("traceguard.kafka")
 
 class SinkFailed(RuntimeError):
     """A sink could not make findings durable; offsets must not be committed past them."""
+
+
+@contextlib.contextmanager
+def sinks_must_flush():
+    """What a sink's flush or close raises (the broker, the disk) as ``SinkFailed``."""
+    try:
+        yield
+    except (KafkaError, OSError) as exc:
+        raise SinkFailed(f"findings could not be made durable: {exc}") from exc
+
+
+def require_stored(store) -> None:
+    """Raises ``SinkFailed`` while the findings store holds findings back (the disk
+    refuses writes), after writing what it can of them."""
+    if store.backlog and not store.retry():
+        raise SinkFailed(f"findings could not be made durable: the findings store cannot write ({store.failing})")
 
 
 @dataclass(slots=True)
@@ -167,10 +184,8 @@ class KafkaSource:
     def finish(self, caught_up: bool) -> None:
         """Ends the pipeline and commits: after catching up, decides everything in flight
         (the backfill is over); otherwise leaves the undecided to be read again."""
-        try:
+        with sinks_must_flush():
             self.pipeline.close(decide_in_flight=caught_up)  # flushes and closes the sinks
-        except (KafkaError, OSError) as exc:
-            raise SinkFailed(f"findings could not be made durable: {exc}") from exc
         self.commit(final=caught_up)
 
     def close(self) -> None:
@@ -368,13 +383,11 @@ class KafkaSource:
         Raises:
             SinkFailed: a sink could not flush; nothing is committed.
         """
-        try:
+        with sinks_must_flush():
             if not self.pipeline.closed:
                 self.pipeline.flush_sinks()
             if self.producer is not None:
                 self.producer.flush()
-        except (KafkaError, OSError) as exc:
-            raise SinkFailed(f"findings could not be made durable: {exc}") from exc
         self.tracker.expire(self.pipeline.now())
         if self._on_commit is not None:
             self._on_commit()
