@@ -1,8 +1,9 @@
 """The span-row code in C (_rows.c) against its Python reference.
 
-Decode (vs decode_traces_message over upb): the same rows, rejections and
-messages on the scenario's traffic, on hand-made edge cases of protobuf's merge
-rules, and on thousands of randomly mutated messages that upb still accepts.
+Decode (vs decode_traces_message and decode_logs_message over upb): the same
+rows, rejections and messages on the scenario's traffic, on hand-made edge
+cases of protobuf's merge rules, on thousands of randomly mutated messages that
+upb still accepts and on messages generated from the schema.
 Expand (vs assembler._expand_rows): the same spans and indexes."""
 
 from __future__ import annotations
@@ -15,15 +16,24 @@ import orjson
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError as ProtobufDecodeError
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from traceguard.config import DecodeConfig
-from traceguard.decode.common import KEPT_ATTRIBUTES, UNKNOWN_SERVICE, Decoded, DecodeError, StageAttributes
+from traceguard.decode.common import (
+    KEPT_ATTRIBUTES,
+    MAX_ERROR_MESSAGES,
+    UNKNOWN_SERVICE,
+    Decoded,
+    DecodeError,
+    StageAttributes,
+)
 from traceguard.decode.otlp_json import _event_logs, _walk_traces
 from traceguard.assemble.assembler import _expand_rows
-from traceguard.decode.otlp_proto import _decode_native, decode_traces_message
+from traceguard.decode.otlp_proto import _decode_native, decode_logs_message, decode_logs_proto, decode_traces_message
 from traceguard.detect.context_outlived_parent import _ended_after_parent
 from traceguard.models.features import span_self_times
 from traceguard.native import rows as native
@@ -32,7 +42,7 @@ from traceguard.records import KIND_PRODUCER
 from benchmarks.scenario import otlp_json
 from builders import row
 
-CONFIG = DecodeConfig(max_name_length=16)
+CONFIG = DecodeConfig(max_name_length=16, max_log_body_length=24)
 
 
 def test_the_extension_is_built():
@@ -81,11 +91,14 @@ def kv(key: str, **value) -> KeyValue:
     return KeyValue(key=key, value=AnyValue(**value))
 
 
-def request_of(*spans: Span, resource_attributes=(kv("service.name", string_value="cart"),)) -> bytes:
-    message = ExportTraceServiceRequest()
-    resource = message.resource_spans.add()
+def request_of(*items: Span | LogRecord, resource_attributes=(kv("service.name", string_value="cart"),)) -> bytes:
+    """A traces request of the spans, or a logs request of the log records, all under one resource."""
+    logs = bool(items) and isinstance(items[0], LogRecord)
+    message = ExportLogsServiceRequest() if logs else ExportTraceServiceRequest()
+    resource = (message.resource_logs if logs else message.resource_spans).add()
     resource.resource.attributes.extend(resource_attributes)
-    resource.scope_spans.add().spans.extend(spans)
+    scope = (resource.scope_logs if logs else resource.scope_spans).add()
+    (scope.log_records if logs else scope.spans).extend(items)
     return message.SerializeToString()
 
 
@@ -173,6 +186,59 @@ def test_a_cached_stage_is_shared_and_an_error_span_is_read_alone():
     assert fast.rows[0].attrs == (("db.system", "redis"),)  # the stage's first span decides
 
 
+def good_log(**fields) -> LogRecord:
+    base = dict(trace_id=bytes(range(1, 17)), span_id=bytes(range(1, 9)), time_unix_nano=5_000, severity_number=9,
+                severity_text="INFO", body=AnyValue(string_value="hello"))
+    base.update(fields)
+    return LogRecord(**base)
+
+
+BODIES = [AnyValue(), AnyValue(string_value=""), AnyValue(string_value="ÜberlangeNachricht über mehr als 24 Zeichen"),
+          AnyValue(bool_value=True), AnyValue(bool_value=False), AnyValue(int_value=0), AnyValue(int_value=-12),
+          AnyValue(int_value=10 ** 30 // 10 ** 12), AnyValue(double_value=0.0), AnyValue(double_value=-0.0),
+          AnyValue(double_value=float("nan")), AnyValue(double_value=1e300), AnyValue(bytes_value=b""),
+          AnyValue(bytes_value=b"\x00'\xff" * 10), AnyValue(string_value_strindex=4)]
+
+
+@pytest.mark.parametrize("data", [
+    request_of(good_log(trace_id=b"\x01" * 8), good_log(span_id=b"\x02" * 3), good_log(trace_id=b""),
+                good_log(trace_id=bytes(16)), good_log(span_id=b""), good_log()),
+    request_of(*(good_log(body=body) for body in BODIES)),
+    request_of(good_log(time_unix_nano=0, observed_time_unix_nano=77), good_log(observed_time_unix_nano=78),
+                good_log(time_unix_nano=0), good_log(severity_number=-3, severity_text="Überwachung"),
+                good_log(severity_number=99)),
+    request_of(good_log(), resource_attributes=()),
+    request_of(good_log(), resource_attributes=(kv("service.name", int_value=4), kv("service.name", string_value="x"))),
+    request_of(good_log(), resource_attributes=(kv("service.name", string_value="a-service-name-past-the-limit"),)),
+    # the body twice (merged: the member set last wins), ids twice (last wins), an id with the wrong wire type
+    field(1, 2, field(2, 2, field(2, 2, good_log().SerializeToString() + field(5, 2, field(3, 0, b"\x07"))
+                                  + field(9, 2, bytes(range(2, 18))) + field(10, 0, b"\x01")))
+          + field(1, 2, field(1, 2, kv("service.name", string_value="late").SerializeToString()))),
+], ids=["rejections", "bodies", "times-severities", "no-resource", "non-string-service", "long-service", "merge-rules"])
+def test_log_edge_cases_decode_the_same(data):
+    fast = log_walk(data)
+    assert fast is not None
+    same_logs(fast, logs_reference(data))
+
+
+def test_a_log_body_the_walk_does_not_read_is_decoded_by_the_reference():
+    data = request_of(good_log(), good_log(body=AnyValue(array_value=ArrayValue(values=[AnyValue(int_value=1)]))))
+    assert log_walk(data) is None
+    decoded = decode_logs_proto(data, CONFIG)
+    same_logs(decoded, logs_reference(data))
+    assert decoded.rows[1].body.startswith("values {")
+
+
+def test_the_scenario_logs_decode_the_same_and_entirely_in_c(scenario_proto):
+    count = 0
+    for data in read_messages(scenario_proto / "logs.pb"):
+        fast = log_walk(data)
+        assert fast is not None
+        same_logs(fast, logs_reference(data))
+        count += len(fast.rows)
+    assert count > 1_000
+
+
 def c_walk(data: bytes):
     """The C walk's own verdict: its rows, or None where it leaves the bytes to upb."""
     try:
@@ -188,24 +254,74 @@ def upb(data: bytes):
         return None
 
 
-def compare(data: bytes, counts: dict[str, int]) -> None:
-    """What the C walk accepts, upb accepts too, and both decode it alike."""
-    fast, request = c_walk(data), upb(data)
-    if request is None:
+def traces_reference(data: bytes):
+    """The reference decoder over upb's parse; None where upb rejects the bytes."""
+    request = upb(data)
+    return None if request is None else decode_traces_message(request, CONFIG, StageAttributes())
+
+
+def log_walk(data: bytes):
+    """decode_logs' own verdict, as c_walk's."""
+    try:
+        rows, rejected, errors = native.decode_logs(data, CONFIG.max_name_length, CONFIG.max_log_body_length,
+                                                    MAX_ERROR_MESSAGES, UNKNOWN_SERVICE)
+    except native.Unsupported:
+        return None
+    return Decoded(rows, rejected, errors)
+
+
+def logs_reference(data: bytes):
+    try:
+        request = ExportLogsServiceRequest.FromString(data)
+    except ProtobufDecodeError:
+        return None
+    return decode_logs_message(request, CONFIG)
+
+
+def same_logs(fast, reference) -> None:
+    def rows(decoded):
+        return [(r.trace_id, r.span_id, r.time, r.severity_number, r.severity_text, r.body, r.service)
+                for r in decoded.rows]
+
+    assert rows(fast) == rows(reference)
+    assert [type(r.body) for r in fast.rows] == [str] * len(fast.rows)
+    assert (fast.rejected, fast.errors) == (reference.rejected, reference.errors)
+
+
+# Each signal's C walk, its reference (None: upb rejects), and how their results are compared.
+SIGNALS = {"traces": (c_walk, traces_reference, same), "logs": (log_walk, logs_reference, same_logs)}
+
+
+def compare(data: bytes, counts: dict[str, int], signal: str = "traces") -> str:
+    """What the C walk accepts, upb accepts too, and both decode it alike; returns which of the three it was."""
+    walk, reference, check = SIGNALS[signal]
+    fast, expected = walk(data), reference(data)
+    if expected is None:
         assert fast is None, f"the C walk accepted bytes upb rejects: {data.hex()}"
-        counts["rejected"] += 1
+        verdict = "rejected"
     elif fast is None:
-        counts["left_to_upb"] += 1
+        verdict = "left_to_upb"
     else:
-        same(fast, decode_traces_message(request, CONFIG, StageAttributes()))
-        counts["compared"] += 1
+        check(fast, expected)
+        verdict = "compared"
+    counts[verdict] += 1
+    return verdict
 
 
-def test_mutated_messages_are_judged_and_decoded_as_upb_does(scenario_proto):
+def structured_body(data: bytes) -> bool:
+    """Whether a log record with a trace id has an array or key-value list body (the log walk leaves those to upb)."""
+    request = ExportLogsServiceRequest.FromString(data)
+    return any(record.trace_id and record.body.WhichOneof("value") in ("array_value", "kvlist_value")
+               for resource in request.resource_logs for scope in resource.scope_logs for record in scope.log_records)
+
+
+@pytest.mark.parametrize("signal", ["traces", "logs"])
+def test_mutated_messages_are_judged_and_decoded_as_upb_does(scenario_proto, signal):
     rng = random.Random(11)
-    messages = [data for data, _ in zip(read_messages(scenario_proto / "traces.pb"), range(3))]
+    messages = [data for data, _ in zip(read_messages(scenario_proto / f"{signal}.pb"), range(3))]
     small = request_of(good_span(), good_span(span_id=b"\x09" * 8, kind=Span.SPAN_KIND_PRODUCER,
-                                              links=[Span.Link()], status=Status(code=2)))
+                                              links=[Span.Link()], status=Status(code=2))) if signal == "traces" else \
+        request_of(good_log(), good_log(span_id=b"", body=AnyValue(int_value=7), time_unix_nano=0))
     counts = dict.fromkeys(("rejected", "left_to_upb", "compared"), 0)
     for attempt in range(10_000):
         data = bytearray(small if attempt % 3 else rng.choice(messages))
@@ -215,19 +331,21 @@ def test_mutated_messages_are_judged_and_decoded_as_upb_does(scenario_proto):
                 data[position] = rng.randrange(256)
             else:
                 del data[position:position + rng.randint(1, 8)]
-        compare(bytes(data), counts)
+        compare(bytes(data), counts, signal)
     # byte flips make unknown groups upb can parse and the walk leaves to it; few
     assert counts["compared"] > 1_500 and counts["left_to_upb"] < counts["compared"] / 20, counts
 
 
-SCHEMA, SCHEMA_INDEX = wire_schema(ExportTraceServiceRequest.DESCRIPTOR)
+SCHEMA, SCHEMA_INDEX = wire_schema(ExportTraceServiceRequest.DESCRIPTOR, ExportLogsServiceRequest.DESCRIPTOR)
 WIRE_OF_TYPE = {FieldDescriptor.TYPE_DOUBLE: 1, FieldDescriptor.TYPE_FLOAT: 5, FieldDescriptor.TYPE_FIXED64: 1,
                 FieldDescriptor.TYPE_FIXED32: 5, FieldDescriptor.TYPE_SFIXED32: 5, FieldDescriptor.TYPE_SFIXED64: 1,
                 FieldDescriptor.TYPE_STRING: 2, FieldDescriptor.TYPE_BYTES: 2, FieldDescriptor.TYPE_MESSAGE: 2}
 WORDS = ["service.name", "db.system", "http.route", "peer.service", "messaging.system", "http.status_code",
          "GET /cart", "", "Überweisung €", "😀", "x" * 40]
 BAD_UTF8 = [b"\xff", b"\xed\xa0\x80", b"\xc0\x80", b"\xe2\x82", b"\xf4\x90\x80\x80"]
-SPAN_IDS = {1: 16, 2: 8, 4: 8}  # Span field number: id length
+# Id fields (number: length) of the messages that have them: Span, LogRecord.
+IDS = {SCHEMA_INDEX["opentelemetry.proto.trace.v1.Span"]: {1: 16, 2: 8, 4: 8},
+       SCHEMA_INDEX["opentelemetry.proto.logs.v1.LogRecord"]: {9: 16, 10: 8}}
 
 
 def random_varint(rng: random.Random) -> bytes:
@@ -243,10 +361,9 @@ def generated_message(rng: random.Random, message: int, depth: int, bad: bool) -
     the right length, strings from a small vocabulary; with ``bad``, a few broken
     UTF-8 strings."""
     fields = SCHEMA[message]
-    is_span = message == SCHEMA_INDEX["opentelemetry.proto.trace.v1.Span"]
-    out = b""
-    if is_span:  # ids first, so most spans are not rejected for them
-        out += b"".join(field(n, 2, rng.randbytes(size)) for n, size in SPAN_IDS.items() if rng.random() < 0.9)
+    ids = IDS.get(message, {})
+    # ids first, so most spans and log records are not rejected for them
+    out = b"".join(field(n, 2, rng.randbytes(size)) for n, size in ids.items() if rng.random() < 0.9)
     for _ in range(rng.randint(0, 7 if depth < 5 else 2)):
         if rng.random() < 0.08:
             number, type_, child = rng.choice([17, 40, 1000]), FieldDescriptor.TYPE_BYTES, -1
@@ -263,27 +380,30 @@ def generated_message(rng: random.Random, message: int, depth: int, bad: bool) -
             payload = generated_message(rng, child, depth + 1, bad) if depth < 8 else b""
         elif type_ == FieldDescriptor.TYPE_STRING:
             payload = rng.choice(BAD_UTF8) if bad and rng.random() < 0.05 else rng.choice(WORDS).encode()
-        elif is_span and number in SPAN_IDS:
-            payload = rng.randbytes(rng.choice([SPAN_IDS[number]] * 6 + [0, 3, 9]))
+        elif number in ids:
+            payload = rng.randbytes(rng.choice([ids[number]] * 6 + [0, 3, 9]))
         else:
             payload = rng.randbytes(rng.randint(0, 12))
         out += field(number, wire, payload)
     return out
 
 
-def test_messages_generated_from_the_schema_are_judged_and_decoded_as_upb_does():
+@pytest.mark.parametrize("signal, root", [("traces", 0), ("logs", SCHEMA_INDEX[ExportLogsServiceRequest.DESCRIPTOR.full_name])])
+def test_messages_generated_from_the_schema_are_judged_and_decoded_as_upb_does(signal, root):
     """Structure-aware: every message type, merge rules and oneofs at any depth,
     broken UTF-8 in any string field, and truncations."""
     rng = random.Random(5)
-    counts = dict.fromkeys(("rejected", "left_to_upb", "compared"), 0)
+    counts = dict.fromkeys(("rejected", "left_to_upb", "compared", "structured"), 0)
     for attempt in range(4_000):
         bad = attempt % 4 == 0
-        data = generated_message(rng, 0, 0, bad)
+        data = generated_message(rng, root, 0, bad)
         if bad and data and rng.random() < 0.5:
             data = data[:rng.randrange(len(data))]
-        compare(data, counts)
-    # left to upb: only kept attributes whose value is an array or a key-value list
-    assert counts["left_to_upb"] < counts["compared"] / 20, counts
+        if compare(data, counts, signal) == "left_to_upb" and signal == "logs":
+            assert structured_body(data), data.hex()
+            counts["structured"] += 1
+    # left to upb: only kept attributes (traces) or bodies (logs) whose value is an array or a key-value list
+    assert counts["left_to_upb"] - counts["structured"] < counts["compared"] / 20, counts
     assert counts["compared"] > 2_500 and counts["rejected"] > 200, counts
 
 

@@ -2,7 +2,8 @@
  * Span rows in C, the per-span hot paths:
  *
  * decode_spans: serialized ExportTraceServiceRequest / TracesData bytes ->
- * SpanRow objects, reading only the fields detection keeps.
+ * SpanRow objects, reading only the fields detection keeps; decode_logs, the
+ * same for ExportLogsServiceRequest / LogsData -> LogRow objects.
  *
  * Two walks over the bytes. The first, certainly_valid, decides whether upb
  * would accept the message, from the message schema that bind() is given
@@ -12,8 +13,8 @@
  * shown": groups, packed fields, deep nesting, overlong keys are "not shown",
  * and so is every error; the caller then lets upb parse the bytes and decide,
  * so accept/reject decisions and their messages are always upb's.
- * The second walk reads the same values the reference decoder
- * (otlp_proto.decode_traces_message) reads, with protobuf's merge rules: the
+ * The second walk reads the same values the reference decoders
+ * (otlp_proto.decode_traces_message, decode_logs_message) read, with protobuf's merge rules: the
  * last occurrence of a scalar wins (a oneof member replaces the others),
  * repeated fields append, a field whose wire type does not match its
  * declaration is an unknown field. tests/test_rows.py checks both against upb
@@ -48,7 +49,9 @@ typedef struct {
     int count;
 } Slots;
 
-static Slots row_slots, span_slots;
+static Slots row_slots, span_slots, log_slots;
+static const char *LOG_SLOTS[] = {"trace_id", "span_id", "time", "severity_number", "severity_text", "body", "service",
+                                  NULL};
 static const char *ROW_SLOTS[] = {"trace_id", "core", "end", "service", "name", "attrs", "instance", NULL};
 static const char *SPAN_SLOTS[] = {"span_id", "parent_span_id", "start", "end", "kind", "status", "has_links",
                                    "service", "name", "attrs", "finished", "instance", NULL};
@@ -194,6 +197,9 @@ typedef struct {
 static MessageSpec *schema;
 static Py_ssize_t schema_size;
 static int any_value_message = -1;
+/* Schema indexes of the two roots: traces (ExportTraceServiceRequest) and logs. */
+enum { TRACES_ROOT = 0 };
+static int logs_root = -1;
 
 /* upb refuses more than 100 nested messages; real OTLP nests fewer than 12. */
 #define MAX_WALKED_DEPTH 32
@@ -364,19 +370,21 @@ static int certainly_valid(const uint8_t *p, const uint8_t *end, int message, in
 }
 
 static PyObject *bind(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *row_type, *span_type, *messages;
-    int any_value;
-    if (!PyArg_ParseTuple(args, "OOO!i", &row_type, &span_type, &PyList_Type, &messages, &any_value))
+    PyObject *row_type, *span_type, *log_type, *messages;
+    int any_value, logs;
+    if (!PyArg_ParseTuple(args, "OOOO!ii", &row_type, &span_type, &log_type, &PyList_Type, &messages, &any_value,
+                          &logs))
         return NULL;
     if (bind_slots(&row_slots, row_type, ROW_SLOTS) < 0 || bind_slots(&span_slots, span_type, SPAN_SLOTS) < 0 ||
-        bind_schema(messages) < 0)
+        bind_slots(&log_slots, log_type, LOG_SLOTS) < 0 || bind_schema(messages) < 0)
         return NULL;
-    if (any_value < 0 || any_value >= schema_size) {
-        PyErr_SetString(PyExc_ValueError, "AnyValue is not in the schema");
+    if (any_value < 0 || any_value >= schema_size || logs <= TRACES_ROOT || logs >= schema_size) {
+        PyErr_SetString(PyExc_ValueError, "AnyValue or the logs root is not in the schema");
         free_schema();
         return NULL;
     }
     any_value_message = any_value;
+    logs_root = logs;
     Py_RETURN_NONE;
 }
 
@@ -599,6 +607,15 @@ static int add_evented(Out *o, PyObject *source) {
     return rc;
 }
 
+/* Keeps a rejection's message (a new reference, stolen; NULL: an error is set). */
+static int keep_error(Out *o, PyObject *message) {
+    if (message == NULL)
+        return -1;
+    int rc = PyList_Append(o->errors, message);
+    Py_DECREF(message);
+    return rc;
+}
+
 /* The reference decoder's rejection messages, word for word. */
 static int reject(Out *o, const uint8_t *trace, Py_ssize_t trace_size, const uint8_t *span, Py_ssize_t span_size,
                   Py_ssize_t parent_size, int which) {
@@ -621,11 +638,7 @@ static int reject(Out *o, const uint8_t *trace, Py_ssize_t trace_size, const uin
         hex(a, span, span_size);
         message = PyUnicode_FromFormat("span %s: parent_span_id must be empty or 8 bytes, got %zd", a, parent_size);
     }
-    if (message == NULL)
-        return -1;
-    int rc = PyList_Append(o->errors, message);
-    Py_DECREF(message);
-    return rc;
+    return keep_error(o, message);
 }
 
 static const uint8_t ZERO[16];
@@ -811,23 +824,29 @@ static int span(Out *o, Reader r) {
     return events ? add_evented(o, PyBytes_FromStringAndSize((const char *)whole.p, whole.end - whole.p)) : 0;
 }
 
-static int resource_spans(Out *o, Reader r, PyObject *unknown_service) {
+/* A resource's name: its text, clipped and interned, else ``fallback``. */
+static PyObject *resource_name(const ResourceText *t, Py_ssize_t limit, PyObject *fallback) {
+    if (t->text != NULL && t->size > 0)
+        return clipped_interned(t->text, t->size, limit);
+    return Py_NewRef(fallback);
+}
+
+/* Reads one Span or LogRecord into ``o``. */
+typedef int (*ItemReader)(Out *o, Reader r);
+
+/* A ResourceSpans or ResourceLogs: they nest alike (1: the resource, 2: scopes, whose
+ * field 2 holds the items), so one walk serves both, with the resource's service and
+ * pod set on ``o`` while its items are read. */
+static int resource_items(Out *o, Reader r, PyObject *unknown_service, ItemReader item) {
     ResourceText service = {0}, pod = {0}, instance = {0};
     if (resource_names(r, &service, &pod, &instance) < 0)
         return unsupported();
-    if (service.text != NULL && service.size > 0) {
-        o->service = clipped_interned(service.text, service.size, o->name_limit);
-        if (o->service == NULL) return -1;
-    } else {
-        Py_INCREF(unknown_service);
-        o->service = unknown_service;
-    }
-    ResourceText *named = pod.text != NULL && pod.size > 0 ? &pod : &instance;
-    if (named->text != NULL && named->size > 0) {
-        o->instance = clipped_interned(named->text, named->size, o->name_limit);
-        if (o->instance == NULL) { Py_CLEAR(o->service); return -1; }
-    } else {
-        o->instance = Py_NewRef(Py_None);
+    if ((o->service = resource_name(&service, o->name_limit, unknown_service)) == NULL)
+        return -1;
+    o->instance = resource_name(pod.text != NULL && pod.size > 0 ? &pod : &instance, o->name_limit, Py_None);
+    if (o->instance == NULL) {
+        Py_CLEAR(o->service);
+        return -1;
     }
     Field f, sf;
     int status, s2, rc = 0;
@@ -838,7 +857,7 @@ static int resource_spans(Out *o, Reader r, PyObject *unknown_service) {
         FOR_FIELDS(scope, sf, s2) {
             if (sf.field != 2 || sf.wire != LEN)
                 continue;
-            if ((rc = span(o, READER(sf))) < 0)
+            if ((rc = item(o, READER(sf))) < 0)
                 goto done;
         }
         if (s2 < 0) { rc = unsupported(); goto done; }
@@ -848,6 +867,18 @@ done:
     Py_CLEAR(o->service);
     Py_CLEAR(o->instance);
     return rc;
+}
+
+/* Every item of a request (field 1: its ResourceSpans / ResourceLogs). */
+static int request_items(Out *o, const Py_buffer *data, PyObject *unknown_service, ItemReader item) {
+    Reader r = {data->buf, (const uint8_t *)data->buf + data->len};
+    Field f;
+    int status;
+    FOR_FIELDS(r, f, status) {
+        if (f.field == 1 && f.wire == LEN && resource_items(o, READER(f), unknown_service, item) < 0)
+            return -1;
+    }
+    return status < 0 ? unsupported() : 0;
 }
 
 PyDoc_STRVAR(decode_spans_doc,
@@ -871,7 +902,7 @@ static PyObject *decode_spans(PyObject *Py_UNUSED(self), PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*O!O!nnnU", &data, &PyDict_Type, &stages, &PyFrozenSet_Type, &kept_keys,
                           &name_limit, &value_limit, &max_errors, &unknown_service))
         return NULL;
-    if (!certainly_valid(data.buf, (const uint8_t *)data.buf + data.len, 0, 0)) {
+    if (!certainly_valid(data.buf, (const uint8_t *)data.buf + data.len, TRACES_ROOT, 0)) {
         PyErr_SetString(Unsupported, "not shown to be valid here: upb decides");
         PyBuffer_Release(&data);
         return NULL;
@@ -881,25 +912,125 @@ static PyObject *decode_spans(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *result = NULL;
     if (o.rows == NULL || o.errors == NULL || o.pending == NULL || o.evented == NULL)
         goto done;
-    Reader r = {data.buf, (const uint8_t *)data.buf + data.len};
-    Field f;
-    int status;
-    FOR_FIELDS(r, f, status) {
-        if (f.field != 1 || f.wire != LEN)
-            continue;
-        if (resource_spans(&o, READER(f), unknown_service) < 0)
-            goto done;
-    }
-    if (status < 0) {
-        unsupported();
+    if (request_items(&o, &data, unknown_service, span) < 0)
         goto done;
-    }
     result = Py_BuildValue("(OnOOO)", o.rows, o.rejected, o.errors, o.pending, o.evented);
 done:
     Py_XDECREF(o.rows);
     Py_XDECREF(o.errors);
     Py_XDECREF(o.pending);
     Py_XDECREF(o.evented);
+    PyBuffer_Release(&data);
+    return result;
+}
+
+/* A log body as the reference reads it: a string clipped; any other value str() of
+ * it when it is truthy, else "", then clipped. */
+static PyObject *log_body(const Field *member, Py_ssize_t limit) {
+    if (member->field == 1)
+        return clipped(member->data, member->size, limit);
+    PyObject *value = any_value_object(member, limit);
+    if (value == NULL)
+        return NULL;
+    int truthy = PyObject_IsTrue(value);
+    PyObject *text = truthy < 0 ? NULL : truthy ? PyObject_Str(value) : PyUnicode_New(0, 0);
+    Py_DECREF(value);
+    if (text == NULL || PyUnicode_GET_LENGTH(text) <= limit)
+        return text;
+    PyObject *cut = PyUnicode_Substring(text, 0, limit);
+    Py_DECREF(text);
+    return cut;
+}
+
+/* One LogRecord -> a LogRow (otlp_proto.decode_logs_message is the reference). */
+static int log_record(Out *o, Reader r) {
+    const uint8_t *trace = NULL, *span_id = NULL, *text = (const uint8_t *)"";
+    Py_ssize_t trace_size = 0, span_size = 0, text_size = 0;
+    uint64_t time = 0, observed = 0;
+    int32_t severity = 0;
+    Field body = {0}, f;
+    int status;
+    FOR_FIELDS(r, f, status) {
+        switch (f.field) {
+        case 1: if (f.wire == I64) time = f.value; break;
+        case 2: if (f.wire == VARINT) severity = (int32_t)f.value; break;
+        case 3: if (f.wire == LEN) { text = f.data; text_size = f.size; } break;
+        case 5: if (f.wire == LEN && any_value_member(READER(f), &body) < 0) return unsupported(); break;
+        case 9: if (f.wire == LEN) { trace = f.data; trace_size = f.size; } break;
+        case 10: if (f.wire == LEN) { span_id = f.data; span_size = f.size; } break;
+        case 11: if (f.wire == I64) observed = f.value; break;
+        }
+    }
+    if (status < 0)
+        return unsupported();
+    if (trace_size == 0)
+        return 0; /* nothing to link it to: skipped, not rejected */
+    if (trace_size != 16 || (span_size && span_size != 8)) {
+        o->rejected++;
+        if (PyList_GET_SIZE(o->errors) >= o->max_errors)
+            return 0;
+        if (trace_size != 16)
+            return keep_error(o, PyUnicode_FromFormat("log record: trace_id must be 16 bytes, got %zd", trace_size));
+        char a[2 * 16 + 1];
+        hex(a, trace, 16);
+        return keep_error(o, PyUnicode_FromFormat("log record of trace %s: span_id must be 8 bytes, got %zd", a,
+                                                  span_size));
+    }
+    PyObject *values[7] = {
+        PyBytes_FromStringAndSize((const char *)trace, 16),
+        span_size ? PyBytes_FromStringAndSize((const char *)span_id, 8) : Py_NewRef(Py_None),
+        PyLong_FromUnsignedLongLong(time ? time : observed),
+        PyLong_FromLong(severity),
+        PyUnicode_DecodeUTF8((const char *)text, text_size, NULL),
+        log_body(&body, o->value_limit),
+        Py_NewRef(o->service),
+    };
+    for (int i = 0; i < 7; i++) {
+        if (values[i] == NULL) {
+            for (int k = 0; k < 7; k++)
+                Py_XDECREF(values[k]);
+            return -1;
+        }
+    }
+    PyObject *row = fill(&log_slots, values);
+    if (row == NULL)
+        return -1;
+    PyObject_GC_UnTrack(row); /* bytes, ints and strings: no cycles (as add_row's span rows) */
+    int rc = PyList_Append(o->rows, row);
+    Py_DECREF(row);
+    return rc;
+}
+
+PyDoc_STRVAR(decode_logs_doc,
+"decode_logs(data, name_limit, body_limit, max_errors, unknown_service) -> (rows, rejected, errors)\n\n"
+"The LogRow of each log record with a trace id in a serialized ExportLogsServiceRequest /\n"
+"LogsData. Raises Unsupported for bytes it cannot show to be valid protobuf (upb must\n"
+"decide) or a layout it does not walk (a body that is an array or a key-value list).");
+
+static PyObject *decode_logs(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer data;
+    PyObject *unknown_service;
+    Py_ssize_t name_limit, body_limit, max_errors;
+    if (log_slots.type == NULL || schema == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() first");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "y*nnnU", &data, &name_limit, &body_limit, &max_errors, &unknown_service))
+        return NULL;
+    PyObject *result = NULL;
+    Out o = {.rows = PyList_New(0), .errors = PyList_New(0), .name_limit = name_limit, .value_limit = body_limit,
+             .max_errors = max_errors};
+    if (o.rows == NULL || o.errors == NULL)
+        goto done;
+    if (!certainly_valid(data.buf, (const uint8_t *)data.buf + data.len, logs_root, 0)) {
+        PyErr_SetString(Unsupported, "not shown to be valid here: upb decides");
+        goto done;
+    }
+    if (request_items(&o, &data, unknown_service, log_record) == 0)
+        result = Py_BuildValue("(OnO)", o.rows, o.rejected, o.errors);
+done:
+    Py_XDECREF(o.rows);
+    Py_XDECREF(o.errors);
     PyBuffer_Release(&data);
     return result;
 }
@@ -1881,9 +2012,11 @@ static PyObject *json_nesting(PyObject *Py_UNUSED(self), PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS,
-     "bind(SpanRow, Span, schema, any_value): the classes whose slots decode_spans and expand fill,\n"
-     "the traces message schema and the index of AnyValue in it."},
+     "bind(SpanRow, Span, LogRow, schema, any_value, logs_root): the classes whose slots the decoders and\n"
+     "expand fill, the message schema (the traces request first), the index of AnyValue and of the\n"
+     "logs request in it."},
     {"decode_spans", decode_spans, METH_VARARGS, decode_spans_doc},
+    {"decode_logs", decode_logs, METH_VARARGS, decode_logs_doc},
     {"decode_json_spans", decode_json_spans, METH_VARARGS, decode_json_spans_doc},
     {"expand", expand, METH_O, expand_doc},
     {"self_times", self_times, METH_VARARGS, self_times_doc},

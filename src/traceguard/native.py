@@ -8,14 +8,15 @@
 from __future__ import annotations
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from traceguard.records import Span, SpanRow
+from traceguard.records import LogRow, Span, SpanRow
 
 
-def wire_schema(root: Descriptor) -> tuple[list[list[tuple[int, int, int, bool, bool]]], dict[str, int]]:
-    """Every message type reachable from ``root``, root first, each as its fields'
+def wire_schema(*roots: Descriptor) -> tuple[list[list[tuple[int, int, int, bool, bool]]], dict[str, int]]:
+    """Every message type reachable from the ``roots``, the first root first, each as its fields'
     (number, FieldDescriptor type, index of the field's message type or -1,
     repeated, in a oneof); and the index of each type by full name.
 
@@ -36,7 +37,8 @@ def wire_schema(root: Descriptor) -> tuple[list[list[tuple[int, int, int, bool, 
                                field.containing_oneof is not None))
         return index[message.full_name]
 
-    visit(root)
+    for root in roots:
+        visit(root)
     return messages, index
 
 
@@ -45,5 +47,6 @@ try:
 except ImportError:
     rows = None
 else:
-    _messages, _index = wire_schema(ExportTraceServiceRequest.DESCRIPTOR)
-    rows.bind(SpanRow, Span, _messages, _index[AnyValue.DESCRIPTOR.full_name])
+    _messages, _index = wire_schema(ExportTraceServiceRequest.DESCRIPTOR, ExportLogsServiceRequest.DESCRIPTOR)
+    rows.bind(SpanRow, Span, LogRow, _messages, _index[AnyValue.DESCRIPTOR.full_name],
+              _index[ExportLogsServiceRequest.DESCRIPTOR.full_name])

@@ -3,12 +3,12 @@
 ``ExportTraceServiceRequest`` and ``TracesData`` share their wire layout (field
 1, repeated ResourceSpans), as do ``ExportLogsServiceRequest`` and
 ``LogsData``, so one message type decodes both. This is the hot path of every
-source. Traces: the C walk in ``_rows.c`` checks the bytes against the
-message schema as upb would and reads the kept fields straight from them into
-span rows; whatever it cannot show valid goes to upb, so accepting and
-rejecting stay upb's decisions. ``decode_traces_message`` over upb's parse is
-the reference it is tested against and the fallback where the extension is not
-built or meets a layout it does not walk.
+source. The C walks in ``_rows.c`` check the bytes against the message schema
+as upb would and read the kept fields straight from them into span and log
+rows; whatever they cannot show valid goes to upb, so accepting and rejecting
+stay upb's decisions. ``decode_traces_message`` and ``decode_logs_message``
+over upb's parse are the references they are tested against, and the fallback
+where the extension is not built or meets a layout it does not walk.
 """
 
 from __future__ import annotations
@@ -171,6 +171,13 @@ def decode_logs_proto(data: bytes, config: DecodeConfig) -> Decoded[LogRow]:
     Raises:
         DecodeError: the bytes are not such a message.
     """
+    if native is not None:
+        try:
+            rows, rejected, errors = native.decode_logs(data, config.max_name_length, config.max_log_body_length,
+                                                        MAX_ERROR_MESSAGES, UNKNOWN_SERVICE)
+            return Decoded(rows, rejected, errors)
+        except native.Unsupported:
+            pass  # as for traces: upb and the reference decide
     try:
         request = ExportLogsServiceRequest.FromString(data)
     except (ProtoDecodeError, RuntimeError) as exc:
