@@ -91,6 +91,21 @@ def test_a_judges_traces_fill_the_stage_series_its_member_shows():
     assert len(stage["latency"]) >= 8 and stage["errors"]
 
 
+def test_a_trace_judged_at_an_unchanged_clock_reaches_the_windowed_detectors():
+    """advance_detectors skips a call that would find nothing new (the clock where it
+    was, nothing given since); a trace judged in between is something new: with a
+    forest batch of one, the next call at the same time scores it."""
+    clock = SetClock(deterministic=True)
+    pipeline = Pipeline(PipelineConfig(learned={"forest": {"batch": 1}}), clock, [], judging=True)
+    trace = decide(row(1, 1, kind=KIND_SERVER, service="api", name="GET /", end_ms=20))
+    clock.set(trace.decided_at)
+    pipeline.advance_detectors()
+    pipeline.judge(trace)
+    assert pipeline.batched() == 1
+    pipeline.advance_detectors()
+    assert pipeline.batched() == 0
+
+
 def outcome(outs: list[Path], states: list[Path]) -> tuple[dict[str, dict], dict[str, dict]]:
     """Every finding (last version by id) and every incident (last version by id) of these members."""
     findings: dict[str, dict] = {}

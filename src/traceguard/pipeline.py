@@ -107,6 +107,9 @@ class Pipeline:
         self._on_decided = on_decided
         self._keep_trace = keep_trace
         self._closed = False
+        # advance_detectors' last clock time, None once anything a windowed detector or the
+        # incident tracker reads has changed since (a trace, a late span, a finding, a restore)
+        self._advanced_at: int | None = None
 
     def accept_spans(self, rows: Iterable[SpanRow], events: Sequence[LogRow] = ()) -> None:
         """Spans, and their events as log records (in the index before the spans can decide a trace)."""
@@ -139,10 +142,16 @@ class Pipeline:
         """The windowed detectors' work for the time that passed (the forest scores its
         batch); a judge calls it as the members' watermark moves its clock."""
         now = self._clock.now()
+        if now == self._advanced_at:
+            # Their work depends on the clock and on what they were given, and neither
+            # moved: a second call would find nothing. A replay calls this after each
+            # message, logs included, and most messages move neither.
+            return
         for detector in self._windowed:
             for anomaly in detector.advance(now):
                 self._emit(anomaly, self._logs_of(anomaly))
         self.incidents.advance(now)
+        self._advanced_at = now
 
     def score_batches(self) -> None:
         """The forest scores the decided traces it holds for its next batch now, early:
@@ -211,6 +220,7 @@ class Pipeline:
             model_store.restore_structure(self.models, checkpoint["structure"])
         if "bursts" in checkpoint:
             self.incidents.restore(checkpoint["bursts"])
+        self._advanced_at = None
 
     def close(self, decide_in_flight: bool = True, deadline: float | None = None) -> int:
         """Decides everything still in flight and settles the learned detectors
@@ -253,6 +263,7 @@ class Pipeline:
                 self._on_decided(trace)
             return
         trace.logs = self.logs.get(trace.trace_id)
+        self._advanced_at = None
         found: list[Anomaly] = []
         for detector in self._completeness:
             found.extend(detector.detect(trace))
@@ -297,6 +308,7 @@ class Pipeline:
 
     def _emit(self, anomaly: Anomaly, logs: list[LogRow], trace: Trace | None = None) -> None:
         """Through the incident tracker, which may keep a per-trace finding on its incident instead."""
+        self._advanced_at = None
         if not self.incidents.route(anomaly, trace):
             self.metrics.inc("traceguard_findings_attached_total", kind=anomaly.kind.value)
             return
