@@ -32,6 +32,7 @@ def test_index_is_bounded_per_trace_and_in_total_and_counts_what_it_drops():
     index.add([log(trace=1, time=i) for i in range(4)])
     assert len(index.get(tid(1))) == 3
     assert metrics.get("traceguard_logs_dropped_total", reason="per_trace_bound") == 1
+    assert metrics.get("traceguard_logs_indexed_total") == 3
     index.add([log(trace=2, time=i) for i in range(3)])
     assert index.get(tid(1)) == [] and len(index.get(tid(2))) == 3
     assert metrics.get("traceguard_logs_evicted_total", reason="bound") == 3
@@ -60,4 +61,4 @@ def test_a_record_delivered_again_is_held_once_and_counted():
     assert [(l.span_id, l.time, l.body) for l in index.get(tid(1))] == [
         (sid(2), 5, "a"), (sid(2), 5, "b"), (sid(3), 5, "a"), (sid(3), 6, "a")]
     assert metrics.get("traceguard_logs_dropped_total", reason="duplicate") == 2
-    assert index.records == 4
+    assert index.records == 4 == metrics.get("traceguard_logs_indexed_total")
