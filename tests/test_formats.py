@@ -20,7 +20,8 @@ from traceguard.sources.replay import Batch, read_file
 from traceguard.decode.jaeger_json import decode_jaeger_traces
 from traceguard.decode.zipkin_json import decode_zipkin_spans, shared_server_id
 from traceguard.assemble.assembler import to_span
-from traceguard.records import KIND_CLIENT, KIND_SERVER, STATUS_ERROR
+from traceguard.records import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, LogRow
+from builders import MS, T0, row
 
 GOLDEN = Path(__file__).parent / "data" / "formats"
 
@@ -191,3 +192,16 @@ def test_a_document_is_streamed_not_read_whole(tmp_path):
 
     small, large = peak_heap(10_000), peak_heap(40_000)
     assert large < 1.2 * small, (small, large)
+
+
+def test_a_batch_merges_by_its_earliest_event_an_unfinished_span_by_its_start():
+    """Files are merged by this key: finished spans by their end, an unfinished one
+    (end 0) by its start, log records by their time; zero times do not count."""
+    finished = Batch("traces", "f", rows=[row(1, 1, start_ms=0, end_ms=30), row(1, 2, start_ms=5, end_ms=20)])
+    assert finished.event_time() == T0 + 20 * MS
+    unfinished = Batch("traces", "u", rows=[row(1, 1, start_ms=0, end_ms=30), row(1, 2, start_ms=12, end_ms=None)])
+    assert unfinished.event_time() == T0 + 12 * MS
+    logs = Batch("logs", "l", rows=[LogRow(b"\1" * 16, None, 0, 9, "", "x", "svc"),
+                                    LogRow(b"\1" * 16, None, T0 + 7, 9, "", "y", "svc")])
+    assert logs.event_time() == T0 + 7
+    assert Batch("traces", "e").event_time() == 0 == Batch("logs", "e").event_time()
