@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
 from benchmarks.scenario import ScenarioConfig, generate
@@ -19,10 +20,11 @@ REQUEST_SPANS = 512
 
 
 def scenario_requests(traces: int, seed: int = 7, request_spans: int = REQUEST_SPANS, fault_rate: float | None = None,
-                      **config):
+                      logs: list | None = None, **config):
     """The generator's spans in export order, re-packed into requests of ``request_spans``
     spans (as a busy SDK or Collector batches them); ``fault_rate``: the generator's default
-    if None; ``config``: other ``ScenarioConfig`` fields."""
+    if None; ``logs``: where the log export requests go, as the SDK exports them (dropped
+    if None); ``config``: other ``ScenarioConfig`` fields."""
     pending: list = []
     requests = []
 
@@ -33,7 +35,8 @@ def scenario_requests(traces: int, seed: int = 7, request_spans: int = REQUEST_S
             del pending[:request_spans]
 
     faults = {} if fault_rate is None else {"fault_rate": fault_rate}
-    generate(ScenarioConfig(traces=traces, seed=seed, duration_s=traces / 3, **faults, **config), collect, lambda *_: None)
+    collect_logs = (lambda _service, records: logs.append(encode_logs(records))) if logs is not None else (lambda *_: None)
+    generate(ScenarioConfig(traces=traces, seed=seed, duration_s=traces / 3, **faults, **config), collect, collect_logs)
     if pending:
         requests.append(encode_spans(pending))
     return requests

@@ -12,7 +12,9 @@ that order are not the replay's.
 
 Measured on the benchmark input of ``replay_throughput`` (length-prefixed
 OTLP protobuf and OTLP/JSON lines): the ceiling (``FromString`` over every
-message), replay with the structural detectors, replay with every detector.
+message), replay with the structural detectors, replay with every detector,
+and replay with every detector and the scenario's log records (as its SDKs
+export them; still per span, the logs' cost included).
 ``--compare SRC`` measures a second source tree (e.g. a ``git worktree`` of
 an earlier commit) on the same input, for a same-input A/B.
 
@@ -34,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("ceiling", "structural", "structural_json", "every")
+MODES = ("ceiling", "structural", "structural_json", "every", "every_with_logs")
 
 
 def child(mode: str, path: Path, times: int) -> None:
@@ -61,9 +63,10 @@ def child(mode: str, path: Path, times: int) -> None:
             for body in bodies:
                 ExportTraceServiceRequest.FromString(body)
         return
+    logs = [path.with_name("logs.pb")] if mode == "every_with_logs" else []
     with open(os.devnull, "w") as devnull:
         for _ in range(times):
-            run_replay([path], [], config, [JsonlSink(devnull)])
+            run_replay([path], logs, config, [JsonlSink(devnull)])
 
 
 def instructions(src: Path, mode: str, path: Path, times: int) -> int:
@@ -98,16 +101,20 @@ def main() -> None:
     from benchmarks.common import scenario_requests
     from benchmarks.scenario import length_prefixed, otlp_json
 
-    requests = scenario_requests(args.traces)
+    log_requests: list = []
+    requests = scenario_requests(args.traces, logs=log_requests)
     spans = sum(len(ss.spans) for r in requests for rs in r.resource_spans for ss in rs.scope_spans)
+    records = sum(len(sl.log_records) for r in log_requests for rl in r.resource_logs for sl in rl.scope_logs)
     with tempfile.TemporaryDirectory() as tmp:
         proto, jsonl = Path(tmp) / "traces.pb", Path(tmp) / "traces.jsonl"
         proto.write_bytes(b"".join(length_prefixed(r) for r in requests))
         jsonl.write_text("".join(otlp_json(r) + "\n" for r in requests))
-        files = {"ceiling": proto, "structural": proto, "structural_json": jsonl, "every": proto}
+        (Path(tmp) / "logs.pb").write_bytes(b"".join(length_prefixed(r) for r in log_requests))
+        files = {"ceiling": proto, "structural": proto, "structural_json": jsonl, "every": proto,
+                 "every_with_logs": proto}
         trees = {"this": ROOT / "src", **({"compare": args.compare} if args.compare else {})}
         results = {name: measure(src, files) for name, src in trees.items()}
-    report = {"benchmark": "replay_instructions", "traces": args.traces, "spans": spans,
+    report = {"benchmark": "replay_instructions", "traces": args.traces, "spans": spans, "log_records": records,
               "instructions_per_span": {name: {mode: round(count / spans) for mode, count in counts.items()}
                                         for name, counts in results.items()},
               "ratio_to_ceiling": {name: {mode: round(counts["ceiling"] / counts[mode], 4) for mode in MODES[1:]}
