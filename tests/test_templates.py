@@ -4,9 +4,9 @@ import numpy as np
 
 from builders import MS, T0, row, sid, tid
 from traceguard.assemble import EventTimeClock
-from traceguard.config import PipelineConfig
+from traceguard.config import PipelineConfig, TemplatesConfig
 from traceguard.models import store
-from traceguard.models.templates import masked_head
+from traceguard.models.templates import _SEEN_LINES, TemplateModel, masked_head
 from traceguard.pipeline import Pipeline
 from traceguard.records import KIND_CLIENT, KIND_SERVER, LogRow
 from traceguard.sinks import MemorySink
@@ -22,6 +22,16 @@ def test_variable_parts_are_masked_and_only_the_first_line_is_mined():
     assert masked_head("order 0f8fad5b-d9cb-469f-a165-70867728950e for cafebabe12 failed", 300) == \
         "order <UUID> for <HEX> failed"
     assert masked_head("ValueError: bad\nTraceback ...\n  File x", 300) == "ValueError: bad"
+
+
+def test_a_head_seen_before_mines_as_its_masked_form_and_the_memory_is_bounded():
+    model, fresh = TemplateModel(TemplatesConfig(), 0.01), TemplateModel(TemplatesConfig(), 0.01)
+    bodies = [f"user {i % 7} id{i}x\nstack {i}" for i in range(_SEEN_LINES + 100)] + ["user 3 id5x\nother stack"]
+    for body in bodies:
+        mined = model.template("api", body)
+        # the same template as mining the masked head by hand, in a model that has seen the same lines
+        assert mined == fresh.template("api", masked_head(body, 300)), body
+    assert 0 < len(model._masked) <= _SEEN_LINES
 
 
 RETRY = "connection to db reset, retrying in {ms} ms (attempt {n})"

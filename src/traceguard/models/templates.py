@@ -7,7 +7,8 @@ IP addresses, URLs' ids, numbers and timestamps, so ``user 17 from
 10.0.0.1`` and ``user 18 from 10.0.0.2`` are one template. Only a line's
 first line is mined (an exception's "type: message", not its stack trace),
 cut to ``max_line``; a masked line seen before keeps the template it got
-(the tree search is most of the cost, and most lines repeat once masked). Severity is never read: it is often missing or wrong.
+(the tree search is most of the cost, and most lines repeat once masked), and
+a head seen before is not masked again. Severity is never read: it is often missing or wrong.
 
 Frequencies are per service: each template's share of the service's lines,
 decayed over ``half_life``. The lines of a rare template, or of one far
@@ -138,6 +139,7 @@ class TemplateModel:
         self.index_ = -1
         self.untracked_lines_ = 0
         self.changes_: list[TemplateJump] = []  # jumps opened, updated or resolved, until taken
+        self._masked: dict[str, str] = {}  # a line's head -> masked_head of it (bounded)
 
     def _miner(self) -> Drain:
         return Drain(depth=4, sim_th=0.4, max_children=100, max_clusters=self.config.max_templates)
@@ -153,7 +155,12 @@ class TemplateModel:
                 self.untracked_lines_ += 1
                 return None
             templates = self.services_[service] = ServiceTemplates(self._miner())
-        line = masked_head(body, self.config.max_line)
+        head = body.split("\n", 1)[0][: self.config.max_line]
+        line = self._masked.get(head)
+        if line is None:  # five regular expressions per line were a fifth of the log path; many lines repeat exactly
+            if len(self._masked) >= _SEEN_LINES:
+                self._masked.clear()
+            line = self._masked[head] = masked_head(head, self.config.max_line)
         cluster_id = templates.seen.get(line)
         cluster = templates.miner.id_to_cluster.get(cluster_id) if cluster_id is not None else None
         if cluster is None:  # a line not seen in this form (or whose template the miner forgot): mined
