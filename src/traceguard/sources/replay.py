@@ -70,11 +70,12 @@ class Batch:
         """The earliest event in the batch: the key that merges files in event time
         (an unfinished span's event is its start)."""
         if self.signal == "traces":
-            ends = [row.end for row in self.rows]
-            if 0 not in ends:  # every span finished: the common case, without a generator per row
-                return min(ends, default=0)
-            return min((time for time in (row.end or row.start for row in self.rows) if time), default=0)
-        return min((row.time for row in self.rows if row.time), default=0)
+            times = [row.end for row in self.rows]
+            if 0 in times:  # rare: SpanRow.start unpacks the row
+                times = [row.end or row.start for row in self.rows]
+        else:
+            times = [row.time for row in self.rows]
+        return min(filter(None, times), default=0)
 
 
 def open_input(path: Path) -> BinaryIO:
