@@ -50,10 +50,9 @@ import statistics
 from collections import Counter, OrderedDict, deque
 from typing import Callable
 
-from scipy.stats import poisson
-
 from traceguard.config import IncidentConfig
 from traceguard.detect.base import times, utc
+from traceguard.models.chance import poisson_sf
 from traceguard.models.features import callee_of, latency_keys, latency_samples, network_parts, stages
 from traceguard.records import (KIND_NAMES, KIND_NETWORK, STATUS_ERROR, Anomaly, AnomalyKind, Incident, IncidentStage,
                                 Span, Trace)
@@ -451,7 +450,7 @@ class IncidentTracker:
         before, history = count - (len(recent) - 1), recent[0][0] - first
         if before > 0 and history > 0:
             rate = before / history
-            if rate * poisson.sf(len(recent) - 2, rate * window) * self.config.burst_by_chance > 1:
+            if rate * poisson_sf(len(recent) - 2, rate * window) * self.config.burst_by_chance > 1:
                 return
         del self._bursts[stage]
         incident = self._incident_for(stage, signal)

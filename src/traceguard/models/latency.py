@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from scipy.stats import binom, norm
 
 from traceguard.config import LatencyConfig
+from traceguard.models.chance import binomial_sf, normal_sf
 from traceguard.models.features import Stage, latency_keys, latency_samples, stages
 from traceguard.models.histogram import LogHistogram
 from traceguard.models.tails import MIN_TAIL_SAMPLES, SHARE, exponential_tail, tail_reference
@@ -133,7 +133,7 @@ class LatencyModel:
         self.untracked_samples_ = 0
         self._decay = 0.5 ** (config.window / config.baseline_half_life) if config.baseline_half_life else 1.0
         self._min_shift = math.log(config.regression_min_ratio)
-        self._chance = float(norm.sf(config.regression_z))
+        self._chance = normal_sf(config.regression_z)
         self._swept = 0
         # hears each closed window's (stage, start, samples, p50, p95 self time in ns): the stage page's series
         self.on_window: Callable[[Stage, int, int, float, float], None] | None = None
@@ -298,7 +298,7 @@ class LatencyModel:
         cut = median + self._min_shift
         share = stage.self_hist.share_above(cut)
         above = int(np.count_nonzero(pooled > cut))
-        return float(binom.sf(above - 1, len(pooled), share)) <= self._chance
+        return binomial_sf(above - 1, len(pooled), share) <= self._chance
 
     def _forget_run(self, stage: StageLatency, events: list[Regression]) -> None:
         """After a gap of more than ``persist_windows`` windows without samples, the
