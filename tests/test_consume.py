@@ -23,6 +23,7 @@ from kafka import KafkaConsumer
 
 from benchmarks.kafka_feed import committed, create_topics, feed
 from benchmarks.scenario import ScenarioConfig, write_scenario
+from traceguard.records import Anomaly
 
 PARTITIONS = 4
 # Frequent commits, so a kill lands between them; fast rebalances.
@@ -302,10 +303,11 @@ def consume_in_process(bootstrap: str, traces: str, logs: str, work: Path, name:
     return consumer.run(threading.Event()), consumer
 
 
-def stored_findings(work: Path) -> set[str]:
+def stored_findings(work: Path) -> dict[str, Anomaly]:
+    """The findings store's findings, by id."""
     from traceguard.sinks.sqlite import SqliteStore
 
-    return {a.id for a in SqliteStore(work / "state" / "anomalies.sqlite").query(limit=1_000_000)[0]}
+    return {a.id: a for a in SqliteStore(work / "state" / "anomalies.sqlite").query(limit=1_000_000)[0]}
 
 
 def test_findings_the_store_cannot_write_stop_the_commit_and_are_found_again(kafka_bootstrap, scenario_proto,
@@ -323,6 +325,6 @@ def test_findings_the_store_cannot_write_stop_the_commit_and_are_found_again(kaf
     assert held
     status, second = consume_in_process(kafka_bootstrap, traces, logs, tmp_path, "second", full=False)
     assert status == 0 and committed(kafka_bootstrap, f"g_{traces}") > before
-    stored = stored_findings(tmp_path)
+    stored = stored_findings(tmp_path).keys()
     assert held <= stored and set(findings(tmp_path / "second.jsonl")) <= stored
     assert second.pipeline.metrics.get("traceguard_store_backlog") == 0

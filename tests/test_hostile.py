@@ -271,13 +271,15 @@ def test_deeply_nested_jaeger_or_zipkin_is_corrupt_at_once_not_gigabytes(tmp_pat
 
     path = tmp_path / "deep.json"
     path.write_bytes(document)
-    code = ("import resource, sys; from traceguard.cli import main; status = main(['replay', sys.argv[1], "
-            "'--out', '/dev/null']); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
-            "sys.exit(status)")
+    # the peak of this process's own memory (VmHWM): ru_maxrss also counts the parent's peak
+    # at the spawn, which for pytest late in the suite is past the bound by itself
+    code = ("import re, sys; from traceguard.cli import main; status = main(['replay', sys.argv[1], "
+            "'--out', '/dev/null']); status_file = open('/proc/self/status').read(); "
+            "print(re.search(r'VmHWM:\\s+(\\d+) kB', status_file)[1], file=sys.stderr); sys.exit(status)")
     result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
     assert "nested deeper than 64 levels" in result.stderr, result.stderr
     assert result.returncode == 2 and "no span could be read from the input" in result.stderr  # nothing else in it
-    assert int(result.stderr.strip().splitlines()[-1]) < 400_000  # KiB: start-up is ~150 MB
+    assert int(result.stderr.strip().splitlines()[-1]) < 400_000  # KiB: start-up is 75-120 MB
 
 
 def test_http_listeners_bound_connections_slow_headers_and_stalled_bodies(tmp_path):

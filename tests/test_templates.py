@@ -6,7 +6,7 @@ from builders import MS, T0, row, sid, tid
 from traceguard.assemble import EventTimeClock
 from traceguard.config import PipelineConfig, TemplatesConfig
 from traceguard.models import store
-from traceguard.models.templates import _SEEN_LINES, TemplateModel, masked_head
+from traceguard.models.templates import TemplateModel, masked_head
 from traceguard.pipeline import Pipeline
 from traceguard.records import KIND_CLIENT, KIND_SERVER, LogRow
 from traceguard.sinks import MemorySink
@@ -25,13 +25,14 @@ def test_variable_parts_are_masked_and_only_the_first_line_is_mined():
 
 
 def test_a_head_seen_before_mines_as_its_masked_form_and_the_memory_is_bounded():
-    model, fresh = TemplateModel(TemplatesConfig(), 0.01), TemplateModel(TemplatesConfig(), 0.01)
-    bodies = [f"user {i % 7} id{i}x\nstack {i}" for i in range(_SEEN_LINES + 100)] + ["user 3 id5x\nother stack"]
+    config = TemplatesConfig(max_templates=50)
+    model, fresh = TemplateModel(config, 0.01), TemplateModel(config, 0.01)
+    bodies = [f"user {i % 7} id{i % 60}x\nstack {i}" for i in range(400)] + ["user 3 id5x\nother stack"]
     for body in bodies:
         mined = model.template("api", body)
         # the same template as mining the masked head by hand, in a model that has seen the same lines
         assert mined == fresh.template("api", masked_head(body, 300)), body
-    assert 0 < len(model._masked) <= _SEEN_LINES
+    assert 0 < len(model._masked) <= config.max_templates
 
 
 RETRY = "connection to db reset, retrying in {ms} ms (attempt {n})"

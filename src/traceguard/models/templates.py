@@ -139,7 +139,7 @@ class TemplateModel:
         self.index_ = -1
         self.untracked_lines_ = 0
         self.changes_: list[TemplateJump] = []  # jumps opened, updated or resolved, until taken
-        self._masked: dict[str, str] = {}  # a line's head -> masked_head of it (bounded)
+        self._masked: dict[str, str] = {}  # a line's head -> masked_head of it, up to max_templates heads
 
     def _miner(self) -> Drain:
         return Drain(depth=4, sim_th=0.4, max_children=100, max_clusters=self.config.max_templates)
@@ -158,7 +158,7 @@ class TemplateModel:
         head = body.split("\n", 1)[0][: self.config.max_line]
         line = self._masked.get(head)
         if line is None:  # five regular expressions per line were a fifth of the log path; many lines repeat exactly
-            if len(self._masked) >= _SEEN_LINES:
+            if len(self._masked) >= self.config.max_templates:
                 self._masked.clear()
             line = self._masked[head] = masked_head(head, self.config.max_line)
         cluster_id = templates.seen.get(line)
