@@ -199,11 +199,12 @@ def test_a_judge_saves_no_state_past_findings_its_store_cannot_write(kafka_boots
     consume ends with an error; run again with room, the judge judges their traces
     again and the store has them all.
 
-    Judged again, a held trace may be found otherwise: the second run's members
-    decide again what the first decided, and the judge takes those it had judged
-    before its snapshot once more (at least once), so a kind that counts what came
-    before may now call the trace's stage routine (one stage-level finding naming
-    it) instead of reporting the trace alone."""
+    Judged again, a held trace may be found otherwise: restored from its snapshot,
+    the judge takes the traces after it in another order and at other clock times
+    than the first run did (records its members wrote around the snapshot's offset),
+    and a kind whose verdict counts what came before may then call the trace's
+    stage routine (one stage-level finding naming it) instead of reporting the
+    trace alone. Seen once with context_outlived_parent."""
     traces, logs = topics(kafka_bootstrap)
     feed(kafka_bootstrap, scenario_proto, traces, logs)
     # the judge tries to snapshot all along; the member commits only at its end
