@@ -393,14 +393,18 @@ static int unsupported(void) {
     return -1;
 }
 
-/* The text, cut to ``limit`` code points (the reference's clip). */
-static PyObject *clipped(const uint8_t *text, Py_ssize_t size, Py_ssize_t limit) {
-    PyObject *s = PyUnicode_DecodeUTF8((const char *)text, size, NULL);
+/* The string (a new reference, stolen; NULL passes through), cut to ``limit`` code
+ * points: the reference's clip. */
+static PyObject *clip(PyObject *s, Py_ssize_t limit) {
     if (s == NULL || PyUnicode_GET_LENGTH(s) <= limit)
         return s;
     PyObject *cut = PyUnicode_Substring(s, 0, limit);
     Py_DECREF(s);
     return cut;
+}
+
+static PyObject *clipped(const uint8_t *text, Py_ssize_t size, Py_ssize_t limit) {
+    return clip(PyUnicode_DecodeUTF8((const char *)text, size, NULL), limit);
 }
 
 static PyObject *clipped_interned(const uint8_t *text, Py_ssize_t size, Py_ssize_t limit) {
@@ -935,11 +939,7 @@ static PyObject *log_body(const Field *member, Py_ssize_t limit) {
     int truthy = PyObject_IsTrue(value);
     PyObject *text = truthy < 0 ? NULL : truthy ? PyObject_Str(value) : PyUnicode_New(0, 0);
     Py_DECREF(value);
-    if (text == NULL || PyUnicode_GET_LENGTH(text) <= limit)
-        return text;
-    PyObject *cut = PyUnicode_Substring(text, 0, limit);
-    Py_DECREF(text);
-    return cut;
+    return clip(text, limit);
 }
 
 /* One LogRecord -> a LogRow (otlp_proto.decode_logs_message is the reference). */
