@@ -35,7 +35,7 @@ from traceguard.decode.otlp_json import _event_logs, _walk_traces
 from traceguard.assemble.assembler import _expand_rows
 from traceguard.decode.otlp_proto import _decode_native, decode_logs_message, decode_logs_proto, decode_traces_message
 from traceguard.detect.context_outlived_parent import _ended_after_parent
-from traceguard.models.features import span_self_times
+from traceguard.models.features import span_latency_keys, span_latency_samples, span_self_times, span_shape
 from traceguard.native import rows as native
 from traceguard.native import wire_schema
 from traceguard.records import KIND_PRODUCER
@@ -419,8 +419,12 @@ def expanded_view(result) -> tuple:
     assert failed == [s for s in spans if s.status == 2]
     self_times = native.self_times(spans, children)
     assert self_times == span_self_times(spans, children)
+    assert native.latency_keys(spans, children, stages) == span_latency_keys(spans, children, stages)
+    assert native.latency_samples(spans, children, self_times) == span_latency_samples(spans, children, self_times)
+    assert native.shape(root, spans, children) == span_shape(root, spans, children)
     return (spans_view(spans), sorted(by_id), {p: spans_view(g) for p, g in children.items()}, spans_view(orphans),
-            duplicates, spans_view([root]) if root is not None else None, self_times)
+            duplicates, spans_view([root]) if root is not None else None, self_times,
+            native.latency_keys(spans, children, stages), native.shape(root, spans, children))
 
 
 def test_expand_matches_the_reference_on_the_scenario(scenario_proto):
@@ -503,7 +507,7 @@ def test_self_times_in_every_case():
     result = native.expand(rows)
     assert expanded_view(result) == expanded_view(_expand_rows(rows))
     ms = 1_000_000
-    assert expanded_view(result)[-1] == [40 * ms, 20 * ms, 20 * ms, 20 * ms, 60 * ms, None, 0, 5 * ms, 15 * ms, None,
+    assert expanded_view(result)[6] == [40 * ms, 20 * ms, 20 * ms, 20 * ms, 60 * ms, None, 0, 5 * ms, 15 * ms, None,
                                          10 * ms, 20 * ms, 10 * ms, 10 * ms, None]
     spans, by_id, children, orphans, _, root, _, _ = result
     spans[0].end = spans[0].start - 1  # finished, yet ending before it starts
@@ -511,6 +515,57 @@ def test_self_times_in_every_case():
         native.self_times(spans, children)
     trace = Trace(spans[0].span_id * 2, spans, by_id, children, orphans, root, "complete", 0, 0)
     assert self_times(trace) == span_self_times(spans, children) and self_times(trace)[0] < 0
+
+
+def test_latency_keys_samples_and_shape_in_every_case():
+    """A CLIENT's callee is its first finished SERVER child in another service:
+    not one in its own service, not an unfinished one, not an INTERNAL one; its
+    sample is its duration less the callee's, 0 when the callee is longer. The
+    shape counts levels, the widest parent, services and the most repeated
+    (service, name) under one parent, by pairs and (past 32 children) by a dict."""
+    from traceguard.records import KIND_CLIENT, KIND_SERVER
+
+    C, S = KIND_CLIENT, KIND_SERVER
+    rows = [row(1, 1, None, start_ms=0, end_ms=100, kind=S, service="front"),
+            row(1, 2, 1, start_ms=10, end_ms=50, kind=C, service="front", name="call"),
+            row(1, 3, 2, start_ms=12, end_ms=40, kind=S, service="front", name="same service"),
+            row(1, 4, 2, start_ms=12, end_ms=None, kind=S, service="back", name="unfinished"),
+            row(1, 5, 2, start_ms=12, end_ms=45, kind=1, service="back", name="internal"),
+            row(1, 6, 2, start_ms=15, end_ms=45, kind=S, service="back", name="get"),  # the callee: 30 ms
+            row(1, 7, 2, start_ms=15, end_ms=48, kind=S, service="back", name="later"),
+            row(1, 8, 1, start_ms=60, end_ms=70, kind=C, service="front", name="short"),
+            row(1, 9, 8, start_ms=55, end_ms=80, kind=S, service="db", name="q"),  # longer than its caller
+            row(1, 10, 1, start_ms=80, end_ms=None, kind=C, service="front", name="open"),
+            row(1, 11, 10, start_ms=80, end_ms=90, kind=S, service="db", name="q")]
+    rows += [row(1, 100 + i, 5, start_ms=20, end_ms=21, service="db", name=f"q{i % 3}") for i in range(7)]
+    spans, by_id, children, orphans, _, root, stages, _ = native.expand(rows)
+    self_ns = native.self_times(spans, children)
+    keys = native.latency_keys(spans, children, stages)
+    samples = native.latency_samples(spans, children, self_ns)
+    assert keys == span_latency_keys(spans, children, stages)
+    assert samples == span_latency_samples(spans, children, self_ns)
+    assert keys[1] == ("back", "get <- front", 6) and keys[7] == ("db", "q <- front", 6)
+    assert keys[9] == stages[9] and keys[0] is stages[0]
+    ms = 1_000_000
+    assert samples[1] == 10 * ms and samples[7] == 0 and samples[9] is None and samples[0] == self_ns[0]
+    assert native.shape(root, spans, children) == span_shape(root, spans, children) == (4, 7, 3, 3)
+    assert native.shape(None, spans, children)[0] == 0
+    # nothing to replace: the very lists come back
+    plain = [s for s in spans if s.kind != C]
+    own_stages = [(s.service, s.name, s.kind) for s in plain]
+    assert native.latency_keys(plain, children, own_stages) is own_stages
+    # a wide parent: counted with a dict, the same answer
+    wide = [row(2, 1, None, start_ms=0, end_ms=10)] + [
+        row(2, 2 + i, 1, start_ms=1, end_ms=2, service=f"s{i % 2}", name=f"n{i % 5}") for i in range(200)]
+    spans, _, children, _, _, root, _, _ = native.expand(wide)
+    assert native.shape(root, spans, children) == span_shape(root, spans, children) == (2, 200, 3, 20)
+    # spans no decoder makes are left to the reference
+    spans, _, children, _, _, root, stages, _ = native.expand(rows)
+    spans[1].kind = "client"
+    with pytest.raises(native.Unsupported):
+        native.latency_keys(spans, children, stages)
+    with pytest.raises(native.Unsupported):
+        native.latency_keys(spans, children, stages[1:])
 
 
 def test_expand_gives_one_tuple_per_stage():

@@ -1224,6 +1224,310 @@ fail:
     return NULL;
 }
 
+enum { SPAN_SERVICE = 7, SPAN_NAME = 8, KIND_NETWORK = 6 };
+#define SMALL_GROUP 32 /* children compared pairwise up to this many; a dict counts larger groups */
+
+/* A span's kind; -1 with Unsupported for a kind that is not an int. */
+static int span_kind(PyObject *span, long *kind) {
+    PyObject *value = SLOT(span_slots, span, SPAN_KIND);
+    if (value == NULL || !PyLong_Check(value)) {
+        PyErr_SetString(Unsupported, "a Span without an integer kind");
+        return -1;
+    }
+    *kind = PyLong_AsLong(value);
+    if (*kind == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        *kind = -2; /* no kind this code knows */
+    }
+    return 0;
+}
+
+/* A span's children list (borrowed, NULL for none); -1 on error. */
+static int children_of(PyObject *span, PyObject *children, PyObject **kids) {
+    PyObject *span_id = SLOT(span_slots, span, SPAN_ID);
+    *kids = span_id == NULL ? NULL : PyDict_GetItemWithError(children, span_id);
+    if (*kids == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyList_Check(*kids)) {
+        PyErr_SetString(Unsupported, "children that are not a list");
+        return -1;
+    }
+    return 0;
+}
+
+/* The callee (borrowed, NULL for none) of a finished CLIENT span, as
+ * models.features.callee_of finds it: its first finished SERVER child in
+ * another service. 0 when the span is no finished CLIENT; -1 on error. */
+static int client_callee(PyObject *span, PyObject *children, PyObject **callee) {
+    long kind;
+    PyObject *kids;
+    *callee = NULL;
+    int done = finished(span);
+    if (done < 0 || span_kind(span, &kind) < 0)
+        return -1;
+    if (kind != KIND_CLIENT || !done)
+        return 0;
+    if (children_of(span, children, &kids) < 0)
+        return -1;
+    PyObject *service = SLOT(span_slots, span, SPAN_SERVICE);
+    for (Py_ssize_t k = 0; kids != NULL && k < PyList_GET_SIZE(kids); k++) {
+        PyObject *kid = PyList_GET_ITEM(kids, k);
+        long kid_kind;
+        int kid_done = finished(kid);
+        if (kid_done < 0 || span_kind(kid, &kid_kind) < 0)
+            return -1;
+        if (kid_kind != KIND_SERVER || !kid_done)
+            continue;
+        PyObject *kid_service = SLOT(span_slots, kid, SPAN_SERVICE);
+        int other = service == NULL || kid_service == NULL ? -1 : PyObject_RichCompareBool(kid_service, service, Py_NE);
+        if (other < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(Unsupported, "a Span without a service");
+            return -1;
+        }
+        if (other) {
+            *callee = kid;
+            return 0;
+        }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(latency_keys_doc,
+"latency_keys(spans, children, stages) -> [stage, ...]\n\n"
+"models.features.latency_keys, the reference: each span's stage, except a finished\n"
+"CLIENT span with its callee in the trace, whose key is the callee's network stage\n"
+"(callee service, '<operation> <- <caller service>', KIND_NETWORK). ``stages``\n"
+"itself when no span has a callee. Raises Unsupported for spans no decoder makes.");
+
+static PyObject *latency_keys(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *spans, *children, *stages, *keys = NULL;
+    if (span_slots.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() first");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &spans, &PyDict_Type, &children, &PyList_Type, &stages))
+        return NULL;
+    const Py_ssize_t count = PyList_GET_SIZE(spans);
+    if (PyList_GET_SIZE(stages) != count) {
+        PyErr_SetString(Unsupported, "stages not aligned with the spans");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *span = PyList_GET_ITEM(spans, i), *callee;
+        if (client_callee(span, children, &callee) < 0)
+            goto fail;
+        if (callee == NULL)
+            continue;
+        PyObject *operation = SLOT(span_slots, callee, SPAN_NAME), *caller = SLOT(span_slots, span, SPAN_SERVICE);
+        PyObject *service = SLOT(span_slots, callee, SPAN_SERVICE);
+        if (operation == NULL || !PyUnicode_CheckExact(operation) || !PyUnicode_CheckExact(caller)) {
+            PyErr_SetString(Unsupported, "a name or service that is not a str");
+            goto fail;
+        }
+        if (keys == NULL && (keys = PyList_GetSlice(stages, 0, count)) == NULL)
+            goto fail;
+        PyObject *name = PyUnicode_FromFormat("%U <- %U", operation, caller);
+        PyObject *kind = PyLong_FromLong(KIND_NETWORK);
+        PyObject *stage = name == NULL || kind == NULL ? NULL : PyTuple_Pack(3, service, name, kind);
+        Py_XDECREF(name);
+        Py_XDECREF(kind);
+        if (stage == NULL)
+            goto fail;
+        PyList_SetItem(keys, i, stage); /* steals stage, drops the span's own */
+    }
+    return keys != NULL ? keys : Py_NewRef(stages);
+fail:
+    Py_XDECREF(keys);
+    return NULL;
+}
+
+PyDoc_STRVAR(latency_samples_doc,
+"latency_samples(spans, children, self_times) -> [int | None, ...]\n\n"
+"models.features.latency_samples, the reference: each span's self time, except a\n"
+"finished CLIENT span with its callee in the trace, whose sample is its duration\n"
+"less the callee's (0 if that is negative). ``self_times`` itself when no span\n"
+"has a callee. Raises Unsupported for spans no decoder makes.");
+
+static PyObject *latency_samples(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *spans, *children, *self_ns, *samples = NULL;
+    if (span_slots.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() first");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &spans, &PyDict_Type, &children, &PyList_Type, &self_ns))
+        return NULL;
+    const Py_ssize_t count = PyList_GET_SIZE(spans);
+    if (PyList_GET_SIZE(self_ns) != count) {
+        PyErr_SetString(Unsupported, "self times not aligned with the spans");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *span = PyList_GET_ITEM(spans, i), *callee, *value;
+        uint64_t start, end, callee_start, callee_end;
+        if (client_callee(span, children, &callee) < 0)
+            goto fail;
+        if (callee == NULL)
+            continue;
+        if (span_interval(span, &start, &end) < 0 || span_interval(callee, &callee_start, &callee_end) < 0)
+            goto fail;
+        const uint64_t own = end - start, callee_ns = callee_end - callee_start;
+        if (samples == NULL && (samples = PyList_GetSlice(self_ns, 0, count)) == NULL)
+            goto fail;
+        if ((value = PyLong_FromUnsignedLongLong(own > callee_ns ? own - callee_ns : 0)) == NULL)
+            goto fail;
+        PyList_SetItem(samples, i, value);
+    }
+    return samples != NULL ? samples : Py_NewRef(self_ns);
+fail:
+    Py_XDECREF(samples);
+    return NULL;
+}
+
+/* How often the commonest (service, name) occurs among a group's spans. */
+static Py_ssize_t most_repeated(PyObject *kids) {
+    const Py_ssize_t n = PyList_GET_SIZE(kids);
+    Py_ssize_t most = 0;
+    if (n <= SMALL_GROUP) {
+        for (Py_ssize_t a = 0; a < n; a++) {
+            PyObject *x = PyList_GET_ITEM(kids, a);
+            Py_ssize_t same = 1;
+            for (Py_ssize_t b = a + 1; b < n; b++) {
+                PyObject *y = PyList_GET_ITEM(kids, b);
+                int eq = PyObject_RichCompareBool(SLOT(span_slots, x, SPAN_SERVICE), SLOT(span_slots, y, SPAN_SERVICE),
+                                                  Py_EQ);
+                if (eq > 0)
+                    eq = PyObject_RichCompareBool(SLOT(span_slots, x, SPAN_NAME), SLOT(span_slots, y, SPAN_NAME), Py_EQ);
+                if (eq < 0)
+                    return -1;
+                same += eq;
+            }
+            if (same > most)
+                most = same;
+        }
+        return most;
+    }
+    PyObject *counts = PyDict_New();
+    if (counts == NULL)
+        return -1;
+    for (Py_ssize_t a = 0; a < n; a++) {
+        PyObject *x = PyList_GET_ITEM(kids, a);
+        PyObject *key = PyTuple_Pack(2, SLOT(span_slots, x, SPAN_SERVICE), SLOT(span_slots, x, SPAN_NAME));
+        PyObject *seen = key == NULL ? NULL : PyDict_GetItemWithError(counts, key);
+        Py_ssize_t now = seen == NULL ? 1 : PyLong_AsSsize_t(seen) + 1;
+        PyObject *value = key == NULL || (seen == NULL && PyErr_Occurred()) ? NULL : PyLong_FromSsize_t(now);
+        int failed = value == NULL || PyDict_SetItem(counts, key, value) < 0;
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+        if (failed) {
+            Py_DECREF(counts);
+            return -1;
+        }
+        if (now > most)
+            most = now;
+    }
+    Py_DECREF(counts);
+    return most;
+}
+
+PyDoc_STRVAR(shape_doc,
+"shape(root, spans, children) -> (depth, max_fan_out, services, max_repeated_calls)\n\n"
+"The counts of models.features.shape, the reference: levels below and with the\n"
+"root (0 without one), the most children of one parent, distinct services, and\n"
+"the most calls of one (service, name) under one parent (0 when no parent has\n"
+"two children). Raises Unsupported for spans no decoder makes.");
+
+static PyObject *shape(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *root, *spans, *children, *group, *key, *services = NULL, *result = NULL;
+    PyObject **frontier = NULL, **next = NULL;
+    Py_ssize_t depth = 0, fan_out = 0, repeated = 0, grouped = 0, position = 0;
+    if (span_slots.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() first");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OO!O!", &root, &PyList_Type, &spans, &PyDict_Type, &children))
+        return NULL;
+    while (PyDict_Next(children, &position, &key, &group)) {
+        if (!PyList_Check(group)) {
+            PyErr_SetString(Unsupported, "children that are not a list");
+            return NULL;
+        }
+        const Py_ssize_t n = PyList_GET_SIZE(group);
+        for (Py_ssize_t k = 0; k < n; k++)
+            if (Py_TYPE(PyList_GET_ITEM(group, k)) != span_slots.type
+                || SLOT(span_slots, PyList_GET_ITEM(group, k), SPAN_SERVICE) == NULL
+                || SLOT(span_slots, PyList_GET_ITEM(group, k), SPAN_NAME) == NULL) {
+                PyErr_SetString(Unsupported, "not a Span");
+                return NULL;
+            }
+        grouped += n;
+        if (n > fan_out)
+            fan_out = n;
+        if (n > 1) {
+            Py_ssize_t most = most_repeated(group);
+            if (most < 0)
+                return NULL;
+            if (most > repeated)
+                repeated = most;
+        }
+    }
+    if (root != Py_None) {
+        if (Py_TYPE(root) != span_slots.type) {
+            PyErr_SetString(Unsupported, "not a Span");
+            return NULL;
+        }
+        /* each span is in one children list: a level holds at most all of them */
+        frontier = PyMem_Malloc((size_t)(grouped + 1) * sizeof(PyObject *));
+        next = PyMem_Malloc((size_t)(grouped + 1) * sizeof(PyObject *));
+        if (frontier == NULL || next == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        Py_ssize_t width = 1;
+        frontier[0] = root;
+        while (width > 0) {
+            if (++depth > grouped + 1) {
+                PyErr_SetString(Unsupported, "a cycle under the root");
+                goto done;
+            }
+            Py_ssize_t below = 0;
+            for (Py_ssize_t f = 0; f < width; f++) {
+                PyObject *kids;
+                if (children_of(frontier[f], children, &kids) < 0)
+                    goto done;
+                const Py_ssize_t n = kids == NULL ? 0 : PyList_GET_SIZE(kids);
+                if (below + n > grouped + 1) {
+                    PyErr_SetString(Unsupported, "a span in two levels");
+                    goto done;
+                }
+                for (Py_ssize_t k = 0; k < n; k++)
+                    next[below++] = PyList_GET_ITEM(kids, k);
+            }
+            PyObject **swap = frontier;
+            frontier = next;
+            next = swap;
+            width = below;
+        }
+    }
+    if ((services = PySet_New(NULL)) == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(spans); i++) {
+        PyObject *span = PyList_GET_ITEM(spans, i);
+        if (Py_TYPE(span) != span_slots.type || SLOT(span_slots, span, SPAN_SERVICE) == NULL) {
+            PyErr_SetString(Unsupported, "not a Span");
+            goto done;
+        }
+        if (PySet_Add(services, SLOT(span_slots, span, SPAN_SERVICE)) < 0)
+            goto done;
+    }
+    result = Py_BuildValue("(nnnn)", depth, fan_out, PySet_GET_SIZE(services), repeated);
+done:
+    Py_XDECREF(services);
+    PyMem_Free(frontier);
+    PyMem_Free(next);
+    return result;
+}
+
 static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
     if (span_slots.type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "bind() first");
@@ -2020,6 +2324,9 @@ static PyMethodDef methods[] = {
     {"decode_json_spans", decode_json_spans, METH_VARARGS, decode_json_spans_doc},
     {"expand", expand, METH_O, expand_doc},
     {"self_times", self_times, METH_VARARGS, self_times_doc},
+    {"latency_keys", latency_keys, METH_VARARGS, latency_keys_doc},
+    {"latency_samples", latency_samples, METH_VARARGS, latency_samples_doc},
+    {"shape", shape, METH_VARARGS, shape_doc},
     {"ended_after_parent", ended_after_parent, METH_VARARGS, ended_after_parent_doc},
     {"gather", gather, METH_VARARGS, gather_doc},
     {"json_nesting", json_nesting, METH_VARARGS, json_nesting_doc},

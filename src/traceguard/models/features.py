@@ -35,16 +35,20 @@ def self_times(trace: Trace) -> list[int | None]:
     so asynchronous children after the parent's end cover nothing.
     """
     cached = trace.derived.get("self_times")
-    if cached is not None:
-        return cached
-    try:
-        cached = native.self_times(trace.spans, trace.children) if native is not None else None
-    except native.Unsupported:  # times no decoder makes (an end before the start): the reference says
-        cached = None
     if cached is None:
-        cached = span_self_times(trace.spans, trace.children)
-    trace.derived["self_times"] = cached
+        cached = trace.derived["self_times"] = _in_c("self_times", span_self_times, trace.spans, trace.children)
     return cached
+
+
+def _in_c(name: str, reference, *args):
+    """``_rows.<name>(*args)``, or the Python ``reference`` where the extension is
+    not built or raises Unsupported (values no decoder makes: the reference says)."""
+    if native is None:
+        return reference(*args)
+    try:
+        return getattr(native, name)(*args)
+    except native.Unsupported:
+        return reference(*args)
 
 
 def span_self_times(spans: list[Span], children: dict[bytes, list[Span]]) -> list[int | None]:
@@ -96,22 +100,36 @@ def latency_keys(trace: Trace) -> list[Stage]:
     its own, or for a CLIENT span with its callee in the trace, the callee's
     ``network_stage``. Cheap: no self time is computed."""
     cached = trace.derived.get("latency_keys")
-    if cached is not None:
-        return cached
-    keys = stages(trace)
-    children = trace.children
-    network: dict[int, int] = {}  # span index -> the callee's duration
-    for i, span in enumerate(trace.spans):
+    if cached is None:
+        cached = trace.derived["latency_keys"] = _in_c("latency_keys", span_latency_keys, trace.spans,
+                                                       trace.children, stages(trace))
+    return cached
+
+
+def span_latency_keys(spans: list[Span], children: dict[bytes, list[Span]], keys: list[Stage]) -> list[Stage]:
+    """``latency_keys`` from each span's stage (``keys``, itself if no span has a
+    callee): the reference for ``_rows.latency_keys``."""
+    return _replaced(keys, {i: network_stage(callee.service, callee.name, span.service)
+                            for i, span, callee in _calls(spans, children)})
+
+
+def _calls(spans: list[Span], children: dict[bytes, list[Span]]):
+    """(index, span, callee) of each finished CLIENT span whose callee is in the trace."""
+    for i, span in enumerate(spans):
         if span.kind == KIND_CLIENT and span.finished:
             callee = callee_of(span, children)
             if callee is not None:
-                if keys is trace.derived["stages"]:
-                    keys = list(keys)
-                keys[i] = network_stage(callee.service, callee.name, span.service)
-                network[i] = callee.end - callee.start
-    trace.derived["latency_keys"] = keys
-    trace.derived["callee_ns"] = network
-    return keys
+                yield i, span, callee
+
+
+def _replaced(values: list, changes: dict[int, object]) -> list:
+    """``values`` with ``changes`` (index: value) made in a copy; ``values`` itself without any."""
+    if not changes:
+        return values
+    out = list(values)
+    for i, value in changes.items():
+        out[i] = value
+    return out
 
 
 def callee_of(span, children):
@@ -135,20 +153,18 @@ def latency_samples(trace: Trace) -> list[int | None]:
     stage. None where a span is unfinished.
     """
     cached = trace.derived.get("latency_samples")
-    if cached is not None:
-        return cached
-    samples = self_times(trace)
-    latency_keys(trace)
-    network = trace.derived["callee_ns"]
-    if network:
-        samples = list(samples)
-        spans = trace.spans
-        for i, callee_ns in network.items():
-            samples[i] = max(0, (spans[i].end - spans[i].start) - callee_ns)
-    trace.derived["latency_samples"] = samples
-    return samples
+    if cached is None:
+        cached = trace.derived["latency_samples"] = _in_c("latency_samples", span_latency_samples, trace.spans,
+                                                          trace.children, self_times(trace))
+    return cached
 
 
+def span_latency_samples(spans: list[Span], children: dict[bytes, list[Span]],
+                         samples: list[int | None]) -> list[int | None]:
+    """``latency_samples`` from each span's self time (``samples``, itself if no
+    span has a callee): the reference for ``_rows.latency_samples``."""
+    return _replaced(samples, {i: max(0, (span.end - span.start) - (callee.end - callee.start))
+                               for i, span, callee in _calls(spans, children)})
 
 
 def shape(trace: Trace) -> dict[str, float]:
@@ -156,27 +172,34 @@ def shape(trace: Trace) -> dict[str, float]:
     cached = trace.derived.get("shape")
     if cached is not None:
         return cached
+    depth, fan_out, services, repeated = _in_c("shape", span_shape, trace.root, trace.spans, trace.children)
+    out = {
+        "span_count": float(len(trace.spans)),
+        "depth": float(depth),
+        "max_fan_out": float(fan_out),
+        "errors": float(len(failed(trace))),
+        "services": float(services),
+        "max_repeated_calls": float(repeated),
+    }
+    trace.derived["shape"] = out
+    return out
+
+
+def span_shape(root: Span | None, spans: list[Span], children: dict[bytes, list[Span]]) -> tuple[int, int, int, int]:
+    """(depth, max fan-out, services, max repeated calls) of ``shape``: the
+    reference for ``_rows.shape``."""
     depth = 0
-    frontier = [trace.root] if trace.root is not None else []
+    frontier = [root] if root is not None else []
     while frontier:
         depth += 1
-        frontier = [c for s in frontier for c in trace.children.get(s.span_id, ())]
-    fan_out = max((len(kids) for kids in trace.children.values()), default=0)
+        frontier = [c for s in frontier for c in children.get(s.span_id, ())]
+    fan_out = max((len(kids) for kids in children.values()), default=0)
     repeated = 0
-    for kids in trace.children.values():
+    for kids in children.values():
         if len(kids) > 1:
             counts: dict[tuple, int] = {}
             for kid in kids:
                 key = (kid.service, kid.name)
                 counts[key] = counts.get(key, 0) + 1
             repeated = max(repeated, max(counts.values()))
-    out = {
-        "span_count": float(len(trace.spans)),
-        "depth": float(depth),
-        "max_fan_out": float(fan_out),
-        "errors": float(len(failed(trace))),
-        "services": float(len({s.service for s in trace.spans})),
-        "max_repeated_calls": float(repeated),
-    }
-    trace.derived["shape"] = out
-    return out
+    return depth, fan_out, len({s.service for s in spans}), repeated
