@@ -35,6 +35,7 @@ from traceguard.decode.otlp_json import _event_logs, _walk_traces
 from traceguard.assemble.assembler import _expand_rows
 from traceguard.decode.otlp_proto import _decode_native, decode_logs_message, decode_logs_proto, decode_traces_message
 from traceguard.detect.context_outlived_parent import _ended_after_parent
+from traceguard.models.forest import stage_totals
 from traceguard.models.features import span_latency_keys, span_latency_samples, span_self_times, span_shape
 from traceguard.native import rows as native
 from traceguard.native import wire_schema
@@ -407,6 +408,9 @@ def test_messages_generated_from_the_schema_are_judged_and_decoded_as_upb_does(s
     assert counts["compared"] > 2_500 and counts["rejected"] > 200, counts
 
 
+STAGE_INDEX = {("elsewhere", f"op {i}", 1): i for i in range(5)}
+
+
 def spans_view(spans) -> list[tuple]:
     return [(s.span_id, s.parent_span_id, s.start, s.end, s.kind, s.status, s.has_links, s.service, s.name, s.attrs,
              s.finished, s.instance) for s in spans]
@@ -422,6 +426,10 @@ def expanded_view(result) -> tuple:
     assert native.latency_keys(spans, children, stages) == span_latency_keys(spans, children, stages)
     assert native.latency_samples(spans, children, self_times) == span_latency_samples(spans, children, self_times)
     assert native.shape(root, spans, children) == span_shape(root, spans, children)
+    keys, samples = span_latency_keys(spans, children, stages), span_latency_samples(spans, children, self_times)
+    index, reference_index = dict(STAGE_INDEX), dict(STAGE_INDEX)  # a few columns left: the bound is met
+    assert native.stage_totals(keys, samples, index, 8) == stage_totals(keys, samples, reference_index, 8)
+    assert index == reference_index
     return (spans_view(spans), sorted(by_id), {p: spans_view(g) for p, g in children.items()}, spans_view(orphans),
             duplicates, spans_view([root]) if root is not None else None, self_times,
             native.latency_keys(spans, children, stages), native.shape(root, spans, children))
@@ -554,6 +562,14 @@ def test_latency_keys_samples_and_shape_in_every_case():
     plain = [s for s in spans if s.kind != C]
     own_stages = [(s.service, s.name, s.kind) for s in plain]
     assert native.latency_keys(plain, children, own_stages) is own_stages
+    # stage columns: None skipped, a stage's samples summed, new stages while columns are left
+    index, reference_index = {keys[1]: 0}, {keys[1]: 0}
+    totals = native.stage_totals(keys, samples, index, 3)
+    assert totals == stage_totals(keys, samples, reference_index, 3) and index == reference_index
+    assert index == {keys[1]: 0, stages[0]: 1, stages[2]: 2}
+    assert totals == [10 * ms, self_ns[0], self_ns[2]]
+    with pytest.raises(native.Unsupported):  # a sum past 64 bits: left to the reference
+        native.stage_totals([stages[0]] * 2, [2 ** 63] * 2, {}, 1)
     # a wide parent: counted with a dict, the same answer
     wide = [row(2, 1, None, start_ms=0, end_ms=10)] + [
         row(2, 2 + i, 1, start_ms=1, end_ms=2, service=f"s{i % 2}", name=f"n{i % 5}") for i in range(200)]

@@ -1528,6 +1528,76 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(stage_totals_doc,
+"stage_totals(keys, samples, index, width) -> [int, ...]\n\n"
+"The stage columns of RootForest.row: ``width`` sums, each of the samples (None\n"
+"skipped) of one stage key, its column taken from ``index`` (stage: column), or\n"
+"given the next one while ``index`` has fewer than ``width``; keys past that are\n"
+"left out.");
+
+static PyObject *stage_totals(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *keys, *samples, *index, *out = NULL, *column_obj = NULL;
+    Py_ssize_t width;
+    uint64_t *sums = NULL;
+    if (!PyArg_ParseTuple(args, "O!O!O!n", &PyList_Type, &keys, &PyList_Type, &samples, &PyDict_Type, &index, &width))
+        return NULL;
+    if (width < 0 || PyList_GET_SIZE(keys) != PyList_GET_SIZE(samples)) {
+        PyErr_SetString(Unsupported, "samples not aligned with the keys");
+        return NULL;
+    }
+    if ((sums = PyMem_Calloc((size_t)width + 1, sizeof(uint64_t))) == NULL)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i), *sample = PyList_GET_ITEM(samples, i);
+        if (sample == Py_None)
+            continue;
+        uint64_t value = PyLong_Check(sample) ? PyLong_AsUnsignedLongLong(sample) : (uint64_t)-1;
+        if (value == (uint64_t)-1) { /* not a u64 sample, or a sum that could overflow: the reference */
+            PyErr_Clear();
+            PyErr_SetString(Unsupported, "a sample that is not a 64-bit count");
+            goto done;
+        }
+        PyObject *column = PyDict_GetItemWithError(index, key);
+        Py_ssize_t at;
+        if (column == NULL) {
+            if (PyErr_Occurred())
+                goto done;
+            if (PyDict_GET_SIZE(index) >= width)
+                continue;
+            at = PyDict_GET_SIZE(index);
+            if ((column_obj = PyLong_FromSsize_t(at)) == NULL || PyDict_SetItem(index, key, column_obj) < 0)
+                goto done;
+            Py_CLEAR(column_obj);
+        } else {
+            at = PyLong_Check(column) ? PyLong_AsSsize_t(column) : -1;
+            if (at < 0 || at >= width) {
+                PyErr_Clear();
+                PyErr_SetString(Unsupported, "a column outside the row");
+                goto done;
+            }
+        }
+        if (sums[at] > UINT64_MAX - value) {
+            PyErr_SetString(Unsupported, "a sum past 64 bits");
+            goto done;
+        }
+        sums[at] += value;
+    }
+    if ((out = PyList_New(width)) == NULL)
+        goto done;
+    for (Py_ssize_t c = 0; c < width; c++) {
+        PyObject *sum = PyLong_FromUnsignedLongLong(sums[c]);
+        if (sum == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, c, sum);
+    }
+done:
+    Py_XDECREF(column_obj);
+    PyMem_Free(sums);
+    return out;
+}
+
 static PyObject *expand(PyObject *Py_UNUSED(self), PyObject *rows) {
     if (span_slots.type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "bind() first");
@@ -2327,6 +2397,7 @@ static PyMethodDef methods[] = {
     {"latency_keys", latency_keys, METH_VARARGS, latency_keys_doc},
     {"latency_samples", latency_samples, METH_VARARGS, latency_samples_doc},
     {"shape", shape, METH_VARARGS, shape_doc},
+    {"stage_totals", stage_totals, METH_VARARGS, stage_totals_doc},
     {"ended_after_parent", ended_after_parent, METH_VARARGS, ended_after_parent_doc},
     {"gather", gather, METH_VARARGS, gather_doc},
     {"json_nesting", json_nesting, METH_VARARGS, json_nesting_doc},

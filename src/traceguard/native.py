@@ -50,3 +50,14 @@ else:
     _messages, _index = wire_schema(ExportTraceServiceRequest.DESCRIPTOR, ExportLogsServiceRequest.DESCRIPTOR)
     rows.bind(SpanRow, Span, LogRow, _messages, _index[AnyValue.DESCRIPTOR.full_name],
               _index[ExportLogsServiceRequest.DESCRIPTOR.full_name])
+
+
+def in_c(name: str, reference, *args):
+    """``rows.<name>(*args)``, or the Python ``reference`` where the extension is
+    not built or raises Unsupported (values no decoder makes: the reference says)."""
+    if rows is None:
+        return reference(*args)
+    try:
+        return getattr(rows, name)(*args)
+    except rows.Unsupported:
+        return reference(*args)

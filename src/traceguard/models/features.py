@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from traceguard.native import rows as native
+from traceguard.native import in_c
 from traceguard.records import KIND_CLIENT, KIND_NETWORK, KIND_SERVER, STATUS_ERROR, Span, Trace
 
 Stage = tuple[str, str, int]  # (service, operation, span kind)
@@ -36,19 +36,8 @@ def self_times(trace: Trace) -> list[int | None]:
     """
     cached = trace.derived.get("self_times")
     if cached is None:
-        cached = trace.derived["self_times"] = _in_c("self_times", span_self_times, trace.spans, trace.children)
+        cached = trace.derived["self_times"] = in_c("self_times", span_self_times, trace.spans, trace.children)
     return cached
-
-
-def _in_c(name: str, reference, *args):
-    """``_rows.<name>(*args)``, or the Python ``reference`` where the extension is
-    not built or raises Unsupported (values no decoder makes: the reference says)."""
-    if native is None:
-        return reference(*args)
-    try:
-        return getattr(native, name)(*args)
-    except native.Unsupported:
-        return reference(*args)
 
 
 def span_self_times(spans: list[Span], children: dict[bytes, list[Span]]) -> list[int | None]:
@@ -101,7 +90,7 @@ def latency_keys(trace: Trace) -> list[Stage]:
     ``network_stage``. Cheap: no self time is computed."""
     cached = trace.derived.get("latency_keys")
     if cached is None:
-        cached = trace.derived["latency_keys"] = _in_c("latency_keys", span_latency_keys, trace.spans,
+        cached = trace.derived["latency_keys"] = in_c("latency_keys", span_latency_keys, trace.spans,
                                                        trace.children, stages(trace))
     return cached
 
@@ -154,7 +143,7 @@ def latency_samples(trace: Trace) -> list[int | None]:
     """
     cached = trace.derived.get("latency_samples")
     if cached is None:
-        cached = trace.derived["latency_samples"] = _in_c("latency_samples", span_latency_samples, trace.spans,
+        cached = trace.derived["latency_samples"] = in_c("latency_samples", span_latency_samples, trace.spans,
                                                           trace.children, self_times(trace))
     return cached
 
@@ -172,7 +161,7 @@ def shape(trace: Trace) -> dict[str, float]:
     cached = trace.derived.get("shape")
     if cached is not None:
         return cached
-    depth, fan_out, services, repeated = _in_c("shape", span_shape, trace.root, trace.spans, trace.children)
+    depth, fan_out, services, repeated = in_c("shape", span_shape, trace.root, trace.spans, trace.children)
     out = {
         "span_count": float(len(trace.spans)),
         "depth": float(depth),

@@ -50,6 +50,7 @@ except ImportError:
 from traceguard.config import ForestConfig
 from traceguard.models.features import Stage, latency_keys, latency_samples, shape
 from traceguard.models.tails import SHARE, exponential_tail, tail_reference
+from traceguard.native import in_c
 from traceguard.records import KIND_NAMES, Trace
 
 if TYPE_CHECKING:
@@ -160,6 +161,23 @@ def stage_label(stage: Stage) -> str:
     return f"self_time_ms[{service} '{operation}' {KIND_NAMES[kind]}]"
 
 
+def stage_totals(keys: list[Stage], samples: list[int | None], index: dict[Stage, int], width: int) -> list[int]:
+    """A row's stage columns: per column, the sum of one stage's samples; a stage
+    new to ``index`` takes the next column while there is one, later ones are left
+    out. The reference for ``_rows.stage_totals``."""
+    totals = [0] * width
+    for stage, self_ns in zip(keys, samples):
+        if self_ns is None:
+            continue
+        column = index.get(stage)
+        if column is None:
+            if len(index) >= width:
+                continue
+            column = index[stage] = len(index)
+        totals[column] += self_ns
+    return totals
+
+
 class RootForest:
     """The forest of one root operation (``with_stages``) or the shared one."""
 
@@ -223,18 +241,8 @@ class RootForest:
         generic = [math.log(max(root.end - root.start, 1) / 1e6)] + [features[name] for name in GENERIC_FEATURES[1:]]
         if not self.with_stages:
             return generic
-        totals = [0] * STAGE_COLUMNS
-        index = self.stage_index_
-        for stage, self_ns in zip(latency_keys(trace), latency_samples(trace)):
-            if self_ns is None:
-                continue
-            column = index.get(stage)
-            if column is None:
-                if len(index) >= STAGE_COLUMNS:
-                    continue
-                column = index[stage] = len(index)
-            totals[column] += self_ns
-        generic.extend(totals)
+        generic.extend(in_c("stage_totals", stage_totals, latency_keys(trace), latency_samples(trace),
+                            self.stage_index_, STAGE_COLUMNS))
         return generic
 
     def matrix(self, rows: list[list[float]]) -> np.ndarray:
