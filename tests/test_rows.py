@@ -747,3 +747,48 @@ def test_json_nesting_matches_the_reference_across_chunks():
             assert fast == slow
         assert fast == (0, 0)
     assert native.json_nesting(b"[" * 100, 0, 0, 64)[0] == 65  # stops at the first bracket past the limit
+
+
+def test_window_samples_fill_the_windows_as_the_python_does(scenario_proto, monkeypatch):
+    """LatencyModel.observe with the C loop and without it: the same windows
+    (samples, durations, trace ids, ends, earliest end), the same closed
+    windows and regression events, over the scenario with short windows, a
+    small cap, a few stages tracked (most left untracked) and hand-made
+    zero-length spans and zero samples."""
+    import traceguard.models.latency as latency_module
+    from traceguard.config import LatencyConfig
+    from traceguard.models.features import latency_keys, latency_samples
+    from traceguard.models.latency import LatencyModel
+    from traceguard.records import Trace
+
+    rows = [r for data in read_messages(scenario_proto / "traces.pb")
+            for r in decode_traces_message(ExportTraceServiceRequest.FromString(data), CONFIG).rows]
+    zero = [row(1, 1, None, start_ms=5, end_ms=5), row(1, 2, 1, start_ms=5, end_ms=5)]  # first: tracked
+    by_trace: dict[bytes, list] = {b"zero": zero, b"zero again": zero}
+    for r in rows:
+        by_trace.setdefault(r.trace_id, []).append(r)
+
+    def traces():
+        for trace_id, trace_rows in by_trace.items():
+            spans, by_id, children, orphans, _, root, _, _ = native.expand(trace_rows)
+            yield Trace(trace_id, spans, by_id, children, orphans, root, "complete", 0, 0)
+
+    def run(with_native: bool):
+        monkeypatch.setattr(latency_module, "native", native if with_native else None)
+        model = LatencyModel(LatencyConfig(window="20s", max_window_samples=16, max_stages=20))
+        closed, events = [], []
+        model.on_window = lambda *window: closed.append(window)
+        for trace in traces():
+            now = max((s.end for s in trace.spans), default=0)
+            model.observe(latency_keys(trace), trace.spans, latency_samples(trace), trace.trace_id.hex(), now, events)
+        windows = {key: (s.window.index, s.window.self_ns, s.window.total_ns, s.window.trace_ids, s.window.ends,
+                         s.window.min_event) for key, s in model.stages_.items() if s.window is not None}
+        model.flush(events)
+        return (windows, closed, [(e.stage, e.onset, e.opened_at, e.windows) for e in events],
+                model.untracked_samples_, len(model.stages_))
+
+    fast, reference = run(True), run(False)
+    assert fast == reference
+    windows, closed, _, untracked, tracked = fast
+    assert tracked == 20 and len(windows) == 20 and untracked > 1000 and len(closed) > 1000
+    assert all(len(w[1]) <= 16 for w in windows.values()) and any(len(w[1]) == 16 for w in windows.values())

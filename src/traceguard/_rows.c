@@ -2384,6 +2384,108 @@ static PyObject *json_nesting(PyObject *Py_UNUSED(self), PyObject *args) {
     return Py_BuildValue("ni", depth, in_string | escaped);
 }
 
+static Slots stage_latency_slots, window_slots;
+static const char *STAGE_LATENCY_SLOTS[] = {"window", NULL};
+static const char *WINDOW_SLOTS[] = {"index", "self_ns", "total_ns", "trace_ids", "ends", "min_event", NULL};
+enum { WINDOW_INDEX, WINDOW_SELF_NS, WINDOW_TOTAL_NS, WINDOW_TRACE_IDS, WINDOW_ENDS, WINDOW_MIN_EVENT };
+
+static PyObject *bind_latency(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *stage_type, *window_type;
+    if (!PyArg_ParseTuple(args, "OO", &stage_type, &window_type)
+        || bind_slots(&stage_latency_slots, stage_type, STAGE_LATENCY_SLOTS) < 0
+        || bind_slots(&window_slots, window_type, WINDOW_SLOTS) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* An exact int in 0 .. 2**64 - 2 (-1 is the error value): 0 and *out, else -1 with no error set. */
+static int u64_of(PyObject *value, uint64_t *out) {
+    if (value == NULL || !PyLong_CheckExact(value))
+        return -1;
+    *out = PyLong_AsUnsignedLongLong(value);
+    if (*out == (uint64_t)-1) {
+        PyErr_Clear();
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(window_samples_doc,
+"window_samples(keys, spans, samples, trace_id, stages, index, cap, start) -> stop\n\n"
+"LatencyModel.observe's loop from ``start``: each span with a sample whose stage\n"
+"(``stages[key]``) has its window ``index`` open adds its sample (0 as 1), its\n"
+"duration (0 as 1), ``trace_id`` and its end there, while the window holds fewer\n"
+"than ``cap``; the window's ``min_event`` follows the earliest end. It stops\n"
+"before a span it leaves to the Python (a stage not known, a window to close or\n"
+"open, values no decoder makes): ``stop`` is that span's index, or len(keys).");
+
+static PyObject *window_samples(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *keys, *spans, *samples, *trace_id, *stages, *index;
+    Py_ssize_t cap, start, i;
+    if (span_slots.type == NULL || window_slots.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() and bind_latency() first");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!O!O!OO!Onn", &PyList_Type, &keys, &PyList_Type, &spans, &PyList_Type, &samples,
+                          &trace_id, &PyDict_Type, &stages, &index, &cap, &start))
+        return NULL;
+    const Py_ssize_t count = PyList_GET_SIZE(keys);
+    if (PyList_GET_SIZE(spans) != count || PyList_GET_SIZE(samples) != count) {
+        PyErr_SetString(PyExc_ValueError, "keys, spans and samples not aligned");
+        return NULL;
+    }
+    for (i = start < 0 ? 0 : start; i < count; i++) {
+        PyObject *sample = PyList_GET_ITEM(samples, i), *span = PyList_GET_ITEM(spans, i);
+        if (sample == Py_None)
+            continue;
+        PyObject *stage = PyDict_GetItemWithError(stages, PyList_GET_ITEM(keys, i));
+        if (stage == NULL) {
+            if (PyErr_Occurred())
+                return NULL;
+            break; /* a new stage, or one not tracked */
+        }
+        if (Py_TYPE(stage) != stage_latency_slots.type || Py_TYPE(span) != span_slots.type)
+            break;
+        PyObject *window = SLOT(stage_latency_slots, stage, 0);
+        if (window == NULL || Py_TYPE(window) != window_slots.type)
+            break; /* none open */
+        PyObject *window_index = SLOT(window_slots, window, WINDOW_INDEX);
+        int same = window_index == NULL ? 0 : PyObject_RichCompareBool(window_index, index, Py_EQ);
+        if (same < 0)
+            return NULL;
+        PyObject *self_list = SLOT(window_slots, window, WINDOW_SELF_NS);
+        PyObject *total_list = SLOT(window_slots, window, WINDOW_TOTAL_NS);
+        PyObject *id_list = SLOT(window_slots, window, WINDOW_TRACE_IDS), *end_list = SLOT(window_slots, window, WINDOW_ENDS);
+        PyObject *min_event = SLOT(window_slots, window, WINDOW_MIN_EVENT);
+        if (!same || self_list == NULL || total_list == NULL || id_list == NULL || end_list == NULL
+            || min_event == NULL || !PyList_CheckExact(self_list) || !PyList_CheckExact(total_list)
+            || !PyList_CheckExact(id_list) || !PyList_CheckExact(end_list))
+            break; /* another window: the Python closes this one */
+        if (PyList_GET_SIZE(self_list) >= cap)
+            continue; /* full: the sample is not kept */
+        PyObject *end = SLOT(span_slots, span, SPAN_END);
+        uint64_t from, to, self_ns;
+        if (u64_of(SLOT(span_slots, span, SPAN_START), &from) < 0 || u64_of(end, &to) < 0 || to < from
+            || u64_of(sample, &self_ns) < 0)
+            break; /* values no decoder makes */
+        PyObject *total = PyLong_FromUnsignedLongLong(to > from ? to - from : 1);
+        PyObject *one = self_ns == 0 ? PyLong_FromLong(1) : NULL;
+        int failed = total == NULL || (self_ns == 0 && one == NULL)
+                     || PyList_Append(self_list, self_ns == 0 ? one : sample) < 0 || PyList_Append(total_list, total) < 0
+                     || PyList_Append(id_list, trace_id) < 0 || PyList_Append(end_list, end) < 0;
+        Py_XDECREF(total);
+        Py_XDECREF(one);
+        if (failed)
+            return NULL;
+        int earlier = PyObject_RichCompareBool(end, min_event, Py_LT);
+        if (earlier < 0)
+            return NULL;
+        if (earlier)
+            set_slot(&SLOT(window_slots, window, WINDOW_MIN_EVENT), Py_NewRef(end));
+    }
+    return PyLong_FromSsize_t(i);
+}
+
 static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS,
      "bind(SpanRow, Span, LogRow, schema, any_value, logs_root): the classes whose slots the decoders and\n"
@@ -2398,6 +2500,9 @@ static PyMethodDef methods[] = {
     {"latency_samples", latency_samples, METH_VARARGS, latency_samples_doc},
     {"shape", shape, METH_VARARGS, shape_doc},
     {"stage_totals", stage_totals, METH_VARARGS, stage_totals_doc},
+    {"bind_latency", bind_latency, METH_VARARGS,
+     "bind_latency(StageLatency, _Window): the classes whose slots window_samples reads and fills."},
+    {"window_samples", window_samples, METH_VARARGS, window_samples_doc},
     {"ended_after_parent", ended_after_parent, METH_VARARGS, ended_after_parent_doc},
     {"gather", gather, METH_VARARGS, gather_doc},
     {"json_nesting", json_nesting, METH_VARARGS, json_nesting_doc},

@@ -30,6 +30,7 @@ from traceguard.models.chance import binomial_sf, normal_sf
 from traceguard.models.features import Stage, latency_keys, latency_samples, stages
 from traceguard.models.histogram import LogHistogram
 from traceguard.models.tails import MIN_TAIL_SAMPLES, SHARE, exponential_tail, tail_reference
+from traceguard.native import rows as native
 from traceguard.records import Trace
 
 # Normal-consistent scale from the interquartile range; median standard error factor.
@@ -105,6 +106,10 @@ class StageLatency:
         return self.window is None and self.last_index < index
 
 
+if native is not None:  # window_samples fills these classes' slots
+    native.bind_latency(StageLatency, _Window)
+
+
 def _ms_quantiles(logs: np.ndarray) -> dict[str, float]:
     values = np.exp(np.quantile(logs, QUANTILES)) / 1e6
     return {f"p{int(q * 100)}_ms": round(float(v), 3) for q, v in zip(QUANTILES, values)}
@@ -144,34 +149,47 @@ class LatencyModel:
     def observe(self, keys: list[Stage], spans, self_times: list[int | None], trace_id: str,
                 now: int, events: list[Regression]) -> None:
         """One trace's samples (stage keys, spans and self times aligned); closing
-        a stage's previous window may append events."""
-        stages = self.stages_
+        a stage's previous window may append events. Samples for open windows are
+        added in C (``_rows.window_samples``), which leaves the rest here one span
+        at a time."""
         index = now // self.config.window
         cap = self.config.max_window_samples
-        for key, span, self_ns in zip(keys, spans, self_times):
-            if self_ns is None:
-                continue
-            stage = stages.get(key)
-            if stage is None:
-                if len(stages) >= self.config.max_stages:
-                    self.untracked_samples_ += 1
-                    continue
-                stage = stages[key] = StageLatency()
-            window = stage.window
-            if window is None or window.index != index:
-                if window is not None:
-                    self._close(key, stage, events)
-                window = stage.window = _Window(index)
+        at, count = 0, len(keys)
+        while at < count:
+            if native is not None:
+                at = native.window_samples(keys, spans, self_times, trace_id, self.stages_, index, cap, at)
+                if at == count:
+                    return
+            self._sample(keys[at], spans[at], self_times[at], trace_id, index, cap, events)
+            at += 1
+
+    def _sample(self, key: Stage, span, self_ns: int | None, trace_id: str, index: int, cap: int,
+                events: list[Regression]) -> None:
+        """One span's sample into its stage's window ``index``, closing the one before."""
+        if self_ns is None:
+            return
+        stages = self.stages_
+        stage = stages.get(key)
+        if stage is None:
+            if len(stages) >= self.config.max_stages:
+                self.untracked_samples_ += 1
+                return
+            stage = stages[key] = StageLatency()
+        window = stage.window
+        if window is None or window.index != index:
+            if window is not None:
+                self._close(key, stage, events)
+            window = stage.window = _Window(index)
+            window.min_event = span.end
+            if stage.sparse is not None:
+                self._pool(stage, window)
+        if len(window.self_ns) < cap:
+            window.self_ns.append(self_ns or 1)
+            window.total_ns.append((span.end - span.start) or 1)
+            window.trace_ids.append(trace_id)
+            window.ends.append(span.end)
+            if span.end < window.min_event:
                 window.min_event = span.end
-                if stage.sparse is not None:
-                    self._pool(stage, window)
-            if len(window.self_ns) < cap:
-                window.self_ns.append(self_ns or 1)
-                window.total_ns.append((span.end - span.start) or 1)
-                window.trace_ids.append(trace_id)
-                window.ends.append(span.end)
-                if span.end < window.min_event:
-                    window.min_event = span.end
 
     def advance(self, now: int, events: list[Regression]) -> None:
         """Closes every window that ended before ``now``'s window (once per window period)."""
