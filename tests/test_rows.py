@@ -758,7 +758,7 @@ def test_window_samples_fill_the_windows_as_the_python_does(scenario_proto, monk
     import traceguard.models.latency as latency_module
     from traceguard.config import LatencyConfig
     from traceguard.models.features import latency_keys, latency_samples
-    from traceguard.models.latency import LatencyModel
+    from traceguard.models.latency import LatencyModel, beyond_slow_threshold
     from traceguard.records import Trace
 
     rows = [r for data in read_messages(scenario_proto / "traces.pb")
@@ -783,6 +783,11 @@ def test_window_samples_fill_the_windows_as_the_python_does(scenario_proto, monk
             model.observe(latency_keys(trace), trace.spans, latency_samples(trace), trace.trace_id.hex(), now, events)
         windows = {key: (s.window.index, s.window.self_ns, s.window.total_ns, s.window.trace_ids, s.window.ends,
                          s.window.min_event) for key, s in model.stages_.items() if s.window is not None}
+        for n, stage in enumerate(model.stages_.values()):  # half the stages with a bar, at 1 ms
+            stage.slow_threshold = 1_000_000 if n % 2 else None
+        beyond = [native.beyond_slow_threshold(latency_keys(t), latency_samples(t), model.stages_) for t in traces()]
+        assert beyond == [beyond_slow_threshold(latency_keys(t), latency_samples(t), model.stages_) for t in traces()]
+        assert sum(map(len, beyond)) > 10 and any(s.slow_threshold is None for s in model.stages_.values())
         model.flush(events)
         return (windows, closed, [(e.stage, e.onset, e.opened_at, e.windows) for e in events],
                 model.untracked_samples_, len(model.stages_))

@@ -2385,7 +2385,8 @@ static PyObject *json_nesting(PyObject *Py_UNUSED(self), PyObject *args) {
 }
 
 static Slots stage_latency_slots, window_slots;
-static const char *STAGE_LATENCY_SLOTS[] = {"window", NULL};
+static const char *STAGE_LATENCY_SLOTS[] = {"window", "slow_threshold", NULL};
+enum { STAGE_WINDOW, STAGE_SLOW_THRESHOLD };
 static const char *WINDOW_SLOTS[] = {"index", "self_ns", "total_ns", "trace_ids", "ends", "min_event", NULL};
 enum { WINDOW_INDEX, WINDOW_SELF_NS, WINDOW_TOTAL_NS, WINDOW_TRACE_IDS, WINDOW_ENDS, WINDOW_MIN_EVENT };
 
@@ -2446,7 +2447,7 @@ static PyObject *window_samples(PyObject *Py_UNUSED(self), PyObject *args) {
         }
         if (Py_TYPE(stage) != stage_latency_slots.type || Py_TYPE(span) != span_slots.type)
             break;
-        PyObject *window = SLOT(stage_latency_slots, stage, 0);
+        PyObject *window = SLOT(stage_latency_slots, stage, STAGE_WINDOW);
         if (window == NULL || Py_TYPE(window) != window_slots.type)
             break; /* none open */
         PyObject *window_index = SLOT(window_slots, window, WINDOW_INDEX);
@@ -2486,6 +2487,58 @@ static PyObject *window_samples(PyObject *Py_UNUSED(self), PyObject *args) {
     return PyLong_FromSsize_t(i);
 }
 
+PyDoc_STRVAR(beyond_slow_threshold_doc,
+"beyond_slow_threshold(keys, samples, stages) -> [index, ...]\n\n"
+"SlowStage's scan: the spans whose sample (None skipped) is above the\n"
+"slow_threshold of its stage (``stages[key]``, a StageLatency; none set: not\n"
+"above). Nearly every span is below: the scan runs over every span of every\n"
+"decided trace.");
+
+static PyObject *beyond_slow_threshold(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *keys, *samples, *stages;
+    if (stage_latency_slots.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind_latency() first");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &keys, &PyList_Type, &samples, &PyDict_Type, &stages))
+        return NULL;
+    if (PyList_GET_SIZE(keys) != PyList_GET_SIZE(samples)) {
+        PyErr_SetString(PyExc_ValueError, "keys and samples not aligned");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
+        PyObject *sample = PyList_GET_ITEM(samples, i);
+        if (sample == Py_None)
+            continue;
+        PyObject *stage = PyDict_GetItemWithError(stages, PyList_GET_ITEM(keys, i));
+        if (stage == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            continue;
+        }
+        if (Py_TYPE(stage) != stage_latency_slots.type) {
+            PyErr_SetString(Unsupported, "stages that are not StageLatency objects");
+            goto fail;
+        }
+        PyObject *threshold = SLOT(stage_latency_slots, stage, STAGE_SLOW_THRESHOLD);
+        if (threshold == NULL || threshold == Py_None)
+            continue;
+        int above = PyObject_RichCompareBool(sample, threshold, Py_GT);
+        PyObject *at = above > 0 ? PyLong_FromSsize_t(i) : NULL;
+        int failed = above < 0 || (above > 0 && (at == NULL || PyList_Append(out, at) < 0));
+        Py_XDECREF(at);
+        if (failed)
+            goto fail;
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS,
      "bind(SpanRow, Span, LogRow, schema, any_value, logs_root): the classes whose slots the decoders and\n"
@@ -2503,6 +2556,7 @@ static PyMethodDef methods[] = {
     {"bind_latency", bind_latency, METH_VARARGS,
      "bind_latency(StageLatency, _Window): the classes whose slots window_samples reads and fills."},
     {"window_samples", window_samples, METH_VARARGS, window_samples_doc},
+    {"beyond_slow_threshold", beyond_slow_threshold, METH_VARARGS, beyond_slow_threshold_doc},
     {"ended_after_parent", ended_after_parent, METH_VARARGS, ended_after_parent_doc},
     {"gather", gather, METH_VARARGS, gather_doc},
     {"json_nesting", json_nesting, METH_VARARGS, json_nesting_doc},

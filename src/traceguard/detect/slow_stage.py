@@ -13,7 +13,8 @@ import math
 from traceguard.config import LatencyConfig
 from traceguard.detect.base import finding, ms
 from traceguard.models.features import latency_keys, latency_samples, network_parts
-from traceguard.models.latency import LatencyModel
+from traceguard.models.latency import LatencyModel, beyond_slow_threshold
+from traceguard.native import in_c
 from traceguard.records import KIND_NAMES, Anomaly, AnomalyKind, Trace
 
 
@@ -27,15 +28,12 @@ class SlowStage:
 
     def detect(self, trace: Trace) -> list[Anomaly]:
         baselines = self.model.stages_
+        keys, spans, samples = latency_keys(trace), trace.spans, latency_samples(trace)
         slow = []
-        for key, span, self_ns in zip(latency_keys(trace), trace.spans, latency_samples(trace)):
-            if self_ns is None:
-                continue
-            stage = baselines.get(key)
-            if stage is None or stage.slow_threshold is None or self_ns <= stage.slow_threshold \
-                    or stage.self_hist.total < self._min_samples:
-                continue
-            slow.append((self_ns / stage.slow_threshold, span, self_ns, stage, key))
+        for i in in_c("beyond_slow_threshold", beyond_slow_threshold, keys, samples, baselines):
+            stage = baselines[keys[i]]
+            if stage.self_hist.total >= self._min_samples:
+                slow.append((samples[i] / stage.slow_threshold, spans[i], samples[i], stage, keys[i]))
         slow.sort(key=lambda item: (-item[0], item[1].span_id))
         findings = []
         for ratio, span, self_ns, stage, key in slow[: self._max]:

@@ -106,6 +106,17 @@ class StageLatency:
         return self.window is None and self.last_index < index
 
 
+def beyond_slow_threshold(keys: list[Stage], samples: list[int | None], stages: dict[Stage, StageLatency]) -> list[int]:
+    """The indices of the samples above their stage's ``slow_threshold`` (where
+    one is set): the reference for ``_rows.beyond_slow_threshold``."""
+    out = []
+    for i, (key, self_ns) in enumerate(zip(keys, samples)):
+        stage = stages.get(key) if self_ns is not None else None
+        if stage is not None and stage.slow_threshold is not None and self_ns > stage.slow_threshold:
+            out.append(i)
+    return out
+
+
 if native is not None:  # window_samples fills these classes' slots
     native.bind_latency(StageLatency, _Window)
 
