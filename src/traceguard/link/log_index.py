@@ -42,7 +42,7 @@ class LogIndex:
                 # look a lifetime old and be evicted at once.
                 entry = by_trace[row.trace_id] = (max(now, row.time), [])
             records = entry[1]
-            if any(_same(row, held) for held in records):
+            if records and any(_same(row, held) for held in records):
                 self._metrics.inc("traceguard_logs_dropped_total", reason="duplicate")
                 continue
             if len(records) >= config.max_per_trace:
@@ -70,14 +70,17 @@ class LogIndex:
     def _evict(self, now: int) -> None:
         horizon = now - self._config.ttl
         by_trace = self._by_trace
+        evicted = {"ttl": 0, "bound": 0}
         while by_trace:
             trace_id, (stamp, records) = next(iter(by_trace.items()))
             if stamp >= horizon and self.records <= self._config.max_records:
                 break
             by_trace.popitem(last=False)
             self.records -= len(records)
-            reason = "ttl" if stamp < horizon else "bound"
-            self._metrics.inc("traceguard_logs_evicted_total", len(records), reason=reason)
+            evicted["ttl" if stamp < horizon else "bound"] += len(records)
+        for reason, count in evicted.items():  # once per call, as for indexed records
+            if count:
+                self._metrics.inc("traceguard_logs_evicted_total", count, reason=reason)
 
 
 def _same(a: LogRow, b: LogRow) -> bool:
