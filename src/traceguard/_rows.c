@@ -1293,6 +1293,70 @@ static int client_callee(PyObject *span, PyObject *children, PyObject **callee) 
     return 0;
 }
 
+/* A call's entry in place of its client span's own (a new reference, NULL on error). */
+typedef PyObject *(*CallValue)(PyObject *span, PyObject *callee);
+
+/* The callee's network stage: (callee service, '<operation> <- <caller service>', KIND_NETWORK). */
+static PyObject *network_key(PyObject *span, PyObject *callee) {
+    PyObject *operation = SLOT(span_slots, callee, SPAN_NAME), *caller = SLOT(span_slots, span, SPAN_SERVICE);
+    if (operation == NULL || !PyUnicode_CheckExact(operation) || caller == NULL || !PyUnicode_CheckExact(caller)) {
+        PyErr_SetString(Unsupported, "a name or service that is not a str");
+        return NULL;
+    }
+    PyObject *name = PyUnicode_FromFormat("%U <- %U", operation, caller);
+    PyObject *kind = PyLong_FromLong(KIND_NETWORK);
+    PyObject *stage = name == NULL || kind == NULL ? NULL
+                                                   : PyTuple_Pack(3, SLOT(span_slots, callee, SPAN_SERVICE), name, kind);
+    Py_XDECREF(name);
+    Py_XDECREF(kind);
+    return stage;
+}
+
+/* The client's duration less its callee's, 0 if that is negative. */
+static PyObject *network_sample(PyObject *span, PyObject *callee) {
+    uint64_t start, end, callee_start, callee_end;
+    if (span_interval(span, &start, &end) < 0 || span_interval(callee, &callee_start, &callee_end) < 0)
+        return NULL;
+    const uint64_t own = end - start, callee_ns = callee_end - callee_start;
+    return PyLong_FromUnsignedLongLong(own > callee_ns ? own - callee_ns : 0);
+}
+
+/* (spans, children, values): ``values`` with the entry of each finished CLIENT span
+ * whose callee is in the trace made by ``value_of``, in a copy; ``values`` itself
+ * when there is no such span. models.features._calls and _replaced. */
+static PyObject *at_calls(PyObject *args, CallValue value_of) {
+    PyObject *spans, *children, *values, *out = NULL;
+    if (span_slots.type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() first");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &spans, &PyDict_Type, &children, &PyList_Type, &values))
+        return NULL;
+    const Py_ssize_t count = PyList_GET_SIZE(spans);
+    if (PyList_GET_SIZE(values) != count) {
+        PyErr_SetString(Unsupported, "values not aligned with the spans");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *span = PyList_GET_ITEM(spans, i), *callee, *value;
+        if (client_callee(span, children, &callee) < 0)
+            goto fail;
+        if (callee == NULL)
+            continue;
+        if ((value = value_of(span, callee)) == NULL)
+            goto fail;
+        if (out == NULL && (out = PyList_GetSlice(values, 0, count)) == NULL) {
+            Py_DECREF(value);
+            goto fail;
+        }
+        PyList_SetItem(out, i, value); /* steals value, drops the span's own */
+    }
+    return out != NULL ? out : Py_NewRef(values);
+fail:
+    Py_XDECREF(out);
+    return NULL;
+}
+
 PyDoc_STRVAR(latency_keys_doc,
 "latency_keys(spans, children, stages) -> [stage, ...]\n\n"
 "models.features.latency_keys, the reference: each span's stage, except a finished\n"
@@ -1301,45 +1365,7 @@ PyDoc_STRVAR(latency_keys_doc,
 "itself when no span has a callee. Raises Unsupported for spans no decoder makes.");
 
 static PyObject *latency_keys(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *spans, *children, *stages, *keys = NULL;
-    if (span_slots.type == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "bind() first");
-        return NULL;
-    }
-    if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &spans, &PyDict_Type, &children, &PyList_Type, &stages))
-        return NULL;
-    const Py_ssize_t count = PyList_GET_SIZE(spans);
-    if (PyList_GET_SIZE(stages) != count) {
-        PyErr_SetString(Unsupported, "stages not aligned with the spans");
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *span = PyList_GET_ITEM(spans, i), *callee;
-        if (client_callee(span, children, &callee) < 0)
-            goto fail;
-        if (callee == NULL)
-            continue;
-        PyObject *operation = SLOT(span_slots, callee, SPAN_NAME), *caller = SLOT(span_slots, span, SPAN_SERVICE);
-        PyObject *service = SLOT(span_slots, callee, SPAN_SERVICE);
-        if (operation == NULL || !PyUnicode_CheckExact(operation) || !PyUnicode_CheckExact(caller)) {
-            PyErr_SetString(Unsupported, "a name or service that is not a str");
-            goto fail;
-        }
-        if (keys == NULL && (keys = PyList_GetSlice(stages, 0, count)) == NULL)
-            goto fail;
-        PyObject *name = PyUnicode_FromFormat("%U <- %U", operation, caller);
-        PyObject *kind = PyLong_FromLong(KIND_NETWORK);
-        PyObject *stage = name == NULL || kind == NULL ? NULL : PyTuple_Pack(3, service, name, kind);
-        Py_XDECREF(name);
-        Py_XDECREF(kind);
-        if (stage == NULL)
-            goto fail;
-        PyList_SetItem(keys, i, stage); /* steals stage, drops the span's own */
-    }
-    return keys != NULL ? keys : Py_NewRef(stages);
-fail:
-    Py_XDECREF(keys);
-    return NULL;
+    return at_calls(args, network_key);
 }
 
 PyDoc_STRVAR(latency_samples_doc,
@@ -1350,38 +1376,7 @@ PyDoc_STRVAR(latency_samples_doc,
 "has a callee. Raises Unsupported for spans no decoder makes.");
 
 static PyObject *latency_samples(PyObject *Py_UNUSED(self), PyObject *args) {
-    PyObject *spans, *children, *self_ns, *samples = NULL;
-    if (span_slots.type == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "bind() first");
-        return NULL;
-    }
-    if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &spans, &PyDict_Type, &children, &PyList_Type, &self_ns))
-        return NULL;
-    const Py_ssize_t count = PyList_GET_SIZE(spans);
-    if (PyList_GET_SIZE(self_ns) != count) {
-        PyErr_SetString(Unsupported, "self times not aligned with the spans");
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *span = PyList_GET_ITEM(spans, i), *callee, *value;
-        uint64_t start, end, callee_start, callee_end;
-        if (client_callee(span, children, &callee) < 0)
-            goto fail;
-        if (callee == NULL)
-            continue;
-        if (span_interval(span, &start, &end) < 0 || span_interval(callee, &callee_start, &callee_end) < 0)
-            goto fail;
-        const uint64_t own = end - start, callee_ns = callee_end - callee_start;
-        if (samples == NULL && (samples = PyList_GetSlice(self_ns, 0, count)) == NULL)
-            goto fail;
-        if ((value = PyLong_FromUnsignedLongLong(own > callee_ns ? own - callee_ns : 0)) == NULL)
-            goto fail;
-        PyList_SetItem(samples, i, value);
-    }
-    return samples != NULL ? samples : Py_NewRef(self_ns);
-fail:
-    Py_XDECREF(samples);
-    return NULL;
+    return at_calls(args, network_sample);
 }
 
 /* How often the commonest (service, name) occurs among a group's spans. */
